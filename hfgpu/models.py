@@ -1,0 +1,308 @@
+"""Model specs: a model's shape and exact parameter inventory, from its config alone (never weights).
+
+A spec comes from a Hub repo id, a local folder or config.json, a `PretrainedConfig`, or the offline
+catalog in `resources/configs/` (real config.json files of popular models, so they plan with no
+network and no token; Llama configs are gated on the Hub). Parameter counts are exact: the model is
+built on the meta device and counted (`accelerate.init_empty_weights` would leave tied embeddings
+untied and over-count). The inventory is cached in memory and on disk, keyed by a hash of the config
+and the transformers version, so a warm `hfgpu plan` needs neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+from hfgpu._fuzzy import did_you_mean
+from hfgpu.errors import HfgpuError
+
+INVENTORY_VERSION = 1  # bump when the inventory's fields change: old cache files are then ignored
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linear layers that share a name suffix and shape, e.g. 32 × `q_proj` 4096→4096."""
+
+    name: str  # the module name's last component: a LoRA target name
+    in_features: int
+    out_features: int
+    count: int
+    bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # "catalog", "local", "hub" or "config"
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_seq_len: int
+    tie_word_embeddings: bool
+    params_total: int  # unique parameters (a tied lm_head counts once)
+    embedding_params: int  # input embeddings
+    lm_head_params: int  # 0 when tied to the input embeddings
+    linears: tuple[LinearGroup, ...]  # every nn.Linear except lm_head
+    param_numels: tuple[tuple[int, int], ...]  # (numel, how many tensors): for per-tensor optimizer rules
+    num_experts: int = 0
+    config: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters in Linear layers other than lm_head: what LoRA targets and bitsandbytes quantizes."""
+        return sum(g.params for g in self.linears)
+
+    @property
+    def other_params(self) -> int:
+        """Norms, biases of non-linear modules, expert tensors: everything not embedding/lm_head/Linear."""
+        return self.params_total - self.embedding_params - self.lm_head_params - self.linear_params
+
+    @property
+    def linear_names(self) -> list[str]:
+        return sorted({g.name for g in self.linears})
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+# --- locating a config ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def catalog_ids() -> dict[str, str]:
+    """Offline catalog: lower-cased repo id (and bare model name) → file name in resources/configs/."""
+    folder = resources.files("hfgpu").joinpath("resources/configs")
+    ids: dict[str, str] = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".json"):
+            repo_id = entry.name[: -len(".json")].replace("__", "/")
+            ids[repo_id.lower()] = entry.name
+            ids.setdefault(repo_id.split("/")[-1].lower(), entry.name)
+    return ids
+
+
+def catalog_models() -> list[str]:
+    """The repo ids of the offline catalog, sorted."""
+    return sorted({f[: -len(".json")].replace("__", "/") for f in catalog_ids().values()})
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise HfgpuError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): fix the file or pass another model") from None
+    except OSError as e:
+        raise HfgpuError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise HfgpuError(f"{path} holds a JSON {type(data).__name__}, not a config object: pass a model's config.json")
+    return data
+
+
+def _hub_config(repo_id: str) -> dict:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo_id, "config.json")
+    except Exception as e:  # offline, gated, missing, network: all end the same way for the user
+        reason = type(e).__name__
+        raise HfgpuError(
+            f"model {repo_id!r} is not in hfgpu's offline catalog and its config.json could not be fetched ({reason}): "
+            f"download it (`hf download {repo_id} config.json --local-dir ./{repo_id.split('/')[-1]}`) and pass that folder"
+        ) from None
+    return _read_json(Path(path))
+
+
+def load_config(model: Any) -> tuple[str, str, dict]:
+    """(display name, source, config dict) for a repo id, a folder, a config.json path or a PretrainedConfig."""
+    if hasattr(model, "to_dict") and hasattr(model, "model_type"):
+        d = model.to_dict()
+        d.setdefault("model_type", model.model_type)
+        return getattr(model, "name_or_path", "") or d["model_type"], "config", d
+    if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
+        raise HfgpuError(f"model {model!r} is not a model: pass a Hub repo id, a folder with config.json, or a PretrainedConfig")
+    text = str(model).strip()
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise HfgpuError(f"folder {text!r} has no config.json: pass a model folder or the config.json path")
+        return text, "local", _read_json(path / "config.json")
+    if path.is_file():
+        return text, "local", _read_json(path)
+    entry = catalog_ids().get(text.lower())
+    if entry is not None:
+        repo_id = entry[: -len(".json")].replace("__", "/")
+        raw = resources.files("hfgpu").joinpath("resources/configs", entry).read_text(encoding="utf-8")
+        return repo_id, "catalog", json.loads(raw)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return text, "hub", _hub_config(text)
+    raise HfgpuError(
+        f"model {text!r} is neither a local folder nor a Hub repo id (owner/name): "
+        f"{did_you_mean(text, catalog_models())} (offline catalog: `hfgpu fit --help` lists it)"
+    )
+
+
+# --- counting -------------------------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("HFGPU_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hfgpu")
+    return Path(base) / "specs"
+
+
+def _config_key(config: dict) -> str:
+    try:
+        tf_version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        tf_version = "none"
+    blob = json.dumps(config, sort_keys=True, default=str) + f"|{tf_version}|{INVENTORY_VERSION}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _to_pretrained_config(config: dict):
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise HfgpuError("config.json has no 'model_type': pass the config of a transformers causal LM")
+    rest = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(model_type, **rest)
+    except (ValueError, KeyError) as e:
+        raise HfgpuError(f"model_type {model_type!r} is not known to this transformers ({str(e).splitlines()[0][:120]}): upgrade transformers or pick another model") from None
+
+
+def _count_on_meta(config: dict) -> dict:
+    """Build the model on the meta device (no memory, ~1 s for 8B) and take its inventory."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    cfg = _to_pretrained_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except ValueError as e:
+        raise HfgpuError(f"{config.get('model_type')!r} is not a causal language model transformers can build ({str(e).splitlines()[0][:120]})") from None
+    except (TypeError, AttributeError, ZeroDivisionError) as e:
+        raise HfgpuError(f"config.json does not describe a buildable model ({type(e).__name__}: {str(e)[:120]}): check its sizes") from None
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    groups: dict[tuple, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            key = (name.rsplit(".", 1)[-1], module.in_features, module.out_features, module.bias is not None)
+            groups[key] = groups.get(key, 0) + 1
+    numels: dict[int, int] = {}
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        numels[p.numel()] = numels.get(p.numel(), 0) + 1
+    return {
+        "params_total": sum(n * c for n, c in numels.items()),
+        "embedding_params": embed.weight.numel(),
+        "lm_head_params": 0 if (head is None or tied) else head.weight.numel() + (head.bias.numel() if head.bias is not None else 0),
+        "tie_word_embeddings": bool(tied),
+        "linears": [list(k) + [c] for k, c in sorted(groups.items())],
+        "param_numels": sorted(numels.items()),
+    }
+
+
+_MEMO: dict[str, dict] = {}
+
+
+def _inventory(config: dict) -> dict:
+    key = _config_key(config)
+    if key in _MEMO:
+        return _MEMO[key]
+    path = _cache_dir() / f"{key}.json"
+    inv = None
+    if path.is_file():
+        try:
+            inv = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            inv = None  # a damaged cache file is recomputed
+    if inv is None:
+        inv = _count_on_meta(config)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(inv))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home only costs speed
+    _MEMO[key] = inv
+    return inv
+
+
+def _text_config(config: dict) -> dict:
+    # Multimodal configs nest the language model's config.
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+
+
+def _require_int(cfg: dict, *names: str, default: int | None = None) -> int:
+    for name in names:
+        value = cfg.get(name)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise HfgpuError(f"config.json has {name}={value!r}: it must be a positive integer")
+            return value
+    if default is not None:
+        return default
+    raise HfgpuError(f"config.json has no {names[0]!r}: pass the config of a transformers causal LM")
+
+
+def model_spec(model: Any) -> ModelSpec:
+    """The spec of `model` (repo id, folder, config.json path or PretrainedConfig), with exact counts."""
+    name, source, config = load_config(model)
+    if not config.get("model_type"):
+        raise HfgpuError(f"config of {name!r} has no 'model_type': pass the config.json of a transformers causal LM")
+    cfg = _text_config(config)
+    hidden = _require_int(cfg, "hidden_size", "n_embd", "d_model")
+    heads = _require_int(cfg, "num_attention_heads", "n_head")
+    inv = _inventory(config)
+    return ModelSpec(
+        name=name,
+        source=source,
+        model_type=config["model_type"],
+        hidden_size=hidden,
+        num_layers=_require_int(cfg, "num_hidden_layers", "n_layer"),
+        num_heads=heads,
+        num_kv_heads=_require_int(cfg, "num_key_value_heads", default=heads),
+        head_dim=_require_int(cfg, "head_dim", default=max(1, hidden // heads)),
+        intermediate_size=_require_int(cfg, "intermediate_size", "n_inner", default=4 * hidden),
+        vocab_size=_require_int(cfg, "vocab_size"),
+        max_seq_len=_require_int(cfg, "max_position_embeddings", "n_positions", default=2048),
+        tie_word_embeddings=inv["tie_word_embeddings"],
+        params_total=inv["params_total"],
+        embedding_params=inv["embedding_params"],
+        lm_head_params=inv["lm_head_params"],
+        linears=tuple(LinearGroup(*g) for g in inv["linears"]),
+        param_numels=tuple(tuple(x) for x in inv["param_numels"]),
+        num_experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
+        config=config,
+    )
+
+
+def spec_dict(spec: ModelSpec) -> dict:
+    d = asdict(spec)
+    d.pop("config")
+    return d
