@@ -22,7 +22,7 @@ from typing import Any
 from hfgpu._fuzzy import did_you_mean
 from hfgpu.errors import HfgpuError
 
-INVENTORY_VERSION = 1  # bump when the inventory's fields change: old cache files are then ignored
+INVENTORY_VERSION = 2  # bump when the inventory's fields change: old cache files are then ignored
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class ModelSpec:
     lm_head_params: int  # 0 when tied to the input embeddings
     linears: tuple[LinearGroup, ...]  # every nn.Linear except lm_head
     param_numels: tuple[tuple[int, int], ...]  # (numel, how many tensors): for per-tensor optimizer rules
+    buffer_bytes: int = 0  # non-parameter tensors (rotary inv_freq …), at their config dtype
     num_experts: int = 0
     config: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -223,6 +224,7 @@ def _count_on_meta(config: dict) -> dict:
         "tie_word_embeddings": bool(tied),
         "linears": [list(k) + [c] for k, c in sorted(groups.items())],
         "param_numels": sorted(numels.items()),
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
     }
 
 
@@ -295,8 +297,9 @@ def model_spec(model: Any) -> ModelSpec:
         params_total=inv["params_total"],
         embedding_params=inv["embedding_params"],
         lm_head_params=inv["lm_head_params"],
-        linears=tuple(LinearGroup(*g) for g in inv["linears"]),
+        linears=tuple(LinearGroup(name=n, in_features=i, out_features=o, bias=b, count=c) for n, i, o, b, c in inv["linears"]),
         param_numels=tuple(tuple(x) for x in inv["param_numels"]),
+        buffer_bytes=inv["buffer_bytes"],
         num_experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
         config=config,
     )

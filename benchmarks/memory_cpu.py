@@ -1,0 +1,184 @@
+"""Fit and check the planner's activation and logits coefficients against real training steps on CPU.
+
+For every mode (strategy × 16-bit/fp32 compute × checkpointing × attention) this runs one real
+training step (transformers + peft + bitsandbytes, autocast as training does) on a grid of small
+Llama shapes, measures the tensor peak with hfgpu.memtrack.PeakTracker, subtracts the exact
+components (weights, gradients, optimizer state), and fits bytes-per-token coefficients by least
+squares. It prints the worst relative error of the fitted model on the grid and on held-out shapes.
+
+    python benchmarks/memory_cpu.py            # check the committed coefficients
+    python benchmarks/memory_cpu.py --refit    # refit and write hfgpu/resources/activation_coefficients.json
+
+CPU kernels keep the same saved tensors as CUDA's for these paths (SDPA's flash kernel on CPU saves
+output + logsumexp, as on CUDA); CUDA context and allocator slack are outside tensor peaks and are
+budgeted separately (hfgpu.memory.COEFFICIENTS) until a GPU calibration replaces them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hfgpu import memory  # noqa: E402
+from hfgpu.modeling import ModelSettings  # noqa: E402
+from hfgpu.models import model_spec  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "hfgpu" / "resources" / "activation_coefficients.json"
+
+BASE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=2000)
+# (config overrides, micro_batch, seq_len, lora targets or None for all linear layers)
+GRID = [
+    ({}, 2, 128, None),
+    ({"num_hidden_layers": 4}, 2, 128, None),
+    ({"hidden_size": 384, "num_attention_heads": 6}, 2, 128, None),
+    ({"intermediate_size": 1408}, 2, 128, None),
+    ({"vocab_size": 6000}, 2, 128, None),
+    ({"num_key_value_heads": 4}, 2, 128, None),
+    ({}, 2, 256, None),
+    ({}, 1, 256, None),
+    ({}, 2, 128, ("q_proj", "v_proj")),
+    ({"hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 1024, "num_hidden_layers": 3}, 1, 192, None),
+]
+HELD_OUT = [
+    ({"hidden_size": 320, "num_attention_heads": 5, "num_key_value_heads": 1, "intermediate_size": 864, "num_hidden_layers": 3, "vocab_size": 3000}, 2, 192, None),
+    ({"hidden_size": 448, "num_attention_heads": 7, "num_key_value_heads": 7, "intermediate_size": 1200, "num_hidden_layers": 2, "vocab_size": 5000}, 1, 320, ("q_proj", "k_proj", "v_proj", "o_proj")),
+]
+MODES = [
+    (strategy, precision, ckpt, attention)
+    for strategy in ("full", "lora", "qlora")
+    for precision in ("bf16", "fp32")
+    for ckpt in (False, True)
+    for attention in ("sdpa", "eager")
+]
+
+
+def config_for(overrides: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**BASE, **overrides}, max_position_embeddings=4096)
+
+
+def setup_for(spec, strategy, precision, ckpt, attention, b, s, targets) -> memory.Setup:
+    return memory.Setup(
+        strategy=strategy,
+        precision=precision,
+        quantization="nf4" if strategy == "qlora" else "none",
+        double_quant=True,
+        gradient_checkpointing=ckpt,
+        micro_batch_size=b,
+        seq_len=s,
+        optimizer="adamw_torch",
+        attention=attention,
+        lora_r=16,
+        lora_targets=tuple(targets or spec.linear_names),
+    )
+
+
+def measure(mode, case):
+    """(spec, setup, measured peak bytes) for one mode and one grid case."""
+    from hfgpu.measure import measure_step
+
+    strategy, precision, ckpt, attention = mode
+    overrides, b, s, targets = case
+    cfg = config_for(overrides)
+    spec = model_spec(cfg)
+    setup = setup_for(spec, strategy, precision, ckpt, attention, b, s, targets)
+    settings = ModelSettings(
+        strategy=strategy,
+        precision=precision,
+        quantization=setup.quantization,
+        gradient_checkpointing=ckpt,
+        attention=attention,
+        lora_targets=tuple(targets or ()),
+    )
+    step = measure_step(cfg, settings, b, s)
+    return spec, setup, step.peak
+
+
+def static_bytes(spec, setup) -> int:
+    """The exact part of the model, plus bitsandbytes' dequantization workspace."""
+    return memory.weight_bytes(spec, setup) + memory.trainable_state_bytes(spec, setup) + memory.dequant_workspace_bytes(spec, setup)
+
+
+def feature_names(mode) -> list[str]:
+    strategy, _, ckpt, attention = mode
+    names = ["vocab", "hidden"]
+    names += ["layers_hidden", "inter", "qkv"] if ckpt else ["layers_hidden", "layers_inter", "layers_qkv"]
+    if strategy != "full":
+        names.append("lora_in" if ckpt else "layers_lora_in")
+    if attention == "eager":
+        names.append("heads_seq" if ckpt else "layers_heads_seq")
+    return names
+
+
+def predicted(spec, setup) -> int:
+    return memory.weight_bytes(spec, setup) + memory.trainable_state_bytes(spec, setup) + memory.activation_bytes(spec, setup) + memory.logits_bytes(spec, setup)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--refit", action="store_true", help="fit the coefficients and write them into the package")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.disable_progress_bar()
+    start = time.time()
+    modes = {}
+    for mode in MODES:
+        key = memory.mode_key(setup_for(model_spec(config_for({})), *mode, 1, 1, None))
+        rows = [measure(mode, case) for case in GRID]
+        held = [measure(mode, case) for case in HELD_OUT]
+        names = feature_names(mode)
+        if args.refit:
+            X = np.array([[memory.features(spec, st)[n] for n in names] for spec, st, _ in rows], dtype=float)
+            y = np.array([(peak - static_bytes(spec, st)) / (st.micro_batch_size * st.seq_len) for spec, st, peak in rows])
+            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+            modes[key] = {n: round(float(c), 4) for n, c in zip(names, coef)}
+            memory.activation_coefficients.cache_clear()
+            _write({"modes": {**memory_modes_or_empty(), **modes}}, partial=True)
+        fit_err = max(abs(predicted(spec, st) / peak - 1) for spec, st, peak in rows)
+        held_err = max(abs(predicted(spec, st) / peak - 1) for spec, st, peak in held)
+        print(f"{key:28s} grid worst error {fit_err:6.2%}   held-out worst error {held_err:6.2%}", flush=True)
+    if args.refit:
+        _write({"modes": modes}, partial=False)
+        print(f"wrote {OUT}")
+    print(f"{len(MODES)} modes × {len(GRID) + len(HELD_OUT)} shapes in {time.time() - start:.0f} s")
+    return 0
+
+
+def memory_modes_or_empty() -> dict:
+    try:
+        return memory.activation_coefficients()["modes"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return {}
+
+
+def _write(table: dict, partial: bool) -> None:
+    versions = {p: metadata.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")}
+    doc = {
+        "about": "Bytes per token of activations and logits, fitted by benchmarks/memory_cpu.py --refit to tensor peaks "
+        "of real training steps (transformers + peft + bitsandbytes) on CPU; features in hfgpu.memory.features().",
+        "measured": {"date": datetime.date.today().isoformat(), "device": "cpu", "versions": versions, "grid": len(GRID), "partial": partial},
+        **table,
+    }
+    OUT.write_text(json.dumps(doc, indent=1) + "\n")
+    memory.activation_coefficients.cache_clear()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

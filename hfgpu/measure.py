@@ -1,0 +1,63 @@
+"""Measure a real training step's tensor memory on CPU, to check the planner's memory model.
+
+One step is run with the same model preparation, autocast and optimizer that training uses; a
+dispatch-level tracker records the peak of live tensor bytes. The step runs with gradients of a
+previous micro-batch still alive, as under gradient accumulation, which is where the planner puts
+its peak (weights + gradients + optimizer state + activations + logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hfgpu.memtrack import PeakTracker, state_tensors, storage_bytes
+from hfgpu.modeling import DTYPES, ModelSettings, prepare_model
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    weights: int  # parameters and quantization constants
+    trainable_state: int  # gradients + optimizer state
+    peak: int  # the most tensor bytes alive at once during forward, backward and optimizer step (512-byte blocks)
+
+    @property
+    def transient(self) -> int:
+        """Activations, logits and loss: what the step adds on top of its persistent state."""
+        return self.peak - self.weights - self.trainable_state
+
+
+def make_optimizer(params, name: str) -> torch.optim.Optimizer:
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=1e-4)
+
+
+def measure_step(config, settings: ModelSettings, micro_batch_size: int, seq_len: int, optimizer: str = "adamw_torch") -> StepMemory:
+    model = prepare_model(config, settings)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, optimizer)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (micro_batch_size, seq_len), generator=gen)
+    autocast = settings.precision != "fp32"
+
+    def forward_backward():
+        with torch.autocast("cpu", dtype=DTYPES[settings.precision], enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+
+    forward_backward()
+    opt.step()  # allocates optimizer state
+    forward_backward()  # gradients of a "previous micro-batch" stay alive, as under accumulation
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    weights = storage_bytes(state_tensors(model)) - storage_bytes(grads)
+    trainable_state = storage_bytes(state_tensors(model, opt)) - weights
+    with PeakTracker(baseline=state_tensors(model, opt)) as tracker:
+        forward_backward()
+        opt.step()
+    return StepMemory(weights=weights, trainable_state=trainable_state, peak=tracker.peak_bytes)

@@ -1,0 +1,244 @@
+"""The memory model: one function per component of a training step's peak GPU memory, in bytes.
+
+Exact where it can be (weights, quantization constants, trainable parameters, gradients, optimizer
+state: tests/test_memory.py checks each against real objects). Activations and logits come from
+per-token coefficients fitted to the tensor peaks of real training steps measured on CPU
+(`python benchmarks/memory_cpu.py --refit` writes resources/activation_coefficients.json, with the
+versions and grid it was measured on). Everything that is not exact is named in `COEFFICIENTS`.
+
+The peak is modelled as weights + gradients + optimizer state + activations + logits + overhead:
+under gradient accumulation the previous micro-batch's gradients are alive during the next forward,
+so nothing here is freed before the activations peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from hfgpu.models import ModelSpec
+
+GIB = 1024**3
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# Coefficients that are not exact, with their provenance (see DESIGN.md, "The memory model").
+COEFFICIENTS = {
+    # CUDA context: ~300-400 MB with lazy module loading (ptrblck, pytorch#107667, #109888); 426 MiB
+    # seen on torch 2.10+cu130 (unsloth-zoo PR #1053). Budgeted at the high end.
+    "cuda_context_bytes": int(0.45 * GIB),
+    # cuBLAS/cuDNN workspaces created on first use, and small kernel buffers: an allowance, not measured.
+    "workspace_bytes": int(0.15 * GIB),
+    # Caching-allocator fragmentation on transient tensors (activations, logits): an allowance until
+    # GPU calibration (issue "Memory truth") replaces it with max_memory_reserved / max_memory_allocated.
+    "fragmentation": 0.10,
+    # Share of the card the planner leaves unused: a desktop's display and compositor on consumer
+    # cards, and the error of this model. `fits` means total <= budget = (1 - headroom) * vram.
+    "headroom": 0.05,
+}
+
+BNB_4BIT_BLOCK = 64  # bitsandbytes 4-bit blocksize for weights (BitsAndBytesConfig default)
+BNB_DQ_BLOCK = 256  # double quantization groups 256 absmax values
+BNB_OPT_BLOCK = 256  # 8-bit optimizers quantize state in blocks of 256
+BNB_OPT_MIN_8BIT = 4096  # tensors smaller than this keep 32-bit optimizer state (bnb min_8bit_size)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Peak memory of one training step on one GPU, by component, in bytes."""
+
+    weights: int  # parameters as stored (+ quantization constants, + autocast copies for full fine-tuning)
+    trainable_state: int  # gradients + optimizer state
+    activations: int  # tensors saved for backward by the decoder layers
+    logits: int  # lm_head output and the cross-entropy loss, forward and backward
+    overhead: int  # CUDA context, workspaces, allocator fragmentation
+    budget: int  # what the plan may use: the card's memory less the planner's headroom
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable_state + self.activations + self.logits + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    def to_dict(self) -> dict:
+        return {
+            "weights": self.weights,
+            "trainable_state": self.trainable_state,
+            "activations": self.activations,
+            "logits": self.logits,
+            "overhead": self.overhead,
+            "total": self.total,
+            "budget": self.budget,
+        }
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The plan's knobs that decide memory (a subset of hfgpu.planner.Plan)."""
+
+    strategy: str  # full | lora | qlora
+    precision: str  # bf16 | fp16 | fp32 (compute dtype)
+    quantization: str  # none | nf4 | fp4 | int8
+    double_quant: bool
+    gradient_checkpointing: bool
+    micro_batch_size: int
+    seq_len: int
+    optimizer: str  # adamw_torch | adamw_8bit | paged_adamw_8bit
+    attention: str  # sdpa | eager | flash_attention_2
+    lora_r: int
+    lora_targets: tuple[str, ...]  # resolved names; every Linear except lm_head by default
+
+
+# --- exact components --------------------------------------------------------------------------------
+
+
+def lora_tensors(spec: ModelSpec, r: int, targets: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(numel, count) of every LoRA tensor: A is r × in, B is out × r, per targeted Linear."""
+    out = []
+    for g in spec.linears:
+        if g.name in targets:
+            out += [(r * g.in_features, g.count), (g.out_features * r, g.count)]
+    return out
+
+
+def trainable_tensors(spec: ModelSpec, s: Setup) -> list[tuple[int, int]]:
+    if s.strategy == "full":
+        return list(spec.param_numels)
+    return lora_tensors(spec, s.lora_r, s.lora_targets)
+
+
+def trainable_params(spec: ModelSpec, s: Setup) -> int:
+    return sum(n * c for n, c in trainable_tensors(spec, s))
+
+
+def _quantized_linear_bytes(numel: int, out_features: int, s: Setup) -> int:
+    if s.quantization == "int8":
+        return numel + 4 * out_features  # int8 weight + fp32 row scales (SCB)
+    blocks = math.ceil(numel / BNB_4BIT_BLOCK)
+    data = math.ceil(numel / 2) + 16 * 4  # packed nibbles, 16-entry code book
+    if not s.double_quant:
+        return data + 4 * blocks  # fp32 absmax per block
+    groups = math.ceil(blocks / BNB_DQ_BLOCK)
+    return data + blocks + 4 * groups + 256 * 4 + 4  # uint8 absmax, fp32 second-level absmax and code, offset
+
+
+def weight_bytes(spec: ModelSpec, s: Setup) -> int:
+    """Parameters as stored on the GPU, adapters included."""
+    adapters = 4 * trainable_params(spec, s) if s.strategy != "full" else 0  # peft keeps adapters in fp32
+    if s.quantization == "none":
+        per_param = 4 if s.strategy == "full" else BYTES[s.precision]
+        stored = per_param * spec.params_total
+        if s.strategy == "full" and s.precision != "fp32":
+            # autocast keeps a 16-bit copy of every weight it casts (the cache lives until the
+            # forward/backward ends): linear weights only; embeddings are read in fp32.
+            stored += 2 * (spec.linear_params + spec.lm_head_params)
+        return stored + adapters + spec.buffer_bytes
+    quantized = sum(g.count * _quantized_linear_bytes(g.in_features * g.out_features, g.out_features, s) for g in spec.linears)
+    biases = sum(g.count * g.out_features for g in spec.linears if g.bias)
+    # peft's prepare_model_for_kbit_training casts every non-quantized parameter to fp32
+    rest = 4 * (spec.params_total - spec.linear_params + biases)
+    return quantized + rest + adapters + spec.buffer_bytes
+
+
+def _adam_state_bytes(numel: int, optimizer: str) -> int:
+    if optimizer == "adamw_torch":
+        return 8 * numel + 4  # exp_avg + exp_avg_sq in fp32, and a step counter
+    if numel < BNB_OPT_MIN_8BIT:
+        return 8 * numel  # bitsandbytes keeps small tensors' state in 32-bit
+    return 2 * numel + 2 * 4 * math.ceil(numel / BNB_OPT_BLOCK)  # two uint8 states + fp32 absmax each
+
+
+def trainable_state_bytes(spec: ModelSpec, s: Setup) -> int:
+    """Gradients (fp32: master weights in full fine-tuning, fp32 adapters otherwise) + optimizer state."""
+    total = 0
+    for numel, count in trainable_tensors(spec, s):
+        total += count * (4 * numel + _adam_state_bytes(numel, s.optimizer))
+    if s.optimizer != "adamw_torch":
+        total += 2 * 256 * 4  # the two shared 256-entry quantization maps
+    return total
+
+
+# --- fitted components -------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def activation_coefficients() -> dict:
+    text = resources.files("hfgpu").joinpath("resources/activation_coefficients.json").read_text()
+    return json.loads(text)
+
+
+def mode_key(s: Setup) -> str:
+    """The calibration table's row for this setup: strategy, 16-bit or fp32 compute, checkpointing, attention."""
+    bits = "fp32" if s.precision == "fp32" else "16bit"
+    strategy = "lora" if s.strategy == "qlora" and s.quantization == "int8" else s.strategy
+    attention = "eager" if s.attention == "eager" else "sdpa"
+    return f"{strategy}|{bits}|{'ckpt' if s.gradient_checkpointing else 'nockpt'}|{attention}"
+
+
+def features(spec: ModelSpec, s: Setup) -> dict[str, float]:
+    """Per-token quantities the fitted coefficients multiply (bytes per token = Σ coef · feature)."""
+    L = spec.num_layers
+    lora_in = sum(g.count * g.in_features for g in spec.linears if g.name in s.lora_targets) / max(L, 1)
+    return {
+        "vocab": spec.vocab_size,
+        "hidden": spec.hidden_size,
+        "layers_hidden": L * spec.hidden_size,
+        "layers_inter": L * spec.intermediate_size,
+        "layers_qkv": L * (spec.q_dim + 2 * spec.kv_dim),
+        "layers_lora_in": L * lora_in if s.strategy != "full" else 0.0,
+        "layers_heads_seq": L * spec.num_heads * s.seq_len,
+        "inter": spec.intermediate_size,
+        "qkv": spec.q_dim + 2 * spec.kv_dim,
+        "lora_in": lora_in if s.strategy != "full" else 0.0,
+        "heads_seq": spec.num_heads * s.seq_len,
+    }
+
+
+def _per_token(spec: ModelSpec, s: Setup, names: list[str]) -> float:
+    row = activation_coefficients()["modes"][mode_key(s)]
+    f = features(spec, s)
+    return sum(row[n] * f[n] for n in names if n in row)
+
+
+def activation_bytes(spec: ModelSpec, s: Setup) -> int:
+    tokens = s.micro_batch_size * s.seq_len
+    names = [n for n in features(spec, s) if n != "vocab"]
+    return int(tokens * max(_per_token(spec, s, names), 0.0)) + dequant_workspace_bytes(spec, s)
+
+
+def dequant_workspace_bytes(spec: ModelSpec, s: Setup) -> int:
+    """bitsandbytes dequantizes one weight at a time to the compute dtype (and its gradient input in backward)."""
+    if s.quantization == "none":
+        return 0
+    largest = max(g.in_features * g.out_features for g in spec.linears)
+    return 2 * largest * BYTES[s.precision]
+
+
+def logits_bytes(spec: ModelSpec, s: Setup) -> int:
+    return int(s.micro_batch_size * s.seq_len * _per_token(spec, s, ["vocab"]))
+
+
+def overhead_bytes(activations: int, logits: int) -> int:
+    c = COEFFICIENTS
+    return c["cuda_context_bytes"] + c["workspace_bytes"] + int(c["fragmentation"] * (activations + logits))
+
+
+def budget_bytes(vram_bytes: int) -> int:
+    return int(vram_bytes * (1 - COEFFICIENTS["headroom"]))
+
+
+def breakdown(spec: ModelSpec, s: Setup, vram_bytes: int) -> MemoryBreakdown:
+    act = activation_bytes(spec, s)
+    logits = logits_bytes(spec, s)
+    return MemoryBreakdown(
+        weights=weight_bytes(spec, s),
+        trainable_state=trainable_state_bytes(spec, s),
+        activations=act,
+        logits=logits,
+        overhead=overhead_bytes(act, logits),
+        budget=budget_bytes(vram_bytes),
+    )

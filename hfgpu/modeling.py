@@ -1,0 +1,99 @@
+"""Load a model exactly as a plan says: dtype, 4-bit quantization, LoRA, checkpointing, attention.
+
+Nothing here chooses a knob; the planner did. `prepare_model` is used by training and by the memory
+measurements that check the planner's model (tests/test_memory.py, benchmarks/memory_cpu.py).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The knobs of a Plan that decide how the model is built (see hfgpu.planner.Plan)."""
+
+    strategy: str  # full | lora | qlora
+    precision: str  # bf16 | fp16 | fp32: the compute dtype
+    quantization: str = "none"  # none | nf4 | fp4 | int8
+    double_quant: bool = True
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ()  # empty: every Linear except lm_head
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        # Full fine-tuning keeps fp32 master weights (autocast computes in 16-bit); LoRA stores the
+        # frozen base in the compute dtype; fp32 compute (Pascal) stores fp32.
+        return torch.float32 if self.strategy == "full" else DTYPES[self.precision]
+
+
+def _bnb_config(s: ModelSettings):
+    from transformers import BitsAndBytesConfig
+
+    if s.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=s.quantization,
+        bnb_4bit_use_double_quant=s.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[s.precision],
+    )
+
+
+def prepare_model(source: Any, s: ModelSettings, seed: int = 0) -> torch.nn.Module:
+    """A causal LM from a folder/repo id (`str`) or a `PretrainedConfig` (random weights), prepared per `s`."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    torch.manual_seed(seed)
+    quantized = s.quantization != "none"
+    if isinstance(source, PretrainedConfig):
+        if not quantized:
+            model = AutoModelForCausalLM.from_config(source, dtype=s.storage_dtype, attn_implementation=s.attention)
+        else:  # bitsandbytes quantizes while loading: save random weights, then load them quantized
+            with tempfile.TemporaryDirectory() as tmp:
+                AutoModelForCausalLM.from_config(source, dtype=DTYPES[s.precision]).save_pretrained(tmp)
+                model = _load(tmp, s)
+    else:
+        model = _load(source, s)
+    model.config.use_cache = False  # a cache in train mode wastes memory and breaks packed attention
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=s.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if s.strategy != "full":
+            model.enable_input_require_grads()
+    if s.strategy in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=s.lora_r,
+            lora_alpha=s.lora_alpha,
+            lora_dropout=s.lora_dropout,
+            target_modules=list(s.lora_targets) or "all-linear",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def _load(path: str, s: ModelSettings):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": s.storage_dtype if s.quantization == "none" else DTYPES[s.precision], "attn_implementation": s.attention}
+    if s.quantization != "none":
+        kwargs["quantization_config"] = _bnb_config(s)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
