@@ -112,15 +112,26 @@ def static_bytes(spec, setup) -> int:
     return memory.weight_bytes(spec, setup) + memory.trainable_state_bytes(spec, setup) + memory.dequant_workspace_bytes(spec, setup)
 
 
-def feature_names(mode) -> list[str]:
+LAYER = ["hidden", "inter", "qkv", "lora_in", "heads_seq"]
+
+
+def fit_mode(mode, rows, table: dict) -> dict:
+    """Least squares on bytes per token: a full linear fit without checkpointing; with it, only the
+    bytes kept per layer input (the rest reuses the same mode's no-checkpointing coefficients)."""
     strategy, _, ckpt, attention = mode
-    names = ["vocab", "hidden"]
-    names += ["layers_hidden", "inter", "qkv"] if ckpt else ["layers_hidden", "layers_inter", "layers_qkv"]
-    if strategy != "full":
-        names.append("lora_in" if ckpt else "layers_lora_in")
-    if attention == "eager":
-        names.append("heads_seq" if ckpt else "layers_heads_seq")
-    return names
+    tokens = np.array([st.micro_batch_size * st.seq_len for _, st, _ in rows], dtype=float)
+    y = np.array([peak - static_bytes(spec, st) for spec, st, peak in rows]) / tokens
+    if not ckpt:
+        names = [n for n in LAYER if (n != "lora_in" or strategy != "full") and (n != "heads_seq" or attention == "eager")]
+        X = np.array([[spec.vocab_size, spec.hidden_size] + [spec.num_layers * memory.layer_features(spec, st)[n] for n in names] for spec, st, _ in rows], dtype=float)
+        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+        return {"vocab": round(float(coef[0]), 4), "model_hidden": round(float(coef[1]), 4), "layer": {n: round(float(c), 4) for n, c in zip(names, coef[2:])}}
+    key = memory.mode_key(rows[0][1])
+    table[key] = {"ckpt_input": 0.0}
+    _write({"modes": table}, partial=True)
+    rest = np.array([sum(memory.transient_per_token(spec, st)) for spec, st, _ in rows])
+    lh = np.array([spec.num_layers * spec.hidden_size for spec, _, _ in rows], dtype=float)
+    return {"ckpt_input": round(float(np.dot(y - rest, lh) / np.dot(lh, lh)), 4)}
 
 
 def predicted(spec, setup) -> int:
@@ -143,14 +154,9 @@ def main() -> int:
         key = memory.mode_key(setup_for(model_spec(config_for({})), *mode, 1, 1, None))
         rows = [measure(mode, case) for case in GRID]
         held = [measure(mode, case) for case in HELD_OUT]
-        names = feature_names(mode)
         if args.refit:
-            X = np.array([[memory.features(spec, st)[n] for n in names] for spec, st, _ in rows], dtype=float)
-            y = np.array([(peak - static_bytes(spec, st)) / (st.micro_batch_size * st.seq_len) for spec, st, peak in rows])
-            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-            modes[key] = {n: round(float(c), 4) for n, c in zip(names, coef)}
-            memory.activation_coefficients.cache_clear()
-            _write({"modes": {**memory_modes_or_empty(), **modes}}, partial=True)
+            modes[key] = fit_mode(mode, rows, modes)
+            _write({"modes": modes}, partial=True)
         fit_err = max(abs(predicted(spec, st) / peak - 1) for spec, st, peak in rows)
         held_err = max(abs(predicted(spec, st) / peak - 1) for spec, st, peak in held)
         print(f"{key:28s} grid worst error {fit_err:6.2%}   held-out worst error {held_err:6.2%}", flush=True)
@@ -159,13 +165,6 @@ def main() -> int:
         print(f"wrote {OUT}")
     print(f"{len(MODES)} modes × {len(GRID) + len(HELD_OUT)} shapes in {time.time() - start:.0f} s")
     return 0
-
-
-def memory_modes_or_empty() -> dict:
-    try:
-        return memory.activation_coefficients()["modes"]
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        return {}
 
 
 def _write(table: dict, partial: bool) -> None:

@@ -171,43 +171,55 @@ def activation_coefficients() -> dict:
     return json.loads(text)
 
 
-def mode_key(s: Setup) -> str:
+def mode_key(s: Setup, checkpointing: bool | None = None) -> str:
     """The calibration table's row for this setup: strategy, 16-bit or fp32 compute, checkpointing, attention."""
     bits = "fp32" if s.precision == "fp32" else "16bit"
     strategy = "lora" if s.strategy == "qlora" and s.quantization == "int8" else s.strategy
     attention = "eager" if s.attention == "eager" else "sdpa"
-    return f"{strategy}|{bits}|{'ckpt' if s.gradient_checkpointing else 'nockpt'}|{attention}"
+    ckpt = s.gradient_checkpointing if checkpointing is None else checkpointing
+    return f"{strategy}|{bits}|{'ckpt' if ckpt else 'nockpt'}|{attention}"
 
 
-def features(spec: ModelSpec, s: Setup) -> dict[str, float]:
-    """Per-token quantities the fitted coefficients multiply (bytes per token = Σ coef · feature)."""
-    L = spec.num_layers
-    lora_in = sum(g.count * g.in_features for g in spec.linears if g.name in s.lora_targets) / max(L, 1)
-    return {
-        "vocab": spec.vocab_size,
+def layer_features(spec: ModelSpec, s: Setup) -> dict[str, float]:
+    """Per-token, per-layer sizes the fitted coefficients multiply."""
+    lora_in = sum(g.count * g.in_features for g in spec.linears if g.name in s.lora_targets) / max(spec.num_layers, 1)
+    f = {
         "hidden": spec.hidden_size,
-        "layers_hidden": L * spec.hidden_size,
-        "layers_inter": L * spec.intermediate_size,
-        "layers_qkv": L * (spec.q_dim + 2 * spec.kv_dim),
-        "layers_lora_in": L * lora_in if s.strategy != "full" else 0.0,
-        "layers_heads_seq": L * spec.num_heads * s.seq_len,
         "inter": spec.intermediate_size,
         "qkv": spec.q_dim + 2 * spec.kv_dim,
         "lora_in": lora_in if s.strategy != "full" else 0.0,
-        "heads_seq": spec.num_heads * s.seq_len,
     }
+    if s.attention == "eager":
+        f["heads_seq"] = spec.num_heads * s.seq_len  # eager attention keeps the s × s probabilities
+    return f
 
 
-def _per_token(spec: ModelSpec, s: Setup, names: list[str]) -> float:
-    row = activation_coefficients()["modes"][mode_key(s)]
-    f = features(spec, s)
-    return sum(row[n] * f[n] for n in names if n in row)
+def transient_per_token(spec: ModelSpec, s: Setup) -> tuple[float, float]:
+    """(activation bytes, logits bytes) per token of the micro-batch.
+
+    Without checkpointing every layer's saved tensors are alive when the loss is computed:
+    activations = L · Σ coef·feature + c·hidden; logits = k·vocab.
+    With checkpointing only each layer's input is kept (ckpt_input · L · hidden); the peak is the
+    larger of the loss phase (logits) and the recompute of one layer in backward.
+    """
+    table = activation_coefficients()["modes"]
+    row = table[mode_key(s, checkpointing=False)]
+    one_layer = sum(row["layer"].get(n, 0.0) * v for n, v in layer_features(spec, s).items())
+    base = row["model_hidden"] * spec.hidden_size
+    logits = row["vocab"] * spec.vocab_size
+    if not s.gradient_checkpointing:
+        return spec.num_layers * one_layer + base, logits
+    kept = table[mode_key(s)]["ckpt_input"] * spec.num_layers * spec.hidden_size
+    return kept + base + max(0.0, one_layer - logits), logits
 
 
 def activation_bytes(spec: ModelSpec, s: Setup) -> int:
     tokens = s.micro_batch_size * s.seq_len
-    names = [n for n in features(spec, s) if n != "vocab"]
-    return int(tokens * max(_per_token(spec, s, names), 0.0)) + dequant_workspace_bytes(spec, s)
+    return int(tokens * max(transient_per_token(spec, s)[0], 0.0)) + dequant_workspace_bytes(spec, s)
+
+
+def logits_bytes(spec: ModelSpec, s: Setup) -> int:
+    return int(s.micro_batch_size * s.seq_len * max(transient_per_token(spec, s)[1], 0.0))
 
 
 def dequant_workspace_bytes(spec: ModelSpec, s: Setup) -> int:
@@ -216,10 +228,6 @@ def dequant_workspace_bytes(spec: ModelSpec, s: Setup) -> int:
         return 0
     largest = max(g.in_features * g.out_features for g in spec.linears)
     return 2 * largest * BYTES[s.precision]
-
-
-def logits_bytes(spec: ModelSpec, s: Setup) -> int:
-    return int(s.micro_batch_size * s.seq_len * _per_token(spec, s, ["vocab"]))
 
 
 def overhead_bytes(activations: int, logits: int) -> int:

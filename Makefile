@@ -1,0 +1,26 @@
+# Two commands from a fresh clone:
+#   make demo   # makes .venv, installs hfgpu, plans a fine-tune of a catalog model for an RTX 3060
+#   make test   # makes .venv, installs hfgpu with test extras, runs the test suite
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+# torch first and pinned: pip takes the CPU wheel on these machines instead of a multi-GB CUDA build.
+# On your own GPU machine, install the torch build for your card first (see README); pip keeps it.
+TORCH ?= torch==2.13.0
+
+$(BIN)/hfgpu: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/hfgpu
+
+demo: install
+	$(BIN)/hfgpu plan Qwen/Qwen2.5-7B --gpu "RTX 3060"
+
+test: install
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q
+
+.PHONY: install demo test

@@ -1,0 +1,5 @@
+import sys
+
+from hfgpu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,251 @@
+"""The `hfgpu` command: gpus | plan | fit.
+
+Exit codes: 0 success (plan fits), 2 bad input (one line on stderr, no traceback), 3 the plan does
+not fit (its breakdown is still printed, and `--json` still prints the plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from hfgpu.errors import HfgpuError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + message)
+        raise HfgpuError(f"{message} (see `{self.prog} --help`)")
+
+
+def _on_off(value: str) -> bool | str:
+    v = value.lower()
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    if v == "auto":
+        return "auto"
+    raise argparse.ArgumentTypeError(f"invalid value {value!r}: use on, off or auto")
+
+
+def _int_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a whole number or auto") from None
+
+
+def _add_knobs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("plan knobs (each defaults to auto: the planner chooses)")
+    g.add_argument("--strategy", default="auto", help="full | lora | qlora")
+    g.add_argument("--precision", default="auto", help="bf16 | fp16 | fp32 (compute dtype)")
+    g.add_argument("--quantization", default="auto", help="none | nf4 | fp4 | int8 (base weights)")
+    g.add_argument("--gradient-checkpointing", type=_on_off, default="auto", metavar="on|off", help="recompute activations in backward")
+    g.add_argument("--micro-batch-size", type=_int_or_auto, default="auto", metavar="N")
+    g.add_argument("--grad-accum-steps", type=_int_or_auto, default="auto", metavar="N")
+    g.add_argument("--global-batch-size", type=_int_or_auto, default="auto", metavar="N", help="sequences per optimizer step (default 16)")
+    g.add_argument("--seq-len", type=_int_or_auto, default="auto", metavar="N", help="default: min(2048, the model's maximum)")
+    g.add_argument("--optimizer", default="auto", help="adamw_torch | adamw_8bit | paged_adamw_8bit")
+    g.add_argument("--attention", default="auto", help="sdpa | eager | flash_attention_2")
+    g.add_argument("--lora-r", type=_int_or_auto, default="auto", metavar="R")
+    g.add_argument("--lora-alpha", type=_int_or_auto, default="auto", metavar="A")
+    g.add_argument("--lora-dropout", type=float, default=0.05, metavar="P")
+    g.add_argument("--lora-targets", default="auto", metavar="a,b,c", help="linear layer names (default: all)")
+
+
+KNOBS = (
+    "strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "grad_accum_steps",
+    "global_batch_size", "seq_len", "optimizer", "attention", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+)
+
+
+def _knobs(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in KNOBS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hfgpu", description="Plan and run fine-tuning of Hugging Face models on the NVIDIA card you own.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("gpus", help="the GPU catalog, as a table")
+    g.add_argument("--json", action="store_true", help="print the catalog as JSON")
+
+    p = sub.add_parser("plan", help="what fits on a card, and why")
+    p.add_argument("model", help="Hub repo id, local folder or config.json (offline catalog: see `hfgpu fit --help`)")
+    p.add_argument("--gpu", default="auto", help='card name ("RTX 3060", "4090", "1080ti"), memory ("12GB"), "2x RTX 3090", or auto')
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    _add_knobs(p)
+
+    from hfgpu.models import catalog_models
+
+    f = sub.add_parser(
+        "fit",
+        help="for each consumer card: the best strategy that fits, its speed and price",
+        epilog="offline catalog (no network needed): " + ", ".join(catalog_models()),
+    )
+    f.add_argument("model")
+    f.add_argument("--seq-len", type=_int_or_auto, default="auto", metavar="N")
+    f.add_argument("--tokens", type=float, default=10e6, metavar="N", help="tokens to train, for the hours column (default 10M)")
+    f.add_argument("--budget", type=float, default=None, metavar="USD", help="mark the fastest card at or under this launch price")
+    f.add_argument("--json", action="store_true")
+    return parser
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False, width=160 if not sys.stdout.isatty() else None)
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    from hfgpu.gpus import catalog
+
+    cards = catalog()
+    if args.json:
+        print(json.dumps([g.to_dict() | {"series": g.series, "bandwidth_gbps": g.bandwidth_gbps, "source": g.source} for g in cards], indent=2))
+        return 0
+    from rich.table import Table
+
+    t = Table(title="GPU catalog (hfgpu/resources/gpus.csv; sources in its last column)")
+    for col in ("card", "arch", "cc", "VRAM GB", "GB/s", "FP32 TF", "tensor TF", "bf16", "launch $"):
+        t.add_column(col, justify="left" if col in ("card", "arch") else "right")
+    for g in cards:
+        cc = g.compute_capability
+        t.add_row(
+            g.name, g.architecture, f"{cc[0]}.{cc[1]}", f"{g.vram_gb:g}", f"{g.bandwidth_gbps or '-'}",
+            f"{g.fp32_tflops or '-'}", f"{g.tensor_tflops or '-'}", "yes" if g.bf16_supported else "no",
+            f"{g.msrp_usd:,.0f}" if g.msrp_usd else "-",
+        )
+    _console().print(t)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hfgpu.planner import DoesNotFit, plan
+
+    try:
+        result = plan(args.model, args.gpu, **_knobs(args))
+        alternatives: list[str] = []
+    except DoesNotFit as e:
+        result, alternatives = e.closest, e.alternatives
+    if args.json:
+        d = result.to_dict()
+        if not result.fits:
+            d["alternatives"] = alternatives
+        print(json.dumps(d, indent=2))
+    else:
+        _print_plan(result, alternatives)
+    return 0 if result.fits else 3
+
+
+def _print_plan(p, alternatives: list[str]) -> None:
+    from rich.table import Table
+
+    from hfgpu import report
+
+    c = _console()
+    c.print(("[green]" if p.fits else "[red]") + report.plan_header(p).replace("[", r"\["))
+    t = Table(show_header=True, box=None, pad_edge=False)
+    t.add_column("knob", style="bold")
+    t.add_column("value", max_width=32, overflow="fold")
+    t.add_column("why", overflow="fold")
+    for row in report.plan_rows(p):
+        t.add_row(*row)
+    c.print(t)
+    m = Table(show_header=True, box=None, pad_edge=False)
+    m.add_column("memory")
+    m.add_column("", justify="right")
+    for row in report.memory_rows(p):
+        m.add_row(*row)
+    c.print(m)
+    c.print(report.speed_line(p))
+    for w in p.warnings:
+        c.print(f"[yellow]warning:[/] {w}")
+    if not p.fits:
+        c.print("[red]does not fit.[/] " + ("What fits instead: " + "; ".join(alternatives) if alternatives else "Nothing smaller fits: choose a smaller model."))
+
+
+def fit_table(model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: float | None = None) -> list[dict]:
+    """For each consumer card: per-strategy peaks, the best strategy that fits, speed and price."""
+    from hfgpu.gpus import catalog
+    from hfgpu.planner import STRATEGIES, plan_or_closest
+
+    rows = []
+    for g in (g for g in catalog() if g.is_consumer):
+        per = {s: plan_or_closest(model, g, strategy=s, seq_len=seq_len) for s in STRATEGIES}
+        best = next((per[s] for s in STRATEGIES if per[s].fits), None)
+        tps = best.tokens_per_second_estimate if best else None
+        rows.append({
+            "gpu": g.name, "vram_gb": g.vram_gb, "launch_price_usd": g.msrp_usd,
+            "peak_gib": {s: round(per[s].memory.total / 1024**3, 2) for s in STRATEGIES},
+            "fits": {s: per[s].fits for s in STRATEGIES},
+            "best_strategy": best.strategy if best else None,
+            "best_peak_gib": round(best.memory.total / 1024**3, 2) if best else None,
+            "tokens_per_second_estimate": round(tps, 1) if tps else None,
+            "hours_estimate": round(tokens / tps / 3600, 2) if tps else None,
+            "cheapest_for": [], "fastest_within_budget": False,
+        })
+    for s in STRATEGIES:
+        cands = [r for r in rows if r["best_strategy"] == s and r["launch_price_usd"]]
+        if cands:
+            min(cands, key=lambda r: r["launch_price_usd"])["cheapest_for"].append(s)
+    if budget is not None:
+        cands = [r for r in rows if r["tokens_per_second_estimate"] and r["launch_price_usd"] and r["launch_price_usd"] <= budget]
+        if cands:
+            max(cands, key=lambda r: r["tokens_per_second_estimate"])["fastest_within_budget"] = True
+    return rows
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from hfgpu.models import model_spec
+
+    if args.tokens <= 0:
+        raise HfgpuError(f"--tokens {args.tokens:g} must be positive, e.g. --tokens 10e6")
+    if args.budget is not None and args.budget <= 0:
+        raise HfgpuError(f"--budget {args.budget:g} must be a positive price in USD, e.g. --budget 600")
+    spec = model_spec(args.model)
+    rows = fit_table(args.model, args.seq_len, args.tokens, args.budget)
+    if args.json:
+        print(json.dumps({"model": spec.name, "tokens": args.tokens, "budget_usd": args.budget, "gpus": rows}, indent=2))
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"{spec.name}: which cards fit (peak GiB per strategy; ✓ fits); hours for {args.tokens:,.0f} tokens are estimates")
+    for col in ("card", "GB", "launch $", "full", "lora", "qlora", "best", "tokens/s", "hours", "note"):
+        t.add_column(col, justify="left" if col in ("card", "best", "note") else "right")
+    for r in rows:
+        marks = [f"cheapest {s}" for s in r["cheapest_for"]] + (["fastest within budget"] if r["fastest_within_budget"] else [])
+        cells = [f"{r['peak_gib'][s]:.1f}{' ✓' if r['fits'][s] else ''}" for s in ("full", "lora", "qlora")]
+        t.add_row(
+            r["gpu"], f"{r['vram_gb']:g}", f"{r['launch_price_usd']:,.0f}" if r["launch_price_usd"] else "-", *cells,
+            r["best_strategy"] or "does not fit", f"{r['tokens_per_second_estimate']:,.0f}" if r["tokens_per_second_estimate"] else "-",
+            f"{r['hours_estimate']:.1f}" if r["hours_estimate"] else "-", ", ".join(marks),
+        )
+    _console().print(t)
+    return 0
+
+
+COMMANDS = {"gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except HfgpuError as e:
+        print(f"hfgpu: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hfgpu: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

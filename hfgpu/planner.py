@@ -1,0 +1,494 @@
+"""plan(): choose the knobs of a fine-tuning run that fits a card, with a reason for each.
+
+The planner is pure: a model config (never weights), a GPU spec and the knobs the user fixed. Any
+knob given is kept; the rest are searched in this order: strategy by quality (full > LoRA > QLoRA),
+then the optimizer (exact 32-bit state before 8-bit), then gradient checkpointing off before on,
+then the largest micro-batch that fits. Facts from the hardware (bf16 from cc 8.0, fp16 on Turing,
+fp32 compute on Pascal, FlashAttention-2 from cc 8.0, LLM.int8 from cc 7.5) are rules, not choices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hfgpu import memory
+from hfgpu.errors import DoesNotFit, HfgpuError
+from hfgpu.gpus import GPU, catalog, get_gpu
+from hfgpu.models import ModelSpec, model_spec
+
+STRATEGIES = ("full", "lora", "qlora")
+PRECISIONS = ("bf16", "fp16", "fp32")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step
+DEFAULT_MAX_SEQ_LEN = 2048
+
+# Share of peak FLOPS a run reaches: an estimate (MFU of transformers + peft loops on consumer cards
+# is commonly 25-45 %; QLoRA pays for dequantization). Replace with measured tokens/s when calibrated.
+UTILIZATION = {"full": 0.40, "lora": 0.35, "qlora": 0.25}
+
+PASCAL_TORCH = "pip install 'torch<=2.14' --index-url https://download.pytorch.org/whl/cu126"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(self.target_modules)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A fine-tuning run for one model on one card: every knob, its reason, and the memory it needs."""
+
+    model: str
+    spec: ModelSpec = field(repr=False)
+    gpu: GPU
+    strategy: str
+    precision: str
+    quantization: str
+    double_quant: bool
+    gradient_checkpointing: bool
+    micro_batch_size: int
+    grad_accum_steps: int
+    seq_len: int
+    optimizer: str
+    attention: str
+    lora: LoraSettings | None
+    memory: memory.MemoryBreakdown
+    params_trainable: int
+    reasons: dict[str, str]
+    warnings: tuple[str, ...]
+    tokens_per_second_estimate: float | None
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.fits
+
+    @property
+    def params_total(self) -> int:
+        return self.spec.params_total
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.gpu.count
+
+    @property
+    def hours_per_million_tokens(self) -> float | None:
+        t = self.tokens_per_second_estimate
+        return None if not t else 1e6 / t / 3600
+
+    def to_dict(self) -> dict:
+        cc = self.gpu.compute_capability
+        return {
+            "model": self.model,
+            "gpu": {"name": self.gpu.name, "count": self.gpu.count, "vram_gb": self.gpu.vram_gb, "compute_capability": None if cc is None else f"{cc[0]}.{cc[1]}"},
+            "strategy": self.strategy,
+            "precision": self.precision,
+            "quantization": self.quantization,
+            "double_quant": self.double_quant if self.quantization in ("nf4", "fp4") else None,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "micro_batch_size": self.micro_batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "global_batch_size": self.global_batch_size,
+            "seq_len": self.seq_len,
+            "optimizer": self.optimizer,
+            "attention": self.attention,
+            "lora": self.lora.to_dict() if self.lora else None,
+            "params_total": self.params_total,
+            "params_trainable": self.params_trainable,
+            "memory": self.memory.to_dict(),
+            "fits": self.fits,
+            "reasons": dict(self.reasons),
+            "warnings": list(self.warnings),
+            "tokens_per_second_estimate": None if self.tokens_per_second_estimate is None else round(self.tokens_per_second_estimate, 1),
+            "hours_per_million_tokens_estimate": None if self.hours_per_million_tokens is None else round(self.hours_per_million_tokens, 3),
+        }
+
+    def __str__(self) -> str:
+        from hfgpu.report import plan_text
+
+        return plan_text(self)
+
+
+# --- the rules from the hardware -------------------------------------------------------------------
+
+
+def _cc(gpu: GPU) -> tuple[int, int]:
+    # A custom card ("12GB") has no known capability: plan as a current (Ampere+) card and say so.
+    return gpu.compute_capability or (8, 0)
+
+
+def _auto_precision(gpu: GPU) -> tuple[str, str]:
+    cc = _cc(gpu)
+    where = f"{gpu.name} is cc {cc[0]}.{cc[1]}"
+    if cc >= (8, 0):
+        return "bf16", f"bf16 mixed precision: native on cc ≥ 8.0 ({where}); no loss scaling needed"
+    if cc >= (7, 0):
+        return "fp16", f"fp16 mixed precision with loss scaling: bf16 needs cc ≥ 8.0 ({where})"
+    return "fp32", f"fp32 compute: {where} (Pascal) runs fp16 at 1/64 rate and has no tensor cores"
+
+
+def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
+    """Every problem with the fixed knobs, each a sentence naming the value and the fix."""
+    errs: list[str] = []
+
+    def choice(name: str, allowed: tuple[str, ...]) -> None:
+        v = k[name]
+        if v != "auto" and v not in allowed:
+            errs.append(f"{name}={v!r} is not one of {', '.join(allowed)} (or auto)")
+
+    choice("strategy", STRATEGIES)
+    choice("precision", PRECISIONS)
+    choice("quantization", QUANTIZATIONS)
+    choice("optimizer", OPTIMIZERS)
+    choice("attention", ATTENTIONS)
+    cc = gpu.compute_capability
+    ccs = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
+    if k["precision"] == "bf16" and cc is not None and cc < (8, 0):
+        errs.append(f"precision=bf16 needs compute capability ≥ 8.0 (RTX 30 series or newer); {gpu.name} is {ccs}: use precision fp16" + (" or fp32" if cc < (7, 0) else ""))
+    if k["attention"] == "flash_attention_2":
+        if cc is not None and cc < (8, 0):
+            errs.append(f"attention=flash_attention_2 needs compute capability ≥ 8.0; {gpu.name} is {ccs}: use attention sdpa")
+        if k["precision"] == "fp32":
+            errs.append("attention=flash_attention_2 runs in fp16/bf16 only, not precision=fp32: use attention sdpa")
+    s, q = k["strategy"], k["quantization"]
+    if s == "qlora" and q in ("none", "int8"):
+        errs.append(f"strategy=qlora quantizes the base to 4 bits, not quantization={q}: use quantization nf4 (or fp4), or strategy lora")
+    if s == "full" and q not in ("auto", "none"):
+        errs.append(f"strategy=full trains every weight and cannot use quantization={q}: use strategy qlora, or quantization none")
+    if s == "lora" and q in ("nf4", "fp4"):
+        errs.append(f"LoRA on a 4-bit base is strategy=qlora: use strategy qlora with quantization={q}")
+    if q == "int8" and cc is not None and cc < (7, 5):
+        errs.append(f"quantization=int8 (LLM.int8) needs compute capability ≥ 7.5; {gpu.name} is {ccs}: use strategy qlora (nf4 works from cc 6.0)")
+    if k["optimizer"] in ("adamw_8bit", "paged_adamw_8bit") and cc is not None and cc < (6, 0):
+        errs.append(f"optimizer={k['optimizer']} (bitsandbytes) needs compute capability ≥ 6.0; {gpu.name} is {ccs}: use optimizer adamw_torch")
+    for name in ("micro_batch_size", "grad_accum_steps", "global_batch_size", "lora_r", "lora_alpha"):
+        v = k[name]
+        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            errs.append(f"{name}={v!r} must be a whole number ≥ 1")
+    v = k["seq_len"]
+    if v != "auto":
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            errs.append(f"seq_len={v!r} must be a whole number ≥ 1")
+        elif v > spec.max_seq_len:
+            errs.append(f"seq_len={v} is beyond {spec.name}'s maximum of {spec.max_seq_len} tokens (max_position_embeddings): use seq_len ≤ {spec.max_seq_len}")
+    d = k["lora_dropout"]
+    if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < 1:
+        errs.append(f"lora_dropout={d!r} must be a number in [0, 1)")
+    gc = k["gradient_checkpointing"]
+    if gc != "auto" and not isinstance(gc, bool):
+        errs.append(f"gradient_checkpointing={gc!r} must be true, false or auto")
+    targets = k["lora_targets"]
+    if targets != "auto":
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in spec.linear_names]
+        if unknown or not targets:
+            errs.append(f"lora_targets {', '.join(unknown) or '(empty)'} not among {spec.name}'s linear layers: choose from {', '.join(spec.linear_names)}")
+    return errs
+
+
+# --- the search --------------------------------------------------------------------------------------
+
+
+def _tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float | None:
+    cc = _cc(gpu)
+    if setup.precision == "fp32" or gpu.tensor_tflops is None:
+        peak = gpu.fp32_tflops
+        if setup.precision == "fp16" and peak and cc >= (7, 5):
+            peak *= 2  # GTX 16 series: no tensor cores, fp16 at twice the fp32 rate
+    else:
+        peak = gpu.tensor_tflops
+    if not peak:
+        return None
+    matmul = spec.linear_params + spec.vocab_size * spec.hidden_size  # lm_head runs even when tied
+    forward = 2 * matmul + 2 * spec.num_layers * setup.seq_len * spec.q_dim  # causal attention ≈ half of 4·s·d
+    passes = 3.0 if setup.strategy == "full" else 2.0  # frozen weights skip their weight gradients
+    if setup.gradient_checkpointing:
+        passes += 1.0
+    util = UTILIZATION[setup.strategy]
+    return util * peak * 1e12 / (passes * forward) * gpu.count
+
+
+@dataclass(frozen=True)
+class _Knobs:
+    precision: str
+    strategy: str
+    quantization: str
+    optimizer: str
+    gradient_checkpointing: bool
+    micro_batch_size: int
+
+
+def _setup(k: dict, kn: _Knobs, seq_len: int, targets: tuple[str, ...]) -> memory.Setup:
+    return memory.Setup(
+        strategy=kn.strategy,
+        precision=kn.precision,
+        quantization=kn.quantization,
+        double_quant=k["double_quant"],
+        gradient_checkpointing=kn.gradient_checkpointing,
+        micro_batch_size=kn.micro_batch_size,
+        seq_len=seq_len,
+        optimizer=kn.optimizer,
+        attention=k["attention_resolved"],
+        lora_r=k["lora_r_resolved"],
+        lora_targets=targets,
+    )
+
+
+def _search(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int) -> tuple[_Knobs, memory.MemoryBreakdown, bool]:
+    """The first fitting combination in preference order, else the one with the smallest peak."""
+    precision = k["precision"] if k["precision"] != "auto" else _auto_precision(gpu)[0]
+    strategies = STRATEGIES if k["strategy"] == "auto" else (k["strategy"],)
+    if k["strategy"] == "auto" and k["quantization"] != "auto":
+        strategies = {"none": ("full", "lora"), "int8": ("lora",)}.get(k["quantization"], ("qlora",))
+    per_process_batch = max(1, math.ceil(k["global_batch_size_resolved"] / gpu.count))
+    if k["micro_batch_size"] != "auto":
+        batches = [k["micro_batch_size"]]
+    else:
+        top = 1 << (per_process_batch.bit_length() - 1)
+        batches = [top >> i for i in range(top.bit_length())]  # e.g. 16, 8, 4, 2, 1
+    smallest: tuple[_Knobs, memory.MemoryBreakdown] | None = None
+    for strategy in strategies:
+        q = k["quantization"]
+        if q == "auto":
+            q = "nf4" if strategy == "qlora" else "none"
+        if strategy == "lora" and q in ("nf4", "fp4"):
+            continue  # only reachable with strategy auto: a 4-bit base is the qlora candidate
+        if k["optimizer"] != "auto":
+            optimizers = [k["optimizer"]]
+        else:
+            optimizers = ["adamw_torch", "adamw_8bit"] if strategy == "full" else ["adamw_torch"]
+        ckpts = [False, True] if k["gradient_checkpointing"] == "auto" else [k["gradient_checkpointing"]]
+        for optimizer in optimizers:
+            for ckpt in ckpts:
+                for mb in batches:
+                    kn = _Knobs(precision, strategy, q, optimizer, ckpt, mb)
+                    targets = k["targets_resolved"]
+                    mem = memory.breakdown(spec, _setup(k, kn, seq_len, targets), gpu.vram_bytes)
+                    if mem.fits:
+                        return kn, mem, True
+                    if smallest is None or mem.total < smallest[1].total:
+                        smallest = (kn, mem)
+    assert smallest is not None
+    return smallest[0], smallest[1], False
+
+
+def _resolve(spec: ModelSpec, gpu: GPU, knobs: dict) -> dict:
+    errs = _validate(spec, gpu, knobs)
+    if errs:
+        raise HfgpuError("; ".join(errs))
+    k = dict(knobs)
+    if k["attention"] == "auto":
+        k["attention_resolved"] = "sdpa"
+    else:
+        k["attention_resolved"] = k["attention"]
+    k["lora_r_resolved"] = 16 if k["lora_r"] == "auto" else k["lora_r"]
+    t = k["lora_targets"]
+    if t == "auto":
+        k["targets_resolved"] = tuple(spec.linear_names)
+    else:
+        k["targets_resolved"] = tuple(x.strip() for x in (t.split(",") if isinstance(t, str) else t) if x.strip())
+    k["global_batch_size_resolved"] = DEFAULT_GLOBAL_BATCH if k["global_batch_size"] == "auto" else k["global_batch_size"]
+    return k
+
+
+def _default_seq_len(spec: ModelSpec) -> int:
+    return min(DEFAULT_MAX_SEQ_LEN, spec.max_seq_len)
+
+
+def plan(
+    model: Any,
+    gpu: Any = "auto",
+    *,
+    strategy: str = "auto",
+    precision: str = "auto",
+    quantization: str = "auto",
+    double_quant: bool = True,
+    gradient_checkpointing: bool | str = "auto",
+    micro_batch_size: int | str = "auto",
+    grad_accum_steps: int | str = "auto",
+    global_batch_size: int | str = "auto",
+    seq_len: int | str = "auto",
+    optimizer: str = "auto",
+    attention: str = "auto",
+    lora_r: int | str = "auto",
+    lora_alpha: int | str = "auto",
+    lora_dropout: float = 0.05,
+    lora_targets: str | list[str] = "auto",
+) -> Plan:
+    """Plan a fine-tuning run of `model` on `gpu`. Knobs given are kept; "auto" ones are chosen.
+
+    Raises `DoesNotFit` (carrying the closest plan and what would fit instead) when nothing fits,
+    and `HfgpuError` for a bad model, card or knob.
+    """
+    spec = model_spec(model)
+    card = get_gpu(gpu)
+    knobs = dict(locals())
+    for name in ("model", "gpu", "spec", "card"):
+        knobs.pop(name)
+    result = _plan(spec, card, knobs)
+    if not result.fits:
+        raise DoesNotFit(_does_not_fit_message(result, alts := _alternatives(spec, card, knobs, result)), closest=result, alternatives=alts)
+    return result
+
+
+def plan_or_closest(model: Any, gpu: Any = "auto", **knobs: Any) -> Plan:
+    """Like `plan`, but returns the closest plan (`fits == False`) instead of raising DoesNotFit."""
+    defaults = {k: v for k, v in plan.__kwdefaults__.items()}
+    return _plan(model_spec(model), get_gpu(gpu), {**defaults, **knobs})
+
+
+def _plan(spec: ModelSpec, card: GPU, knobs: dict) -> Plan:
+    k = _resolve(spec, card, knobs)
+    seq = _default_seq_len(spec) if k["seq_len"] == "auto" else k["seq_len"]
+    kn, mem, fits = _search(spec, card, k, seq)
+    global_batch = k["global_batch_size_resolved"]
+    if k["grad_accum_steps"] != "auto":
+        accum = k["grad_accum_steps"]
+    else:
+        accum = max(1, math.ceil(global_batch / (kn.micro_batch_size * card.count)))
+    setup = _setup(k, kn, seq, k["targets_resolved"])
+    lora = None
+    if kn.strategy != "full":
+        r = k["lora_r_resolved"]
+        lora = LoraSettings(r=r, alpha=2 * r if k["lora_alpha"] == "auto" else k["lora_alpha"], dropout=float(k["lora_dropout"]), target_modules=k["targets_resolved"])
+    reasons = _reasons(spec, card, k, kn, mem, seq, accum, global_batch)
+    return Plan(
+        model=spec.name,
+        spec=spec,
+        gpu=card,
+        strategy=kn.strategy,
+        precision=kn.precision,
+        quantization=kn.quantization,
+        double_quant=k["double_quant"],
+        gradient_checkpointing=kn.gradient_checkpointing,
+        micro_batch_size=kn.micro_batch_size,
+        grad_accum_steps=accum,
+        seq_len=seq,
+        optimizer=kn.optimizer,
+        attention=k["attention_resolved"],
+        lora=lora,
+        memory=mem,
+        params_trainable=memory.trainable_params(spec, setup),
+        reasons=reasons,
+        warnings=tuple(_warnings(spec, card, kn, mem, accum, global_batch)),
+        tokens_per_second_estimate=_tokens_per_second(spec, card, setup),
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / memory.GIB:.1f} GiB"
+
+
+def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[str, str]:
+    fixed = "fixed by you"
+    r: dict[str, str] = {}
+    if k["strategy"] != "auto":
+        r["strategy"] = fixed
+    elif kn.strategy == "full":
+        r["strategy"] = f"full fine-tuning fits ({_gib(mem.total)} of {_gib(mem.budget)}): best quality, every weight trains"
+    elif kn.strategy == "lora":
+        r["strategy"] = f"LoRA: full fine-tuning does not fit in {_gib(mem.budget)}; a 16-bit frozen base with trainable adapters does"
+    else:
+        r["strategy"] = f"QLoRA: neither full fine-tuning nor LoRA on a 16-bit base fits in {_gib(mem.budget)}; a 4-bit base does"
+    r["precision"] = fixed if k["precision"] != "auto" else _auto_precision(card)[1]
+    if k["quantization"] != "auto":
+        r["quantization"] = fixed
+    elif kn.quantization == "none":
+        r["quantization"] = "none: the base model stays in " + ("fp32 master weights" if kn.strategy == "full" else kn.precision)
+    else:
+        r["quantization"] = "NF4 4-bit base" + (" with double quantization (≈4.13 bits/weight)" if k["double_quant"] else "") + ": the QLoRA recipe (Dettmers et al. 2023); works from cc 6.0"
+    if k["gradient_checkpointing"] != "auto":
+        r["gradient_checkpointing"] = fixed
+    elif kn.gradient_checkpointing:
+        r["gradient_checkpointing"] = f"on: without it even micro-batch 1 does not fit; costs ≈ one extra forward pass (~30 % slower)"
+    else:
+        r["gradient_checkpointing"] = "off: the run fits without recomputing activations, so no speed is lost"
+    if k["micro_batch_size"] != "auto":
+        r["micro_batch_size"] = fixed
+    else:
+        r["micro_batch_size"] = f"{kn.micro_batch_size}: the largest power of two ≤ the global batch that fits ({_gib(mem.activations + mem.logits)} of activations and logits)"
+    r["grad_accum_steps"] = fixed if k["grad_accum_steps"] != "auto" else f"{accum}: micro-batch {kn.micro_batch_size} × {accum}" + (f" × {card.count} GPUs" if card.count > 1 else "") + f" reaches the global batch of {global_batch} sequences"
+    r["seq_len"] = fixed if k["seq_len"] != "auto" else f"{seq}: min({DEFAULT_MAX_SEQ_LEN}, the model's maximum {spec.max_seq_len})"
+    if k["optimizer"] != "auto":
+        r["optimizer"] = fixed
+    elif kn.optimizer == "adamw_8bit":
+        r["optimizer"] = "8-bit AdamW (bitsandbytes): 32-bit AdamW state (8 bytes/parameter) does not fit; 8-bit needs ≈2"
+    elif kn.strategy == "full":
+        r["optimizer"] = "AdamW with fp32 state (8 bytes/parameter): it fits, and it is the reference optimizer"
+    else:
+        r["optimizer"] = "AdamW with fp32 state: the adapters are small, so 8-bit state would save little"
+    cc = _cc(card)
+    if k["attention"] != "auto":
+        r["attention"] = fixed
+    elif cc >= (8, 0):
+        r["attention"] = "sdpa: PyTorch's fused flash/memory-efficient kernels, no extra package; flash_attention_2 is an option with the flash-attn package"
+    else:
+        r["attention"] = f"sdpa: PyTorch's memory-efficient kernel runs from cc 5.0; FlashAttention-2 needs cc ≥ 8.0 (this card: {cc[0]}.{cc[1]})"
+    if kn.strategy != "full":
+        r["lora"] = ("r and targets fixed by you" if k["lora_r"] != "auto" or k["lora_targets"] != "auto" else "r=16 on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r")
+    return r
+
+
+def _warnings(spec, card, kn: _Knobs, mem, accum, global_batch) -> list[str]:
+    w = [card.note] if card.note else []
+    cc = card.compute_capability
+    if cc is None:
+        w.append("compute capability unknown: planned as cc 8.0 (bf16); for a 20-series or older card pass precision fp16 or fp32")
+    elif cc < (7, 0):
+        w.append(f"{card.architecture} (cc {cc[0]}.{cc[1]}): current torch wheels lack its kernels; use torch ≤ 2.14 built for CUDA 12.6: {PASCAL_TORCH}")
+    if kn.precision == "fp16" and cc is not None and cc < (7, 0):
+        w.append("fp16 on Pascal runs at 1/64 of fp32 speed: prefer precision fp32")
+    if kn.precision == "fp32" and cc is not None and cc >= (7, 0):
+        w.append("fp32 compute leaves this card's tensor cores idle: bf16/fp16 is several times faster")
+    if spec.num_experts:
+        w.append(f"mixture of experts ({spec.num_experts} experts): expert weights are counted, but LoRA targets and quantization cover only nn.Linear layers")
+    if mem.fits and mem.total > 0.95 * mem.budget:
+        w.append(f"tight fit: {_gib(mem.total)} of {_gib(mem.budget)}; close other programs using the GPU")
+    if kn.micro_batch_size * accum * card.count != global_batch:
+        w.append(f"global batch is {kn.micro_batch_size * accum * card.count}, not {global_batch}: it is not a multiple of the micro-batch")
+    return w
+
+
+# --- when nothing fits -------------------------------------------------------------------------------
+
+
+def _alternatives(spec: ModelSpec, card: GPU, knobs: dict, closest: Plan) -> list[str]:
+    alts: list[str] = []
+    if knobs["strategy"] not in ("auto", "qlora"):
+        relaxed = {**knobs, "strategy": "qlora", "quantization": "auto"}
+        p = _plan(spec, card, relaxed)
+        if p.fits:
+            alts.append(f"strategy qlora fits ({_gib(p.memory.total)} of {_gib(p.memory.budget)})")
+    seq = closest.seq_len // 2
+    while seq >= 128:
+        p = _plan(spec, card, {**knobs, "seq_len": seq})
+        if p.fits:
+            alts.append(f"seq_len {seq} fits with {p.strategy} ({_gib(p.memory.total)})")
+            break
+        seq //= 2
+    consumer = sorted((g for g in catalog() if g.is_consumer and g.vram_gb > card.vram_gb), key=lambda g: (g.msrp_usd or 1e9, -g.vram_gb))
+    for g in consumer:
+        p = _plan(spec, replace(g, count=card.count), knobs)
+        if p.fits:
+            alts.append(f"a {g.name} ({g.vram_gb:g} GB, launch price ${g.msrp_usd:,.0f}) fits with {p.strategy} ({_gib(p.memory.total)})")
+            break
+    return alts
+
+
+def _does_not_fit_message(p: Plan, alts: list[str]) -> str:
+    head = (
+        f"{p.model} does not fit on {p.gpu.display_name} ({p.gpu.vram_gb:g} GB): the smallest plan tried "
+        f"({p.strategy}, micro-batch {p.micro_batch_size}, seq_len {p.seq_len}, checkpointing {'on' if p.gradient_checkpointing else 'off'}) "
+        f"needs {_gib(p.memory.total)} of {_gib(p.memory.budget)}"
+    )
+    return head + ("; what fits instead: " + "; ".join(alts) if alts else "; nothing smaller fits: choose a smaller model")
