@@ -155,10 +155,11 @@ def _adam_state_bytes(numel: int, optimizer: str) -> int:
 def trainable_state_bytes(spec: ModelSpec, s: Setup) -> int:
     """Gradients (fp32: master weights in full fine-tuning, fp32 adapters otherwise) + optimizer state."""
     total = 0
-    for numel, count in trainable_tensors(spec, s):
+    tensors = trainable_tensors(spec, s)
+    for numel, count in tensors:
         total += count * (4 * numel + _adam_state_bytes(numel, s.optimizer))
-    if s.optimizer != "adamw_torch":
-        total += 2 * 256 * 4  # the two shared 256-entry quantization maps
+    if s.optimizer != "adamw_torch" and any(n >= BNB_OPT_MIN_8BIT for n, _ in tensors):
+        total += 2 * 256 * 4  # the two shared 256-entry quantization maps of 8-bit state
     return total
 
 

@@ -1,0 +1,75 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hfgpu.errors import HfgpuError
+from hfgpu.models import catalog_models, model_spec
+from conftest import ROOT, tiny_llama
+
+PUBLISHED = list(csv.DictReader((ROOT / "tests/published_params.csv").open()))
+
+
+@pytest.mark.parametrize("row", PUBLISHED, ids=[r["repo_id"] for r in PUBLISHED])
+def test_parameter_counts_match_published_exactly(row):
+    spec = model_spec(row["repo_id"])
+    assert spec.params_total == int(row["total_params"])
+    assert spec.source == "catalog"
+    tied = row["tie_word_embeddings"] != "false"
+    assert spec.tie_word_embeddings == tied and (spec.lm_head_params == 0) == tied
+    assert spec.embedding_params + spec.lm_head_params + spec.linear_params + spec.other_params == spec.params_total
+
+
+def test_inventory_of_llama_8b():
+    s = model_spec("meta-llama/Llama-3.1-8B")
+    assert (s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, s.vocab_size) == (4096, 32, 32, 8, 128, 14336, 128256)
+    groups = {g.name: g for g in s.linears}
+    assert set(groups) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (groups["k_proj"].in_features, groups["k_proj"].out_features, groups["k_proj"].count) == (4096, 1024, 32)
+    assert s.embedding_params == s.lm_head_params == 128256 * 4096
+    assert model_spec("meta-llama/Llama-3.2-3B").head_dim == 128  # explicit in its config
+
+
+def test_local_folder_config_path_and_config_object_agree(tmp_path):
+    cfg = tiny_llama()
+    cfg.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    for source in (str(tmp_path), str(tmp_path / "config.json"), cfg):
+        assert model_spec(source).params_total == real
+
+
+def test_bad_model_inputs(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(HfgpuError, match="not valid JSON"):
+        model_spec(str(tmp_path))
+    with pytest.raises(HfgpuError, match="has no config.json"):
+        model_spec(str(tmp_path / ".." ))
+    with pytest.raises(HfgpuError, match="not in hfgpu's offline catalog.*pass that folder"):
+        model_spec("someone/unknown-model-123")
+    with pytest.raises(HfgpuError, match="did you mean 'Qwen/Qwen2.5-7B'"):
+        model_spec("qwen2.5-7")
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": -4}))
+    with pytest.raises(HfgpuError, match="hidden_size=-4"):
+        model_spec(str(bad))
+
+
+def test_catalog_lists_the_reference_configs():
+    assert len(catalog_models()) == len(PUBLISHED)
+    assert model_spec("Llama-3.1-8B").name == "meta-llama/Llama-3.1-8B"  # bare names work too
+
+
+def test_warm_plan_imports_neither_torch_nor_bitsandbytes_nor_peft(tmp_path):
+    code = (
+        "import sys, hfgpu; hfgpu.plan('Qwen/Qwen2.5-0.5B', '4090');"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))"
+    )
+    env = {"HFGPU_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    assert "peft" not in first.stdout and "bitsandbytes" not in first.stdout  # cold: counts on the meta device
+    warm = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    assert warm.stdout.strip() == "[]"
