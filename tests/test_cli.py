@@ -1,0 +1,101 @@
+"""The `hfgpu` command as a user runs it: a subprocess, its stdout, stderr and exit code."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def hfgpu(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "hfgpu", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_plan_json_prints_exactly_one_object_and_exit_0_when_it_fits():
+    r = hfgpu("plan", "Qwen/Qwen2.5-1.5B", "--gpu", "RTX 4090", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["fits"] is True and d["model"] == "Qwen/Qwen2.5-1.5B" and d["gpu"]["compute_capability"] == "8.9"
+    assert d["memory"]["total"] <= d["memory"]["budget"]
+
+
+def test_plan_flags_mirror_the_knobs(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=4000,
+                max_position_embeddings=2048).save_pretrained(tmp_path)
+    r = hfgpu("plan", str(tmp_path), "--gpu", "1080", "--strategy", "lora", "--seq-len", "1024", "--gradient-checkpointing", "on",
+              "--micro-batch-size", "4", "--optimizer", "adamw_8bit", "--attention", "eager", "--lora-r", "8",
+              "--lora-targets", "q_proj,v_proj", "--precision", "fp32", "--quantization", "none", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["strategy"], d["seq_len"], d["gradient_checkpointing"], d["micro_batch_size"], d["grad_accum_steps"], d["optimizer"], d["attention"], d["precision"]) == \
+        ("lora", 1024, True, 4, 4, "adamw_8bit", "eager", "fp32")
+    assert d["lora"] == {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_plan_that_does_not_fit_still_prints_the_plan_and_exits_3():
+    r = hfgpu("plan", "meta-llama/Llama-3.1-8B", "--gpu", "GTX 1060 3GB", "--json")
+    assert r.returncode == 3
+    d = json.loads(r.stdout)
+    assert d["fits"] is False and d["memory"]["total"] > d["memory"]["budget"] and d["alternatives"]
+    table = hfgpu("plan", "meta-llama/Llama-3.1-8B", "--gpu", "GTX 1060 3GB")
+    assert table.returncode == 3 and "DOES NOT FIT" in table.stdout and "What fits instead" in table.stdout
+
+
+def test_plan_table_explains_every_knob():
+    r = hfgpu("plan", "Qwen/Qwen2.5-7B", "--gpu", "RTX 3060", "--seq-len", "512")
+    assert r.returncode == 0, r.stderr
+    for word in ("strategy", "qlora", "gradient_checkpointing", "micro_batch_size", "total (peak)", "tokens/s", "ambiguous"):
+        assert word in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "RTX 9999"], "unknown GPU 'RTX 9999'"),
+    (["plan", "nobody/nothing", "--gpu", "4090"], "not in hfgpu's offline catalog"),
+    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--seq-len", "0"], "seq_len=0"),
+    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--micro-batch-size", "0"], "micro_batch_size=0"),
+    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "1080", "--attention", "flash_attention_2"], "flash_attention_2 needs compute capability"),
+    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "2080 Ti", "--precision", "bf16"], "use precision fp16"),
+    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--strategy", "qlora", "--quantization", "none"], "strategy=qlora"),
+    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--gradient-checkpointing", "maybe"], "use on, off or auto"),
+    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--seq-len", "long"], "whole number"),
+    (["fit", "Qwen/Qwen2.5-0.5B", "--tokens", "-5"], "--tokens -5 must be positive"),
+    (["plna", "x"], "invalid choice"),
+])
+def test_user_errors_are_one_line_exit_2_no_traceback(args, needle):
+    r = hfgpu(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_malformed_config_is_a_user_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    r = hfgpu("plan", str(tmp_path), "--gpu", "4090")
+    assert r.returncode == 2 and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gpus_table_and_json():
+    r = hfgpu("gpus")
+    assert r.returncode == 0 and "GeForce RTX 4090" in r.stdout and "GeForce GTX 1080 Ti" in r.stdout
+    cards = json.loads(hfgpu("gpus", "--json").stdout)
+    assert len(cards) == 53 and {"name", "vram_gb", "compute_capability", "msrp_usd"} <= set(cards[0])
+
+
+def test_fit_answers_which_card_to_buy():
+    r = hfgpu("fit", "meta-llama/Llama-3.1-8B", "--seq-len", "1024", "--budget", "600", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    rows = {g["gpu"]: g for g in d["gpus"]}
+    assert rows["GeForce RTX 4090"]["best_strategy"] in ("lora", "qlora") and rows["GeForce RTX 4090"]["hours_estimate"] > 0
+    assert rows["GeForce GTX 1050 Ti"]["best_strategy"] is None
+    assert sum(bool(g["cheapest_for"]) for g in d["gpus"]) >= 1
+    fastest = [g for g in d["gpus"] if g["fastest_within_budget"]]
+    assert len(fastest) == 1 and fastest[0]["launch_price_usd"] <= 600
+    table = hfgpu("fit", "meta-llama/Llama-3.1-8B", "--seq-len", "1024")
+    assert table.returncode == 0 and "cheapest" in table.stdout

@@ -1,0 +1,120 @@
+import pytest
+
+import hfgpu
+from hfgpu.errors import DoesNotFit, HfgpuError
+from hfgpu.gpus import GPU
+
+KEYS = {"model", "gpu", "strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "grad_accum_steps",
+        "seq_len", "optimizer", "attention", "lora", "params_total", "params_trainable", "memory", "fits", "reasons", "warnings",
+        "tokens_per_second_estimate"}
+
+
+def test_small_model_on_a_4090_is_full_fine_tuned_and_explained():
+    p = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090")
+    assert p.fits and p.strategy == "full" and p.precision == "bf16" and p.quantization == "none"
+    assert p.params_trainable == p.params_total == 494032768
+    assert p.micro_batch_size * p.grad_accum_steps == 16
+    d = p.to_dict()
+    assert KEYS <= set(d) and d["gpu"] == {"name": "GeForce RTX 4090", "count": 1, "vram_gb": 24.0, "compute_capability": "8.9"}
+    assert set(d["memory"]) == {"weights", "trainable_state", "activations", "logits", "overhead", "total", "budget"}
+    assert d["memory"]["total"] == sum(d["memory"][k] for k in ("weights", "trainable_state", "activations", "logits", "overhead"))
+    assert d["memory"]["total"] <= d["memory"]["budget"] < 24 * 1024**3
+    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "grad_accum_steps", "seq_len", "optimizer", "attention"):
+        assert d["reasons"][knob]
+    assert d["tokens_per_second_estimate"] > 0
+    text = str(p)
+    assert "FITS" in text and "bf16" in text and "total (peak)" in text
+
+
+@pytest.mark.parametrize("gpu,precision", [("RTX 4090", "bf16"), ("RTX 3060", "bf16"), ("2080 Ti", "fp16"), ("GTX 1080", "fp32"), ("T4", "fp16")])
+def test_precision_follows_the_card(gpu, precision):
+    p = hfgpu.plan_or_closest("HuggingFaceTB/SmolLM2-135M", gpu)
+    assert p.precision == precision and p.attention == "sdpa"
+
+
+def test_pascal_plans_carry_the_torch_install_warning():
+    p = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "1080", strategy="lora")
+    assert any("cu126" in w for w in p.warnings)
+
+
+def test_strategy_descends_with_memory():
+    assert hfgpu.plan("meta-llama/Llama-3.2-1B", "RTX 4090").strategy == "full"
+    assert hfgpu.plan("meta-llama/Llama-3.2-3B", "RTX 4090", seq_len=1024).strategy == "lora"
+    p = hfgpu.plan("mistralai/Mistral-7B-v0.3", "RTX 3060 12GB", seq_len=1024)
+    assert p.strategy == "qlora" and p.quantization == "nf4" and p.fits
+
+
+def test_checkpointing_only_when_needed_and_the_largest_micro_batch():
+    small = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "4090", strategy="lora", seq_len=512)
+    assert not small.gradient_checkpointing and small.micro_batch_size == 16 and small.grad_accum_steps == 1
+    tight = hfgpu.plan("mistralai/Mistral-7B-v0.3", "RTX 3060 12GB", seq_len=2048)
+    assert tight.gradient_checkpointing and "does not fit" in tight.reasons["gradient_checkpointing"]
+
+
+def test_fixed_knobs_are_kept():
+    p = hfgpu.plan("Qwen/Qwen2.5-0.5B", "4090", strategy="lora", micro_batch_size=2, seq_len=512, optimizer="adamw_8bit",
+                   gradient_checkpointing=True, lora_r=8, lora_targets="q_proj,v_proj", attention="eager")
+    assert (p.strategy, p.micro_batch_size, p.grad_accum_steps, p.seq_len, p.optimizer, p.gradient_checkpointing, p.attention) == \
+        ("lora", 2, 8, 512, "adamw_8bit", True, "eager")
+    assert p.lora.r == 8 and p.lora.alpha == 16 and p.lora.target_modules == ("q_proj", "v_proj")
+    assert p.reasons["strategy"] == "fixed by you"
+
+
+def test_more_memory_per_token_means_more_memory():
+    base = dict(strategy="lora", gradient_checkpointing=False, micro_batch_size=1)
+    m = lambda **k: hfgpu.plan_or_closest("meta-llama/Llama-3.2-1B", "4090", **{**base, **k}).memory
+    assert m(seq_len=2048).activations > m(seq_len=1024).activations
+    assert m(seq_len=1024, gradient_checkpointing=True).activations < m(seq_len=1024).activations
+    assert m(seq_len=1024, attention="eager").activations > m(seq_len=1024).activations
+    assert m(seq_len=1024, micro_batch_size=2).logits == pytest.approx(2 * m(seq_len=1024).logits, abs=2)
+
+
+def test_two_cards_split_the_global_batch():
+    p = hfgpu.plan("Qwen/Qwen2.5-0.5B", "2x RTX 3090", strategy="lora", micro_batch_size=2)
+    assert p.gpu.count == 2 and p.grad_accum_steps == 4 and p.global_batch_size == 16
+
+
+def test_custom_memory_card_plans_with_a_warning():
+    p = hfgpu.plan("Qwen/Qwen2.5-0.5B", "12GB")
+    assert p.gpu.vram_gb == 12 and any("compute capability unknown" in w for w in p.warnings)
+    p2 = hfgpu.plan("Qwen/Qwen2.5-0.5B", GPU(name="lab card", vram_gb=16, compute_capability=(7, 5)))
+    assert p2.precision == "fp16"
+
+
+def test_does_not_fit_carries_the_closest_plan_and_alternatives():
+    with pytest.raises(DoesNotFit) as e:
+        hfgpu.plan("meta-llama/Llama-3.1-8B", "GTX 1060 3GB")
+    assert e.value.exit_code == 3
+    closest = e.value.closest
+    assert not closest.fits and closest.strategy == "qlora" and closest.micro_batch_size == 1 and closest.gradient_checkpointing
+    assert any("fits with" in a for a in e.value.alternatives) and "does not fit on" in str(e.value)
+    with pytest.raises(DoesNotFit) as e:
+        hfgpu.plan("Qwen/Qwen2.5-7B", "RTX 4090", strategy="full")
+    assert any("strategy qlora fits" in a or "seq_len" in a for a in e.value.alternatives)
+
+
+@pytest.mark.parametrize("knobs,needle", [
+    (dict(gpu="1080", attention="flash_attention_2"), "flash_attention_2 needs compute capability ≥ 8.0"),
+    (dict(gpu="2080 Ti", precision="bf16"), "use precision fp16"),
+    (dict(gpu="4090", strategy="qlora", quantization="none"), "strategy=qlora quantizes"),
+    (dict(gpu="4090", strategy="full", quantization="nf4"), "strategy=full trains every weight"),
+    (dict(gpu="1080", strategy="lora", quantization="int8"), "LLM.int8"),
+    (dict(gpu="4090", seq_len=0), "seq_len=0 must be"),
+    (dict(gpu="4090", seq_len=10**6), "beyond Qwen/Qwen2.5-0.5B's maximum of 32768"),
+    (dict(gpu="4090", micro_batch_size=0), "micro_batch_size=0"),
+    (dict(gpu="4090", strategy="lorra"), "strategy='lorra' is not one of"),
+    (dict(gpu="4090", lora_targets="q_proj,qq_proj"), "qq_proj not among"),
+    (dict(gpu="4090", lora_dropout=1.5), "lora_dropout=1.5"),
+])
+def test_contradictory_or_bad_knobs_name_the_value_and_the_fix(knobs, needle):
+    gpu = knobs.pop("gpu")
+    with pytest.raises(HfgpuError) as e:
+        hfgpu.plan("Qwen/Qwen2.5-0.5B", gpu, **knobs)
+    assert needle in str(e.value) and "\n" not in str(e.value) and type(e.value) is HfgpuError
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(HfgpuError) as e:
+        hfgpu.plan("Qwen/Qwen2.5-0.5B", "1080", precision="bf16", attention="flash_attention_2", micro_batch_size=0)
+    msg = str(e.value)
+    assert "precision=bf16" in msg and "flash_attention_2" in msg and "micro_batch_size=0" in msg
