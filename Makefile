@@ -1,5 +1,5 @@
 # Two commands from a fresh clone:
-#   make demo   # makes .venv, installs hfgpu, plans a fine-tune of a catalog model for an RTX 3060
+#   make demo   # makes .venv, installs hfgpu, plans a fine-tune of Llama-3.1-8B for an RTX 4090
 #   make test   # makes .venv, installs hfgpu with test extras, runs the test suite
 PY ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ $(BIN)/hfgpu: pyproject.toml
 install: $(BIN)/hfgpu
 
 demo: install
-	$(BIN)/hfgpu plan Qwen/Qwen2.5-7B --gpu "RTX 3060"
+	$(BIN)/hfgpu plan meta-llama/Llama-3.1-8B --gpu "RTX 4090"
 
 test: install
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q
