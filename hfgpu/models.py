@@ -170,13 +170,36 @@ def _cache_dir() -> Path:
     return Path(base) / "specs"
 
 
-def _config_key(config: dict) -> str:
-    try:
-        tf_version = metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        tf_version = "none"
+def _config_key(config: dict, versioned: bool = True) -> str:
+    """A hash of the config (and, for the user cache, of the transformers version that counted it)."""
+    tf_version = "any"
+    if versioned:
+        try:
+            tf_version = metadata.version("transformers")
+        except metadata.PackageNotFoundError:
+            tf_version = "none"
     blob = json.dumps(config, sort_keys=True, default=str) + f"|{tf_version}|{INVENTORY_VERSION}"
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@lru_cache(maxsize=1)
+def shipped_inventories() -> dict:
+    """Inventories of the offline catalog, counted on the meta device by `build_shipped_inventories`
+    (tests recount them with the installed transformers), so catalog plans never import torch."""
+    try:
+        return json.loads(resources.files("hfgpu").joinpath("resources/inventories.json").read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def build_shipped_inventories() -> dict:
+    """Count every catalog model on the meta device; `python -m hfgpu.models` writes the result."""
+    out = {}
+    for repo_id in catalog_models():
+        _, _, config = load_config(repo_id)
+        key = _config_key(config, versioned=False)
+        out[key] = json.loads(json.dumps(_count_on_meta(config)))  # as stored: lists, not tuples
+    return out
 
 
 def _to_pretrained_config(config: dict):
@@ -185,7 +208,8 @@ def _to_pretrained_config(config: dict):
     model_type = config.get("model_type")
     if not model_type:
         raise HfgpuError("config.json has no 'model_type': pass the config of a transformers causal LM")
-    rest = {k: v for k, v in config.items() if k != "model_type"}
+    # a deep copy: transformers rewrites nested dicts (rope_scaling) in place, which would change our cache key
+    rest = {k: v for k, v in json.loads(json.dumps(config)).items() if k != "model_type"}
     try:
         return AutoConfig.for_model(model_type, **rest)
     except (ValueError, KeyError) as e:
@@ -235,6 +259,10 @@ def _inventory(config: dict) -> dict:
     key = _config_key(config)
     if key in _MEMO:
         return _MEMO[key]
+    shipped = shipped_inventories().get(_config_key(config, versioned=False))
+    if shipped is not None:
+        _MEMO[key] = shipped
+        return shipped
     path = _cache_dir() / f"{key}.json"
     inv = None
     if path.is_file():
@@ -309,3 +337,9 @@ def spec_dict(spec: ModelSpec) -> dict:
     d = asdict(spec)
     d.pop("config")
     return d
+
+
+if __name__ == "__main__":
+    target = Path(__file__).parent / "resources" / "inventories.json"
+    target.write_text(json.dumps(build_shipped_inventories(), indent=0, sort_keys=True) + "\n")
+    print(f"wrote {target}")

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from hfgpu.errors import HfgpuError
-from hfgpu.models import catalog_models, model_spec
+from hfgpu.models import _config_key, _count_on_meta, catalog_models, load_config, model_spec, shipped_inventories
 from conftest import ROOT, tiny_llama
 
 PUBLISHED = list(csv.DictReader((ROOT / "tests/published_params.csv").open()))
@@ -20,6 +20,9 @@ def test_parameter_counts_match_published_exactly(row):
     tied = row["tie_word_embeddings"] != "false"
     assert spec.tie_word_embeddings == tied and (spec.lm_head_params == 0) == tied
     assert spec.embedding_params + spec.lm_head_params + spec.linear_params + spec.other_params == spec.params_total
+    # the shipped inventory is what the installed transformers counts on the meta device, now
+    _, _, config = load_config(row["repo_id"])
+    assert shipped_inventories()[_config_key(config, versioned=False)] == json.loads(json.dumps(_count_on_meta(config)))
 
 
 def test_inventory_of_llama_8b():
@@ -63,13 +66,15 @@ def test_catalog_lists_the_reference_configs():
     assert model_spec("Llama-3.1-8B").name == "meta-llama/Llama-3.1-8B"  # bare names work too
 
 
-def test_warm_plan_imports_neither_torch_nor_bitsandbytes_nor_peft(tmp_path):
+def test_plans_import_neither_peft_nor_bitsandbytes_and_warm_plans_not_even_torch(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "model")
     code = (
-        "import sys, hfgpu; hfgpu.plan('Qwen/Qwen2.5-0.5B', '4090');"
+        f"import sys, hfgpu; hfgpu.plan({str(tmp_path / 'model')!r}, '4090'); hfgpu.plan('Qwen/Qwen2.5-7B', '4090', seq_len=256);"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))"
     )
-    env = {"HFGPU_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {"HFGPU_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
-    assert "peft" not in first.stdout and "bitsandbytes" not in first.stdout  # cold: counts on the meta device
+    assert "torch" in first.stdout  # cold: the local model is counted on the meta device
+    assert "peft" not in first.stdout and "bitsandbytes" not in first.stdout
     warm = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     assert warm.stdout.strip() == "[]"
