@@ -82,8 +82,8 @@ def main() -> int:
         local_cold.append(wall([py, "-m", "hfgpu", "plan", str(local), "--gpu", "RTX 4090", "--json"], env, repeat=1))
     local_cold_s = statistics.median(local_cold)
 
-    print(f"plan() first call, Llama-3.1-8B (counts on the meta device): {cold_8b:.3f} s")
-    print(f"plan() first call, 70B-class:                                 {cold_70b:.3f} s")
+    print(f"plan() first call, Llama-3.1-8B (shipped inventory):        {cold_8b:.3f} s")
+    print(f"plan() first call, 70B-class (meta device, imports torch):   {cold_70b:.3f} s")
     print(f"plan() warm, Llama-3.1-8B:  {warm['Llama-3.1-8B']:.4f} s   (target < 0.5 s)")
     print(f"plan() warm, 70B-class:     {warm['70B-class']:.4f} s   (target < 1 s)")
     print(f"python -c 'import torch, transformers':      {baseline:.2f} s   (1.00)")
