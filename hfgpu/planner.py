@@ -287,10 +287,7 @@ def _resolve(spec: ModelSpec, gpu: GPU, knobs: dict) -> dict:
     if errs:
         raise HfgpuError("; ".join(errs))
     k = dict(knobs)
-    if k["attention"] == "auto":
-        k["attention_resolved"] = "sdpa"
-    else:
-        k["attention_resolved"] = k["attention"]
+    k["attention_resolved"] = "sdpa" if k["attention"] == "auto" else k["attention"]
     k["lora_r_resolved"] = 16 if k["lora_r"] == "auto" else k["lora_r"]
     t = k["lora_targets"]
     if t == "auto":
@@ -410,7 +407,7 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
     if k["gradient_checkpointing"] != "auto":
         r["gradient_checkpointing"] = fixed
     elif kn.gradient_checkpointing:
-        r["gradient_checkpointing"] = f"on: without it even micro-batch 1 does not fit; costs ≈ one extra forward pass (~30 % slower)"
+        r["gradient_checkpointing"] = "on: without it even micro-batch 1 does not fit; costs ≈ one extra forward pass (~30 % slower)"
     else:
         r["gradient_checkpointing"] = "off: the run fits without recomputing activations, so no speed is lost"
     if k["micro_batch_size"] != "auto":
