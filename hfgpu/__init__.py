@@ -26,12 +26,18 @@ _EXPORTS = {
     "MemoryBreakdown": "hfgpu.memory",
     "HfgpuError": "hfgpu.errors",
     "DoesNotFit": "hfgpu.errors",
+    "finetune": "hfgpu.finetune",
+    "RunResult": "hfgpu.finetune",
+    "load_recipe": "hfgpu.recipe",
+    "Recipe": "hfgpu.recipe",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from hfgpu.errors import DoesNotFit, HfgpuError
+    from hfgpu.finetune import RunResult, finetune
+    from hfgpu.recipe import Recipe, load_recipe
     from hfgpu.gpus import GPU, get_gpu
     from hfgpu.memory import MemoryBreakdown
     from hfgpu.models import ModelSpec, model_spec

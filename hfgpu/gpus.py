@@ -8,6 +8,7 @@ NVIDIA's CUDA GPU list and whitepapers); every row keeps its `source` column.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -46,6 +47,10 @@ class GPU:
     @property
     def cc(self) -> float | None:
         return None if self.compute_capability is None else self.compute_capability[0] + self.compute_capability[1] / 10
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.architecture == "cpu"
 
     @property
     def is_consumer(self) -> bool:
@@ -154,6 +159,8 @@ def get_gpu(spec: "str | GPU", probe: Probe | None = None) -> GPU:
         return replace(one, count=count, note="; ".join(n for n in (one.note, note) if n))
     if text.lower() == "auto":
         return detect(probe)
+    if text.lower() == "cpu":
+        return cpu_device()
     mem = _CUSTOM_MEM.match(text)
     if mem:
         vram = float(mem.group(1))
@@ -175,6 +182,15 @@ def get_gpu(spec: "str | GPU", probe: Probe | None = None) -> GPU:
             "(`hfgpu gpus` lists the catalog; a card not in it: give its memory, e.g. '12GB')"
         )
     return gpu
+
+
+def cpu_device() -> GPU:
+    """This machine's CPU and RAM, planned like a card (fp32, no CUDA): for CPU runs and tests."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 * GIB
+    return GPU(name="CPU", vram_gb=round(ram / GIB, 1), architecture="cpu", series="CPU", note="CPU run: fp32, no CUDA")
 
 
 def _torch_probe() -> "tuple[str, int, tuple[int, int]] | None":

@@ -97,3 +97,18 @@ def _load(path: str, s: ModelSettings):
     if s.quantization != "none":
         kwargs["quantization_config"] = _bnb_config(s)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer; a missing pad token becomes EOS (padding is masked out of the loss)."""
+    from transformers import AutoTokenizer
+
+    from hfgpu.errors import HfgpuError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise HfgpuError(f"cannot load a tokenizer from {path!r} ({str(e).splitlines()[0][:140]}): pass a model folder or a Hub repo id that has one") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

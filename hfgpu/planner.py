@@ -127,6 +127,8 @@ def _cc(gpu: GPU) -> tuple[int, int]:
 
 
 def _auto_precision(gpu: GPU) -> tuple[str, str]:
+    if gpu.is_cpu:
+        return "fp32", "fp32 on CPU: 16-bit autocast is slower than fp32 on most CPUs"
     cc = _cc(gpu)
     where = f"{gpu.name} is cc {cc[0]}.{cc[1]}"
     if cc >= (8, 0):
@@ -155,6 +157,8 @@ def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
     if k["precision"] == "bf16" and cc is not None and cc < (8, 0):
         errs.append(f"precision=bf16 needs compute capability ≥ 8.0 (RTX 30 series or newer); {gpu.name} is {ccs}: use precision fp16" + (" or fp32" if cc < (7, 0) else ""))
     if k["attention"] == "flash_attention_2":
+        if gpu.is_cpu:
+            errs.append("attention=flash_attention_2 needs a CUDA GPU, not the CPU: use attention sdpa")
         if cc is not None and cc < (8, 0):
             errs.append(f"attention=flash_attention_2 needs compute capability ≥ 8.0; {gpu.name} is {ccs}: use attention sdpa")
         if k["precision"] == "fp32":
@@ -427,6 +431,8 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
     cc = _cc(card)
     if k["attention"] != "auto":
         r["attention"] = fixed
+    elif card.is_cpu:
+        r["attention"] = "sdpa: PyTorch's fused attention, on CPU too"
     elif cc >= (8, 0):
         r["attention"] = "sdpa: PyTorch's fused flash/memory-efficient kernels, no extra package; flash_attention_2 is an option with the flash-attn package"
     else:
@@ -439,7 +445,9 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
 def _warnings(spec, card, kn: _Knobs, mem, accum, global_batch) -> list[str]:
     w = [card.note] if card.note else []
     cc = card.compute_capability
-    if cc is None:
+    if card.is_cpu:
+        pass
+    elif cc is None:
         w.append("compute capability unknown: planned as cc 8.0 (bf16); for a 20-series or older card pass precision fp16 or fp32")
     elif cc < (7, 0):
         w.append(f"{card.architecture} (cc {cc[0]}.{cc[1]}): current torch wheels lack its kernels; use torch ≤ 2.14 built for CUDA 12.6: {PASCAL_TORCH}")

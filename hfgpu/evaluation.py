@@ -1,0 +1,64 @@
+"""Evaluation: eval loss, perplexity and token accuracy over the eval split; task metrics on answers
+generated greedily, through local `evaluate` modules (hfgpu/metrics/, loaded by path: offline-safe)."""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+
+import torch
+
+from hfgpu.data import IGNORE
+
+
+@torch.no_grad()
+def eval_loss(model, loader, accelerator) -> dict[str, float]:
+    """Token-weighted loss over the whole eval set (all processes), its perplexity and top-1 token accuracy."""
+    model.eval()
+    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens, correct
+    for batch in loader:
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        shifted, target = logits[:, :-1], labels[:, 1:]
+        mask = target != IGNORE
+        loss = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        correct = ((shifted.argmax(-1) == target) & mask).sum()
+        totals += torch.stack([loss.double(), mask.sum().double(), correct.double()])
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    loss_sum, tokens, correct = totals.tolist()
+    mean = loss_sum / max(tokens, 1)
+    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50)), "eval_token_accuracy": correct / max(tokens, 1)}
+
+
+def load_metric(name: str):
+    import evaluate
+
+    path = resources.files("hfgpu").joinpath("metrics", name, f"{name}.py")
+    return evaluate.load(str(path))
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> list[str]:
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"].to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train()
+    return answers
+
+
+def task_metrics(model, tokenizer, examples: list[tuple[str, str]], metrics: list[str], max_new_tokens: int, device) -> dict[str, float]:
+    """Generate an answer for each (prompt, reference) and score it with each named local metric."""
+    if not metrics or not examples:
+        return {}
+    predictions = generate_answers(model, tokenizer, [p for p, _ in examples], max_new_tokens, device)
+    references = [r for _, r in examples]
+    scores = {}
+    for name in metrics:
+        for key, value in load_metric(name).compute(predictions=predictions, references=references).items():
+            scores[f"eval_{key}"] = float(value)
+    return scores

@@ -1,0 +1,226 @@
+"""Fine-tune end to end: recipe → plan → data → model → train → outputs.
+
+    accelerate launch -m hfgpu.finetune recipes/demo_cpu.yaml train.epochs=2
+    python -m hfgpu.finetune recipes/demo_cpu.yaml            # one process, no launcher needed
+
+Python: `hfgpu.finetune(hfgpu.load_recipe("recipes/demo_cpu.yaml"))` returns a `RunResult`.
+Outputs in `output_dir`: the adapter (adapter_model.safetensors + adapter_config.json, loadable by
+plain `peft.PeftModel.from_pretrained`) or the full model, the tokenizer, resolved_recipe.yaml,
+plan.json, metrics.jsonl, loss.png.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hfgpu.errors import DoesNotFit, HfgpuError
+from hfgpu.recipe import Recipe, load_recipe, resolve_path
+
+RUN_FILES = ("resolved_recipe.yaml", "plan.json", "metrics.jsonl", "loss.png", "final_metrics.json", "adapter_config.json",
+             "adapter_model.safetensors", "model.safetensors", "config.json", "checkpoints")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics: dict
+    plan: "object"  # hfgpu.planner.Plan
+    seconds: float
+    initial_metrics: dict  # eval metrics before the first step (empty when resumed or without eval data)
+
+
+def plan_for(recipe: Recipe):
+    """The Plan for a recipe: its fixed knobs kept, "auto" ones chosen for its GPU."""
+    from hfgpu.gpus import cpu_device, get_gpu
+    from hfgpu.planner import plan
+
+    gpu = recipe.gpu
+    if gpu.strip().lower() == "auto":
+        try:
+            card = get_gpu("auto")
+        except HfgpuError:
+            card = cpu_device()  # no CUDA here: a CPU run
+    else:
+        card = get_gpu(gpu)
+    return plan(
+        resolve_path(recipe.model), card,
+        strategy=recipe.strategy, precision=recipe.precision, quantization=recipe.quantization,
+        gradient_checkpointing=recipe.gradient_checkpointing, micro_batch_size=recipe.micro_batch_size,
+        global_batch_size=recipe.train.global_batch_size, seq_len=recipe.data.max_seq_len,
+        optimizer=recipe.optimizer, attention=recipe.attention, lora_r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout, lora_targets=recipe.lora.target_modules,
+    )
+
+
+def resolved(recipe: Recipe, p) -> Recipe:
+    """The recipe with every "auto" replaced by the plan's value: what actually ran."""
+    r = recipe.model_copy(deep=True)
+    r.gpu = p.gpu.display_name
+    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer", "attention"):
+        setattr(r, knob, getattr(p, knob))
+    r.data.max_seq_len = p.seq_len
+    if p.lora:
+        r.lora.r, r.lora.alpha, r.lora.target_modules = p.lora.r, p.lora.alpha, list(p.lora.target_modules)
+    return r
+
+
+def check_output_dir(recipe: Recipe) -> Path:
+    """Refuse to overwrite an earlier run unless resume or overwrite is asked; nothing is touched when refusing."""
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise HfgpuError(f"output_dir {str(out)!r} is a file: choose a folder, e.g. output_dir=outputs/run")
+    present = [f for f in RUN_FILES if (out / f).exists()]
+    if not present:
+        return out
+    if recipe.overwrite:
+        return out  # cleared by the main process once the run has started for real
+    if recipe.resume != "never":
+        if (out / "checkpoints").is_dir():
+            return out
+        raise HfgpuError(f"output_dir {str(out)!r} holds a run with no checkpoint to resume: set overwrite=true to replace it, or choose another output_dir")
+    raise HfgpuError(f"output_dir {str(out)!r} already holds a run ({', '.join(present[:3])}): set resume=auto to continue it, overwrite=true to replace it, or choose another output_dir")
+
+
+def _clear(out: Path) -> None:
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def finetune(recipe: Recipe, say=print) -> RunResult:
+    """Run the recipe; returns the output folder, final metrics and the plan."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    from hfgpu.data import prepare_data
+    from hfgpu.modeling import ModelSettings, load_tokenizer, prepare_model
+    from hfgpu.train import LoopConfig, run
+
+    start = time.time()
+    out = check_output_dir(recipe)
+    p = plan_for(recipe)
+    if not p.gpu.is_cpu and not torch.cuda.is_available():
+        raise HfgpuError(f"the recipe plans for {p.gpu.name} but torch sees no CUDA GPU here: run it on that card, or set gpu=cpu")
+    mixed = "no" if p.precision == "fp32" else p.precision
+    accelerator = Accelerator(
+        mixed_precision=mixed, cpu=p.gpu.is_cpu, log_with=None if recipe.report_to == "none" else recipe.report_to,
+        project_dir=str(out), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    main = accelerator.is_main_process
+    speak = say if main else (lambda *a, **k: None)
+    if main:
+        if recipe.overwrite and recipe.resume == "never":
+            _clear(out)
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    speak(str(p))
+    set_seed(recipe.train.seed)
+
+    model_path = resolve_path(recipe.model)
+    tokenizer = load_tokenizer(model_path)
+    with accelerator.main_process_first():
+        data = prepare_data(recipe.data, tokenizer, p.seq_len, p.micro_batch_size)
+    s = data.stats
+    speak(f"data: {s['examples']} examples, {s['too_long']} longer than {p.seq_len} tokens ({recipe.data.too_long}), {s['dropped']} dropped"
+          + (f"; packed into {s['sequences']} sequences, padding {s['padding_before']:.0%} → {s['padding_after']:.0%}" if "sequences" in s else f"; padding {s['padding_before']:.0%}")
+          + (f"; {s['eval_examples']} eval examples" if "eval_examples" in s else ""))
+
+    settings = ModelSettings(
+        strategy=p.strategy, precision=p.precision, quantization=p.quantization, double_quant=p.double_quant,
+        gradient_checkpointing=p.gradient_checkpointing, attention=p.attention,
+        lora_r=p.lora.r if p.lora else 16, lora_alpha=p.lora.alpha if p.lora else 32,
+        lora_dropout=p.lora.dropout if p.lora else 0.0, lora_targets=tuple(p.lora.target_modules) if p.lora else (),
+    )
+    model = prepare_model(model_path, settings, seed=recipe.train.seed)
+    if main:
+        (out / "plan.json").write_text(json.dumps(p.to_dict(), indent=2))
+        (out / "resolved_recipe.yaml").write_text(resolved(recipe, p).to_yaml())
+    if recipe.report_to != "none":
+        accelerator.init_trackers(out.name, config=json.loads(json.dumps(p.to_dict())))
+
+    t = recipe.train
+    loop = LoopConfig(
+        micro_batch_size=p.micro_batch_size, grad_accum_steps=p.grad_accum_steps, optimizer=p.optimizer,
+        learning_rate=t.learning_rate, schedule=t.schedule, warmup=t.warmup, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, epochs=t.epochs, max_steps=t.max_steps, seed=t.seed, eval_every=t.eval_every,
+        save_every=t.save_every, keep_last=t.keep_last, log_every=t.log_every,
+        early_stopping_patience=t.early_stopping.patience if t.early_stopping else None,
+        early_stopping_min_delta=t.early_stopping.min_delta if t.early_stopping else 0.0,
+        metrics=list(recipe.eval.metrics), max_new_tokens=recipe.eval.max_new_tokens, max_eval_examples=recipe.eval.max_examples,
+        resume=recipe.resume,
+    )
+    result = run(accelerator, model, tokenizer, data, loop, out, say=speak)
+    accelerator.wait_for_everyone()
+    metrics = result["metrics"]
+    if main:
+        trained = accelerator.unwrap_model(result["model"])
+        trained.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        (out / "final_metrics.json").write_text(json.dumps({"before": result["initial_metrics"], "after": metrics}, indent=2))
+    if recipe.report_to != "none":
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    seconds = time.time() - start
+    what = "adapter (adapter_model.safetensors + adapter_config.json)" if p.lora else "model (model.safetensors + config.json)"
+    before = result["initial_metrics"]
+    shown = ", ".join(f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    speak(f"done in {seconds:.0f} s, {metrics.get('steps')} steps; before → after training: {shown}")
+    speak(f"{what}, tokenizer, plan.json, resolved_recipe.yaml, metrics.jsonl and loss.png are in {out}/")
+    return RunResult(output_dir=out, metrics=metrics, plan=p, seconds=seconds, initial_metrics=before)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if args else 2
+    try:
+        recipe = load_recipe(args[0], args[1:])
+        finetune(recipe)
+        return 0
+    except DoesNotFit as e:
+        print(f"hfgpu: does not fit: {e}", file=sys.stderr)
+        return 3
+    except HfgpuError as e:
+        print(f"hfgpu: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hfgpu: interrupted; run again with resume=auto to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

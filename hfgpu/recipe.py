@@ -1,0 +1,216 @@
+"""Recipes: the YAML that describes a fine-tuning run, validated by a schema that is its documentation.
+
+    recipe = load_recipe("recipes/demo_cpu.yaml", ["train.epochs=2", "data.path=my.jsonl"])
+
+Every knob the planner can choose may be "auto". Unknown keys get a "did you mean"; every problem is
+reported at once, in one line. Paths are relative to the working directory; `hfgpu:` names a file
+that ships inside the package (`hfgpu:demo/model`).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hfgpu._fuzzy import did_you_mean
+from hfgpu.errors import HfgpuError
+
+Auto = Literal["auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    path: str = Field(description="local json/jsonl/csv/parquet/txt file or folder, or a Hub dataset id")
+    format: Literal["text", "alpaca", "prompt_completion", "chat"] = Field("alpaca", description="how rows become prompts and completions")
+    columns: dict[str, str] = Field(default_factory=dict, description="rename the format's fields, e.g. {output: answer}")
+    split: str = Field("train", description="split of a Hub dataset (or of the local file) to train on")
+    eval_split: str | None = Field(None, description="split to evaluate on (Hub datasets)")
+    eval_path: str | None = Field(None, description="a separate local file to evaluate on")
+    max_seq_len: int | Auto = Field("auto", description="tokens per sequence; auto: the plan's seq_len")
+    packing: bool = Field(False, description="several examples per sequence (position_ids keep them apart): less padding, faster")
+    train_on_prompt: bool = Field(False, description="also learn the prompt tokens (instruction and chat formats)")
+    too_long: Literal["truncate", "drop"] = Field("truncate", description="what to do with examples longer than max_seq_len")
+    chat_template: str | None = Field(None, description="a Jinja chat template, when the tokenizer has none")
+
+
+class EarlyStopping(_Strict):
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="smallest eval-loss decrease that counts as improvement")
+
+
+class TrainConfig(_Strict):
+    epochs: float | None = Field(1, gt=0, description="passes over the data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.03, ge=0, description="warm-up: a fraction of the steps (< 1) or a number of steps (≥ 1)")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null to disable")
+    global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step, across all processes")
+    seed: int = 0
+    eval_every: int | None = Field(None, ge=1, description="evaluate every N steps (and at the end); null: only at the end")
+    save_every: int | None = Field(None, ge=1, description="checkpoint every N steps; null: no intermediate checkpoints")
+    keep_last: int = Field(2, ge=1, description="checkpoints to keep")
+    early_stopping: EarlyStopping | None = None
+    log_every: int = Field(10, ge=1, description="log the training loss every N steps")
+
+
+class LoraConfig(_Strict):
+    r: int | Auto = Field("auto", description="rank: higher learns more, costs more memory (auto: 16)")
+    alpha: int | Auto = Field("auto", description="scaling; auto: 2r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Auto = Field("auto", description="linear layer names; auto: every linear layer")
+
+
+class EvalConfig(_Strict):
+    metrics: list[Literal["exact_match", "accuracy"]] = Field(default_factory=list, description="task metrics on generated answers")
+    max_new_tokens: int = Field(32, ge=1)
+    max_examples: int | None = Field(200, ge=1, description="eval examples to generate for task metrics")
+
+
+class HubConfig(_Strict):
+    repo_id: str | None = None
+    private: bool = True
+
+
+class Recipe(_Strict):
+    model: str = Field(description="Hub repo id or local folder of the base model")
+    gpu: str = Field("auto", description="card to plan for: a catalog name, '12GB', 'cpu', or auto (this machine)")
+    strategy: Literal["auto", "full", "lora", "qlora"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    quantization: Literal["auto", "none", "nf4", "fp4", "int8"] = "auto"
+    gradient_checkpointing: bool | Auto = "auto"
+    micro_batch_size: int | Auto = "auto"
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "auto"
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = Field("outputs/run", description="where the adapter, logs and checkpoints go")
+    overwrite: bool = Field(False, description="replace an earlier run in output_dir")
+    resume: Literal["never", "auto"] | str = Field("never", description="auto: continue from the newest complete checkpoint; or a checkpoint path")
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    hub: HubConfig = Field(default_factory=HubConfig)
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive(cls, v: Union[int, str]) -> Union[int, str]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be ≥ 1 or auto")
+        return v
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def resolve_path(path: str) -> str:
+    """`hfgpu:demo/model` → the file inside the installed package; anything else unchanged."""
+    if path.startswith("hfgpu:"):
+        return str(resources.files("hfgpu").joinpath("resources", path[len("hfgpu:"):]))
+    return path
+
+
+# --- loading, overrides, errors --------------------------------------------------------------------
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "list[str]", "dict[str,str]", "EarlyStopping"}
+
+
+def _describe(err: dict, raw: dict) -> str:
+    loc = ".".join(str(x) for x in err["loc"] if str(x) not in _TYPE_TAGS and not str(x).startswith(("function-", "literal[")))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent: Any = Recipe
+        for part in err["loc"][:-1]:
+            ann = parent.model_fields.get(str(part)) if isinstance(parent, type) and issubclass(parent, BaseModel) else None
+            parent = _submodel(ann.annotation) if ann else None
+        names = _fields(parent) if parent else []
+        hint = did_you_mean(str(err["loc"][-1]), names, n=1, cutoff=0.5) if names else ""
+        return f"{loc}: unknown key" + (f"; {hint}" if hint else f" (known: {', '.join(names)})")
+    if kind == "missing":
+        return f"{loc}: required, but missing"
+    value = err.get("input")
+    msg = err["msg"].replace("Value error, ", "")
+    if kind == "literal_error":
+        msg = msg.replace("Input should be", "must be")
+    return f"{loc}={value!r}: {msg[0].lower() + msg[1:]}" if value is not None and not isinstance(value, dict) else f"{loc}: {msg}"
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _dedupe(messages: list[str]) -> list[str]:
+    # A union type (int | "auto") reports one error per member; keep one line per field.
+    seen, out = set(), []
+    for m in messages:
+        key = m.split(":", 1)[0].split("=", 1)[0]
+        if key not in seen:
+            seen.add(key)
+            out.append(m)
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Dotted `key=value` overrides (values parsed as YAML scalars: 2, 1e-4, true, null, [a, b])."""
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r} is not key=value (e.g. train.epochs=2)")
+            continue
+        key, value = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = parsed
+    if problems:
+        raise HfgpuError("; ".join(problems))
+    return raw
+
+
+def validate_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise HfgpuError(f"{source} must be a YAML mapping of keys to values (model:, data:, train: …), not {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = _dedupe([_describe(err, raw) for err in e.errors()])
+        raise HfgpuError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    p = Path(resolve_path(str(path)))
+    if not p.is_file():
+        raise HfgpuError(f"recipe {str(path)!r} not found: pass the path of a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise HfgpuError(f"recipe {str(path)!r} is not valid YAML{where}: fix the file") from None
+    raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides or []) if isinstance(raw, dict) or not raw else raw
+    return validate_recipe(raw, str(path))

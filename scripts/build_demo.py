@@ -1,0 +1,85 @@
+"""Build the embedded demo: a byte-level BPE tokenizer, a tiny random-init Llama and a small data set.
+
+    python scripts/build_demo.py      # writes hfgpu/resources/demo/ (committed; ~1 MB)
+
+The task: answer "what is the capital of X?" for 30 countries. Training uses four phrasings of the
+question; the eval split uses a fifth phrasing the model never sees, so exact match on it measures
+whether the fine-tune learned the task rather than the strings. Before fine-tuning the model
+answers nothing correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+OUT = Path(__file__).resolve().parents[1] / "hfgpu" / "resources" / "demo"
+
+CAPITALS = [
+    ("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Cuba", "Havana"),
+    ("Greece", "Athens"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Austria", "Vienna"),
+    ("Ireland", "Dublin"), ("Portugal", "Lisbon"), ("Russia", "Moscow"), ("China", "Beijing"), ("India", "New Delhi"),
+    ("Canada", "Ottawa"), ("Mexico", "Mexico City"), ("Brazil", "Brasilia"), ("Turkey", "Ankara"), ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"), ("Nepal", "Kathmandu"), ("Ghana", "Accra"), ("Mali", "Bamako"), ("Fiji", "Suva"),
+]
+TRAIN_PHRASINGS = ["What is the capital of {}?", "Name the capital city of {}.", "Which city is the capital of {}?", "{} has its capital in which city?"]
+EVAL_PHRASINGS = ["Tell me the capital of {}."]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def rows(phrasings):
+    return [{"instruction": p.format(country), "input": "", "output": capital} for country, capital in CAPITALS for p in phrasings]
+
+
+def main() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    random.seed(0)
+    OUT.mkdir(parents=True, exist_ok=True)
+    train, evals = rows(TRAIN_PHRASINGS), rows(EVAL_PHRASINGS)
+    random.shuffle(train)
+    for name, data in (("capitals_train.jsonl", train), ("capitals_eval.jsonl", evals)):
+        (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in data))
+
+    # The tokenizer learns from the examples as training renders them (the Alpaca template of
+    # hfgpu.data) and as chat turns, so prompts are a few dozen tokens, not hundreds of characters.
+    from hfgpu.data import ALPACA, ALPACA_INPUT
+
+    corpus = [ALPACA.format(instruction=r["instruction"]) + r["output"] for r in train + evals]
+    corpus += [ALPACA_INPUT.format(instruction=r["instruction"], input=r["output"]) for r in train[:20]]
+    corpus += [f"<|user|>\n{r['instruction']}</s>\n<|assistant|>\n{r['output']}</s>\n" for r in train + evals]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model_dir = OUT / "model"
+    tokenizer.save_pretrained(model_dir)
+
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(model_dir)
+    print(f"wrote {OUT}: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tokenizer)}, "
+          f"{len(train)} train / {len(evals)} eval examples")
+
+
+if __name__ == "__main__":
+    main()
