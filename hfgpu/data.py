@@ -59,6 +59,8 @@ def load_rows(path: str, split: str = "train"):
             builder = EXTENSIONS.get(local.suffix.lower())
             if builder is None:
                 raise HfgpuError(f"data file {path!r} has extension {local.suffix!r}: use one of {', '.join(EXTENSIONS)}")
+            if local.stat().st_size == 0:
+                raise HfgpuError(f"data {path!r} has no rows: add examples or point data.path at another file")
             ds = datasets.load_dataset(builder, data_files={"train": str(local)}, split="train")
         elif local.is_dir():
             ds = datasets.load_dataset(str(local), split=split)
@@ -69,7 +71,8 @@ def load_rows(path: str, split: str = "train"):
     except HfgpuError:
         raise
     except Exception as e:  # datasets raises many types: missing split, offline, parse errors
-        raise HfgpuError(f"could not load data {path!r} (split {split!r}): {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise HfgpuError(f"could not load data {path!r} (split {split!r}): {type(e).__name__}: {detail}") from None
     if len(ds) == 0:
         raise HfgpuError(f"data {path!r} has no rows: add examples or point data.path at another file")
     return ds

@@ -32,6 +32,7 @@ class RunResult:
     plan: "object"  # hfgpu.planner.Plan
     seconds: float
     initial_metrics: dict  # eval metrics before the first step (empty when resumed or without eval data)
+    model: "object" = None  # the trained model (a PeftModel for LoRA/QLoRA), unwrapped
 
 
 def plan_for(recipe: Recipe):
@@ -199,7 +200,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     shown = ", ".join(f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     speak(f"done in {seconds:.0f} s, {metrics.get('steps')} steps; before → after training: {shown}")
     speak(f"{what}, tokenizer, plan.json, resolved_recipe.yaml, metrics.jsonl and loss.png are in {out}/")
-    return RunResult(output_dir=out, metrics=metrics, plan=p, seconds=seconds, initial_metrics=before)
+    return RunResult(output_dir=out, metrics=metrics, plan=p, seconds=seconds, initial_metrics=before, model=accelerator.unwrap_model(result["model"]))
 
 
 def main(argv: list[str] | None = None) -> int:
