@@ -154,7 +154,9 @@ def load_config(model: Any) -> tuple[str, str, dict]:
         repo_id = entry[: -len(".json")].replace("__", "/")
         raw = resources.files("hfgpu").joinpath("resources/configs", entry).read_text(encoding="utf-8")
         return repo_id, "catalog", json.loads(raw)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise HfgpuError(f"model path {text!r} not found: pass an existing folder with config.json, or a Hub repo id (owner/name)")
+    if text.count("/") == 1:
         return text, "hub", _hub_config(text)
     raise HfgpuError(
         f"model {text!r} is neither a local folder nor a Hub repo id (owner/name): "

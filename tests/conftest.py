@@ -19,7 +19,7 @@ def tiny_llama(**overrides):
     """A small Llama config (2 layers, hidden 64 unless overridden)."""
     from transformers import LlamaConfig
 
-    base = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+    base = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
     return LlamaConfig(**{**base, **overrides})
 

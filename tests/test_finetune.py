@@ -1,0 +1,195 @@
+"""Real fine-tuning runs on CPU with a tiny model: loss falls, outputs load with plain peft, resume is exact."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hfgpu.finetune import finetune
+from hfgpu.recipe import validate_recipe
+from conftest import DEMO, ROOT, recipe_dict
+
+
+def run(model_dir, out, **over):
+    return finetune(validate_recipe(recipe_dict(model_dir, out, **over)), say=lambda *a, **k: None)
+
+
+def test_lora_run_lowers_eval_loss_and_the_adapter_loads_with_plain_peft(tiny_model_dir, tmp_path):
+    res = run(tiny_model_dir, tmp_path / "lora", train={"max_steps": 20})
+    out = res.output_dir
+    assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"] - 0.2
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "resolved_recipe.yaml", "plan.json", "metrics.jsonl", "loss.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 21))
+    assert lines[0]["step"] == 0 and "eval_loss" in lines[0] and "eval_loss" in lines[-1]
+    resolved = (out / "resolved_recipe.yaml").read_text()
+    assert "strategy: lora" in resolved and "auto" not in resolved.split("data:")[0]
+    assert json.loads((out / "plan.json").read_text())["strategy"] == "lora"
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    trained = res.model.eval()
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_demo_recipe_learns_the_task(tmp_path):
+    from hfgpu.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes/demo_cpu.yaml", [f"output_dir={tmp_path / 'demo'}", "train.eval_every=null"])
+    res = finetune(r, say=lambda *a, **k: None)
+    assert res.initial_metrics["eval_exact_match"] == 0.0
+    assert res.metrics["eval_exact_match"] >= 0.8
+    assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"] - 1.0
+
+
+def test_full_fine_tuning_saves_a_model(tiny_model_dir, tmp_path):
+    res = run(tiny_model_dir, tmp_path / "full", strategy="full", train={"max_steps": 10, "learning_rate": 1e-3})
+    assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"]
+    assert (res.output_dir / "model.safetensors").is_file() and not (res.output_dir / "adapter_config.json").exists()
+    assert res.plan.params_trainable == res.plan.params_total
+
+
+def test_qlora_trains_on_cpu_with_a_4bit_base(tiny_model_dir, tmp_path):
+    res = run(tiny_model_dir, tmp_path / "qlora", strategy="qlora", train={"max_steps": 12})
+    assert res.plan.quantization == "nf4"
+    assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"]
+    assert type(res.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert (res.output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_packing_run(tiny_model_dir, tmp_path):
+    res = run(tiny_model_dir, tmp_path / "packed", data={"packing": True, "max_seq_len": 256}, train={"max_steps": 6})
+    assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    common = dict(train={"max_steps": 8, "save_every": 4, "keep_last": 5}, lora={"r": 8, "dropout": 0.1})
+    whole = run(tiny_model_dir, tmp_path / "whole", **common)
+    ckpt = whole.output_dir / "checkpoints" / "step-0000004"
+    assert (ckpt / "state.json").is_file()
+    # a second run that starts from the step-4 checkpoint, as after a crash
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(whole.output_dir / "checkpoints", resumed_dir / "checkpoints")
+    (resumed_dir / "checkpoints" / "step-0000008").exists() and shutil.rmtree(resumed_dir / "checkpoints" / "step-0000008")
+    resumed = run(tiny_model_dir, resumed_dir, resume="auto", **common)
+    a = load_file(str(whole.output_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.output_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda d: [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses(resumed.output_dir) == losses(whole.output_dir)[4:]
+
+
+def test_incomplete_checkpoints_are_ignored_and_removed(tiny_model_dir, tmp_path):
+    first = run(tiny_model_dir, tmp_path / "run", train={"max_steps": 6, "save_every": 2, "keep_last": 3})
+    ckpts = first.output_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000004"]
+    # a crash mid-save leaves a .tmp folder, or a folder without state.json
+    (ckpts / "step-0000006.tmp").mkdir()
+    (ckpts / "step-0000006.tmp" / "trainable.safetensors").write_bytes(b"half")
+    shutil.copytree(ckpts / "step-0000004", ckpts / "step-0000005")
+    (ckpts / "step-0000005" / "state.json").unlink()
+    said = []
+    finetune(validate_recipe(recipe_dict(tiny_model_dir, first.output_dir, resume="auto", train={"max_steps": 6, "save_every": 2, "keep_last": 3})), say=said.append)
+    assert any("resumed from" in s and "step-0000004" in s for s in said)
+    assert not (ckpts / "step-0000006.tmp").exists() and not (ckpts / "step-0000005").exists()
+
+
+def test_oom_halves_the_micro_batch_and_goes_on(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    real = modeling_llama.LlamaForCausalLM.forward
+
+    def small_batches_only(self, *args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", small_batches_only)
+    said = []
+    res = finetune(validate_recipe(recipe_dict(tiny_model_dir, tmp_path / "oom", micro_batch_size=8, data={"eval_path": None},
+                                               train={"max_steps": 4})), say=said.append)
+    assert res.metrics["steps"] == 4
+    assert [s for s in said if "out of memory" in s] == [
+        "CUDA out of memory: micro-batch 4, accumulation ×2 (same global batch); going on",
+        "CUDA out of memory: micro-batch 2, accumulation ×4 (same global batch); going on",
+    ]
+    events = [json.loads(line) for line in (res.output_dir / "metrics.jsonl").read_text().splitlines() if "oom_backoff" in line]
+    assert [e["micro_batch_size"] for e in events] == [4, 2]
+
+
+def _cli(args, cwd=ROOT, launcher=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = (launcher or [sys.executable]) + ["-m", "hfgpu.finetune", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def _write_recipe(path, model_dir, out, **over):
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe_dict(model_dir, out, **over)))
+    return path
+
+
+def test_accelerate_launch_runs_the_module(tiny_model_dir, tmp_path):
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "out", train={"max_steps": 3})
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    r = _cli([str(recipe), "train.max_steps=4"], launcher=[accelerate, "launch", "--cpu", "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert "adapter" in r.stdout and str(tmp_path / "out") in r.stdout
+    assert json.loads((tmp_path / "out" / "final_metrics.json").read_text())["after"]["steps"] == 4
+
+
+def test_two_process_cpu_run(tiny_model_dir, tmp_path):
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "ddp", train={"max_steps": 3, "save_every": 2})
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    r = _cli([str(recipe)], launcher=[accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "ddp"
+    assert (out / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints" / "step-0000002").iterdir()) == ["optimizer.pt", "rng-0.pt", "rng-1.pt", "scheduler.pt", "state.json", "trainable.safetensors"]
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"data": {"path": "nowhere.jsonl"}}, "data file 'nowhere.jsonl' not found"),
+    ({"data": {"format": "prompt_completion"}}, "has no column 'prompt', 'completion'"),
+    ({"model": "/no/such/model"}, "model path '/no/such/model' not found"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, over, needle):
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "bad", **over)
+    r = _cli([str(recipe)])
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("hfgpu:")]
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in r.stderr
+
+
+def test_typo_and_wrong_type_in_overrides(tiny_model_dir, tmp_path):
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "x")
+    r = _cli([str(recipe), "train.learning_rat=1e-4", "train.max_steps=many"])
+    assert r.returncode == 2 and "did you mean 'learning_rate'" in r.stderr and "train.max_steps='many'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_earlier_run_is_never_overwritten_without_asking(tiny_model_dir, tmp_path):
+    first = run(tiny_model_dir, tmp_path / "keep", train={"max_steps": 2})
+    before = {p.name: p.read_bytes() for p in first.output_dir.iterdir() if p.is_file()}
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, first.output_dir, train={"max_steps": 2})
+    r = _cli([str(recipe)])
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "overwrite=true" in r.stderr
+    assert {p.name: p.read_bytes() for p in first.output_dir.iterdir() if p.is_file()} == before
+    r = _cli([str(recipe), "resume=auto"])
+    assert r.returncode == 2 and "no checkpoint to resume" in r.stderr
+    r = _cli([str(recipe), "overwrite=true"])
+    assert r.returncode == 0, r.stderr[-2000:]
