@@ -1,5 +1,5 @@
 # Two commands from a fresh clone:
-#   make demo   # makes .venv, installs hfgpu, plans a fine-tune of Llama-3.1-8B for an RTX 4090
+#   make demo   # makes .venv, installs hfgpu, fine-tunes the embedded tiny model on CPU (~1 minute)
 #   make test   # makes .venv, installs hfgpu with test extras, runs the test suite
 PY ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ $(BIN)/hfgpu: pyproject.toml
 install: $(BIN)/hfgpu
 
 demo: install
-	$(BIN)/hfgpu plan meta-llama/Llama-3.1-8B --gpu "RTX 4090"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m hfgpu.finetune recipes/demo_cpu.yaml
 
 test: install
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q

@@ -15,6 +15,7 @@ import json
 import shutil
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +199,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     what = "adapter (adapter_model.safetensors + adapter_config.json)" if p.lora else "model (model.safetensors + config.json)"
     before = result["initial_metrics"]
     shown = ", ".join(f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    speak(f"done in {seconds:.0f} s, {metrics.get('steps')} steps; before → after training: {shown}")
+    speak(f"done in {seconds:.0f} s, {metrics.get('steps')} steps" + (f"; before → after training: {shown}" if shown else " (no eval data: set data.eval_path to measure)"))
     speak(f"{what}, tokenizer, plan.json, resolved_recipe.yaml, metrics.jsonl and loss.png are in {out}/")
     return RunResult(output_dir=out, metrics=metrics, plan=p, seconds=seconds, initial_metrics=before, model=accelerator.unwrap_model(result["model"]))
 
@@ -222,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         print("hfgpu: interrupted; run again with resume=auto to continue from the last checkpoint", file=sys.stderr)
         return 130
 
+
+class _CallableModule(types.ModuleType):
+    """`import hfgpu.finetune` binds the package attribute to this module; keep `hfgpu.finetune(recipe)` working."""
+
+    def __call__(self, recipe: Recipe, say=print) -> RunResult:
+        return finetune(recipe, say=say)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -193,3 +193,11 @@ def test_an_earlier_run_is_never_overwritten_without_asking(tiny_model_dir, tmp_
     assert r.returncode == 2 and "no checkpoint to resume" in r.stderr
     r = _cli([str(recipe), "overwrite=true"])
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_python_api_works_after_the_module_is_imported(tmp_path):
+    import hfgpu
+    import hfgpu.finetune  # binds hfgpu.finetune to the module: it must stay callable
+
+    r = hfgpu.finetune(hfgpu.load_recipe(ROOT / "recipes/demo_cpu.yaml", [f"output_dir={tmp_path / 'api'}", "train.max_steps=3", "eval.metrics=[]"]), say=lambda *a, **k: None)
+    assert r.metrics["steps"] == 3 and (r.output_dir / "adapter_model.safetensors").is_file() and r.plan.strategy == "lora"
