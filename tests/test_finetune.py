@@ -201,3 +201,12 @@ def test_python_api_works_after_the_module_is_imported(tmp_path):
 
     r = hfgpu.finetune(hfgpu.load_recipe(ROOT / "recipes/demo_cpu.yaml", [f"output_dir={tmp_path / 'api'}", "train.max_steps=3", "eval.metrics=[]"]), say=lambda *a, **k: None)
     assert r.metrics["steps"] == 3 and (r.output_dir / "adapter_model.safetensors").is_file() and r.plan.strategy == "lora"
+
+
+def test_early_stopping_on_eval_loss(tiny_model_dir, tmp_path):
+    said = []
+    r = recipe_dict(tiny_model_dir, tmp_path / "early", train={"max_steps": 20, "eval_every": 1, "learning_rate": 1e-9,
+                                                              "early_stopping": {"patience": 2, "min_delta": 1.0}})
+    res = finetune(validate_recipe(r), say=said.append)
+    assert res.metrics["stopped_early"] is True and res.metrics["steps"] == 3
+    assert any("early stopping at step 3" in s for s in said)
