@@ -12,6 +12,7 @@ plan.json, metrics.jsonl, loss.png.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -36,8 +37,21 @@ class RunResult:
     model: "object" = None  # the trained model (a PeftModel for LoRA/QLoRA), unwrapped
 
 
+def launch_env() -> tuple[int, str]:
+    """(processes, distributed mode) as `accelerate launch` / torchrun set them in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    on = lambda name: os.environ.get(name, "").lower() in ("1", "true", "yes")
+    if on("ACCELERATE_USE_FSDP"):
+        return world, "fsdp"
+    if on("ACCELERATE_USE_DEEPSPEED"):
+        return world, "zero3" if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else "zero2"
+    return world, "ddp" if world > 1 else "none"
+
+
 def plan_for(recipe: Recipe):
-    """The Plan for a recipe: its fixed knobs kept, "auto" ones chosen for its GPU."""
+    """The Plan for a recipe: its fixed knobs kept, "auto" ones chosen for its GPU and launch."""
+    from dataclasses import replace
+
     from hfgpu.gpus import cpu_device, get_gpu
     from hfgpu.planner import plan
 
@@ -49,6 +63,9 @@ def plan_for(recipe: Recipe):
             card = cpu_device()  # no CUDA here: a CPU run
     else:
         card = get_gpu(gpu)
+    world, mode = launch_env()
+    if world > 1 and card.count == 1:
+        card = replace(card, count=world)
     return plan(
         resolve_path(recipe.model), card,
         strategy=recipe.strategy, precision=recipe.precision, quantization=recipe.quantization,
@@ -56,6 +73,7 @@ def plan_for(recipe: Recipe):
         global_batch_size=recipe.train.global_batch_size, seq_len=recipe.data.max_seq_len,
         optimizer=recipe.optimizer, attention=recipe.attention, lora_r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout, lora_targets=recipe.lora.target_modules,
+        distributed=mode if recipe.distributed == "auto" else recipe.distributed,
     )
 
 
@@ -63,7 +81,7 @@ def resolved(recipe: Recipe, p) -> Recipe:
     """The recipe with every "auto" replaced by the plan's value: what actually ran."""
     r = recipe.model_copy(deep=True)
     r.gpu = p.gpu.display_name
-    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer", "attention"):
+    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer", "attention", "distributed"):
         setattr(r, knob, getattr(p, knob))
     r.data.max_seq_len = p.seq_len
     if p.lora:
@@ -161,7 +179,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
 
     settings = ModelSettings(
         strategy=p.strategy, precision=p.precision, quantization=p.quantization, double_quant=p.double_quant,
-        gradient_checkpointing=p.gradient_checkpointing, attention=p.attention,
+        gradient_checkpointing=p.gradient_checkpointing, attention=p.attention, shard_quantized=p.distributed in ("fsdp", "zero3"),
         lora_r=p.lora.r if p.lora else 16, lora_alpha=p.lora.alpha if p.lora else 32,
         lora_dropout=p.lora.dropout if p.lora else 0.0, lora_targets=tuple(p.lora.target_modules) if p.lora else (),
     )

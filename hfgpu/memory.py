@@ -91,6 +91,8 @@ class Setup:
     attention: str  # sdpa | eager | flash_attention_2
     lora_r: int
     lora_targets: tuple[str, ...]  # resolved names; every Linear except lm_head by default
+    distributed: str = "none"  # none | ddp | fsdp | zero2 | zero3
+    world_size: int = 1  # processes (one per card)
 
 
 # --- exact components --------------------------------------------------------------------------------
@@ -240,12 +242,38 @@ def budget_bytes(vram_bytes: int) -> int:
     return int(vram_bytes * (1 - COEFFICIENTS["headroom"]))
 
 
+SHARDED_WEIGHTS = ("fsdp", "zero3")  # parameters, gradients and optimizer state sharded across processes
+SHARDED_STATE = ("fsdp", "zero2", "zero3")  # gradients and optimizer state sharded
+
+
+def per_process(spec: ModelSpec, s: Setup) -> tuple[int, int]:
+    """(weights, trainable state) held by one process under the distributed mode.
+
+    - ddp: everything replicated; DDP's gradient buckets hold a second copy of the gradients.
+    - zero2: weights replicated; gradients and optimizer state split N ways.
+    - fsdp / zero3 (full sharding): weights, gradients and optimizer state split N ways, plus one
+      decoder layer's weights gathered whole while it runs (forward, and again in backward).
+    """
+    weights, state = weight_bytes(spec, s), trainable_state_bytes(spec, s)
+    n = max(1, s.world_size)
+    if s.distributed == "ddp" and n > 1:
+        grads = 4 * trainable_params(spec, s)
+        return weights, state + grads
+    if s.distributed in SHARDED_STATE and n > 1:
+        state = math.ceil(state / n)
+    if s.distributed in SHARDED_WEIGHTS and n > 1:
+        layer = weights // max(spec.num_layers, 1)  # one layer's share of the stored weights, gathered
+        weights = math.ceil(weights / n) + layer
+    return weights, state
+
+
 def breakdown(spec: ModelSpec, s: Setup, vram_bytes: int) -> MemoryBreakdown:
     act = activation_bytes(spec, s)
     logits = logits_bytes(spec, s)
+    weights, state = per_process(spec, s)
     return MemoryBreakdown(
-        weights=weight_bytes(spec, s),
-        trainable_state=trainable_state_bytes(spec, s),
+        weights=weights,
+        trainable_state=state,
         activations=act,
         logits=logits,
         overhead=overhead_bytes(act, logits),

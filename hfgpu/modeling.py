@@ -29,6 +29,7 @@ class ModelSettings:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ()  # empty: every Linear except lm_head
+    shard_quantized: bool = False  # FSDP / ZeRO-3: store 4-bit weights in the compute dtype so they shard
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -42,11 +43,13 @@ def _bnb_config(s: ModelSettings):
 
     if s.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    extra = {"bnb_4bit_quant_storage": DTYPES[s.precision]} if s.shard_quantized else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=s.quantization,
         bnb_4bit_use_double_quant=s.double_quant,
         bnb_4bit_compute_dtype=DTYPES[s.precision],
+        **extra,
     )
 
 

@@ -23,6 +23,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+DISTRIBUTED = ("none", "ddp", "fsdp", "zero2", "zero3")
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step
 DEFAULT_MAX_SEQ_LEN = 2048
 
@@ -62,11 +63,12 @@ class Plan:
     optimizer: str
     attention: str
     lora: LoraSettings | None
-    memory: memory.MemoryBreakdown
+    memory: memory.MemoryBreakdown  # per process (one per card)
     params_trainable: int
     reasons: dict[str, str]
     warnings: tuple[str, ...]
     tokens_per_second_estimate: float | None
+    distributed: str = "none"
 
     @property
     def fits(self) -> bool:
@@ -101,6 +103,8 @@ class Plan:
             "seq_len": self.seq_len,
             "optimizer": self.optimizer,
             "attention": self.attention,
+            "distributed": self.distributed,
+            "world_size": self.gpu.count,
             "lora": self.lora.to_dict() if self.lora else None,
             "params_total": self.params_total,
             "params_trainable": self.params_trainable,
@@ -152,6 +156,9 @@ def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
     choice("quantization", QUANTIZATIONS)
     choice("optimizer", OPTIMIZERS)
     choice("attention", ATTENTIONS)
+    choice("distributed", DISTRIBUTED)
+    if k["distributed"] not in ("auto", "none") and gpu.count < 2:
+        errs.append(f"distributed={k['distributed']} needs several cards: pass the count with the card, e.g. gpu '2x {gpu.name}'")
     cc = gpu.compute_capability
     ccs = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
     if k["precision"] == "bf16" and cc is not None and cc < (8, 0):
@@ -245,6 +252,8 @@ def _setup(k: dict, kn: _Knobs, seq_len: int, targets: tuple[str, ...]) -> memor
         attention=k["attention_resolved"],
         lora_r=k["lora_r_resolved"],
         lora_targets=targets,
+        distributed=k["distributed_resolved"],
+        world_size=k["world_size"],
     )
 
 
@@ -299,6 +308,11 @@ def _resolve(spec: ModelSpec, gpu: GPU, knobs: dict) -> dict:
     else:
         k["targets_resolved"] = tuple(x.strip() for x in (t.split(",") if isinstance(t, str) else t) if x.strip())
     k["global_batch_size_resolved"] = DEFAULT_GLOBAL_BATCH if k["global_batch_size"] == "auto" else k["global_batch_size"]
+    k["world_size"] = gpu.count
+    if k["distributed"] == "auto":
+        k["distributed_resolved"] = "ddp" if gpu.count > 1 else "none"
+    else:
+        k["distributed_resolved"] = k["distributed"]
     return k
 
 
@@ -325,6 +339,7 @@ def plan(
     lora_alpha: int | str = "auto",
     lora_dropout: float = 0.05,
     lora_targets: str | list[str] = "auto",
+    distributed: str = "auto",
 ) -> Plan:
     """Plan a fine-tuning run of `model` on `gpu`. Knobs given are kept; "auto" ones are chosen.
 
@@ -383,6 +398,7 @@ def _plan(spec: ModelSpec, card: GPU, knobs: dict) -> Plan:
         reasons=reasons,
         warnings=tuple(_warnings(spec, card, kn, mem, accum, global_batch)),
         tokens_per_second_estimate=_tokens_per_second(spec, card, setup),
+        distributed=k["distributed_resolved"],
     )
 
 
@@ -437,6 +453,13 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
         r["attention"] = "sdpa: PyTorch's fused flash/memory-efficient kernels, no extra package; flash_attention_2 is an option with the flash-attn package"
     else:
         r["attention"] = f"sdpa: PyTorch's memory-efficient kernel runs from cc 5.0; FlashAttention-2 needs cc ≥ 8.0 (this card: {cc[0]}.{cc[1]})"
+    mode = k["distributed_resolved"]
+    if k["distributed"] != "auto":
+        r["distributed"] = fixed
+    elif mode == "ddp":
+        r["distributed"] = f"ddp: each of the {card.count} cards holds a full replica and 1/{card.count} of each global batch"
+    else:
+        r["distributed"] = "none: one card"
     if kn.strategy != "full":
         r["lora"] = ("r and targets fixed by you" if k["lora_r"] != "auto" or k["lora_targets"] != "auto" else "r=16 on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r")
     return r

@@ -33,6 +33,8 @@ def plan_rows(p: "Plan") -> list[tuple[str, str, str]]:
         ("optimizer", p.optimizer, r.get("optimizer", "")),
         ("attention", p.attention, r.get("attention", "")),
     ]
+    if p.gpu.count > 1:
+        rows.append(("distributed", f"{p.distributed} × {p.gpu.count}", r.get("distributed", "")))
     if lora:
         rows.append(("lora", f"r={lora.r} alpha={lora.alpha} dropout={lora.dropout} targets={','.join(lora.target_modules)}", r.get("lora", "")))
     return rows
@@ -47,7 +49,7 @@ def memory_rows(p: "Plan") -> list[tuple[str, str]]:
         ("logits + loss", gib(m.logits)),
         ("overhead (CUDA context, workspace, fragmentation)", gib(m.overhead)),
         ("total (peak)", gib(m.total)),
-        (f"budget ({p.gpu.vram_gb:g} GB less headroom)", gib(m.budget)),
+        (f"budget ({p.gpu.vram_gb:g} GB less headroom)" + (", per card" if p.gpu.count > 1 else ""), gib(m.budget)),
     ]
 
 
