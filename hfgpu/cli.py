@@ -1,4 +1,4 @@
-"""The `hfgpu` command: gpus | plan | fit.
+"""The `hfgpu` command: gpus | plan | fit | recipe.
 
 Exit codes: 0 success (plan fits), 2 bad input (one line on stderr, no traceback), 3 the plan does
 not fit (its breakdown is still printed, and `--json` still prints the plan).
@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tokens", type=float, default=10e6, metavar="N", help="tokens to train, for the hours column (default 10M)")
     f.add_argument("--budget", type=float, default=None, metavar="USD", help="mark the fastest card at or under this launch price")
     f.add_argument("--json", action="store_true")
+    r = sub.add_parser("recipe", help="write a recipe for MODEL on CARD from its plan (to stdout)")
+    r.add_argument("model")
+    r.add_argument("--gpu", required=True, help="the card to plan for")
+    r.add_argument("--strategy", default="auto", help="full | lora | qlora (default: the best that fits)")
+    r.add_argument("--seq-len", type=_int_or_auto, default="auto", metavar="N")
+    r.add_argument("--data", default="alpaca", choices=["alpaca", "chat"], help="alpaca: yahma/alpaca-cleaned; chat: HuggingFaceH4/ultrachat_200k")
+    r.add_argument("--path", default="my_recipe.yaml", help="the file name the header's commands use")
     return parser
 
 
@@ -233,7 +240,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit}
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from hfgpu.planner import plan
+    from hfgpu.recipe_writer import ALPACA, ULTRACHAT, recipe_yaml
+
+    p = plan(args.model, args.gpu, strategy=args.strategy, seq_len=args.seq_len)  # DoesNotFit: exit 3, no recipe
+    sys.stdout.write(recipe_yaml(p, ULTRACHAT if args.data == "chat" else ALPACA, path=args.path))
+    return 0
+
+
+COMMANDS = {"gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit, "recipe": cmd_recipe}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -158,6 +158,11 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         mixed_precision=mixed, cpu=p.gpu.is_cpu, log_with=None if recipe.report_to == "none" else recipe.report_to,
         project_dir=str(out), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if accelerator.distributed_type.name == "DEEPSPEED" and p.grad_accum_steps > 1:
+        raise HfgpuError(
+            f"DeepSpeed steps inside backward, so hfgpu's accumulation ({p.grad_accum_steps} micro-batches) would step every micro-batch: "
+            "use accelerate_configs/fsdp.yaml, or set micro_batch_size so that grad_accum_steps is 1"
+        )
     main = accelerator.is_main_process
     speak = say if main else (lambda *a, **k: None)
     if main:

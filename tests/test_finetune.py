@@ -151,15 +151,29 @@ def test_accelerate_launch_runs_the_module(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "final_metrics.json").read_text())["after"]["steps"] == 4
 
 
-def test_two_process_cpu_run(tiny_model_dir, tmp_path):
-    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "ddp", train={"max_steps": 3, "save_every": 2})
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    r = _cli([str(recipe)], launcher=[accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"])
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_two_process_data_parallel_run_of_the_demo(tmp_path):
+    """gloo DDP on CPU through accelerate launch: both ranks train one model, rank 0 saves one adapter."""
     out = tmp_path / "ddp"
-    assert (out / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in (out / "checkpoints" / "step-0000002").iterdir()) == ["optimizer.pt", "rng-0.pt", "rng-1.pt", "scheduler.pt", "state.json", "trainable.safetensors"]
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    r = _cli(["recipes/demo_cpu.yaml", f"output_dir={out}", "train.epochs=8", "train.save_every=20", "train.eval_every=null"],
+             launcher=[accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["distributed"] == "ddp" and plan["world_size"] == 2
+    assert plan["micro_batch_size"] * plan["grad_accum_steps"] * 2 == 16  # the global batch is split across the ranks
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.pt", "rng-0.pt", "rng-1.pt", "scheduler.pt", "state.json", "trainable.safetensors"]
+    assert sorted(p.name for p in out.glob("adapter_model*")) == ["adapter_model.safetensors"]
+    metrics = json.loads((out / "final_metrics.json").read_text())
+    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"] - 0.5
+    assert r.stdout.count("done in") == 1  # only the main process reports
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), out)
+    assert loaded.peft_config["default"].r == 16
 
 
 @pytest.mark.parametrize("over,needle", [

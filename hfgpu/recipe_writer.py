@@ -1,0 +1,150 @@
+"""Write a recipe from a plan: a header that says how to run it and what it resolves to, and a short
+comment on every key. `hfgpu recipe MODEL --gpu CARD` prints one; scripts/make_recipes.py writes
+recipes/ with it (and tests/test_recipes_fit.py checks the committed files still match the planner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hfgpu.gpus import GPU, catalog
+from hfgpu.planner import Plan, plan_or_closest
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    path: str
+    format: str
+    split: str = "train"
+    eval_split: str | None = None
+    note: str = ""
+
+
+ALPACA = DataChoice("yahma/alpaca-cleaned", "alpaca", "train[:98%]", "train[98%:]", "52k cleaned Alpaca instructions (instruction / input / output)")
+ULTRACHAT = DataChoice("HuggingFaceH4/ultrachat_200k", "chat", "train_sft", "test_sft", "200k multi-turn chats (messages), rendered with the model's chat template")
+
+
+def _neighbours(p: Plan) -> list[GPU]:
+    """The consumer cards just below and just above this one in memory."""
+    cards = sorted((g for g in catalog() if g.is_consumer), key=lambda g: (g.vram_gb, g.msrp_usd or 0))
+    below = [g for g in cards if g.vram_gb < p.gpu.vram_gb]
+    above = [g for g in cards if g.vram_gb > p.gpu.vram_gb]
+    return ([below[-1]] if below else []) + ([above[0]] if above else [])
+
+
+def _overrides(p: Plan, q: Plan) -> str:
+    """The command-line overrides that turn this recipe into plan `q` (the recipe pins p's knobs)."""
+    parts = [f"gpu='{q.gpu.name}'"]
+    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer"):
+        a, b = getattr(p, knob), getattr(q, knob)
+        if a != b:
+            parts.append(f"{knob}={_bool(b) if isinstance(b, bool) else b}")
+    if q.seq_len != p.seq_len:
+        parts.append(f"data.max_seq_len={q.seq_len}")
+    return " ".join(parts)
+
+
+def neighbour_lines(p: Plan) -> list[str]:
+    """For the next smaller and larger consumer card: the overrides that fit there, or why none do."""
+    lines = []
+    for g in _neighbours(p):
+        q = plan_or_closest(p.model, g, strategy=p.strategy, seq_len=p.seq_len)
+        seq = p.seq_len
+        while not q.fits and seq > 128:
+            seq //= 2
+            q = plan_or_closest(p.model, g, strategy=p.strategy, seq_len=seq)
+        head = f"{g.name} ({g.vram_gb:g} GB): "
+        if q.fits:
+            lines.append(head + _overrides(p, q) + f" (peak {q.memory.total / GIB:.1f} of {q.memory.budget / GIB:.1f} GiB)")
+        else:
+            best = plan_or_closest(p.model, g, seq_len=p.seq_len)
+            lines.append(head + f"{p.strategy} does not fit" + (f"; {_overrides(p, best)} does" if best.fits else "; choose a smaller model"))
+    return lines
+
+
+def _bool(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def _kv(key: str, value, comment: str, width: int = 34) -> str:
+    """`key: value  # comment`, comments aligned, always at least two spaces before the `#`."""
+    text = f"{key}: {value}"
+    return f"{text}{' ' * max(2, width - len(text))}# {comment}"
+
+
+def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_dir: str | None = None, title: str | None = None) -> str:
+    """A complete recipe pinning the plan's knobs, with a header and a comment on each key."""
+    g = p.gpu
+    cc = g.compute_capability
+    card = f"{g.display_name} ({g.vram_gb:g} GB, {g.architecture}" + (f", cc {cc[0]}.{cc[1]})" if cc else ")")
+    short = p.model.split("/")[-1]
+    out = output_dir or f"outputs/{short.lower()}-{p.strategy}"
+    lr = 2e-5 if p.strategy == "full" else 2e-4
+    eval_split = f'"{data.eval_split}"' if data.eval_split else "null"
+    lines = [
+        f"# {title or f'{p.strategy} fine-tune of {short} on a {g.name}'}",
+        "#",
+        f"#   accelerate launch -m hfgpu.finetune {path}",
+        f"#   accelerate launch -m hfgpu.finetune {path} data.path=./my.jsonl data.eval_split=null   # your own file",
+        "#",
+        f"# Model: {p.model} ({p.params_total / 1e9:.2f} B parameters, {p.params_trainable / 1e6:.1f} M trained).",
+        f"# Card: {card}.",
+        f"# Data: {data.path} — {data.note}.",
+        f"# Plan (hfgpu plan {p.model} --gpu \"{g.name}\" --strategy {p.strategy} --seq-len {p.seq_len}):",
+        f"#   strategy {p.strategy}, precision {p.precision}, quantization {p.quantization}, gradient checkpointing "
+        f"{'on' if p.gradient_checkpointing else 'off'},",
+        f"#   micro-batch {p.micro_batch_size} × {p.grad_accum_steps} accumulation = {p.global_batch_size} sequences of {p.seq_len} tokens per step,",
+        f"#   optimizer {p.optimizer}, attention {p.attention};",
+        f"#   expected peak {p.memory.total / GIB:.1f} GiB of the card's {g.vram_gb:g} GB (budget {p.memory.budget / GIB:.1f} GiB).",
+        "# Neighbouring cards:",
+        *[f"#   {line}" for line in neighbour_lines(p)],
+        "",
+        f"model: {p.model}",
+        _kv("gpu", f'"{g.name}"', "the card to plan for; auto: the one this machine has"),
+        _kv("strategy", p.strategy, "full: every weight (most memory) · lora: adapters on a 16-bit base · qlora: 4-bit base (least)"),
+        _kv("precision", p.precision, "bf16 from RTX 30 (cc 8.0); fp16 with loss scaling on RTX 20; fp32 on GTX 10"),
+        _kv("quantization", p.quantization, "nf4: 4-bit base weights (QLoRA); none: 16-bit base"),
+        _kv("gradient_checkpointing", _bool(p.gradient_checkpointing), "true: recompute activations (~30 % slower, far less memory)"),
+        _kv("micro_batch_size", p.micro_batch_size, "sequences per forward pass; larger: faster, more activation memory"),
+        _kv("optimizer", p.optimizer, "adamw_8bit: 2 bytes of state per trained weight instead of 8"),
+        _kv("attention", p.attention, "flash_attention_2 needs cc 8.0 and the flash-attn package"),
+        "",
+        "data:",
+        _kv("  path", data.path, "a Hub dataset, or a local .jsonl/.json/.csv/.parquet/.txt"),
+        _kv("  format", data.format, "text | alpaca | prompt_completion | chat"),
+        _kv("  split", f'"{data.split}"', "the split to train on"),
+        _kv("  eval_split", eval_split, "held-out rows for eval loss; or eval_path: ./eval.jsonl"),
+        _kv("  max_seq_len", p.seq_len, "longer: more context, more activation and logits memory"),
+        _kv("  packing", "false", "true: several short examples per sequence (less padding, faster)"),
+        "",
+        "train:",
+        _kv("  epochs", 1, "passes over the data; or max_steps: N"),
+        _kv("  learning_rate", f"{lr:.1e}", "full fine-tuning wants a small rate" if p.strategy == "full" else "LoRA tolerates larger rates than full fine-tuning"),
+        _kv("  schedule", "cosine", "cosine | linear | constant"),
+        _kv("  warmup", 0.03, "fraction of the steps (or a number of steps)"),
+        _kv("  weight_decay", 0.0, "decoupled weight decay (AdamW)"),
+        _kv("  max_grad_norm", 1.0, "clip gradients; null to disable"),
+        _kv("  global_batch_size", p.global_batch_size, "sequences per optimizer step = micro-batch × accumulation × cards"),
+        _kv("  eval_every", 200, "steps between evaluations"),
+        _kv("  save_every", 200, "steps between checkpoints (resume=auto continues from the newest)"),
+        _kv("  keep_last", 2, "checkpoints kept on disk"),
+        _kv("  seed", 0, "data order, LoRA init and dropout"),
+        "",
+    ]
+    if p.lora:
+        lines += [
+            "lora:",
+            _kv("  r", p.lora.r, "rank: higher learns more, costs more memory"),
+            _kv("  alpha", p.lora.alpha, "scaling; 2 × r is the usual choice"),
+            _kv("  dropout", p.lora.dropout, "regularises; 0 for short runs"),
+            _kv("  target_modules", "auto", "every linear layer (the QLoRA paper's advice); or [q_proj, v_proj]"),
+            "",
+        ]
+    lines += [
+        _kv("output_dir", out, "adapter or model, plan.json, metrics.jsonl, loss.png, checkpoints"),
+        _kv("report_to", "none", "tensorboard | wandb (install the tracker)"),
+        "",
+    ]
+    return "\n".join(lines)
