@@ -1,4 +1,4 @@
-"""The `hfgpu` command: gpus | plan | fit | recipe.
+"""The `hfgpu` command: gpus | plan | fit | recipe | push | merge | generate.
 
 Exit codes: 0 success (plan fits), 2 bad input (one line on stderr, no traceback), 3 the plan does
 not fit (its breakdown is still printed, and `--json` still prints the plan).
@@ -100,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seq-len", type=_int_or_auto, default="auto", metavar="N")
     r.add_argument("--data", default="alpaca", choices=["alpaca", "chat"], help="alpaca: yahma/alpaca-cleaned; chat: HuggingFaceH4/ultrachat_200k")
     r.add_argument("--path", default="my_recipe.yaml", help="the file name the header's commands use")
+    pu = sub.add_parser("push", help="upload a finished run (adapter + tokenizer + model card) to the Hub")
+    pu.add_argument("run", help="the run's output_dir")
+    pu.add_argument("--repo-id", required=True, help="owner/name")
+    pu.add_argument("--private", action="store_true")
+    pu.add_argument("--merged", action="store_true", help="push the adapter merged into the base weights")
+
+    me = sub.add_parser("merge", help="fold a run's LoRA adapter into its base weights")
+    me.add_argument("run")
+    me.add_argument("--out", required=True, help="an empty or new folder for the merged model")
+
+    ge = sub.add_parser("generate", help="complete a prompt with a fine-tuned run")
+    ge.add_argument("run")
+    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--template", default="auto", choices=["auto", "chat", "alpaca", "raw"], help="auto: the format the run trained on")
     return parser
 
 
@@ -249,7 +264,30 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit, "recipe": cmd_recipe}
+def cmd_push(args: argparse.Namespace) -> int:
+    from hfgpu.hub import push
+
+    push(args.run, args.repo_id, private=args.private, merged=args.merged)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from hfgpu.hub import merge
+
+    merge(args.run, args.out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hfgpu.hub import generate
+
+    if args.max_new_tokens < 1:
+        raise HfgpuError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    print(generate(args.run, args.prompt, args.max_new_tokens, args.template))
+    return 0
+
+
+COMMANDS = {"gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit, "recipe": cmd_recipe, "push": cmd_push, "merge": cmd_merge, "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -150,6 +150,12 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
 
     start = time.time()
     out = check_output_dir(recipe)
+    if recipe.hub.repo_id:  # fail before training, not after it
+        from hfgpu.hub import REPO_ID, _token
+
+        if not REPO_ID.match(recipe.hub.repo_id):
+            raise HfgpuError(f"hub.repo_id {recipe.hub.repo_id!r} is not owner/name (letters, digits, '-', '_', '.')")
+        _token()
     p = plan_for(recipe)
     if not p.gpu.is_cpu and not torch.cuda.is_available():
         raise HfgpuError(f"the recipe plans for {p.gpu.name} but torch sees no CUDA GPU here: run it on that card, or set gpu=cpu")
@@ -215,6 +221,10 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         tokenizer.save_pretrained(out)
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "final_metrics.json").write_text(json.dumps({"before": result["initial_metrics"], "after": metrics}, indent=2))
+    if recipe.hub.repo_id and main:
+        from hfgpu.hub import push
+
+        push(out, recipe.hub.repo_id, private=recipe.hub.private, say=speak)
     if recipe.report_to != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()

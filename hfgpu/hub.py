@@ -1,0 +1,275 @@
+"""The Hub: model cards, push (adapter or merged model), merge, generate.
+
+    hfgpu push outputs/my-run --repo-id me/qwen2.5-7b-alpaca-lora [--private] [--merged]
+    hfgpu merge outputs/my-run --out merged/
+    hfgpu generate outputs/my-run --prompt "…"
+
+The token comes from huggingface_hub's usual places (HF_TOKEN, the login cache) and is never
+printed, written or put in an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from hfgpu.errors import HfgpuError
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MODEL_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "tokenizer.model", "generation_config.json")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    """A finished hfgpu run folder: its plan, resolved recipe, metrics and weights."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise HfgpuError(f"{str(path)!r} is not a folder: pass the output_dir of a finished hfgpu run")
+        missing = [f for f in ("plan.json", "resolved_recipe.yaml", "final_metrics.json") if not (self.path / f).is_file()]
+        self.is_adapter = all((self.path / f).is_file() for f in ADAPTER_FILES)
+        self.is_full = all((self.path / f).is_file() for f in MODEL_FILES)
+        if missing or not (self.is_adapter or self.is_full):
+            what = ", ".join(missing + ([] if (self.is_adapter or self.is_full) else ["adapter_model.safetensors or model.safetensors"]))
+            raise HfgpuError(f"{str(path)!r} is not a finished hfgpu run (missing {what}): let training finish, or pass its output_dir")
+        self.plan = json.loads((self.path / "plan.json").read_text())
+        self.recipe = yaml.safe_load((self.path / "resolved_recipe.yaml").read_text())
+        self.metrics = json.loads((self.path / "final_metrics.json").read_text())
+
+    @property
+    def base_model(self) -> str:
+        if self.is_adapter:
+            return json.loads((self.path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return self.recipe["model"]
+
+    def load(self, dtype=None):
+        """(model, tokenizer): the base with the adapter applied (or the full model), for inference."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        dtype = dtype or (torch.float32 if self.plan["precision"] == "fp32" or not torch.cuda.is_available() else torch.bfloat16)
+        if self.is_full:
+            return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype), tokenizer
+        from peft import PeftModel
+
+        try:
+            base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=dtype)
+        except OSError as e:
+            raise HfgpuError(f"cannot load the base model {self.base_model!r} ({str(e).splitlines()[0][:120]}): make it available locally or online") from None
+        return PeftModel.from_pretrained(base, self.path), tokenizer
+
+
+# --- model card ---------------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def model_card(run: Run, repo_id: str, merged: bool = False):
+    """A huggingface_hub ModelCard describing the run: base model, plan, hyperparameters, metrics, usage."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    plan, recipe = run.plan, run.recipe
+    base = run.base_model
+    strategy = plan["strategy"]
+    family = recipe.get("model", "").split("/")[-1].split("-")[0].lower() or "llm"
+    data_path = recipe["data"]["path"]
+    datasets = [data_path] if re.match(r"^[\w.-]+/[\w.-]+$", data_path) and not Path(data_path).exists() else None
+    adapter = run.is_adapter and not merged
+    data = ModelCardData(
+        base_model=base if re.match(r"^[\w.-]+/[\w.-]+$", base) else None,
+        library_name="peft" if adapter else "transformers",
+        tags=["hfgpu", strategy, family] + (["merged"] if merged else []),
+        datasets=datasets,
+        pipeline_tag="text-generation",
+    )
+    after = run.metrics.get("after", {})
+    before = run.metrics.get("before", {})
+    metric_rows = "\n".join(f"| {k} | {_fmt(before[k]) if k in before else '–'} | {_fmt(v)} |" for k, v in after.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    mem = plan["memory"]
+    gib = lambda n: f"{n / 1024**3:.2f} GiB"
+    t = recipe["train"]
+    usage = (
+        f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{repo_id}\")\n"
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")"
+        if adapter else
+        f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained(\"{repo_id}\")\n"
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")"
+    )
+    what = (f"A {strategy.upper() if strategy != 'full' else 'full'} fine-tune of [{base}](https://huggingface.co/{base}) made with hfgpu."
+            if not merged else f"The LoRA adapter of a {strategy} fine-tune of {base}, merged into the base weights (saved as safetensors).")
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {repo_id.split('/')[-1]}
+
+{what}
+
+## Plan
+
+| | |
+|---|---|
+| card | {plan['gpu']['name']} ({plan['gpu']['vram_gb']:g} GB) × {plan['gpu'].get('count', 1)} |
+| strategy | {strategy} |
+| precision | {plan['precision']} |
+| quantization | {plan['quantization']} |
+| gradient checkpointing | {plan['gradient_checkpointing']} |
+| micro-batch × accumulation | {plan['micro_batch_size']} × {plan['grad_accum_steps']} |
+| sequence length | {plan['seq_len']} |
+| optimizer | {plan['optimizer']} |
+| planned peak memory | {gib(mem['total'])} of {gib(mem['budget'])} |
+| trainable parameters | {plan['params_trainable']:,} of {plan['params_total']:,} |
+
+## Training
+
+| hyperparameter | value |
+|---|---|
+| learning rate | {t['learning_rate']} ({t['schedule']}, warm-up {t['warmup']}) |
+| epochs / max steps | {t['epochs']} / {t['max_steps']} |
+| global batch | {t['global_batch_size']} sequences |
+| weight decay | {t['weight_decay']} |
+| data | {data_path} ({recipe['data']['format']}) |
+""" + (f"| LoRA | r={recipe['lora']['r']}, alpha={recipe['lora']['alpha']}, dropout={recipe['lora']['dropout']}, targets={recipe['lora']['target_modules']} |\n" if adapter or merged else "") + f"""
+## Results
+
+| metric | before | after |
+|---|---|---|
+{metric_rows}
+
+![loss](loss.png)
+
+## Usage
+
+```python
+{usage}
+```
+"""
+    return ModelCard(text)
+
+
+# --- push ---------------------------------------------------------------------------------------------
+
+
+def _token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise HfgpuError("no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again")
+    return token
+
+
+def _scrub(text: str, token: str) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _stage(run: Run, folder: Path, repo_id: str, merged: bool) -> None:
+    """The files to upload: what peft/transformers load directly, the card, the loss plot, the plan."""
+    if merged:
+        merge(run.path, folder, overwrite=True, say=lambda *a, **k: None)
+    else:
+        names = ADAPTER_FILES if run.is_adapter else MODEL_FILES
+        for name in names + TOKENIZER_FILES:
+            if (run.path / name).is_file():
+                shutil.copy2(run.path / name, folder / name)
+    for name in ("loss.png", "plan.json", "resolved_recipe.yaml", "final_metrics.json"):
+        if (run.path / name).is_file():
+            shutil.copy2(run.path / name, folder / name)
+    model_card(run, repo_id, merged).save(folder / "README.md")
+
+
+def push(run_dir: str | Path, repo_id: str, private: bool = False, merged: bool = False, endpoint: str | None = None, say=print) -> str:
+    """Upload a finished run to the Hub; returns the repo URL. Re-pushing an unchanged run makes no commit."""
+    if not REPO_ID.match(repo_id or ""):
+        raise HfgpuError(f"repo id {repo_id!r} is not owner/name (letters, digits, '-', '_', '.'), e.g. --repo-id me/qwen-lora")
+    run = Run(run_dir)
+    if merged and not run.is_adapter:
+        raise HfgpuError(f"{str(run_dir)!r} is a full fine-tune: it has no adapter to merge; push it without --merged")
+    token = _token()
+    import sys
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import disable_progress_bars
+
+    if not sys.stderr.isatty():
+        disable_progress_bars()  # progress bars are for terminals; logs and pipes get one line per event
+    api = HfApi(endpoint=endpoint, token=token)
+    with tempfile.TemporaryDirectory(prefix="hfgpu-push-") as tmp:
+        _stage(run, Path(tmp), repo_id, merged)
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            before = api.repo_info(repo_id, repo_type="model").sha
+            info = api.upload_folder(folder_path=tmp, repo_id=repo_id, repo_type="model",
+                                     commit_message=f"hfgpu: {'merged model' if merged else run.plan['strategy'] + ' run'} from {run.path.name}")
+        except Exception as e:  # network, auth, server: one line, token scrubbed, local files untouched
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            reason = {401: "the token was rejected (run `hf auth login` again)", 403: "the token may not write to this repo"}.get(status)
+            detail = reason or f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+            raise HfgpuError(_scrub(f"push to {repo_id} failed ({detail}); {run.path} is unchanged: run the same command again to retry", token)) from None
+    say(f"pushed {run.path} to {url}" + (" (nothing changed: no new commit)" if getattr(info, "oid", None) == before else ""))
+    return str(url)
+
+
+# --- merge and generate -------------------------------------------------------------------------------
+
+
+def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False, say=print) -> Path:
+    """Fold the LoRA adapter into the base weights (a QLoRA base is reloaded in 16-bit first)."""
+    import torch
+
+    run = Run(run_dir)
+    if not run.is_adapter:
+        raise HfgpuError(f"{str(run_dir)!r} is a full fine-tune: its folder already holds the whole model")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise HfgpuError(f"{str(out)!r} is not empty: choose an empty or new folder for the merged model")
+    dtype = torch.float32 if run.plan["precision"] == "fp32" else (torch.bfloat16 if run.plan["precision"] == "bf16" else torch.float16)
+    model, tokenizer = run.load(dtype=dtype)  # the base loads unquantized: QLoRA merges into 16-bit weights
+    merged = model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    say(f"merged {run.path} into {run.base_model} → {out}/ ({dtype})")
+    return out
+
+
+def prompt_for(run: Run, tokenizer, prompt: str, template: str = "auto") -> str:
+    """The prompt as training rendered it: the chat template, the Alpaca template, or raw text."""
+    from hfgpu.data import ALPACA
+
+    fmt = run.recipe["data"]["format"] if template == "auto" else template
+    if fmt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise HfgpuError("this tokenizer has no chat template: use --template alpaca or --template raw")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    if fmt == "alpaca":
+        return ALPACA.format(instruction=prompt)
+    return prompt
+
+
+def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, template: str = "auto") -> str:
+    """Greedy completion of `prompt` by the fine-tuned model."""
+    import torch
+
+    run = Run(run_dir)
+    model, tokenizer = run.load()
+    text = prompt_for(run, tokenizer, prompt, template)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=run.recipe["data"]["format"] != "chat")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

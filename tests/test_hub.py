@@ -1,0 +1,183 @@
+"""Push, merge and generate against a real local HTTP server speaking the Hub's protocol."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import DEMO, ROOT, recipe_dict
+from hub_server import HubServer
+
+TOKEN = "hf_hfgpuTestToken0123456789"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo, trained once (fewer epochs) for every Hub test."""
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    r = subprocess.run([sys.executable, "-m", "hfgpu.finetune", "recipes/demo_cpu.yaml", f"output_dir={out}", "train.epochs=12", "train.eval_every=null"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.fixture()
+def hub():
+    with HubServer(TOKEN) as server:
+        yield server
+
+
+def env_for(hub, token=TOKEN, home=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update({"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(home or hub.home)})
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def hfgpu(args, env, timeout=300):
+    return subprocess.run([sys.executable, "-m", "hfgpu", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _home(hub, tmp_path):
+    hub.home = tmp_path / "hf-home"
+
+
+def test_round_trip_push_download_load_same_logits(demo_run, hub, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # it blocks localhost too
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/capitals-lora"], env_for(hub))
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = hub.repos["me/capitals-lora"].head[1]
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "loss.png"} <= set(files)
+    assert ("PUT", next(p for m, p in hub.requests if m == "PUT")) and any(p.endswith("/commit/main") for _, p in hub.requests)
+
+    from huggingface_hub import snapshot_download
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    local = tmp_path / "downloaded"
+    snapshot_download("me/capitals-lora", endpoint=hub.url, token=TOKEN, local_dir=local, cache_dir=tmp_path / "cache")
+    downloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), local).eval()
+    original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), demo_run).eval()
+    ids = torch.tensor([[5, 60, 70, 80, 90, 100]])
+    with torch.no_grad():
+        torch.testing.assert_close(downloaded(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=0)
+    # the token is nowhere: not in the run's files, the pushed files, nor what the command printed
+    for folder in (demo_run, local):
+        for f in folder.rglob("*"):
+            if f.is_file():
+                assert TOKEN.encode() not in f.read_bytes(), f
+    assert TOKEN not in r.stdout + r.stderr
+
+
+def test_model_card_describes_the_run(demo_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hfgpu.hub import Run, model_card
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run, run_dir)
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-0.5B"  # as a run on a Hub model records it
+    (run_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    card = model_card(Run(run_dir), "me/qwen-capitals")
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.base_model == "Qwen/Qwen2.5-0.5B" and loaded.data.library_name == "peft"
+    assert {"hfgpu", "lora"} <= set(loaded.data.tags)
+    text = loaded.text
+    for needle in ("| strategy | lora |", "micro-batch × accumulation", "planned peak memory", "eval_loss", "eval_exact_match",
+                   "![loss](loss.png)", 'PeftModel.from_pretrained(base, "me/qwen-capitals")', "learning rate"):
+        assert needle in text, needle
+
+
+def test_unchanged_repush_makes_no_commit_and_an_interrupted_push_can_rerun(demo_run, hub):
+    env = env_for(hub)
+    hub.fail_next = 1  # the network fails at the commit
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/retry"], env)
+    assert r.returncode == 2 and "push to me/retry failed" in r.stderr and "run the same command again" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and TOKEN not in r.stderr and "Traceback" not in r.stderr
+    assert (demo_run / "adapter_model.safetensors").is_file()
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/retry"], env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert hub.commit_count("me/retry") == 1
+    puts = sum(1 for m, _ in hub.requests if m == "PUT")
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/retry"], env)
+    assert r.returncode == 0 and "nothing changed" in r.stdout
+    assert hub.commit_count("me/retry") == 1 and sum(1 for m, _ in hub.requests if m == "PUT") == puts
+
+
+def test_merged_push_and_merge_give_the_adapters_logits(demo_run, hub, tmp_path):
+    r = hfgpu(["merge", str(demo_run), "--out", str(tmp_path / "merged")], env_for(hub))
+    assert r.returncode == 0, r.stderr[-2000:]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), demo_run).eval()
+    ids = torch.tensor([[5, 60, 70, 80, 90, 100]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    again = hfgpu(["merge", str(demo_run), "--out", str(tmp_path / "merged")], env_for(hub))
+    assert again.returncode == 2 and "is not empty" in again.stderr
+
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/capitals-merged", "--merged", "--private"], env_for(hub))
+    assert r.returncode == 0, r.stderr[-2000:]
+    repo = hub.repos["me/capitals-merged"]
+    assert repo.private and {"config.json", "model.safetensors", "README.md"} <= set(repo.head[1]) and "adapter_config.json" not in repo.head[1]
+    card = repo.head[1]["README.md"].decode()
+    assert "merged into the base weights" in card and "library_name: transformers" in card
+
+
+def test_qlora_merge_reloads_the_base_unquantized(tiny_model_dir, tmp_path):
+    from hfgpu.finetune import finetune
+    from hfgpu.hub import merge
+    from hfgpu.recipe import validate_recipe
+    from safetensors.torch import load_file
+
+    res = finetune(validate_recipe(recipe_dict(tiny_model_dir, tmp_path / "q", strategy="qlora", train={"max_steps": 3})), say=lambda *a, **k: None)
+    out = merge(res.output_dir, tmp_path / "q-merged", say=lambda *a, **k: None)
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 on CPU (16-bit on a GPU plan), never uint8
+    assert not any("lora" in k or "absmax" in k for k in weights)
+
+
+def test_generate_uses_the_runs_template(demo_run):
+    r = hfgpu(["generate", str(demo_run), "--prompt", "Tell me the capital of Peru.", "--max-new-tokens", "6"], {**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip()  # the model's answer, one line
+
+
+@pytest.mark.parametrize("args,token,needle", [
+    (["--repo-id", "me/x"], None, "no Hugging Face token"),
+    (["--repo-id", "not a repo"], TOKEN, "is not owner/name"),
+    (["--repo-id", "noslash"], TOKEN, "is not owner/name"),
+    (["--repo-id", "me/x"], "hf_wrong_token", "the token was rejected"),
+])
+def test_push_errors_are_one_line_exit_2(demo_run, hub, args, token, needle, tmp_path):
+    r = hfgpu(["push", str(demo_run), *args], env_for(hub, token=token, home=tmp_path / "empty-home"))
+    assert r.returncode == 2 and needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "hf_wrong_token" not in r.stderr
+
+
+def test_push_refuses_an_unfinished_run(hub, tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "plan.json").write_text("{}")
+    r = hfgpu(["push", str(tmp_path / "half"), "--repo-id", "me/x"], env_for(hub))
+    assert r.returncode == 2 and "is not a finished hfgpu run" in r.stderr
+
+
+def test_recipe_hub_repo_id_pushes_at_the_end_of_training(hub, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hfgpu.finetune", "recipes/demo_cpu.yaml", f"output_dir={tmp_path / 'auto'}", "train.max_steps=5",
+                        "hub.repo_id=me/auto-push", "eval.metrics=[]"], capture_output=True, text=True, cwd=ROOT, env=env_for(hub), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "adapter_model.safetensors" in hub.repos["me/auto-push"].head[1] and hub.repos["me/auto-push"].private
+    assert "pushed" in r.stdout and TOKEN not in r.stdout + r.stderr
