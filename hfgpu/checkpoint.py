@@ -66,23 +66,31 @@ def save(folder: Path, step: int, accelerator, model, optimizer, scheduler, coun
     """Write checkpoint `step` atomically (all processes call this)."""
     final = folder / f"{PREFIX}{step:07d}"
     tmp = folder / f"{final.name}.tmp"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file(_trainable(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "state.json").write_text(json.dumps(counters, indent=1))
+            with open(tmp / "state.json") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            for old in complete_checkpoints(folder)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # disk full, quota, permissions: the previous checkpoint is untouched
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_file(_trainable(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps(counters, indent=1))
-        with open(tmp / "state.json") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        for old in complete_checkpoints(folder)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        from hfgpu.errors import HfgpuError
+
+        previous = complete_checkpoints(folder)
+        kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
+        raise HfgpuError(f"could not write checkpoint step {step} to {folder} ({e.strerror or e}): free disk space or lower train.keep_last; {kept}") from None
     accelerator.wait_for_everyone()
     return final
 

@@ -1,4 +1,4 @@
-"""The `hfgpu` command: gpus | plan | fit | recipe | push | merge | generate.
+"""The `hfgpu` command: gpus | plan | fit | recipe | doctor | push | merge | generate.
 
 Exit codes: 0 success (plan fits), 2 bad input (one line on stderr, no traceback), 3 the plan does
 not fit (its breakdown is still printed, and `--json` still prints the plan).
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("merge", help="fold a run's LoRA adapter into its base weights")
     me.add_argument("run")
     me.add_argument("--out", required=True, help="an empty or new folder for the merged model")
+
+    do = sub.add_parser("doctor", help="can this machine fine-tune? GPUs, torch kernels, bitsandbytes, flash-attn, bf16")
+    do.add_argument("--json", action="store_true")
 
     ge = sub.add_parser("generate", help="complete a prompt with a fine-tuned run")
     ge.add_argument("run")
@@ -287,7 +290,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit, "recipe": cmd_recipe, "push": cmd_push, "merge": cmd_merge, "generate": cmd_generate}
+def cmd_doctor(args: argparse.Namespace, probe=None) -> int:
+    from hfgpu.doctor import diagnose, probe_system
+
+    report = diagnose(probe or probe_system())
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0 if report.ok else 1
+    from rich.table import Table
+
+    t = Table(title="hfgpu doctor")
+    for col in ("check", "status", "detail", "fix"):
+        t.add_column(col, overflow="fold")
+    colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for c in report.checks:
+        t.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.detail, c.fix)
+    _console().print(t)
+    print("this machine can fine-tune" if report.ok else "fix the failed checks above before fine-tuning on the GPU")
+    return 0 if report.ok else 1
+
+
+COMMANDS = {"doctor": cmd_doctor, "gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit, "recipe": cmd_recipe, "push": cmd_push, "merge": cmd_merge, "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -300,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hfgpu: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hfgpu … | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -180,7 +180,9 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     set_seed(recipe.train.seed)
 
     model_path = resolve_path(recipe.model)
-    tokenizer = load_tokenizer(model_path)
+    if recipe.trust_remote_code:
+        speak(f"warning: trust_remote_code is on: running Python code from {recipe.model}; read it before you trust it")
+    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.trust_remote_code)
     with accelerator.main_process_first():
         data = prepare_data(recipe.data, tokenizer, p.seq_len, p.micro_batch_size)
     s = data.stats
@@ -194,7 +196,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         lora_r=p.lora.r if p.lora else 16, lora_alpha=p.lora.alpha if p.lora else 32,
         lora_dropout=p.lora.dropout if p.lora else 0.0, lora_targets=tuple(p.lora.target_modules) if p.lora else (),
     )
-    model = prepare_model(model_path, settings, seed=recipe.train.seed)
+    model = prepare_model(model_path, settings, seed=recipe.train.seed, trust_remote_code=recipe.trust_remote_code)
     if main:
         (out / "plan.json").write_text(json.dumps(p.to_dict(), indent=2))
         (out / "resolved_recipe.yaml").write_text(resolved(recipe, p).to_yaml())
@@ -211,6 +213,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         early_stopping_min_delta=t.early_stopping.min_delta if t.early_stopping else 0.0,
         metrics=list(recipe.eval.metrics), max_new_tokens=recipe.eval.max_new_tokens, max_eval_examples=recipe.eval.max_examples,
         resume=recipe.resume,
+        plan_note=f"the plan estimated {p.memory.total / 2**30:.1f} GiB of {p.memory.budget / 2**30:.1f} GiB at micro-batch {p.micro_batch_size}, seq_len {p.seq_len}",
     )
     result = run(accelerator, model, tokenizer, data, loop, out, say=speak)
     accelerator.wait_for_everyone()

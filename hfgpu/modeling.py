@@ -53,7 +53,7 @@ def _bnb_config(s: ModelSettings):
     )
 
 
-def prepare_model(source: Any, s: ModelSettings, seed: int = 0) -> torch.nn.Module:
+def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal LM from a folder/repo id (`str`) or a `PretrainedConfig` (random weights), prepared per `s`."""
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -67,7 +67,7 @@ def prepare_model(source: Any, s: ModelSettings, seed: int = 0) -> torch.nn.Modu
                 AutoModelForCausalLM.from_config(source, dtype=DTYPES[s.precision]).save_pretrained(tmp)
                 model = _load(tmp, s)
     else:
-        model = _load(source, s)
+        model = _load(source, s, trust_remote_code)
     model.config.use_cache = False  # a cache in train mode wastes memory and breaks packed attention
     if quantized:
         from peft import prepare_model_for_kbit_training
@@ -93,23 +93,24 @@ def prepare_model(source: Any, s: ModelSettings, seed: int = 0) -> torch.nn.Modu
     return model
 
 
-def _load(path: str, s: ModelSettings):
+def _load(path: str, s: ModelSettings, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": s.storage_dtype if s.quantization == "none" else DTYPES[s.precision], "attn_implementation": s.attention}
+    kwargs: dict[str, Any] = {"dtype": s.storage_dtype if s.quantization == "none" else DTYPES[s.precision], "attn_implementation": s.attention,
+                              "trust_remote_code": trust_remote_code}
     if s.quantization != "none":
         kwargs["quantization_config"] = _bnb_config(s)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer; a missing pad token becomes EOS (padding is masked out of the loss)."""
     from transformers import AutoTokenizer
 
     from hfgpu.errors import HfgpuError
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise HfgpuError(f"cannot load a tokenizer from {path!r} ({str(e).splitlines()[0][:140]}): pass a model folder or a Hub repo id that has one") from None
     if tokenizer.pad_token_id is None:

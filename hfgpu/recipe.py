@@ -99,6 +99,7 @@ class Recipe(_Strict):
     overwrite: bool = Field(False, description="replace an earlier run in output_dir")
     resume: Literal["never", "auto"] | str = Field("never", description="auto: continue from the newest complete checkpoint; or a checkpoint path")
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    trust_remote_code: bool = Field(False, description="run the model repo's own Python code (off unless you trust the repo)")
     hub: HubConfig = Field(default_factory=HubConfig)
 
     @field_validator("micro_batch_size")

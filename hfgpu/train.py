@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -62,6 +64,13 @@ class LoopConfig:
     max_new_tokens: int
     max_eval_examples: int | None
     resume: str  # never | auto | a checkpoint path
+    plan_note: str = ""  # the plan's memory estimate, quoted when even micro-batch 1 runs out of memory
+
+
+class Interrupted(HfgpuError):
+    """Ctrl-C: a checkpoint was saved; the message says how to resume."""
+
+    exit_code = 130
 
 
 class MetricsLog:
@@ -164,7 +173,8 @@ def run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Pat
                     raise
                 optimizer.zero_grad(set_to_none=True)
                 if max(p["input_ids"].shape[0] for p in pieces) == 1:
-                    raise HfgpuError("CUDA out of memory at micro-batch 1: shorten data.max_seq_len, set gradient_checkpointing=true or strategy=qlora") from None
+                    raise HfgpuError(f"CUDA out of memory at micro-batch 1 ({cfg.plan_note or 'no plan estimate'}): "
+                                     "set gradient_checkpointing=true, lower data.max_seq_len, or use strategy=qlora") from None
                 state["split"] *= 2
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -177,6 +187,16 @@ def run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Pat
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return accelerator.reduce(loss.float(), reduction="mean").item()
+
+    # --- Ctrl-C: finish the step, save a checkpoint, then stop (a second Ctrl-C stops at once) ----
+    interrupt = {"asked": False}
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            if interrupt["asked"]:
+                raise KeyboardInterrupt
+            interrupt["asked"] = True
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
 
     from tqdm.auto import tqdm
 
@@ -238,10 +258,18 @@ def run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Pat
             # --- checkpoint ----------------------------------------------------------------------
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
                 checkpoint.save(ckpt_dir, state["step"], accelerator, model, optimizer, scheduler, state, cfg.keep_last)
+            if interrupt["asked"]:
+                saved = checkpoint.save(ckpt_dir, state["step"], accelerator, model, optimizer, scheduler, state, cfg.keep_last)
+                bar.close()
+                if previous_handler is not None:
+                    signal.signal(signal.SIGINT, previous_handler)
+                raise Interrupted(f"interrupted at step {state['step']} of {total_steps}: checkpoint saved to {saved}; run the same command with resume=auto to continue")
         if epoch_done:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     bar.close()
+    if previous_handler is not None:
+        signal.signal(signal.SIGINT, previous_handler)
     final = evaluate_now() if (eval_dl is not None or cfg.metrics) else {}
     if final:
         log.write({"step": state["step"], **final})
