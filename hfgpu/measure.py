@@ -14,6 +14,7 @@ import torch
 
 from hfgpu.memtrack import PeakTracker, state_tensors, storage_bytes
 from hfgpu.modeling import DTYPES, ModelSettings, prepare_model
+from hfgpu.train import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -26,15 +27,6 @@ class StepMemory:
     def transient(self) -> int:
         """Activations, logits and loss: what the step adds on top of its persistent state."""
         return self.peak - self.weights - self.trainable_state
-
-
-def make_optimizer(params, name: str) -> torch.optim.Optimizer:
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
-    return cls(params, lr=1e-4)
 
 
 def measure_step(config, settings: ModelSettings, micro_batch_size: int, seq_len: int, optimizer: str = "adamw_torch") -> StepMemory:
@@ -52,8 +44,7 @@ def measure_step(config, settings: ModelSettings, micro_batch_size: int, seq_len
         loss.backward()
 
     forward_backward()
-    opt.step()  # allocates optimizer state
-    forward_backward()  # gradients of a "previous micro-batch" stay alive, as under accumulation
+    opt.step()  # allocates optimizer state; these gradients stay alive, as a previous micro-batch's under accumulation
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     weights = storage_bytes(state_tensors(model)) - storage_bytes(grads)
     trainable_state = storage_bytes(state_tensors(model, opt)) - weights

@@ -1,0 +1,131 @@
+"""Simulate one real training step on fake tensors to check a plan's memory (`hfgpu plan --verify`).
+
+The real transformers modules, the real peft wrapping and the real optimizer step run under
+`FakeTensorMode` on CPU-device tensors: no weights, no GPU, only shapes and dtypes. A dispatch-level
+tracker (hfgpu.memtrack.PeakTracker) records the peak of live tensor bytes, exactly as it does for a
+real CPU step (tests/test_simulate.py checks the two agree). Differences from a GPU that are mapped
+explicitly: 4-bit bitsandbytes weights cannot run on fake tensors, so a QLoRA base is simulated in
+the compute dtype and its bytes are replaced by the exact NF4 bytes plus bitsandbytes'
+dequantization workspace; SDPA runs its flash kernel on CPU as on CUDA (no s×s matrix); the CUDA
+context, workspaces and allocator slack are outside tensor peaks and come from the planner's
+allowances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hfgpu import memory
+from hfgpu.memtrack import PeakTracker, state_tensors, storage_bytes
+from hfgpu.modeling import DTYPES
+
+
+@dataclass(frozen=True)
+class Simulation:
+    weights: int
+    trainable_state: int
+    peak: int  # tensor peak of one step: weights + state + activations + logits
+    seconds: float
+
+    @property
+    def transient(self) -> int:
+        return self.peak - self.weights - self.trainable_state
+
+    def to_dict(self) -> dict:
+        return {"weights": self.weights, "trainable_state": self.trainable_state, "transient": self.transient,
+                "peak": self.peak, "seconds": round(self.seconds, 2)}
+
+
+@contextlib.contextmanager
+def _unpacked_masks():
+    # transformers looks for packed sequences in position_ids; on fake tensors that check cannot read
+    # values, so it would assume packing and build an explicit s × s mask a real unpacked batch never has.
+    from transformers import masking_utils
+
+    real = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = real
+
+
+@contextlib.contextmanager
+def _no_module_to():
+    # Under FakeTensorMode Module.to() fails ("Couldn't swap … weakref"); peft calls it while wrapping.
+    real = torch.nn.Module.to
+    torch.nn.Module.to = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = real
+
+
+def simulate(config: dict, s: memory.Setup, spec=None) -> Simulation:
+    """Peak tensor bytes of one training step for `config` under setup `s` (a Plan's knobs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    from hfgpu.models import _to_pretrained_config, model_spec
+    from hfgpu.train import make_optimizer
+
+    start = time.perf_counter()
+    cfg = _to_pretrained_config(config)
+    quantized = s.quantization != "none"
+    storage = torch.float32 if s.strategy == "full" else DTYPES[s.precision]
+    with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_masks():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=storage, attn_implementation="sdpa" if s.attention == "flash_attention_2" else s.attention)
+        model.config.use_cache = False
+        if quantized:
+            # what prepare_model_for_kbit_training leaves: every non-quantized parameter in fp32
+            for module in model.modules():
+                if not isinstance(module, torch.nn.Linear) or module is model.get_output_embeddings():
+                    for p in module.parameters(recurse=False):
+                        p.data = p.data.float()
+            for p in model.parameters():
+                p.requires_grad_(False)
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if s.strategy != "full":
+                model.enable_input_require_grads()
+        if s.strategy != "full":
+            from peft import LoraConfig, get_peft_model
+
+            with _no_module_to():
+                model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=0.05,
+                                                         target_modules=list(s.lora_targets), task_type="CAUSAL_LM"))
+        model.train()
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer)
+        ids = torch.randint(0, cfg.vocab_size, (s.micro_batch_size, s.seq_len))
+        autocast = s.precision != "fp32"
+
+        def forward_backward():
+            with torch.autocast("cpu", dtype=DTYPES[s.precision], enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+
+        forward_backward()
+        optimizer.step()  # optimizer state exists from here on
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        weights = storage_bytes(state_tensors(model)) - storage_bytes(grads)
+        state = storage_bytes(state_tensors(model, optimizer)) - weights
+        with PeakTracker(baseline=state_tensors(model, optimizer)) as tracker:
+            forward_backward()  # the previous micro-batch's gradients are alive, as under accumulation
+            optimizer.step()
+        peak = tracker.peak_bytes
+    if quantized:
+        spec = spec or model_spec(config)
+        simulated_linear = BYTES_OF[storage] * spec.linear_params
+        exact = memory.weight_bytes(spec, s) - 4 * memory.trainable_params(spec, s)  # base (NF4 + fp32 rest), no adapters
+        exact_rest = 4 * (spec.params_total - spec.linear_params) + spec.buffer_bytes
+        correction = (exact - exact_rest) - simulated_linear  # NF4 bytes replace the compute-dtype linear weights
+        weights += correction
+        peak += correction + memory.dequant_workspace_bytes(spec, s)
+    return Simulation(weights=weights, trainable_state=state, peak=peak, seconds=time.perf_counter() - start)
+
+
+BYTES_OF = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
