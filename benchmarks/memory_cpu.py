@@ -1,17 +1,18 @@
-"""Fit and check the planner's activation and logits coefficients against real training steps on CPU.
+"""Fit and check the planner's activation and logits coefficients against simulated training steps.
 
-For every mode (strategy × 16-bit/fp32 compute × checkpointing × attention) this runs one real
-training step (transformers + peft + bitsandbytes, autocast as training does) on a grid of small
-Llama shapes, measures the tensor peak with hfgpu.memtrack.PeakTracker, subtracts the exact
+For every mode (strategy × 16-bit/fp32 compute × checkpointing × attention) this runs one training
+step of the real transformers + peft modules on fake tensors (hfgpu.simulate, which equals a real
+CPU step byte for byte: tests/test_simulate.py) over a grid of Llama shapes with realistic widths
+and vocabularies (2–3 layers: the per-layer terms are linear in depth), subtracts the exact
 components (weights, gradients, optimizer state), and fits bytes-per-token coefficients by least
-squares. It prints the worst relative error of the fitted model on the grid and on held-out shapes.
+squares. It prints the worst relative error of the planner's peak against the simulation on the
+grid and on held-out real models at full depth.
 
     python benchmarks/memory_cpu.py            # check the committed coefficients
     python benchmarks/memory_cpu.py --refit    # refit and write hfgpu/resources/activation_coefficients.json
 
-CPU kernels keep the same saved tensors as CUDA's for these paths (SDPA's flash kernel on CPU saves
-output + logsumexp, as on CUDA); CUDA context and allocator slack are outside tensor peaks and are
-budgeted separately (hfgpu.memory.COEFFICIENTS) until a GPU calibration replaces them.
+CUDA context and allocator slack are outside tensor peaks and are budgeted separately
+(hfgpu.memory.COEFFICIENTS) until a GPU calibration (benchmarks/memory_calibration.py) replaces them.
 """
 
 from __future__ import annotations
@@ -32,29 +33,28 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hfgpu import memory  # noqa: E402
-from hfgpu.modeling import ModelSettings  # noqa: E402
 from hfgpu.models import model_spec  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "hfgpu" / "resources" / "activation_coefficients.json"
 
-BASE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=2000)
+BASE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
 # (config overrides, micro_batch, seq_len, lora targets or None for all linear layers)
 GRID = [
-    ({}, 2, 128, None),
-    ({"num_hidden_layers": 4}, 2, 128, None),
-    ({"hidden_size": 384, "num_attention_heads": 6}, 2, 128, None),
-    ({"intermediate_size": 1408}, 2, 128, None),
-    ({"vocab_size": 6000}, 2, 128, None),
-    ({"num_key_value_heads": 4}, 2, 128, None),
+    ({}, 1, 512, None),
+    ({"num_hidden_layers": 3}, 1, 512, None),
+    ({"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8}, 1, 512, None),
+    ({"intermediate_size": 11008}, 1, 512, None),
+    ({"vocab_size": 128256}, 1, 512, None),
+    ({"num_key_value_heads": 16}, 1, 512, None),
+    ({}, 1, 1024, None),
     ({}, 2, 256, None),
-    ({}, 1, 256, None),
-    ({}, 2, 128, ("q_proj", "v_proj")),
-    ({"hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 1024, "num_hidden_layers": 3}, 1, 192, None),
+    ({}, 1, 512, ("q_proj", "v_proj")),
+    ({"hidden_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 2816, "vocab_size": 151936}, 2, 512, None),
+    ({"vocab_size": 128256, "tie_word_embeddings": True}, 1, 1024, None),
+    ({"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4, "intermediate_size": 4096}, 4, 256, None),
 ]
-HELD_OUT = [
-    ({"hidden_size": 320, "num_attention_heads": 5, "num_key_value_heads": 1, "intermediate_size": 864, "num_hidden_layers": 3, "vocab_size": 3000}, 2, 192, None),
-    ({"hidden_size": 448, "num_attention_heads": 7, "num_key_value_heads": 7, "intermediate_size": 1200, "num_hidden_layers": 2, "vocab_size": 5000}, 1, 320, ("q_proj", "k_proj", "v_proj", "o_proj")),
-]
+# held-out: real models at full depth (from the offline catalog), (model, micro_batch, seq_len)
+HELD_OUT_MODELS = [("Qwen/Qwen2.5-0.5B", 2, 512), ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1, 1024)]
 MODES = [
     (strategy, precision, ckpt, attention)
     for strategy in ("full", "lora", "qlora")
@@ -67,7 +67,7 @@ MODES = [
 def config_for(overrides: dict):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**{**BASE, **overrides}, max_position_embeddings=4096)
+    return LlamaConfig(**{"tie_word_embeddings": False, **BASE, **overrides}, max_position_embeddings=4096)
 
 
 def setup_for(spec, strategy, precision, ckpt, attention, b, s, targets) -> memory.Setup:
@@ -87,29 +87,30 @@ def setup_for(spec, strategy, precision, ckpt, attention, b, s, targets) -> memo
 
 
 def measure(mode, case):
-    """(spec, setup, measured peak bytes) for one mode and one grid case."""
-    from hfgpu.measure import measure_step
+    """(spec, setup, simulated peak bytes) for one mode and one grid case."""
+    from hfgpu.simulate import simulate
 
     strategy, precision, ckpt, attention = mode
     overrides, b, s, targets = case
     cfg = config_for(overrides)
     spec = model_spec(cfg)
     setup = setup_for(spec, strategy, precision, ckpt, attention, b, s, targets)
-    settings = ModelSettings(
-        strategy=strategy,
-        precision=precision,
-        quantization=setup.quantization,
-        gradient_checkpointing=ckpt,
-        attention=attention,
-        lora_targets=tuple(targets or ()),
-    )
-    step = measure_step(cfg, settings, b, s)
-    return spec, setup, step.peak
+    return spec, setup, simulate(cfg.to_dict(), setup, spec).peak
+
+
+def measure_model(mode, entry):
+    from hfgpu.simulate import simulate
+
+    name, b, s = entry
+    spec = model_spec(name)
+    setup = setup_for(spec, *mode, b, s, None)
+    return spec, setup, simulate(spec.config, setup, spec).peak
 
 
 def static_bytes(spec, setup) -> int:
-    """The exact part of the model, plus bitsandbytes' dequantization workspace."""
-    return memory.weight_bytes(spec, setup) + memory.trainable_state_bytes(spec, setup) + memory.dequant_workspace_bytes(spec, setup)
+    """The exact part of the model, plus the per-step constants (dequantization workspace, embedding gradient)."""
+    return (memory.weight_bytes(spec, setup) + memory.trainable_state_bytes(spec, setup) + memory.dequant_workspace_bytes(spec, setup)
+            + memory.embedding_grad_bytes(spec, setup))
 
 
 LAYER = ["hidden", "inter", "qkv", "lora_in", "heads_seq"]
@@ -153,7 +154,7 @@ def main() -> int:
     for mode in MODES:
         key = memory.mode_key(setup_for(model_spec(config_for({})), *mode, 1, 1, None))
         rows = [measure(mode, case) for case in GRID]
-        held = [measure(mode, case) for case in HELD_OUT]
+        held = [measure_model(mode, entry) for entry in HELD_OUT_MODELS]
         if args.refit:
             modes[key] = fit_mode(mode, rows, modes)
             _write({"modes": modes}, partial=True)
@@ -163,7 +164,7 @@ def main() -> int:
     if args.refit:
         _write({"modes": modes}, partial=False)
         print(f"wrote {OUT}")
-    print(f"{len(MODES)} modes × {len(GRID) + len(HELD_OUT)} shapes in {time.time() - start:.0f} s")
+    print(f"{len(MODES)} modes × {len(GRID) + len(HELD_OUT_MODELS)} shapes in {time.time() - start:.0f} s")
     return 0
 
 
@@ -171,8 +172,10 @@ def _write(table: dict, partial: bool) -> None:
     versions = {p: metadata.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")}
     doc = {
         "about": "Bytes per token of activations and logits, fitted by benchmarks/memory_cpu.py --refit to tensor peaks "
-        "of real training steps (transformers + peft + bitsandbytes) on CPU; features in hfgpu.memory.features().",
-        "measured": {"date": datetime.date.today().isoformat(), "device": "cpu", "versions": versions, "grid": len(GRID), "partial": partial},
+        "of training steps simulated on fake tensors (hfgpu.simulate: real transformers + peft modules, equal to real CPU "
+        "steps); features in hfgpu.memory.layer_features().",
+        "measured": {"date": datetime.date.today().isoformat(), "device": "cpu (fake tensors)", "versions": versions, "grid": len(GRID),
+                     "shapes": "2-3 layers, hidden 1024-4096, vocab 32000-151936, seq 256-1024", "partial": partial},
         **table,
     }
     OUT.write_text(json.dumps(doc, indent=1) + "\n")

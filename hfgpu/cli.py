@@ -1,4 +1,4 @@
-"""The `hfgpu` command: gpus | plan | fit | recipe | doctor | push | merge | generate.
+"""The `hfgpu` command: gpus | plan | fit | recipe | doctor | calibrate | push | merge | generate.
 
 Exit codes: 0 success (plan fits), 2 bad input (one line on stderr, no traceback), 3 the plan does
 not fit (its breakdown is still printed, and `--json` still prints the plan).
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hub repo id, local folder or config.json (offline catalog: see `hfgpu fit --help`)")
     p.add_argument("--gpu", default="auto", help='card name ("RTX 3060", "4090", "1080ti"), memory ("12GB"), "2x RTX 3090", or auto')
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument("--verify", action="store_true", help="also simulate one real training step on fake tensors (~10 s for 8B) and compare")
     _add_knobs(p)
 
     from hfgpu.models import catalog_models
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     do = sub.add_parser("doctor", help="can this machine fine-tune? GPUs, torch kernels, bitsandbytes, flash-attn, bf16")
     do.add_argument("--json", action="store_true")
+
+    ca = sub.add_parser("calibrate", help="measure real steps of MODEL on this machine's GPU and correct later plans for it")
+    ca.add_argument("model")
+    ca.add_argument("--gpu", default="auto", help="the card's catalog name (default: detected)")
 
     ge = sub.add_parser("generate", help="complete a prompt with a fine-tuned run")
     ge.add_argument("run")
@@ -157,7 +162,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hfgpu.planner import DoesNotFit, plan
 
     try:
-        result = plan(args.model, args.gpu, **_knobs(args))
+        result = plan(args.model, args.gpu, verify=args.verify, **_knobs(args))
         alternatives: list[str] = []
     except DoesNotFit as e:
         result, alternatives = e.closest, e.alternatives
@@ -191,6 +196,13 @@ def _print_plan(p, alternatives: list[str]) -> None:
     for row in report.memory_rows(p):
         m.add_row(*row)
     c.print(m)
+    if p.simulation:
+        v = Table(show_header=True, box=None, pad_edge=False, title="verified: one training step simulated on fake tensors")
+        for col in ("component", "planner", "simulated"):
+            v.add_column(col, justify="left" if col == "component" else "right")
+        for row in report.verify_rows(p):
+            v.add_row(*row)
+        c.print(v)
     c.print(report.speed_line(p))
     for w in p.warnings:
         c.print(f"[yellow]warning:[/] {w}")
@@ -310,7 +322,14 @@ def cmd_doctor(args: argparse.Namespace, probe=None) -> int:
     return 0 if report.ok else 1
 
 
-COMMANDS = {"doctor": cmd_doctor, "gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit, "recipe": cmd_recipe, "push": cmd_push, "merge": cmd_merge, "generate": cmd_generate}
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from hfgpu.calibrate import calibrate
+
+    calibrate(args.model, args.gpu)
+    return 0
+
+
+COMMANDS = {"calibrate": cmd_calibrate, "doctor": cmd_doctor, "gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit, "recipe": cmd_recipe, "push": cmd_push, "merge": cmd_merge, "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

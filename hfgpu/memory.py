@@ -218,7 +218,13 @@ def transient_per_token(spec: ModelSpec, s: Setup) -> tuple[float, float]:
 
 def activation_bytes(spec: ModelSpec, s: Setup) -> int:
     tokens = s.micro_batch_size * s.seq_len
-    return int(tokens * max(transient_per_token(spec, s)[0], 0.0)) + dequant_workspace_bytes(spec, s)
+    return int(tokens * max(transient_per_token(spec, s)[0], 0.0)) + dequant_workspace_bytes(spec, s) + embedding_grad_bytes(spec, s)
+
+
+def embedding_grad_bytes(spec: ModelSpec, s: Setup) -> int:
+    """Full fine-tuning: the embedding's backward builds a dense fp32 vocab × hidden gradient before
+    adding it into the accumulated one (measured on simulated steps; not a per-token cost)."""
+    return 4 * spec.embedding_params if s.strategy == "full" else 0
 
 
 def logits_bytes(spec: ModelSpec, s: Setup) -> int:
@@ -267,15 +273,16 @@ def per_process(spec: ModelSpec, s: Setup) -> tuple[int, int]:
     return weights, state
 
 
-def breakdown(spec: ModelSpec, s: Setup, vram_bytes: int) -> MemoryBreakdown:
-    act = activation_bytes(spec, s)
-    logits = logits_bytes(spec, s)
+def breakdown(spec: ModelSpec, s: Setup, vram_bytes: int, correction: float = 1.0) -> MemoryBreakdown:
+    """`correction`: a card's measured/planned ratio for the non-exact parts (hfgpu calibrate)."""
+    act = int(activation_bytes(spec, s) * correction)
+    logits = int(logits_bytes(spec, s) * correction)
     weights, state = per_process(spec, s)
     return MemoryBreakdown(
         weights=weights,
         trainable_state=state,
         activations=act,
         logits=logits,
-        overhead=overhead_bytes(act, logits),
+        overhead=int(overhead_bytes(act, logits) * correction),
         budget=budget_bytes(vram_bytes),
     )

@@ -53,8 +53,10 @@ def _bnb_config(s: ModelSettings):
     )
 
 
-def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A causal LM from a folder/repo id (`str`) or a `PretrainedConfig` (random weights), prepared per `s`."""
+def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_code: bool = False, device: str | None = None) -> torch.nn.Module:
+    """A causal LM from a folder/repo id (`str`) or a `PretrainedConfig` (random weights), prepared per `s`.
+
+    `device="cuda"` puts it on the first GPU (calibration); training leaves placement to accelerate."""
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
     torch.manual_seed(seed)
@@ -65,9 +67,11 @@ def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_cod
         else:  # bitsandbytes quantizes while loading: save random weights, then load them quantized
             with tempfile.TemporaryDirectory() as tmp:
                 AutoModelForCausalLM.from_config(source, dtype=DTYPES[s.precision]).save_pretrained(tmp)
-                model = _load(tmp, s)
+                model = _load(tmp, s, device=device)
     else:
-        model = _load(source, s, trust_remote_code)
+        model = _load(source, s, trust_remote_code, device=device)
+    if device is not None and not quantized:
+        model = model.to(device)
     model.config.use_cache = False  # a cache in train mode wastes memory and breaks packed attention
     if quantized:
         from peft import prepare_model_for_kbit_training
@@ -93,13 +97,15 @@ def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_cod
     return model
 
 
-def _load(path: str, s: ModelSettings, trust_remote_code: bool = False):
+def _load(path: str, s: ModelSettings, trust_remote_code: bool = False, device: str | None = None):
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": s.storage_dtype if s.quantization == "none" else DTYPES[s.precision], "attn_implementation": s.attention,
                               "trust_remote_code": trust_remote_code}
     if s.quantization != "none":
         kwargs["quantization_config"] = _bnb_config(s)
+        if device is not None:
+            kwargs["device_map"] = {"": device}
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 

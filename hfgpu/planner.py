@@ -69,6 +69,7 @@ class Plan:
     warnings: tuple[str, ...]
     tokens_per_second_estimate: float | None
     distributed: str = "none"
+    simulation: dict | None = None  # plan(..., verify=True): one step simulated on fake tensors (hfgpu.simulate)
 
     @property
     def fits(self) -> bool:
@@ -114,7 +115,17 @@ class Plan:
             "warnings": list(self.warnings),
             "tokens_per_second_estimate": None if self.tokens_per_second_estimate is None else round(self.tokens_per_second_estimate, 1),
             "hours_per_million_tokens_estimate": None if self.hours_per_million_tokens is None else round(self.hours_per_million_tokens, 3),
+            **({"simulation": self.simulation} if self.simulation is not None else {}),
         }
+
+    def setup(self) -> memory.Setup:
+        """The knobs that decide memory, as the memory model and the simulation take them."""
+        return memory.Setup(
+            strategy=self.strategy, precision=self.precision, quantization=self.quantization, double_quant=self.double_quant,
+            gradient_checkpointing=self.gradient_checkpointing, micro_batch_size=self.micro_batch_size, seq_len=self.seq_len,
+            optimizer=self.optimizer, attention=self.attention, lora_r=self.lora.r if self.lora else 16,
+            lora_targets=self.lora.target_modules if self.lora else (), distributed=self.distributed, world_size=self.gpu.count,
+        )
 
     def __str__(self) -> str:
         from hfgpu.report import plan_text
@@ -286,7 +297,7 @@ def _search(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int) -> tuple[_Knobs, m
                 for mb in batches:
                     kn = _Knobs(precision, strategy, q, optimizer, ckpt, mb)
                     targets = k["targets_resolved"]
-                    mem = memory.breakdown(spec, _setup(k, kn, seq_len, targets), gpu.vram_bytes)
+                    mem = memory.breakdown(spec, _setup(k, kn, seq_len, targets), gpu.vram_bytes, k["correction"])
                     if mem.fits:
                         return kn, mem, True
                     if smallest is None or mem.total < smallest[1].total:
@@ -309,6 +320,12 @@ def _resolve(spec: ModelSpec, gpu: GPU, knobs: dict) -> dict:
         k["targets_resolved"] = tuple(x.strip() for x in (t.split(",") if isinstance(t, str) else t) if x.strip())
     k["global_batch_size_resolved"] = DEFAULT_GLOBAL_BATCH if k["global_batch_size"] == "auto" else k["global_batch_size"]
     k["world_size"] = gpu.count
+    k["calibration"] = None
+    if k["calibrated"] and not gpu.is_cpu:
+        from hfgpu.calibrate import correction_for
+
+        k["calibration"] = correction_for(gpu.name)
+    k["correction"] = k["calibration"]["factor"] if k["calibration"] else 1.0
     if k["distributed"] == "auto":
         k["distributed_resolved"] = "ddp" if gpu.count > 1 else "none"
     else:
@@ -340,18 +357,26 @@ def plan(
     lora_dropout: float = 0.05,
     lora_targets: str | list[str] = "auto",
     distributed: str = "auto",
+    verify: bool = False,
+    calibrated: bool = True,
 ) -> Plan:
     """Plan a fine-tuning run of `model` on `gpu`. Knobs given are kept; "auto" ones are chosen.
 
+    `verify=True` also runs one training step of the planned model on fake tensors (about 10 s for
+    an 8B model) and attaches its tensor peak as `plan.simulation`.
     Raises `DoesNotFit` (carrying the closest plan and what would fit instead) when nothing fits,
     and `HfgpuError` for a bad model, card or knob.
     """
     spec = model_spec(model)
     card = get_gpu(gpu)
     knobs = dict(locals())
-    for name in ("model", "gpu", "spec", "card"):
+    for name in ("model", "gpu", "spec", "card", "verify"):
         knobs.pop(name)
     result = _plan(spec, card, knobs)
+    if verify:
+        from hfgpu.simulate import simulate
+
+        result = replace(result, simulation=simulate(spec.config, result.setup(), spec).to_dict())
     if not result.fits:
         raise DoesNotFit(_does_not_fit_message(result, alts := _alternatives(spec, card, knobs, result)), closest=result, alternatives=alts)
     return result
@@ -359,7 +384,7 @@ def plan(
 
 def plan_or_closest(model: Any, gpu: Any = "auto", **knobs: Any) -> Plan:
     """Like `plan`, but returns the closest plan (`fits == False`) instead of raising DoesNotFit."""
-    defaults = {k: v for k, v in plan.__kwdefaults__.items()}
+    defaults = {k: v for k, v in plan.__kwdefaults__.items() if k != "verify"}
     return _plan(model_spec(model), get_gpu(gpu), {**defaults, **knobs})
 
 
@@ -453,6 +478,9 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
         r["attention"] = "sdpa: PyTorch's fused flash/memory-efficient kernels, no extra package; flash_attention_2 is an option with the flash-attn package"
     else:
         r["attention"] = f"sdpa: PyTorch's memory-efficient kernel runs from cc 5.0; FlashAttention-2 needs cc ≥ 8.0 (this card: {cc[0]}.{cc[1]})"
+    c = k["calibration"]
+    if c:
+        r["memory"] = f"calibrated on this machine's {card.name} on {c['date']} ({c['rows']} measured steps of {c['model']}): activations, logits and overhead × {c['factor']} (hfgpu calibrate)"
     mode = k["distributed_resolved"]
     if k["distributed"] != "auto":
         r["distributed"] = fixed

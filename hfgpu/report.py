@@ -53,6 +53,20 @@ def memory_rows(p: "Plan") -> list[tuple[str, str]]:
     ]
 
 
+def verify_rows(p: "Plan") -> list[tuple[str, str, str]]:
+    """Planner vs simulation, component by component (the planner counts autocast weight copies as weights)."""
+    m, sim = p.memory, p.simulation
+    tensor_peak = m.weights + m.trainable_state + m.activations + m.logits
+    return [
+        ("weights", gib(m.weights), gib(sim["weights"])),
+        ("trainable state", gib(m.trainable_state), gib(sim["trainable_state"])),
+        ("activations + logits", gib(m.activations + m.logits), gib(sim["transient"])),
+        ("tensor peak", gib(tensor_peak), gib(sim["peak"])),
+        ("+ overhead = total", gib(m.total), gib(sim["peak"] + m.overhead)),
+        ("simulated / planned tensor peak", "", f"{sim['peak'] / tensor_peak:.2f}"),
+    ]
+
+
 def plan_header(p: "Plan") -> str:
     cc = p.gpu.compute_capability
     ccs = "cc unknown" if cc is None else f"cc {cc[0]}.{cc[1]}"

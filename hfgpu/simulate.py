@@ -99,7 +99,9 @@ def simulate(config: dict, s: memory.Setup, spec=None) -> Simulation:
                 model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=0.05,
                                                          target_modules=list(s.lora_targets), task_type="CAUSAL_LM"))
         model.train()
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer)
+        # bitsandbytes' 8-bit optimizers read tensor values (block maxima), which fake tensors lack:
+        # their state is exact analytically (tests/test_memory.py), so it is added, not simulated.
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
         ids = torch.randint(0, cfg.vocab_size, (s.micro_batch_size, s.seq_len))
         autocast = s.precision != "fp32"
 
@@ -109,14 +111,21 @@ def simulate(config: dict, s: memory.Setup, spec=None) -> Simulation:
             loss.backward()
 
         forward_backward()
-        optimizer.step()  # optimizer state exists from here on
+        if optimizer is not None:
+            optimizer.step()  # optimizer state exists from here on
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         weights = storage_bytes(state_tensors(model)) - storage_bytes(grads)
         state = storage_bytes(state_tensors(model, optimizer)) - weights
         with PeakTracker(baseline=state_tensors(model, optimizer)) as tracker:
             forward_backward()  # the previous micro-batch's gradients are alive, as under accumulation
-            optimizer.step()
+            if optimizer is not None:
+                optimizer.step()
         peak = tracker.peak_bytes
+    if optimizer is None:
+        spec = spec or model_spec(config)
+        analytic_state = memory.trainable_state_bytes(spec, s) - 4 * memory.trainable_params(spec, s)
+        state += analytic_state
+        peak += analytic_state
     if quantized:
         spec = spec or model_spec(config)
         simulated_linear = BYTES_OF[storage] * spec.linear_params

@@ -1,0 +1,121 @@
+"""Calibration against a real GPU: measure training steps, compare with the planner, store a correction.
+
+`measure_cuda_step` runs a few real steps of a model built from its config (random weights: memory
+does not depend on their values) and reads torch.cuda's counters. `hfgpu calibrate MODEL` runs a
+short grid on the user's own card and stores, per card, the ratio of measured to planned memory
+beyond the exact parts; later plans on that card apply it and say so in their reasons.
+benchmarks/memory_calibration.py runs the full grid and writes a CSV.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+from hfgpu import memory
+from hfgpu.errors import HfgpuError
+
+GIB = 1024**3
+
+
+def calibration_file() -> Path:
+    from hfgpu.models import _cache_dir
+
+    return _cache_dir().parent / "calibration.json"
+
+
+def load_corrections() -> dict:
+    path = calibration_file()
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def correction_for(card_name: str) -> dict | None:
+    """{'factor', 'date', 'model', 'rows'} stored by `hfgpu calibrate` for this card, if any."""
+    entry = load_corrections().get(card_name)
+    return entry if isinstance(entry, dict) and isinstance(entry.get("factor"), (int, float)) else None
+
+
+def require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise HfgpuError("calibration measures real training steps on your GPU, and torch sees no CUDA device here: run it on the machine with the card")
+
+
+def measure_cuda_step(config, s: memory.Setup, steps: int = 3) -> dict:
+    """Peak memory of `steps` real training steps on cuda:0, in bytes (allocated, reserved, device-wide used)."""
+    import torch
+
+    from hfgpu.modeling import DTYPES, ModelSettings, prepare_model
+    from hfgpu.train import make_optimizer
+
+    settings = ModelSettings(strategy=s.strategy, precision=s.precision, quantization=s.quantization, double_quant=s.double_quant,
+                             gradient_checkpointing=s.gradient_checkpointing, attention=s.attention, lora_r=s.lora_r,
+                             lora_alpha=2 * s.lora_r, lora_targets=s.lora_targets)
+    torch.cuda.empty_cache()
+    free_before, total = torch.cuda.mem_get_info()
+    model = prepare_model(config, settings, device="cuda")
+    model.train()
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer)
+    ids = torch.randint(0, config.vocab_size, (s.micro_batch_size, s.seq_len), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    used_peak = 0
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=DTYPES[s.precision], enabled=s.precision != "fp32"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # keep gradients alive, as under accumulation
+        torch.cuda.synchronize()
+        used_peak = max(used_peak, free_before - torch.cuda.mem_get_info()[0])
+    result = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(), "device_used": used_peak}
+    del model, optimizer, ids, loss
+    torch.cuda.empty_cache()
+    return result
+
+
+def grid(model: str, short: bool = True) -> list[dict]:
+    """Plan knobs for the calibration grid of one model."""
+    strategies = ("lora", "qlora") if short else ("full", "lora", "qlora")
+    seqs = (256, 1024) if short else (256, 1024, 2048)
+    batches = (1, 2) if short else (1, 4)
+    return [dict(strategy=st, seq_len=sq, micro_batch_size=mb, gradient_checkpointing=ck)
+            for st in strategies for sq in seqs for mb in batches for ck in (False, True)]
+
+
+def calibrate(model: str, gpu: str = "auto", say=print) -> dict:
+    """Measure the short grid for `model` on this machine's card; store and return the correction."""
+    require_cuda()
+    from hfgpu.models import _to_pretrained_config, model_spec
+    from hfgpu.planner import plan_or_closest
+
+    spec = model_spec(model)
+    config = _to_pretrained_config(spec.config)
+    ratios, card = [], None
+    for knobs in grid(model):
+        p = plan_or_closest(model, gpu, calibrated=False, **knobs)
+        card = p.gpu
+        if not p.fits:
+            continue
+        measured = measure_cuda_step(config, p.setup())
+        exact = p.memory.weights + p.memory.trainable_state
+        planned_rest = p.memory.activations + p.memory.logits + p.memory.overhead
+        measured_rest = measured["device_used"] - exact
+        ratios.append(measured_rest / planned_rest)
+        say(f"{knobs}: planned {p.memory.total / GIB:.2f} GiB, measured {measured['device_used'] / GIB:.2f} GiB (reserved {measured['reserved'] / GIB:.2f})")
+    if not ratios:
+        raise HfgpuError(f"no calibration run of {model} fits this card: calibrate with a smaller model")
+    entry = {"factor": round(max(statistics.median(ratios), max(ratios) * 0.95), 3), "date": datetime.date.today().isoformat(),
+             "model": model, "rows": len(ratios)}
+    table = load_corrections()
+    table[card.name] = entry
+    path = calibration_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1))
+    say(f"{card.name}: transient memory × {entry['factor']} from {len(ratios)} measured steps; stored in {path}")
+    return entry
