@@ -109,8 +109,7 @@ def measure_model(mode, entry):
 
 def static_bytes(spec, setup) -> int:
     """The exact part of the model, plus the per-step constants (dequantization workspace, embedding gradient)."""
-    return (memory.weight_bytes(spec, setup) + memory.trainable_state_bytes(spec, setup) + memory.dequant_workspace_bytes(spec, setup)
-            + memory.embedding_grad_bytes(spec, setup))
+    return memory.weight_bytes(spec, setup) + memory.trainable_state_bytes(spec, setup) + memory.dequant_workspace_bytes(spec, setup)
 
 
 LAYER = ["hidden", "inter", "qkv", "lora_in", "heads_seq"]
@@ -121,18 +120,25 @@ def fit_mode(mode, rows, table: dict) -> dict:
     bytes kept per layer input (the rest reuses the same mode's no-checkpointing coefficients)."""
     strategy, _, ckpt, attention = mode
     tokens = np.array([st.micro_batch_size * st.seq_len for _, st, _ in rows], dtype=float)
-    y = np.array([peak - static_bytes(spec, st) for spec, st, peak in rows]) / tokens
+    y = np.array([peak - static_bytes(spec, st) for spec, st, peak in rows], dtype=float)  # bytes
     if not ckpt:
         names = [n for n in LAYER if (n != "lora_in" or strategy != "full") and (n != "heads_seq" or attention == "eager")]
-        X = np.array([[spec.vocab_size, spec.hidden_size] + [spec.num_layers * memory.layer_features(spec, st)[n] for n in names] for spec, st, _ in rows], dtype=float)
-        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-        return {"vocab": round(float(coef[0]), 4), "model_hidden": round(float(coef[1]), 4), "layer": {n: round(float(c), 4) for n, c in zip(names, coef[2:])}}
+        per_token = np.array([[spec.vocab_size, spec.hidden_size] + [spec.num_layers * memory.layer_features(spec, st)[n] for n in names] for spec, st, _ in rows], dtype=float)
+        X = per_token * tokens[:, None]
+        if strategy == "full":  # a per-step constant: dense vocab × hidden gradients (see memory.vocab_transient_bytes)
+            X = np.hstack([X, np.array([[spec.vocab_size * spec.hidden_size] for spec, _, _ in rows], dtype=float)])
+        # relative least squares: every shape counts alike, whatever its size
+        coef, *_ = np.linalg.lstsq(X / y[:, None], np.ones_like(y), rcond=None)
+        row = {"vocab": round(float(coef[0]), 4), "model_hidden": round(float(coef[1]), 4), "layer": {n: round(float(c), 4) for n, c in zip(names, coef[2:2 + len(names)])}}
+        if strategy == "full":
+            row["vocab_hidden"] = round(float(coef[-1]), 4)
+        return row
     key = memory.mode_key(rows[0][1])
     table[key] = {"ckpt_input": 0.0}
     _write({"modes": table}, partial=True)
-    rest = np.array([sum(memory.transient_per_token(spec, st)) for spec, st, _ in rows])
-    lh = np.array([spec.num_layers * spec.hidden_size for spec, _, _ in rows], dtype=float)
-    return {"ckpt_input": round(float(np.dot(y - rest, lh) / np.dot(lh, lh)), 4)}
+    rest = np.array([memory.activation_bytes(spec, st) + memory.logits_bytes(spec, st) - memory.dequant_workspace_bytes(spec, st) for spec, st, _ in rows], dtype=float)
+    lh = np.array([spec.num_layers * spec.hidden_size for spec, _, _ in rows], dtype=float) * tokens
+    return {"ckpt_input": round(float(np.dot((y - rest) / y, lh / y) / np.dot(lh / y, lh / y)), 4)}
 
 
 def predicted(spec, setup) -> int:

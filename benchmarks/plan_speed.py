@@ -62,6 +62,13 @@ def main() -> int:
             runs.append(time.perf_counter() - t)
         warm[name] = statistics.median(runs)
 
+    t = time.perf_counter()
+    verified = hfgpu.plan_or_closest("meta-llama/Llama-3.1-8B", "RTX 4090")
+    from hfgpu.simulate import simulate
+
+    simulate(verified.spec.config, verified.setup(), verified.spec)
+    verify_8b = time.perf_counter() - t
+
     py = sys.executable
     baseline = wall([py, "-c", "import torch, transformers"], env)
     import_hfgpu = wall([py, "-c", "import hfgpu"], env)
@@ -86,6 +93,7 @@ def main() -> int:
     print(f"plan() first call, 70B-class (meta device, imports torch):   {cold_70b:.3f} s")
     print(f"plan() warm, Llama-3.1-8B:  {warm['Llama-3.1-8B']:.4f} s   (target < 0.5 s)")
     print(f"plan() warm, 70B-class:     {warm['70B-class']:.4f} s   (target < 1 s)")
+    print(f"--verify, Llama-3.1-8B (one step on fake tensors): {verify_8b:.1f} s   (target < 20 s)")
     print(f"python -c 'import torch, transformers':      {baseline:.2f} s   (1.00)")
     print(f"python -c 'import hfgpu':                    {import_hfgpu:.2f} s   ({import_hfgpu / baseline:.2f})")
     print(f"hfgpu plan … --json, inventory cached:       {cli_cached:.2f} s   ({cli_cached / baseline:.2f}; target ≤ 1.5)")

@@ -29,26 +29,33 @@ class StepMemory:
         return self.peak - self.weights - self.trainable_state
 
 
-def measure_step(config, settings: ModelSettings, micro_batch_size: int, seq_len: int, optimizer: str = "adamw_torch") -> StepMemory:
-    model = prepare_model(config, settings)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, optimizer)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (micro_batch_size, seq_len), generator=gen)
-    autocast = settings.precision != "fp32"
+def tracked_step(model, optimizer, ids: torch.Tensor, precision: str) -> StepMemory:
+    """One warm-up step (gradients and optimizer state come to exist), then one tracked step with the
+    previous gradients still alive, as under accumulation. `optimizer` may be None (state added by the caller)."""
+    autocast = precision != "fp32"
 
     def forward_backward():
-        with torch.autocast("cpu", dtype=DTYPES[settings.precision], enabled=autocast):
+        with torch.autocast("cpu", dtype=DTYPES[precision], enabled=autocast):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
 
     forward_backward()
-    opt.step()  # allocates optimizer state; these gradients stay alive, as a previous micro-batch's under accumulation
+    if optimizer is not None:
+        optimizer.step()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     weights = storage_bytes(state_tensors(model)) - storage_bytes(grads)
-    trainable_state = storage_bytes(state_tensors(model, opt)) - weights
-    with PeakTracker(baseline=state_tensors(model, opt)) as tracker:
+    trainable_state = storage_bytes(state_tensors(model, optimizer)) - weights
+    with PeakTracker(baseline=state_tensors(model, optimizer)) as tracker:
         forward_backward()
-        opt.step()
+        if optimizer is not None:
+            optimizer.step()
     return StepMemory(weights=weights, trainable_state=trainable_state, peak=tracker.peak_bytes)
+
+
+def measure_step(config, settings: ModelSettings, micro_batch_size: int, seq_len: int, optimizer: str = "adamw_torch") -> StepMemory:
+    """The tensor memory of a real training step on CPU tensors."""
+    model = prepare_model(config, settings)
+    model.train()
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer)
+    ids = torch.randint(0, config.vocab_size, (micro_batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    return tracked_step(model, opt, ids, settings.precision)

@@ -218,13 +218,15 @@ def transient_per_token(spec: ModelSpec, s: Setup) -> tuple[float, float]:
 
 def activation_bytes(spec: ModelSpec, s: Setup) -> int:
     tokens = s.micro_batch_size * s.seq_len
-    return int(tokens * max(transient_per_token(spec, s)[0], 0.0)) + dequant_workspace_bytes(spec, s) + embedding_grad_bytes(spec, s)
+    return int(tokens * max(transient_per_token(spec, s)[0], 0.0)) + dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s)
 
 
-def embedding_grad_bytes(spec: ModelSpec, s: Setup) -> int:
-    """Full fine-tuning: the embedding's backward builds a dense fp32 vocab × hidden gradient before
-    adding it into the accumulated one (measured on simulated steps; not a per-token cost)."""
-    return 4 * spec.embedding_params if s.strategy == "full" else 0
+def vocab_transient_bytes(spec: ModelSpec, s: Setup) -> int:
+    """A per-step cost that does not scale with tokens: in full fine-tuning the embedding's and
+    lm_head's backward build dense vocab × hidden gradients before adding them into the accumulated
+    ones (fitted: coefficient `vocab_hidden`, bytes per vocab × hidden element)."""
+    row = activation_coefficients()["modes"][mode_key(s, checkpointing=False)]
+    return int(row.get("vocab_hidden", 0.0) * spec.vocab_size * spec.hidden_size)
 
 
 def logits_bytes(spec: ModelSpec, s: Setup) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from hfgpu import memory
-from hfgpu.memtrack import PeakTracker, state_tensors, storage_bytes
+from hfgpu.measure import tracked_step
 from hfgpu.modeling import DTYPES
 
 
@@ -103,24 +103,8 @@ def simulate(config: dict, s: memory.Setup, spec=None) -> Simulation:
         # their state is exact analytically (tests/test_memory.py), so it is added, not simulated.
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
         ids = torch.randint(0, cfg.vocab_size, (s.micro_batch_size, s.seq_len))
-        autocast = s.precision != "fp32"
-
-        def forward_backward():
-            with torch.autocast("cpu", dtype=DTYPES[s.precision], enabled=autocast):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-
-        forward_backward()
-        if optimizer is not None:
-            optimizer.step()  # optimizer state exists from here on
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        weights = storage_bytes(state_tensors(model)) - storage_bytes(grads)
-        state = storage_bytes(state_tensors(model, optimizer)) - weights
-        with PeakTracker(baseline=state_tensors(model, optimizer)) as tracker:
-            forward_backward()  # the previous micro-batch's gradients are alive, as under accumulation
-            if optimizer is not None:
-                optimizer.step()
-        peak = tracker.peak_bytes
+        step = tracked_step(model, optimizer, ids, s.precision)
+    weights, state, peak = step.weights, step.trainable_state, step.peak
     if optimizer is None:
         spec = spec or model_spec(config)
         analytic_state = memory.trainable_state_bytes(spec, s) - 4 * memory.trainable_params(spec, s)
