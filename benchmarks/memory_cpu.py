@@ -125,12 +125,12 @@ def fit_mode(mode, rows, table: dict) -> dict:
         names = [n for n in LAYER if (n != "lora_in" or strategy != "full") and (n != "heads_seq" or attention == "eager")]
         per_token = np.array([[spec.vocab_size, spec.hidden_size] + [spec.num_layers * memory.layer_features(spec, st)[n] for n in names] for spec, st, _ in rows], dtype=float)
         X = per_token * tokens[:, None]
-        if strategy == "full":  # a per-step constant: dense vocab × hidden gradients (see memory.vocab_transient_bytes)
+        if strategy in ("full", "qlora"):  # per-step constants (see memory.vocab_transient_bytes)
             X = np.hstack([X, np.array([[spec.vocab_size * spec.hidden_size] for spec, _, _ in rows], dtype=float)])
         # relative least squares: every shape counts alike, whatever its size
         coef, *_ = np.linalg.lstsq(X / y[:, None], np.ones_like(y), rcond=None)
         row = {"vocab": round(float(coef[0]), 4), "model_hidden": round(float(coef[1]), 4), "layer": {n: round(float(c), 4) for n, c in zip(names, coef[2:2 + len(names)])}}
-        if strategy == "full":
+        if strategy in ("full", "qlora"):
             row["vocab_hidden"] = round(float(coef[-1]), 4)
         return row
     key = memory.mode_key(rows[0][1])

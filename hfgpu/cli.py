@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hub repo id, local folder or config.json (offline catalog: see `hfgpu fit --help`)")
     p.add_argument("--gpu", default="auto", help='card name ("RTX 3060", "4090", "1080ti"), memory ("12GB"), "2x RTX 3090", or auto')
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument("--plot", metavar="PNG", help="also draw the memory breakdown against the card (e.g. plan.png)")
     p.add_argument("--verify", action="store_true", help="also simulate one real training step on fake tensors (~10 s for 8B) and compare")
     _add_knobs(p)
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tokens", type=float, default=10e6, metavar="N", help="tokens to train, for the hours column (default 10M)")
     f.add_argument("--budget", type=float, default=None, metavar="USD", help="mark the fastest card at or under this launch price")
     f.add_argument("--json", action="store_true")
+    f.add_argument("--plot", metavar="PNG", help="also draw each card's best peak against its memory (e.g. fit.png)")
     r = sub.add_parser("recipe", help="write a recipe for MODEL on CARD from its plan (to stdout)")
     r.add_argument("model")
     r.add_argument("--gpu", required=True, help="the card to plan for")
@@ -158,6 +160,17 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _png(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix.lower() != ".png":
+        raise HfgpuError(f"--plot {path!r} must end in .png, e.g. --plot plan.png")
+    if not p.parent.is_dir():
+        raise HfgpuError(f"--plot {path!r}: folder {str(p.parent)!r} does not exist")
+    return path
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from hfgpu.planner import DoesNotFit, plan
 
@@ -166,6 +179,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         alternatives: list[str] = []
     except DoesNotFit as e:
         result, alternatives = e.closest, e.alternatives
+    if args.plot:
+        from hfgpu.plots import plot_plan
+
+        plot_plan(result, _png(args.plot))
     if args.json:
         d = result.to_dict()
         if not result.fits:
@@ -250,6 +267,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise HfgpuError(f"--budget {args.budget:g} must be a positive price in USD, e.g. --budget 600")
     spec = model_spec(args.model)
     rows = fit_table(args.model, args.seq_len, args.tokens, args.budget)
+    if args.plot:
+        from hfgpu.plots import plot_fit
+
+        plot_fit(spec.name, rows, _png(args.plot), args.tokens)
     if args.json:
         print(json.dumps({"model": spec.name, "tokens": args.tokens, "budget_usd": args.budget, "gpus": rows}, indent=2))
         return 0

@@ -222,9 +222,10 @@ def activation_bytes(spec: ModelSpec, s: Setup) -> int:
 
 
 def vocab_transient_bytes(spec: ModelSpec, s: Setup) -> int:
-    """A per-step cost that does not scale with tokens: in full fine-tuning the embedding's and
-    lm_head's backward build dense vocab × hidden gradients before adding them into the accumulated
-    ones (fitted: coefficient `vocab_hidden`, bytes per vocab × hidden element)."""
+    """A per-step cost that does not scale with tokens (fitted: coefficient `vocab_hidden`, bytes per
+    vocab × hidden element): in full fine-tuning the embedding's and lm_head's backward build dense
+    gradients before adding them into the accumulated ones; in QLoRA autocast makes a 16-bit copy of
+    the fp32 lm_head that prepare_model_for_kbit_training left behind."""
     row = activation_coefficients()["modes"][mode_key(s, checkpointing=False)]
     return int(row.get("vocab_hidden", 0.0) * spec.vocab_size * spec.hidden_size)
 

@@ -1,0 +1,69 @@
+"""Pictures where people would rather look than read (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GIB = 1024**3
+COMPONENTS = [("weights", "#4c72b0"), ("trainable_state", "#55a868"), ("activations", "#c44e52"), ("logits", "#dd8452"), ("overhead", "#8172b3")]
+STRATEGY_COLOURS = {"full": "#4c72b0", "lora": "#55a868", "qlora": "#dd8452", None: "#bbbbbb"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_plan(p, path: str | Path) -> Path:
+    """A stacked bar of the plan's memory against the card's memory, the budget (headroom) marked."""
+    plt = _plt()
+    m = p.memory.to_dict()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bottom = 0.0
+    for name, colour in COMPONENTS:
+        value = m[name] / GIB
+        ax.bar([0], [value], bottom=bottom, color=colour, width=0.5, label=f"{name.replace('_', ' ')}  {value:.1f} GiB")
+        bottom += value
+    card = p.gpu.vram_gb * GIB / GIB
+    ax.axhline(card, color="black", linewidth=1.5, label=f"{p.gpu.name}: {p.gpu.vram_gb:g} GB")
+    ax.axhline(m["budget"] / GIB, color="black", linestyle="--", linewidth=1, label=f"budget (headroom kept) {m['budget'] / GIB:.1f} GiB")
+    ax.set_xlim(-0.6, 1.9)
+    ax.set_xticks([])
+    ax.set_ylabel("GiB")
+    ax.set_ylim(0, max(bottom, card) * 1.12)
+    verdict = "fits" if p.fits else "does NOT fit"
+    ax.set_title(f"{p.model}: {p.strategy}, micro-batch {p.micro_batch_size} × {p.grad_accum_steps}, seq {p.seq_len} — {verdict}", fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_fit(model: str, rows: list[dict], path: str | Path, tokens: float) -> Path:
+    """Per consumer card: the best strategy's peak against the card's memory, with price and hours."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.5))
+    for i, r in enumerate(rows):
+        y = len(rows) - 1 - i
+        ax.barh(y, r["vram_gb"], color="#eeeeee", edgecolor="#999999", height=0.8)
+        if r["best_strategy"]:
+            ax.barh(y, r["best_peak_gib"], color=STRATEGY_COLOURS[r["best_strategy"]], height=0.5)
+        price = f"${r['launch_price_usd']:,.0f}" if r["launch_price_usd"] else "–"
+        hours = f"{r['hours_estimate']:.1f} h" if r["hours_estimate"] else "–"
+        ax.text(r["vram_gb"] + 0.3, y, f"{price} · {hours}" if r["best_strategy"] else f"{price} · does not fit", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [r["gpu"].replace("GeForce ", "") for r in reversed(rows)], fontsize=7)
+    ax.set_xlabel("GB (grey: the card; colour: peak of the best strategy that fits)")
+    ax.set_title(f"{model}: which card fits, at what price, in how many hours for {tokens:,.0f} tokens (estimates)", fontsize=9)
+    for strategy in ("full", "lora", "qlora"):
+        ax.barh([], [], color=STRATEGY_COLOURS[strategy], label=strategy)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0, max(r["vram_gb"] for r in rows) * 1.35)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

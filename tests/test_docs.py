@@ -1,0 +1,108 @@
+"""The user's guide stays true: generated tables match the planner, pictures are drawn, and every
+command in README.md, README.zh-CN.md and docs/ runs as written (those that need no GPU and no network)."""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "README.zh-CN.md"]
+PREFIXES = ("hfgpu ", ".venv/bin/hfgpu ", "python ", ".venv/bin/python ", "accelerate ", ".venv/bin/accelerate ", "make ", "pip ")
+
+
+def commands(path: Path) -> list[str]:
+    """Shell commands in indented (4-space) and fenced bash blocks, trailing comments dropped."""
+    out = []
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        if not line.startswith("    ") or not text.startswith(PREFIXES):
+            continue
+        out.append(re.sub(r"\s{2,}#.*$", "", text).strip())
+    return out
+
+
+def needs_gpu_or_network(cmd: str) -> str | None:
+    if cmd.startswith(("pip ", "make ")):
+        return "installs or runs the suite"
+    if " push " in f" {cmd} " or " calibrate " in f" {cmd} ":
+        return "needs the Hub or a GPU"
+    if "[" in cmd:
+        return "has placeholders"
+    if "benchmarks/" in cmd:
+        return "a benchmark (minutes): run by hand"
+    if "accelerate launch" in cmd and ("demo_cpu.yaml" not in cmd or "multi_gpu" in cmd):
+        return "runs on a GPU"
+    return None
+
+
+def to_argv(cmd: str) -> list[str]:
+    argv = shlex.split(cmd)
+    head = argv[0].removeprefix(".venv/bin/")
+    if head == "hfgpu":
+        return [sys.executable, "-m", "hfgpu", *argv[1:]]
+    if head == "python":
+        return [sys.executable, *argv[1:]]
+    if head == "accelerate":
+        return [shutil.which("accelerate", path=os.path.dirname(sys.executable)), *argv[1:]]
+    raise AssertionError(cmd)
+
+
+def test_generated_tables_match_the_planner():
+    r = subprocess.run([sys.executable, "scripts/make_docs.py", "--check"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_chinese_pages_are_linked():
+    assert "README.zh-CN.md" in (ROOT / "README.md").read_text()
+    assert "choosing-a-gpu.zh-CN.md" in (ROOT / "docs" / "choosing-a-gpu.md").read_text()
+    assert "choosing-a-gpu.zh-CN.md" in (ROOT / "README.zh-CN.md").read_text()
+
+
+def test_every_documented_command_runs(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    for folder in ("recipes", "accelerate_configs", "scripts", "benchmarks"):
+        shutil.copytree(ROOT / folder, work / folder)
+    (work / "my.jsonl").write_text('{"instruction": "Name the capital city of Peru.", "input": "", "output": "Lima"}\n' * 8)
+    (work / "my-model-dir").mkdir()
+    shutil.copy(ROOT / "hfgpu/resources/configs/Qwen__Qwen2.5-0.5B.json", work / "my-model-dir" / "config.json")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    ran, skipped = [], []
+    for doc in DOCS:
+        for cmd in commands(doc):
+            why = needs_gpu_or_network(cmd)
+            if why:
+                skipped.append((cmd, why))
+                continue
+            target = None
+            if " > " in cmd:  # shell redirection into a file
+                cmd, target = (x.strip() for x in cmd.split(" > ", 1))
+            r = subprocess.run(to_argv(cmd), capture_output=True, text=True, cwd=work, env=env, timeout=600)
+            if target:
+                (work / target).write_text(r.stdout)
+            ok = {0, 3} if re.search(r"\b(plan|fit)\b", cmd) and "finetune" not in cmd else {0}
+            assert r.returncode in ok, f"{doc.name}: {cmd}\n{r.stderr[-1500:]}"
+            assert "Traceback" not in r.stderr, f"{doc.name}: {cmd}\n{r.stderr[-1500:]}"
+            ran.append(cmd)
+    assert len(ran) >= 25, ran
+    assert (work / "plan.png").stat().st_size > 0 and (work / "fit.png").stat().st_size > 0
+    print(f"ran {len(ran)} commands, skipped {len(skipped)}: " + "; ".join(f"{c} ({w})" for c, w in skipped))
+
+
+@pytest.mark.parametrize("kind", ["plan", "fit"])
+def test_plots_are_written(tmp_path, kind):
+    png = tmp_path / f"{kind}.png"
+    args = ["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090"] if kind == "plan" else ["fit", "Qwen/Qwen2.5-0.5B", "--seq-len", "512"]
+    r = subprocess.run([sys.executable, "-m", "hfgpu", *args, "--plot", str(png)], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "hfgpu", *args, "--plot", str(tmp_path / "x.jpg")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "must end in .png" in bad.stderr
