@@ -52,6 +52,8 @@ GRID = [
     ({"hidden_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 2816, "vocab_size": 151936}, 2, 512, None),
     ({"vocab_size": 128256, "tie_word_embeddings": True}, 1, 1024, None),
     ({"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4, "intermediate_size": 4096}, 4, 256, None),
+    ({"hidden_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 2816, "vocab_size": 151936,
+      "tie_word_embeddings": True}, 1, 2048, None),
 ]
 # held-out: real models at full depth (from the offline catalog), (model, micro_batch, seq_len)
 HELD_OUT_MODELS = [("Qwen/Qwen2.5-0.5B", 2, 512), ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1, 1024)]
@@ -148,6 +150,7 @@ def predicted(spec, setup) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--refit", action="store_true", help="fit the coefficients and write them into the package")
+    parser.add_argument("--only", default="", help="only the modes whose key starts with this (e.g. full), keeping the others")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -156,9 +159,11 @@ def main() -> int:
 
     tf_logging.disable_progress_bar()
     start = time.time()
-    modes = {}
+    modes = dict(memory.activation_coefficients()["modes"]) if args.only else {}
     for mode in MODES:
         key = memory.mode_key(setup_for(model_spec(config_for({})), *mode, 1, 1, None))
+        if not key.startswith(args.only):
+            continue
         rows = [measure(mode, case) for case in GRID]
         held = [measure_model(mode, entry) for entry in HELD_OUT_MODELS]
         if args.refit:

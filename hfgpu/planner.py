@@ -376,7 +376,14 @@ def plan(
     if verify:
         from hfgpu.simulate import simulate
 
-        result = replace(result, simulation=simulate(spec.config, result.setup(), spec).to_dict())
+        sim = simulate(spec.config, result.setup(), spec).to_dict()
+        sim["total"] = sim["peak"] + result.memory.overhead
+        sim["fits"] = sim["total"] <= result.memory.budget
+        extra = ()
+        if result.fits and not sim["fits"]:
+            extra = (f"the simulated step needs {sim['total'] / memory.GIB:.1f} GiB, more than the budget of {result.memory.budget / memory.GIB:.1f} GiB: "
+                     "trust the simulation — lower the micro-batch or seq_len, or turn on gradient checkpointing",)
+        result = replace(result, simulation=sim, warnings=result.warnings + extra)
     if not result.fits:
         raise DoesNotFit(_does_not_fit_message(result, alts := _alternatives(spec, card, knobs, result)), closest=result, alternatives=alts)
     return result

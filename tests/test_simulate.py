@@ -45,7 +45,8 @@ def test_simulated_peak_equals_the_real_step_within_2_percent(shape, strategy, p
 def test_plan_verify_attaches_the_simulation():
     p = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 3060 12GB", strategy="lora", seq_len=256, micro_batch_size=2, verify=True)
     sim = p.simulation
-    assert set(sim) == {"weights", "trainable_state", "transient", "peak", "seconds"}
+    assert set(sim) == {"weights", "trainable_state", "transient", "peak", "seconds", "total", "fits"}
+    assert sim["total"] == sim["peak"] + p.memory.overhead and sim["fits"] == (sim["total"] <= p.memory.budget)
     assert sim["trainable_state"] == p.memory.trainable_state and sim["weights"] == p.memory.weights
     assert 0.5 < sim["peak"] / (p.memory.weights + p.memory.trainable_state + p.memory.activations + p.memory.logits) < 1.5
     assert p.to_dict()["simulation"] == sim
