@@ -79,7 +79,6 @@ def hfgpu_loop(model_dir: Path, data_path: Path, steps: int, packing: bool, out:
 
 def trainer_baseline(model_dir: Path, data_path: Path, steps: int, out: Path) -> tuple[float, int]:
     """(seconds, non-pad tokens) of transformers.Trainer on the same prepared data and model."""
-    from functools import partial
 
     from transformers import Trainer, TrainingArguments
 

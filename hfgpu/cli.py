@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from hfgpu.errors import HfgpuError
+from hfgpu.errors import HfgpuError, run_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -354,18 +354,11 @@ COMMANDS = {"calibrate": cmd_calibrate, "doctor": cmd_doctor, "gpus": cmd_gpus, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    def body() -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except HfgpuError as e:
-        print(f"hfgpu: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("hfgpu: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `hfgpu … | head`: the reader left; nothing to report
-        sys.stderr.close()
-        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

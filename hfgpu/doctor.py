@@ -140,7 +140,7 @@ def diagnose(p: SystemProbe) -> Report:
             add(f"gpu {i} flash-attn", "ok" if p.flash_attn else "warn", f"FlashAttention-2: {'flash-attn ' + p.flash_attn if p.flash_attn else 'supported by the card, package not installed'}",
                 "" if p.flash_attn else "optional: pip install flash-attn --no-build-isolation (sdpa works without it)")
         else:
-            add(f"gpu {i} flash-attn", "ok", f"FlashAttention-2 needs cc ≥ 8.0: sdpa's memory-efficient kernel is used instead")
+            add(f"gpu {i} flash-attn", "ok", "FlashAttention-2 needs cc ≥ 8.0: sdpa's memory-efficient kernel is used instead")
         if p.bitsandbytes:
             features = ["NF4 4-bit (QLoRA)", "8-bit optimizers"] if d.capability >= (6, 0) else []
             if d.capability >= (7, 5):

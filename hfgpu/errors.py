@@ -6,7 +6,8 @@ and exits with `exit_code` (2 for bad input), never with a traceback.
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Callable
 
 
 class HfgpuError(Exception):
@@ -24,3 +25,18 @@ class DoesNotFit(HfgpuError):
         super().__init__(message)
         self.closest = closest  # the Plan with the smallest peak, `fits == False`
         self.alternatives = alternatives or []
+
+
+def run_command(body: Callable[[], int], interrupted: str = "hfgpu: interrupted") -> int:
+    """Run a command-line entry point: a user error is one line on stderr and its exit code, never a traceback."""
+    try:
+        return body()
+    except HfgpuError as e:
+        print(f"hfgpu: {'does not fit' if isinstance(e, DoesNotFit) else 'error'}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `hfgpu … | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0

@@ -20,7 +20,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from hfgpu.errors import DoesNotFit, HfgpuError
+from hfgpu.errors import HfgpuError, run_command
 from hfgpu.recipe import Recipe, load_recipe, resolve_path
 
 RUN_FILES = ("resolved_recipe.yaml", "plan.json", "metrics.jsonl", "loss.png", "final_metrics.json", "adapter_config.json",
@@ -245,19 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if args else 2
-    try:
-        recipe = load_recipe(args[0], args[1:])
-        finetune(recipe)
+    def body() -> int:
+        finetune(load_recipe(args[0], args[1:]))
         return 0
-    except DoesNotFit as e:
-        print(f"hfgpu: does not fit: {e}", file=sys.stderr)
-        return 3
-    except HfgpuError as e:
-        print(f"hfgpu: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("hfgpu: interrupted; run again with resume=auto to continue from the last checkpoint", file=sys.stderr)
-        return 130
+
+    return run_command(body, interrupted="hfgpu: interrupted; run again with resume=auto to continue from the last checkpoint")
 
 
 class _CallableModule(types.ModuleType):

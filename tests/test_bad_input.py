@@ -3,8 +3,6 @@ what would be accepted, no traceback, and no file of an earlier run changed. Whe
 exists, it raises an HfgpuError with the same message."""
 
 import hashlib
-import json
-import shutil
 
 import pytest
 import yaml
@@ -14,7 +12,7 @@ from hfgpu.cli import main as hfgpu_main
 from hfgpu.errors import HfgpuError
 from hfgpu.finetune import finetune, main as finetune_main
 from hfgpu.recipe import load_recipe, validate_recipe
-from conftest import DEMO, recipe_dict, write_jsonl
+from conftest import recipe_dict, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Data formats, label masks (decoded), packing without cross-example attention, caching, bad data."""
 
-import json
 
 import pytest
 import torch

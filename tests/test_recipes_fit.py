@@ -1,14 +1,12 @@
 """Every shipped recipe plans for its card and fits; the committed files match the planner; the
 accelerate configs parse; multi-card plans match hand-computed per-process memory."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from hfgpu import memory
 from hfgpu.finetune import plan_for
 from hfgpu.recipe import load_recipe
 from conftest import ROOT
