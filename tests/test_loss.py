@@ -1,0 +1,61 @@
+"""Chunked cross-entropy equals the plain path (loss and gradients) and never holds the full logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfgpu.loss import chunked_causal_lm_loss
+from hfgpu.memtrack import PeakTracker
+from conftest import tiny_llama
+
+
+def plain(hidden, weight, labels):
+    logits = (hidden @ weight.to(hidden.dtype).t()).float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def inputs(dtype, b=2, s=48, h=32, v=500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, s, h, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.1).requires_grad_()
+    labels = torch.randint(0, v, (b, s), generator=g)
+    labels[0, :10] = -100  # a prompt the loss ignores
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_loss_and_gradients_equal_the_plain_path(dtype, tol, chunk):
+    h1, w1, y = inputs(dtype)
+    h2, w2, _ = inputs(dtype)
+    expected = plain(h1, w1, y)
+    expected.backward()
+    got = chunked_causal_lm_loss(h2, w2, y, chunk_size=chunk)
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(h2.grad.float(), h1.grad.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=tol, atol=tol)
+
+
+def test_a_real_model_gets_the_same_loss():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama())
+    ids = torch.randint(0, 1000, (2, 40))
+    out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    chunked = chunked_causal_lm_loss(out.hidden_states[-1], model.get_output_embeddings().weight, ids, chunk_size=16)
+    torch.testing.assert_close(chunked, out.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_the_full_logits_never_exist():
+    b, s, h, v = 1, 2048, 16, 8000  # logits alone: 2048 × 8000 × 4 bytes = 62.5 MiB
+    def peak(fn):
+        hidden, weight, labels = inputs(torch.float32, b, s, h, v)
+        with PeakTracker(baseline=[hidden, weight, labels]) as t:
+            fn(hidden, weight, labels).backward()
+        return t.peak_bytes - t.baseline_bytes
+    plain_peak = peak(plain)
+    chunked_peak = peak(lambda hd, w, y: chunked_causal_lm_loss(hd, w, y, chunk_size=128))
+    assert plain_peak > 2 * s * v * 4  # logits, their fp32 softmax, their gradient
+    assert chunked_peak < plain_peak / 8
