@@ -74,6 +74,7 @@ def plan_for(recipe: Recipe):
         optimizer=recipe.optimizer, attention=recipe.attention, lora_r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout, lora_targets=recipe.lora.target_modules,
         distributed=mode if recipe.distributed == "auto" else recipe.distributed,
+        chunked_loss=recipe.chunked_loss,
     )
 
 
@@ -145,6 +146,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from hfgpu.data import prepare_data
+    from hfgpu.loss import LOSS_CHUNK
     from hfgpu.modeling import ModelSettings, load_tokenizer, prepare_model
     from hfgpu.train import LoopConfig, run
 
@@ -213,6 +215,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         early_stopping_min_delta=t.early_stopping.min_delta if t.early_stopping else 0.0,
         metrics=list(recipe.eval.metrics), max_new_tokens=recipe.eval.max_new_tokens, max_eval_examples=recipe.eval.max_examples,
         resume=recipe.resume,
+        loss_chunk=LOSS_CHUNK if p.chunked_loss else None,
         plan_note=f"the plan estimated {p.memory.total / 2**30:.1f} GiB of {p.memory.budget / 2**30:.1f} GiB at micro-batch {p.micro_batch_size}, seq_len {p.seq_len}",
     )
     result = run(accelerator, model, tokenizer, data, loop, out, say=speak)

@@ -6,7 +6,8 @@ values in 16 bits, again in fp32 for the loss, and again as their gradient). Her
 `chunk_size` × V logits exist at once, forward or backward. Pure torch: it runs and is tested on CPU
 (loss and gradients equal the plain path within float tolerance).
 
-Not yet wired into training or the planner (issue "Use less memory than the best peers").
+Opt-in (`chunked_loss: true` in a recipe, `--chunked-loss` for `hfgpu plan`); the planner does not
+choose it by itself yet.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 h = hidden[start : start + ctx.chunk_size]
                 y = labels[start : start + ctx.chunk_size]
                 probs = torch.softmax((h @ w.t()).float(), dim=-1)
-                valid = y != IGNORE
-                probs[valid, y[valid]] -= 1.0  # d(loss)/d(logits) = softmax - one-hot, per valid token
-                probs[~valid] = 0.0
-                probs *= scale
+                valid = (y != IGNORE).unsqueeze(1).float()
+                # d(loss)/d(logits) = softmax - one-hot on valid tokens, 0 elsewhere (dense ops: no data-dependent shapes)
+                probs.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -valid)
+                probs *= valid * scale
                 if need_h:
                     grad_h[start : start + ctx.chunk_size] = (probs.to(hidden.dtype) @ w).to(hidden.dtype)
                 if need_w:
@@ -64,3 +65,19 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     return _ChunkedLinearCrossEntropy.apply(h, weight, y, chunk_size)
+
+
+LOSS_CHUNK = 1024  # tokens per slice: at most LOSS_CHUNK × vocab logits exist at once
+
+
+def model_loss(model, batch: dict, chunk_size: int | None = None, lm_head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's mean next-token loss: transformers' own path, or the chunked one.
+
+    The chunked path still calls `model` itself (so DDP's hooks run), keeping one position of logits
+    and reading the final hidden states, then computes the loss slice by slice."""
+    if not chunk_size:
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+    weight = lm_head_weight if lm_head_weight is not None else model.get_output_embeddings().weight
+    return chunked_causal_lm_loss(out.hidden_states[-1], weight, batch["labels"], chunk_size)

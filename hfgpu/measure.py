@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hfgpu.loss import model_loss
 from hfgpu.memtrack import PeakTracker, state_tensors, storage_bytes
 from hfgpu.modeling import DTYPES, ModelSettings, prepare_model
 from hfgpu.train import make_optimizer
@@ -29,14 +30,14 @@ class StepMemory:
         return self.peak - self.weights - self.trainable_state
 
 
-def tracked_step(model, optimizer, ids: torch.Tensor, precision: str) -> StepMemory:
+def tracked_step(model, optimizer, ids: torch.Tensor, precision: str, chunk_size: int | None = None) -> StepMemory:
     """One warm-up step (gradients and optimizer state come to exist), then one tracked step with the
     previous gradients still alive, as under accumulation. `optimizer` may be None (state added by the caller)."""
     autocast = precision != "fp32"
 
     def forward_backward():
         with torch.autocast("cpu", dtype=DTYPES[precision], enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model_loss(model, {"input_ids": ids, "labels": ids}, chunk_size)
         loss.backward()
 
     forward_backward()

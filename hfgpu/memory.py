@@ -93,6 +93,7 @@ class Setup:
     lora_targets: tuple[str, ...]  # resolved names; every Linear except lm_head by default
     distributed: str = "none"  # none | ddp | fsdp | zero2 | zero3
     world_size: int = 1  # processes (one per card)
+    chunked_loss: bool = False  # lm_head + loss over slices of LOSS_CHUNK tokens (hfgpu.loss)
 
 
 # --- exact components --------------------------------------------------------------------------------
@@ -231,7 +232,12 @@ def vocab_transient_bytes(spec: ModelSpec, s: Setup) -> int:
 
 
 def logits_bytes(spec: ModelSpec, s: Setup) -> int:
-    return int(s.micro_batch_size * s.seq_len * max(transient_per_token(spec, s)[1], 0.0))
+    tokens = s.micro_batch_size * s.seq_len
+    if s.chunked_loss:
+        from hfgpu.loss import LOSS_CHUNK
+
+        tokens = min(tokens, LOSS_CHUNK)  # one slice's logits at a time (checked by simulation: tests/test_loss.py)
+    return int(tokens * max(transient_per_token(spec, s)[1], 0.0))
 
 
 def dequant_workspace_bytes(spec: ModelSpec, s: Setup) -> int:

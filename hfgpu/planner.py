@@ -69,6 +69,7 @@ class Plan:
     warnings: tuple[str, ...]
     tokens_per_second_estimate: float | None
     distributed: str = "none"
+    chunked_loss: bool = False
     simulation: dict | None = None  # plan(..., verify=True): one step simulated on fake tensors (hfgpu.simulate)
 
     @property
@@ -106,6 +107,7 @@ class Plan:
             "attention": self.attention,
             "distributed": self.distributed,
             "world_size": self.gpu.count,
+            "chunked_loss": self.chunked_loss,
             "lora": self.lora.to_dict() if self.lora else None,
             "params_total": self.params_total,
             "params_trainable": self.params_trainable,
@@ -125,6 +127,7 @@ class Plan:
             gradient_checkpointing=self.gradient_checkpointing, micro_batch_size=self.micro_batch_size, seq_len=self.seq_len,
             optimizer=self.optimizer, attention=self.attention, lora_r=self.lora.r if self.lora else 16,
             lora_targets=self.lora.target_modules if self.lora else (), distributed=self.distributed, world_size=self.gpu.count,
+            chunked_loss=self.chunked_loss,
         )
 
     def __str__(self) -> str:
@@ -205,6 +208,10 @@ def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
     d = k["lora_dropout"]
     if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < 1:
         errs.append(f"lora_dropout={d!r} must be a number in [0, 1)")
+    if not isinstance(k["chunked_loss"], bool):
+        errs.append(f"chunked_loss={k['chunked_loss']!r} must be true or false")
+    elif k["chunked_loss"] and spec.config.get("final_logit_softcapping"):
+        errs.append(f"chunked_loss is not supported for {spec.name}: its logits are soft-capped; use chunked_loss false")
     gc = k["gradient_checkpointing"]
     if gc != "auto" and not isinstance(gc, bool):
         errs.append(f"gradient_checkpointing={gc!r} must be true, false or auto")
@@ -265,6 +272,7 @@ def _setup(k: dict, kn: _Knobs, seq_len: int, targets: tuple[str, ...]) -> memor
         lora_targets=targets,
         distributed=k["distributed_resolved"],
         world_size=k["world_size"],
+        chunked_loss=k["chunked_loss"],
     )
 
 
@@ -357,6 +365,7 @@ def plan(
     lora_dropout: float = 0.05,
     lora_targets: str | list[str] = "auto",
     distributed: str = "auto",
+    chunked_loss: bool = False,
     verify: bool = False,
     calibrated: bool = True,
 ) -> Plan:
@@ -431,6 +440,7 @@ def _plan(spec: ModelSpec, card: GPU, knobs: dict) -> Plan:
         warnings=tuple(_warnings(spec, card, kn, mem, accum, global_batch)),
         tokens_per_second_estimate=_tokens_per_second(spec, card, setup),
         distributed=k["distributed_resolved"],
+        chunked_loss=k["chunked_loss"],
     )
 
 
@@ -485,6 +495,8 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
         r["attention"] = "sdpa: PyTorch's fused flash/memory-efficient kernels, no extra package; flash_attention_2 is an option with the flash-attn package"
     else:
         r["attention"] = f"sdpa: PyTorch's memory-efficient kernel runs from cc 5.0; FlashAttention-2 needs cc ≥ 8.0 (this card: {cc[0]}.{cc[1]})"
+    if k["chunked_loss"]:
+        r["chunked_loss"] = "on: lm_head and the loss run over slices of 1024 tokens, so the full logits never exist (fixed by you)"
     c = k["calibration"]
     if c:
         r["memory"] = f"calibrated on this machine's {card.name} on {c['date']} ({c['rows']} measured steps of {c['model']}): activations, logits and overhead × {c['factor']} (hfgpu calibrate)"

@@ -90,6 +90,7 @@ class Recipe(_Strict):
     micro_batch_size: int | Auto = "auto"
     optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "auto"
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    chunked_loss: bool = Field(False, description="lm_head + loss over slices of 1024 tokens: the full logits never exist (less memory)")
     distributed: Literal["auto", "none", "ddp", "fsdp", "zero2", "zero3"] = Field("auto", description="auto: what `accelerate launch` set up (ddp, fsdp, deepspeed zero2/zero3), else none")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -110,6 +110,7 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         _kv("micro_batch_size", p.micro_batch_size, "sequences per forward pass; larger: faster, more activation memory"),
         _kv("optimizer", p.optimizer, "adamw_8bit: 2 bytes of state per trained weight instead of 8"),
         _kv("attention", p.attention, "flash_attention_2 needs cc 8.0 and the flash-attn package"),
+        _kv("chunked_loss", _bool(p.chunked_loss), "true: lm_head + loss over 1024-token slices, the full logits never exist (less memory)"),
         "",
         "data:",
         _kv("  path", data.path, "a Hub dataset, or a local .jsonl/.json/.csv/.parquet/.txt"),

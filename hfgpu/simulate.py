@@ -103,7 +103,9 @@ def simulate(config: dict, s: memory.Setup, spec=None) -> Simulation:
         # their state is exact analytically (tests/test_memory.py), so it is added, not simulated.
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
         ids = torch.randint(0, cfg.vocab_size, (s.micro_batch_size, s.seq_len))
-        step = tracked_step(model, optimizer, ids, s.precision)
+        from hfgpu.loss import LOSS_CHUNK
+
+        step = tracked_step(model, optimizer, ids, s.precision, LOSS_CHUNK if s.chunked_loss else None)
     weights, state, peak = step.weights, step.trainable_state, step.peak
     if optimizer is None:
         spec = spec or model_spec(config)

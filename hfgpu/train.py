@@ -27,6 +27,7 @@ from hfgpu import checkpoint
 from hfgpu.data import IGNORE, Prepared, collate
 from hfgpu.errors import HfgpuError
 from hfgpu.evaluation import eval_loss, task_metrics
+from hfgpu.loss import model_loss
 
 
 def make_optimizer(params, name: str, lr: float = 1e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -65,6 +66,7 @@ class LoopConfig:
     max_eval_examples: int | None
     resume: str  # never | auto | a checkpoint path
     plan_note: str = ""  # the plan's memory estimate, quoted when even micro-batch 1 runs out of memory
+    loss_chunk: int | None = None  # chunked cross-entropy (hfgpu.loss) when set
 
 
 class Interrupted(HfgpuError):
@@ -153,10 +155,12 @@ def run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Pat
         accelerator.wait_for_everyone()
         return scores
 
+    lm_head = accelerator.unwrap_model(model).get_output_embeddings().weight if cfg.loss_chunk else None
+
     def micro_step(batch: dict, window_tokens: torch.Tensor, sync: bool) -> torch.Tensor:
         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
         with ctx:
-            loss = model(**batch).loss * _label_tokens(batch) / window_tokens
+            loss = model_loss(model, batch, cfg.loss_chunk, lm_head) * _label_tokens(batch) / window_tokens
             accelerator.backward(loss)
         return loss.detach()
 

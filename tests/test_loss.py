@@ -59,3 +59,39 @@ def test_the_full_logits_never_exist():
     chunked_peak = peak(lambda hd, w, y: chunked_causal_lm_loss(hd, w, y, chunk_size=128))
     assert plain_peak > 2 * s * v * 4  # logits, their fp32 softmax, their gradient
     assert chunked_peak < plain_peak / 8
+
+
+def test_the_planner_knows_the_chunked_loss_and_the_simulation_agrees():
+    import hfgpu
+
+    knobs = dict(strategy="lora", seq_len=2048, micro_batch_size=2, gradient_checkpointing=True)
+    plain_plan = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 4090", **knobs)
+    chunked = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 4090", chunked_loss=True, verify=True, **knobs)
+    assert chunked.memory.logits < plain_plan.memory.logits / 3
+    assert chunked.to_dict()["chunked_loss"] is True and "slices" in chunked.reasons["chunked_loss"]
+    tensor_peak = chunked.memory.weights + chunked.memory.trainable_state + chunked.memory.activations + chunked.memory.logits
+    assert chunked.simulation["peak"] == pytest.approx(tensor_peak, rel=0.10)
+
+
+def test_soft_capped_logits_refuse_the_chunked_loss():
+    import hfgpu
+    from hfgpu.errors import HfgpuError
+
+    with pytest.raises(HfgpuError, match="soft-capped"):
+        hfgpu.plan("google/gemma-2-2b", "RTX 4090", chunked_loss=True)
+
+
+def test_training_with_the_chunked_loss_matches_the_plain_loss(tiny_model_dir, tmp_path):
+    import json
+
+    from hfgpu.finetune import finetune
+    from hfgpu.recipe import validate_recipe
+    from conftest import recipe_dict
+
+    def losses(chunked, name):
+        r = recipe_dict(tiny_model_dir, tmp_path / name, chunked_loss=chunked, train={"max_steps": 5}, data={"eval_path": None})
+        out = finetune(validate_recipe(r), say=lambda *a, **k: None).output_dir
+        return [x["loss"] for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+
+    plain_losses, chunked_losses = losses(False, "plain"), losses(True, "chunked")
+    assert len(plain_losses) == 5 and chunked_losses == pytest.approx(plain_losses, rel=1e-4)
