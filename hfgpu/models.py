@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
@@ -333,12 +333,6 @@ def model_spec(model: Any) -> ModelSpec:
         num_experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
         config=config,
     )
-
-
-def spec_dict(spec: ModelSpec) -> dict:
-    d = asdict(spec)
-    d.pop("config")
-    return d
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ class Plan:
     attention: str
     lora: LoraSettings | None
     memory: memory.MemoryBreakdown  # per process (one per card)
-    params_trainable: int
     reasons: dict[str, str]
     warnings: tuple[str, ...]
     tokens_per_second_estimate: float | None
@@ -79,6 +78,10 @@ class Plan:
     @property
     def params_total(self) -> int:
         return self.spec.params_total
+
+    @property
+    def params_trainable(self) -> int:
+        return memory.trainable_params(self.spec, self.setup())
 
     @property
     def global_batch_size(self) -> int:
@@ -435,7 +438,6 @@ def _plan(spec: ModelSpec, card: GPU, knobs: dict) -> Plan:
         attention=k["attention_resolved"],
         lora=lora,
         memory=mem,
-        params_trainable=memory.trainable_params(spec, setup),
         reasons=reasons,
         warnings=tuple(_warnings(spec, card, kn, mem, accum, global_batch)),
         tokens_per_second_estimate=_tokens_per_second(spec, card, setup),
