@@ -53,15 +53,19 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", default="auto", help="sdpa | eager | flash_attention_2")
     g.add_argument("--lora-r", type=_int_or_auto, default="auto", metavar="R")
     g.add_argument("--lora-alpha", type=_int_or_auto, default="auto", metavar="A")
-    g.add_argument("--lora-dropout", type=float, default=0.05, metavar="P")
+    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
     g.add_argument("--lora-targets", default="auto", metavar="a,b,c", help="linear layer names (default: all)")
-    g.add_argument("--chunked-loss", action="store_true", help="lm_head + loss over slices: no full logits (less memory)")
+    g.add_argument("--chunked-loss", type=_on_off, nargs="?", const=True, default="auto", metavar="on|off",
+                   help="lm_head + loss over slices: the full logits never exist (auto: on when it is needed to fit)")
+    g.add_argument("--activation-offloading", type=_on_off, nargs="?", const=True, default="auto", metavar="on|off",
+                   help="checkpointed layer inputs wait in CPU memory (auto: on when it is needed to fit)")
     g.add_argument("--distributed", default="auto", help="none | ddp | fsdp | zero2 | zero3 (with '2x CARD'; auto: ddp)")
 
 
 KNOBS = (
     "strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "grad_accum_steps",
     "global_batch_size", "seq_len", "optimizer", "attention", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "distributed", "chunked_loss",
+    "activation_offloading",
 )
 
 

@@ -74,7 +74,7 @@ def plan_for(recipe: Recipe):
         optimizer=recipe.optimizer, attention=recipe.attention, lora_r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout, lora_targets=recipe.lora.target_modules,
         distributed=mode if recipe.distributed == "auto" else recipe.distributed,
-        chunked_loss=recipe.chunked_loss,
+        chunked_loss=recipe.chunked_loss, activation_offloading=recipe.activation_offloading,
     )
 
 
@@ -82,7 +82,8 @@ def resolved(recipe: Recipe, p) -> Recipe:
     """The recipe with every "auto" replaced by the plan's value: what actually ran."""
     r = recipe.model_copy(deep=True)
     r.gpu = p.gpu.display_name
-    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer", "attention", "distributed"):
+    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer", "attention", "distributed",
+                 "chunked_loss", "activation_offloading"):
         setattr(r, knob, getattr(p, knob))
     r.data.max_seq_len = p.seq_len
     if p.lora:
@@ -146,7 +147,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from hfgpu.data import prepare_data
-    from hfgpu.loss import LOSS_CHUNK
+    from hfgpu.memory import loss_chunk_tokens
     from hfgpu.modeling import ModelSettings, load_tokenizer, prepare_model
     from hfgpu.train import LoopConfig, run
 
@@ -215,7 +216,8 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         early_stopping_min_delta=t.early_stopping.min_delta if t.early_stopping else 0.0,
         metrics=list(recipe.eval.metrics), max_new_tokens=recipe.eval.max_new_tokens, max_eval_examples=recipe.eval.max_examples,
         resume=recipe.resume,
-        loss_chunk=LOSS_CHUNK if p.chunked_loss else None,
+        loss_chunk=loss_chunk_tokens(p.spec.vocab_size) if p.chunked_loss else None,
+        offload_activations=p.activation_offloading, autocast=p.precision != "fp32",
         plan_note=f"the plan estimated {p.memory.total / 2**30:.1f} GiB of {p.memory.budget / 2**30:.1f} GiB at micro-batch {p.micro_batch_size}, seq_len {p.seq_len}",
     )
     result = run(accelerator, model, tokenizer, data, loop, out, say=speak)

@@ -14,7 +14,8 @@ import torch
 
 from hfgpu.loss import model_loss
 from hfgpu.memtrack import PeakTracker, state_tensors, storage_bytes
-from hfgpu.modeling import DTYPES, ModelSettings, prepare_model
+from hfgpu.modeling import DTYPES, ModelSettings, adapters_in_compute_dtype, prepare_model
+from hfgpu.offload import offload_activations
 from hfgpu.train import make_optimizer
 
 
@@ -30,15 +31,19 @@ class StepMemory:
         return self.peak - self.weights - self.trainable_state
 
 
-def tracked_step(model, optimizer, ids: torch.Tensor, precision: str, chunk_size: int | None = None) -> StepMemory:
+def tracked_step(model, optimizer, ids: torch.Tensor, precision: str, chunk_size: int | None = None,
+                 offload: bool = False, simulate: bool = False, adapters_16bit: bool = True) -> StepMemory:
     """One warm-up step (gradients and optimizer state come to exist), then one tracked step with the
-    previous gradients still alive, as under accumulation. `optimizer` may be None (state added by the caller)."""
+    previous gradients still alive, as under accumulation. `optimizer` may be None (state added by the caller).
+    `offload`: activation offloading (hfgpu.offload; `simulate` for fake tensors); `adapters_16bit`:
+    hfgpu.modeling.adapters_in_compute_dtype (False: peft's default fp32 copies of adapter inputs)."""
     autocast = precision != "fp32"
 
     def forward_backward():
-        with torch.autocast("cpu", dtype=DTYPES[precision], enabled=autocast):
-            loss = model_loss(model, {"input_ids": ids, "labels": ids}, chunk_size)
-        loss.backward()
+        with adapters_in_compute_dtype(model, autocast and adapters_16bit):
+            with torch.autocast("cpu", dtype=DTYPES[precision], enabled=autocast), offload_activations(offload, simulate=simulate):
+                loss = model_loss(model, {"input_ids": ids, "labels": ids}, chunk_size)
+            loss.backward()
 
     forward_backward()
     if optimizer is not None:

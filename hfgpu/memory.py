@@ -39,6 +39,15 @@ COEFFICIENTS = {
     "headroom": 0.05,
 }
 
+CHUNK_BYTES = 128 * 1024**2  # chunked loss: one slice's fp32 logits at most (hfgpu.loss)
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per slice of the chunked loss: as many as keep one slice's fp32 logits under CHUNK_BYTES
+    (multiple of 64, 64–4096). Llama-3 (128,256 tokens): 256; Llama-2 (32,000): 1024."""
+    return max(64, min(4096, CHUNK_BYTES // (4 * vocab_size) // 64 * 64))
+
+
 BNB_4BIT_BLOCK = 64  # bitsandbytes 4-bit blocksize for weights (BitsAndBytesConfig default)
 BNB_DQ_BLOCK = 256  # double quantization groups 256 absmax values
 BNB_OPT_BLOCK = 256  # 8-bit optimizers quantize state in blocks of 256
@@ -93,7 +102,9 @@ class Setup:
     lora_targets: tuple[str, ...]  # resolved names; every Linear except lm_head by default
     distributed: str = "none"  # none | ddp | fsdp | zero2 | zero3
     world_size: int = 1  # processes (one per card)
-    chunked_loss: bool = False  # lm_head + loss over slices of LOSS_CHUNK tokens (hfgpu.loss)
+    chunked_loss: bool = False  # lm_head + loss over slices of loss_chunk_tokens(vocab) tokens (hfgpu.loss)
+    offload: bool = False  # checkpointed layer inputs wait in CPU memory (hfgpu.offload); needs checkpointing
+    lora_dropout: float = 0.0  # > 0: every adapter keeps a dropped-out copy of its input and a mask
 
 
 # --- exact components --------------------------------------------------------------------------------
@@ -142,8 +153,9 @@ def weight_bytes(spec: ModelSpec, s: Setup) -> int:
         return stored + adapters + spec.buffer_bytes
     quantized = sum(g.count * _quantized_linear_bytes(g.in_features * g.out_features, g.out_features, s) for g in spec.linears)
     biases = sum(g.count * g.out_features for g in spec.linears if g.bias)
-    # peft's prepare_model_for_kbit_training casts every non-quantized parameter to fp32
-    rest = 4 * (spec.params_total - spec.linear_params + biases)
+    # everything not quantized (embeddings, lm_head, norms, biases) stays frozen in the compute dtype
+    # (hfgpu.modeling; peft's prepare_model_for_kbit_training would upcast it to fp32)
+    rest = BYTES[s.precision] * (spec.params_total - spec.linear_params + biases)
     return quantized + rest + adapters + spec.buffer_bytes
 
 
@@ -198,28 +210,47 @@ def layer_features(spec: ModelSpec, s: Setup) -> dict[str, float]:
     return f
 
 
-def transient_per_token(spec: ModelSpec, s: Setup) -> tuple[float, float]:
-    """(activation bytes, logits bytes) per token of the micro-batch.
+def transient_per_token(spec: ModelSpec, s: Setup) -> tuple[float, float, float]:
+    """(bytes kept through the step, bytes of one layer's backward, logits bytes) per token of the micro-batch.
 
     Without checkpointing every layer's saved tensors are alive when the loss is computed:
-    activations = L · Σ coef·feature + c·hidden; logits = k·vocab.
+    kept = L · Σ coef·feature + c·hidden, and the loss adds to it.
     With checkpointing only each layer's input is kept (ckpt_input · L · hidden); the peak is the
-    larger of the loss phase (logits) and the recompute of one layer in backward.
+    larger of the loss phase (logits) and the recompute of one layer in backward. Offloading is
+    subtracted in activation_bytes (offloaded_bytes: exact).
     """
     table = activation_coefficients()["modes"]
     row = table[mode_key(s, checkpointing=False)]
-    one_layer = sum(row["layer"].get(n, 0.0) * v for n, v in layer_features(spec, s).items())
+    features = layer_features(spec, s)
+    one_layer = sum(row["layer"].get(n, 0.0) * v for n, v in features.items())
+    if s.strategy != "full" and s.lora_dropout > 0:
+        # each adapter's dropout keeps its output (lora_A's input) and a bool mask, per input feature
+        one_layer += features["lora_in"] * (BYTES[s.precision] + 1)
     base = row["model_hidden"] * spec.hidden_size
     logits = row["vocab"] * spec.vocab_size
     if not s.gradient_checkpointing:
-        return spec.num_layers * one_layer + base, logits
+        return spec.num_layers * one_layer + base, 0.0, logits
     kept = table[mode_key(s)]["ckpt_input"] * spec.num_layers * spec.hidden_size
-    return kept + base + max(0.0, one_layer - logits), logits
+    return kept + base, one_layer, logits
+
+
+def offloaded_bytes(spec: ModelSpec, s: Setup) -> int:
+    """Bytes one step moves to CPU memory and back with offloading (the pinned host memory it needs):
+    the checkpointed layer inputs (the residual stream: fp32 in full fine-tuning and fp32 compute,
+    else 16-bit), less the two on the GPU while one layer is recomputed (its input and the next's)."""
+    if not (s.offload and s.gradient_checkpointing):
+        return 0
+    residual = 4 if s.strategy == "full" or s.precision == "fp32" else 2
+    return max(spec.num_layers - 2, 0) * spec.hidden_size * s.micro_batch_size * s.seq_len * residual
 
 
 def activation_bytes(spec: ModelSpec, s: Setup) -> int:
+    """What the decoder layers hold at the step's peak; with checkpointing the recompute of one layer
+    counts as far as it exceeds the loss phase (logits_bytes), which happens at another moment."""
     tokens = s.micro_batch_size * s.seq_len
-    return int(tokens * max(transient_per_token(spec, s)[0], 0.0)) + dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s)
+    kept, one_layer, _ = transient_per_token(spec, s)
+    recompute = max(0.0, tokens * one_layer - logits_bytes(spec, s))
+    return int(max(tokens * kept - offloaded_bytes(spec, s), 0.0) + recompute) + dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s)
 
 
 def vocab_transient_bytes(spec: ModelSpec, s: Setup) -> int:
@@ -233,11 +264,14 @@ def vocab_transient_bytes(spec: ModelSpec, s: Setup) -> int:
 
 def logits_bytes(spec: ModelSpec, s: Setup) -> int:
     tokens = s.micro_batch_size * s.seq_len
-    if s.chunked_loss:
-        from hfgpu.loss import LOSS_CHUNK
-
-        tokens = min(tokens, LOSS_CHUNK)  # one slice's logits at a time (checked by simulation: tests/test_loss.py)
-    return int(tokens * max(transient_per_token(spec, s)[1], 0.0))
+    if not s.chunked_loss:
+        return int(tokens * max(transient_per_token(spec, s)[2], 0.0))
+    # one slice at a time: its fp32 logits and logsumexp's fp32 temporary (8 bytes per logit, exact);
+    # the hidden states' gradient (and, when lm_head trains, an fp32 gradient of lm_head) wait from
+    # the loss to backward (checked by simulation: tests/test_loss.py)
+    hidden_bytes = 4 if s.strategy == "full" or s.precision == "fp32" else 2
+    held = tokens * spec.hidden_size * hidden_bytes + (4 * spec.vocab_size * spec.hidden_size if s.strategy == "full" else 0)
+    return min(tokens, loss_chunk_tokens(spec.vocab_size)) * spec.vocab_size * 8 + held
 
 
 def dequant_workspace_bytes(spec: ModelSpec, s: Setup) -> int:

@@ -6,11 +6,14 @@ measurements that check the planner's model (tests/test_memory.py, benchmarks/me
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from hfgpu.patches import lean_rmsnorm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -27,7 +30,7 @@ class ModelSettings:
     attention: str = "sdpa"
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ()  # empty: every Linear except lm_head
     shard_quantized: bool = False  # FSDP / ZeRO-3: store 4-bit weights in the compute dtype so they shard
 
@@ -73,13 +76,14 @@ def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_cod
     if device is not None and not quantized:
         model = model.to(device)
     model.config.use_cache = False  # a cache in train mode wastes memory and breaks packed attention
+    lean_rmsnorm(model)  # same math, no fp32 copy of each norm's input kept for backward (hfgpu.patches)
     if quantized:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=s.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    elif s.gradient_checkpointing:
+        # What peft's prepare_model_for_kbit_training does, except that the frozen parameters bitsandbytes
+        # left unquantized (embeddings, lm_head, norms) stay in the compute dtype instead of fp32: as in
+        # LoRA on a 16-bit base; for Llama-3.1-8B that is 2 GB less, and no 16-bit autocast copy of lm_head.
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if s.strategy != "full":
             model.enable_input_require_grads()
@@ -95,6 +99,19 @@ def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_cod
         )
         model = get_peft_model(model, lora)
     return model
+
+
+def adapters_in_compute_dtype(model: torch.nn.Module, autocast: bool):
+    """Under 16-bit autocast, LoRA layers take their 16-bit input as it is instead of copying it to
+    the fp32 adapters' dtype (peft's default): autocast runs the adapter matmuls in 16 bits either
+    way, and the fp32 copies were the largest tensors of a recomputed layer (224 MiB for
+    Llama-3.1-8B's down_proj at 2 × 2048). Wrap forward and backward both: a checkpointed layer
+    recomputes in backward and must take the same path."""
+    if not autocast:
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
 
 
 def _load(path: str, s: ModelSettings, trust_remote_code: bool = False, device: str | None = None):

@@ -2,8 +2,9 @@
 
 The planner is pure: a model config (never weights), a GPU spec and the knobs the user fixed. Any
 knob given is kept; the rest are searched in this order: strategy by quality (full > LoRA > QLoRA),
-then the optimizer (exact 32-bit state before 8-bit), then gradient checkpointing off before on,
-then the largest micro-batch that fits. Facts from the hardware (bf16 from cc 8.0, fp16 on Turing,
+then the optimizer (exact 32-bit state before 8-bit), then the memory savers by their time cost
+(none; chunked loss ≈3 %; gradient checkpointing ≈33 %; + chunked loss; + activation offloading,
+whose cost is the PCIe copy back), then the largest micro-batch that fits. Facts from the hardware (bf16 from cc 8.0, fp16 on Turing,
 fp32 compute on Pascal, FlashAttention-2 from cc 8.0, LLM.int8 from cc 7.5) are rules, not choices.
 """
 
@@ -30,6 +31,12 @@ DEFAULT_MAX_SEQ_LEN = 2048
 # Share of peak FLOPS a run reaches: an estimate (MFU of transformers + peft loops on consumer cards
 # is commonly 25-45 %; QLoRA pays for dequantization). Replace with measured tokens/s when calibrated.
 UTILIZATION = {"full": 0.40, "lora": 0.35, "qlora": 0.25}
+# Time costs of the memory savers (hfgpu.loss, hfgpu.offload), as shares of a step's compute:
+# the chunked loss does the plain path's FLOPs in smaller matmuls (benchmarks/memory_savings.py
+# measures the ratio on CPU); offloading costs the copy back of the layer inputs over PCIe, which is
+# queued on the compute stream (the copy out overlaps compute). 12 GB/s: PCIe 3.0 x16 or 4.0 x8 in practice.
+CHUNKED_LOSS_COST = 0.03
+PCIE_BYTES_PER_S = 12e9
 
 PASCAL_TORCH = "pip install 'torch<=2.14' --index-url https://download.pytorch.org/whl/cu126"
 
@@ -69,6 +76,7 @@ class Plan:
     tokens_per_second_estimate: float | None
     distributed: str = "none"
     chunked_loss: bool = False
+    activation_offloading: bool = False
     simulation: dict | None = None  # plan(..., verify=True): one step simulated on fake tensors (hfgpu.simulate)
 
     @property
@@ -111,6 +119,8 @@ class Plan:
             "distributed": self.distributed,
             "world_size": self.gpu.count,
             "chunked_loss": self.chunked_loss,
+            "activation_offloading": self.activation_offloading,
+            "offloaded_bytes_per_step": memory.offloaded_bytes(self.spec, self.setup()),
             "lora": self.lora.to_dict() if self.lora else None,
             "params_total": self.params_total,
             "params_trainable": self.params_trainable,
@@ -130,7 +140,7 @@ class Plan:
             gradient_checkpointing=self.gradient_checkpointing, micro_batch_size=self.micro_batch_size, seq_len=self.seq_len,
             optimizer=self.optimizer, attention=self.attention, lora_r=self.lora.r if self.lora else 16,
             lora_targets=self.lora.target_modules if self.lora else (), distributed=self.distributed, world_size=self.gpu.count,
-            chunked_loss=self.chunked_loss,
+            chunked_loss=self.chunked_loss, offload=self.activation_offloading, lora_dropout=self.lora.dropout if self.lora else 0.0,
         )
 
     def __str__(self) -> str:
@@ -211,13 +221,20 @@ def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
     d = k["lora_dropout"]
     if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < 1:
         errs.append(f"lora_dropout={d!r} must be a number in [0, 1)")
-    if not isinstance(k["chunked_loss"], bool):
-        errs.append(f"chunked_loss={k['chunked_loss']!r} must be true or false")
-    elif k["chunked_loss"] and spec.config.get("final_logit_softcapping"):
-        errs.append(f"chunked_loss is not supported for {spec.name}: its logits are soft-capped; use chunked_loss false")
     gc = k["gradient_checkpointing"]
-    if gc != "auto" and not isinstance(gc, bool):
-        errs.append(f"gradient_checkpointing={gc!r} must be true, false or auto")
+    for name in ("gradient_checkpointing", "chunked_loss", "activation_offloading"):
+        if k[name] != "auto" and not isinstance(k[name], bool):
+            errs.append(f"{name}={k[name]!r} must be true, false or auto")
+    if k["chunked_loss"] is True:
+        if spec.config.get("final_logit_softcapping"):
+            errs.append(f"chunked_loss is not supported for {spec.name}: its logits are soft-capped; use chunked_loss false")
+        if k["distributed"] in ("fsdp", "zero3"):
+            errs.append(f"chunked_loss reads lm_head's weight outside the forward pass, which distributed={k['distributed']} shards: use chunked_loss false, or distributed ddp or zero2")
+    if k["activation_offloading"] is True:
+        if gpu.is_cpu:
+            errs.append("activation_offloading moves activations from a GPU to CPU memory, and this plan is for the CPU: use activation_offloading false")
+        if gc is False:
+            errs.append("activation_offloading moves the checkpointed layer inputs, so it needs gradient checkpointing: set gradient_checkpointing true (or auto)")
     targets = k["lora_targets"]
     if targets != "auto":
         if isinstance(targets, str):
@@ -231,7 +248,22 @@ def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
 # --- the search --------------------------------------------------------------------------------------
 
 
+def _chunked_loss_allowed(spec: ModelSpec, k: dict) -> bool:
+    return not spec.config.get("final_logit_softcapping") and k["distributed_resolved"] not in ("fsdp", "zero3")
+
+
 def _tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float | None:
+    """Compute-bound estimate: peak FLOPS × utilization, plus the memory savers' time costs."""
+    compute = _compute_tokens_per_second(spec, gpu, setup)
+    if compute is None:
+        return None
+    seconds = (1 + (CHUNKED_LOSS_COST if setup.chunked_loss else 0.0)) / compute
+    tokens = setup.micro_batch_size * setup.seq_len
+    seconds += memory.offloaded_bytes(spec, setup) / PCIE_BYTES_PER_S / tokens * gpu.count
+    return 1 / seconds
+
+
+def _compute_tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float | None:
     cc = _cc(gpu)
     if setup.precision == "fp32" or gpu.tensor_tflops is None:
         peak = gpu.fp32_tflops
@@ -258,6 +290,8 @@ class _Knobs:
     optimizer: str
     gradient_checkpointing: bool
     micro_batch_size: int
+    chunked_loss: bool = False
+    offload: bool = False
 
 
 def _setup(k: dict, kn: _Knobs, seq_len: int, targets: tuple[str, ...]) -> memory.Setup:
@@ -275,8 +309,30 @@ def _setup(k: dict, kn: _Knobs, seq_len: int, targets: tuple[str, ...]) -> memor
         lora_targets=targets,
         distributed=k["distributed_resolved"],
         world_size=k["world_size"],
-        chunked_loss=k["chunked_loss"],
+        chunked_loss=kn.chunked_loss,
+        offload=kn.offload,
+        lora_dropout=float(k["lora_dropout"]) if kn.strategy != "full" else 0.0,
     )
+
+
+def _savers(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int, precision: str, strategy: str, q: str, optimizer: str) -> list[tuple[bool, bool, bool]]:
+    """(checkpointing, chunked loss, offloading) combinations allowed by the fixed knobs, fastest first."""
+    fixed_ckpt, fixed_chunk, fixed_off = k["gradient_checkpointing"], k["chunked_loss"], k["activation_offloading"]
+    ckpts = [False, True] if fixed_ckpt == "auto" else [fixed_ckpt]
+    if fixed_off is True:
+        ckpts = [True]
+    chunks = ([False, True] if _chunked_loss_allowed(spec, k) else [False]) if fixed_chunk == "auto" else [fixed_chunk]
+    combos = []
+    for ckpt in ckpts:
+        offs = [False] if not ckpt or gpu.is_cpu else ([False, True] if fixed_off == "auto" else [fixed_off])
+        combos += [(ckpt, chunk, off) for chunk in chunks for off in offs]
+
+    def seconds_per_token(combo) -> float:
+        kn = _Knobs(precision, strategy, q, optimizer, combo[0], 1, combo[1], combo[2])
+        tps = _tokens_per_second(spec, gpu if gpu.tensor_tflops or gpu.fp32_tflops else replace(gpu, fp32_tflops=30.0), _setup(k, kn, seq_len, k["targets_resolved"]))
+        return 1 / tps if tps else 0.0
+
+    return sorted(combos, key=seconds_per_token)  # stable: with equal cost, fewer savers first
 
 
 def _search(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int) -> tuple[_Knobs, memory.MemoryBreakdown, bool]:
@@ -301,12 +357,11 @@ def _search(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int) -> tuple[_Knobs, m
         if k["optimizer"] != "auto":
             optimizers = [k["optimizer"]]
         else:
-            optimizers = ["adamw_torch", "adamw_8bit"] if strategy == "full" else ["adamw_torch"]
-        ckpts = [False, True] if k["gradient_checkpointing"] == "auto" else [k["gradient_checkpointing"]]
+            optimizers = ["adamw_torch", "adamw_8bit"]  # exact 32-bit state first; 8-bit when only it fits
         for optimizer in optimizers:
-            for ckpt in ckpts:
+            for ckpt, chunk, off in _savers(spec, gpu, k, seq_len, precision, strategy, q, optimizer):
                 for mb in batches:
-                    kn = _Knobs(precision, strategy, q, optimizer, ckpt, mb)
+                    kn = _Knobs(precision, strategy, q, optimizer, ckpt, mb, chunk, off)
                     targets = k["targets_resolved"]
                     mem = memory.breakdown(spec, _setup(k, kn, seq_len, targets), gpu.vram_bytes, k["correction"])
                     if mem.fits:
@@ -365,10 +420,11 @@ def plan(
     attention: str = "auto",
     lora_r: int | str = "auto",
     lora_alpha: int | str = "auto",
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     lora_targets: str | list[str] = "auto",
     distributed: str = "auto",
-    chunked_loss: bool = False,
+    chunked_loss: bool | str = "auto",
+    activation_offloading: bool | str = "auto",
     verify: bool = False,
     calibrated: bool = True,
 ) -> Plan:
@@ -442,7 +498,8 @@ def _plan(spec: ModelSpec, card: GPU, knobs: dict) -> Plan:
         warnings=tuple(_warnings(spec, card, kn, mem, accum, global_batch)),
         tokens_per_second_estimate=_tokens_per_second(spec, card, setup),
         distributed=k["distributed_resolved"],
-        chunked_loss=k["chunked_loss"],
+        chunked_loss=kn.chunked_loss,
+        activation_offloading=kn.offload,
     )
 
 
@@ -483,11 +540,13 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
     if k["optimizer"] != "auto":
         r["optimizer"] = fixed
     elif kn.optimizer == "adamw_8bit":
-        r["optimizer"] = "8-bit AdamW (bitsandbytes): 32-bit AdamW state (8 bytes/parameter) does not fit; 8-bit needs ≈2"
+        wide = memory.breakdown(spec, _setup(k, replace(kn, optimizer="adamw_torch"), seq, k["targets_resolved"]), card.vram_bytes, k["correction"])
+        r["optimizer"] = (f"8-bit AdamW (bitsandbytes): 2 bytes of state per parameter instead of 8 saves {_gib(wide.total - mem.total)}; "
+                          "32-bit state does not fit")
     elif kn.strategy == "full":
         r["optimizer"] = "AdamW with fp32 state (8 bytes/parameter): it fits, and it is the reference optimizer"
     else:
-        r["optimizer"] = "AdamW with fp32 state: the adapters are small, so 8-bit state would save little"
+        r["optimizer"] = "AdamW with fp32 state: it fits, and it is the reference optimizer"
     cc = _cc(card)
     if k["attention"] != "auto":
         r["attention"] = fixed
@@ -497,8 +556,7 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
         r["attention"] = "sdpa: PyTorch's fused flash/memory-efficient kernels, no extra package; flash_attention_2 is an option with the flash-attn package"
     else:
         r["attention"] = f"sdpa: PyTorch's memory-efficient kernel runs from cc 5.0; FlashAttention-2 needs cc ≥ 8.0 (this card: {cc[0]}.{cc[1]})"
-    if k["chunked_loss"]:
-        r["chunked_loss"] = "on: lm_head and the loss run over slices of 1024 tokens, so the full logits never exist (fixed by you)"
+    r.update(_saver_reasons(spec, card, k, kn, mem, seq))
     c = k["calibration"]
     if c:
         r["memory"] = f"calibrated on this machine's {card.name} on {c['date']} ({c['rows']} measured steps of {c['model']}): activations, logits and overhead × {c['factor']} (hfgpu calibrate)"
@@ -511,6 +569,39 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
         r["distributed"] = "none: one card"
     if kn.strategy != "full":
         r["lora"] = ("r and targets fixed by you" if k["lora_r"] != "auto" or k["lora_targets"] != "auto" else "r=16 on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r")
+        if k["lora_dropout"] == 0:
+            r["lora"] += "; dropout 0: a dropout keeps a copy of every adapter's input"
+    return r
+
+
+def _saver_reasons(spec, card, k, kn: _Knobs, mem, seq) -> dict[str, str]:
+    """Why the chunked loss and activation offloading are on or off, and what each saves and costs."""
+    r: dict[str, str] = {}
+
+    def without(**change) -> memory.MemoryBreakdown:
+        return memory.breakdown(spec, _setup(k, replace(kn, **change), seq, k["targets_resolved"]), card.vram_bytes, k["correction"])
+
+    setup = _setup(k, kn, seq, k["targets_resolved"])
+    if kn.chunked_loss:
+        plain = without(chunked_loss=False, offload=False) if kn.offload else without(chunked_loss=False)
+        r["chunked_loss"] = (f"on: lm_head and the loss run over slices of {memory.loss_chunk_tokens(spec.vocab_size)} tokens, so the full logits never exist: "
+                             f"saves {_gib(plain.logits - mem.logits)} (logits {_gib(plain.logits)} → {_gib(mem.logits)}); costs ≈{CHUNKED_LOSS_COST:.0%} of step time")
+    elif k["chunked_loss"] == "auto":
+        r["chunked_loss"] = ("off: the run fits without it" if mem.fits else "off") if _chunked_loss_allowed(spec, k) else (
+            "off: soft-capped logits" if spec.config.get("final_logit_softcapping") else f"off: {k['distributed_resolved']} shards lm_head")
+    if kn.offload:
+        moved = memory.offloaded_bytes(spec, setup)
+        compute = _compute_tokens_per_second(spec, card, setup)
+        cost = (moved / PCIE_BYTES_PER_S) / (kn.micro_batch_size * seq / compute) if compute else None
+        r["activation_offloading"] = (f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory: saves {_gib(without(offload=False).total - mem.total)} "
+                                      f"on the card; costs ≈{cost:.1%} of step time (copied back over PCIe at ~{PCIE_BYTES_PER_S / 1e9:.0f} GB/s)" if cost is not None else
+                                      f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory")
+    elif k["activation_offloading"] == "auto":
+        r["activation_offloading"] = "off: no GPU" if card.is_cpu else ("off: only with gradient checkpointing" if not kn.gradient_checkpointing else "off: the run fits without it")
+    for name in ("chunked_loss", "activation_offloading"):
+        if k[name] is not True and k[name] is not False:
+            continue
+        r[name] = r.get(name, "off") + " (fixed by you)" if k[name] else "off (fixed by you)"
     return r
 
 

@@ -65,7 +65,7 @@ class TrainConfig(_Strict):
 class LoraConfig(_Strict):
     r: int | Auto = Field("auto", description="rank: higher learns more, costs more memory (auto: 16)")
     alpha: int | Auto = Field("auto", description="scaling; auto: 2r")
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="0 keeps no copy of each adapter's input (less memory); 0.05-0.1 regularises small datasets")
     target_modules: list[str] | Auto = Field("auto", description="linear layer names; auto: every linear layer")
 
 
@@ -90,7 +90,8 @@ class Recipe(_Strict):
     micro_batch_size: int | Auto = "auto"
     optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "auto"
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    chunked_loss: bool = Field(False, description="lm_head + loss over slices of 1024 tokens: the full logits never exist (less memory)")
+    chunked_loss: bool | Auto = Field("auto", description="lm_head + loss over slices: the full logits never exist (auto: on when needed to fit)")
+    activation_offloading: bool | Auto = Field("auto", description="checkpointed layer inputs wait in CPU memory (auto: on when needed to fit)")
     distributed: Literal["auto", "none", "ddp", "fsdp", "zero2", "zero3"] = Field("auto", description="auto: what `accelerate launch` set up (ddp, fsdp, deepspeed zero2/zero3), else none")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)

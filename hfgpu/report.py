@@ -32,6 +32,8 @@ def plan_rows(p: "Plan") -> list[tuple[str, str, str]]:
         ("seq_len", str(p.seq_len), r.get("seq_len", "")),
         ("optimizer", p.optimizer, r.get("optimizer", "")),
         ("attention", p.attention, r.get("attention", "")),
+        ("chunked_loss", "on" if p.chunked_loss else "off", r.get("chunked_loss", "")),
+        ("activation_offloading", "on" if p.activation_offloading else "off", r.get("activation_offloading", "")),
     ]
     if p.gpu.count > 1:
         rows.append(("distributed", f"{p.distributed} × {p.gpu.count}", r.get("distributed", "")))

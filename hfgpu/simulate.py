@@ -22,6 +22,7 @@ import torch
 from hfgpu import memory
 from hfgpu.measure import tracked_step
 from hfgpu.modeling import DTYPES
+from hfgpu.patches import lean_rmsnorm
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,12 @@ def _no_module_to():
         torch.nn.Module.to = real
 
 
-def simulate(config: dict, s: memory.Setup, spec=None) -> Simulation:
-    """Peak tensor bytes of one training step for `config` under setup `s` (a Plan's knobs)."""
+def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False) -> Simulation:
+    """Peak tensor bytes of one training step for `config` under setup `s` (a Plan's knobs).
+
+    `plain_path=True` simulates the plain transformers + peft path hfgpu improves on: transformers'
+    RMSNorm, peft's fp32 copies of each adapter's input, and for QLoRA peft's
+    prepare_model_for_kbit_training (every non-quantized parameter in fp32)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
@@ -80,12 +85,14 @@ def simulate(config: dict, s: memory.Setup, spec=None) -> Simulation:
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_masks():
         model = AutoModelForCausalLM.from_config(cfg, dtype=storage, attn_implementation="sdpa" if s.attention == "flash_attention_2" else s.attention)
         model.config.use_cache = False
+        if not plain_path:
+            lean_rmsnorm(model)
         if quantized:
-            # what prepare_model_for_kbit_training leaves: every non-quantized parameter in fp32
-            for module in model.modules():
-                if not isinstance(module, torch.nn.Linear) or module is model.get_output_embeddings():
-                    for p in module.parameters(recurse=False):
-                        p.data = p.data.float()
+            if plain_path:  # what prepare_model_for_kbit_training leaves: every non-quantized parameter in fp32
+                for module in model.modules():
+                    if not isinstance(module, torch.nn.Linear) or module is model.get_output_embeddings():
+                        for p in module.parameters(recurse=False):
+                            p.data = p.data.float()
             for p in model.parameters():
                 p.requires_grad_(False)
         if s.gradient_checkpointing:
@@ -96,16 +103,18 @@ def simulate(config: dict, s: memory.Setup, spec=None) -> Simulation:
             from peft import LoraConfig, get_peft_model
 
             with _no_module_to():
-                model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=0.05,
+                model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout,
                                                          target_modules=list(s.lora_targets), task_type="CAUSAL_LM"))
         model.train()
         # bitsandbytes' 8-bit optimizers read tensor values (block maxima), which fake tensors lack:
         # their state is exact analytically (tests/test_memory.py), so it is added, not simulated.
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
         ids = torch.randint(0, cfg.vocab_size, (s.micro_batch_size, s.seq_len))
-        from hfgpu.loss import LOSS_CHUNK
+        from hfgpu.memory import loss_chunk_tokens
 
-        step = tracked_step(model, optimizer, ids, s.precision, LOSS_CHUNK if s.chunked_loss else None)
+        chunk = loss_chunk_tokens(cfg.vocab_size) if s.chunked_loss else None
+        step = tracked_step(model, optimizer, ids, s.precision, chunk, offload=s.offload and s.gradient_checkpointing, simulate=True,
+                            adapters_16bit=not plain_path)
     weights, state, peak = step.weights, step.trainable_state, step.peak
     if optimizer is None:
         spec = spec or model_spec(config)
@@ -115,8 +124,8 @@ def simulate(config: dict, s: memory.Setup, spec=None) -> Simulation:
     if quantized:
         spec = spec or model_spec(config)
         simulated_linear = BYTES_OF[storage] * spec.linear_params
-        exact = memory.weight_bytes(spec, s) - 4 * memory.trainable_params(spec, s)  # base (NF4 + fp32 rest), no adapters
-        exact_rest = 4 * (spec.params_total - spec.linear_params) + spec.buffer_bytes
+        exact = memory.weight_bytes(spec, s) - 4 * memory.trainable_params(spec, s)  # base (NF4 + 16-bit rest), no adapters
+        exact_rest = BYTES_OF[DTYPES[s.precision]] * (spec.params_total - spec.linear_params) + spec.buffer_bytes
         correction = (exact - exact_rest) - simulated_linear  # NF4 bytes replace the compute-dtype linear weights
         weights += correction
         peak += correction + memory.dequant_workspace_bytes(spec, s)

@@ -28,6 +28,8 @@ from hfgpu.data import IGNORE, Prepared, collate
 from hfgpu.errors import HfgpuError
 from hfgpu.evaluation import eval_loss, task_metrics
 from hfgpu.loss import model_loss
+from hfgpu.modeling import adapters_in_compute_dtype
+from hfgpu.offload import offload_activations
 
 
 def make_optimizer(params, name: str, lr: float = 1e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -67,6 +69,8 @@ class LoopConfig:
     resume: str  # never | auto | a checkpoint path
     plan_note: str = ""  # the plan's memory estimate, quoted when even micro-batch 1 runs out of memory
     loss_chunk: int | None = None  # chunked cross-entropy (hfgpu.loss) when set
+    offload_activations: bool = False  # checkpointed layer inputs wait in CPU memory (hfgpu.offload)
+    autocast: bool = False  # 16-bit mixed precision: adapters take 16-bit inputs (hfgpu.modeling.adapters_in_compute_dtype)
 
 
 class Interrupted(HfgpuError):
@@ -107,6 +111,11 @@ def _is_oom(e: BaseException) -> bool:
 
 def run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Path, say=print) -> dict:
     """Train `model` on `data`; returns the final metrics. Writes checkpoints and metrics.jsonl under `out`."""
+    with adapters_in_compute_dtype(model, cfg.autocast):
+        return _run(accelerator, model, tokenizer, data, cfg, out, say)
+
+
+def _run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Path, say=print) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader_gen = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG: exact resume
     train_dl = DataLoader(data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=partial(collate, pad_id=pad_id), generator=loader_gen)
@@ -160,7 +169,8 @@ def run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Pat
     def micro_step(batch: dict, window_tokens: torch.Tensor, sync: bool) -> torch.Tensor:
         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
         with ctx:
-            loss = model_loss(model, batch, cfg.loss_chunk, lm_head) * _label_tokens(batch) / window_tokens
+            with offload_activations(cfg.offload_activations):
+                loss = model_loss(model, batch, cfg.loss_chunk, lm_head) * _label_tokens(batch) / window_tokens
             accelerator.backward(loss)
         return loss.detach()
 

@@ -23,7 +23,7 @@ RECIPES = [
     ("lora_3060.yaml", "RTX 3060 12GB", "lora", "Qwen/Qwen2.5-1.5B", 2048, ULTRACHAT, "LoRA of a 1.5B model on an RTX 3060 12GB (Ampere: bf16)"),
     ("qlora_3090.yaml", "RTX 3090", "qlora", "meta-llama/Llama-2-13b-hf", 2048, ALPACA, "QLoRA of a 13B model on an RTX 3090"),
     ("lora_4060ti.yaml", "RTX 4060 Ti 16GB", "lora", "Qwen/Qwen2.5-3B", 2048, ULTRACHAT, "LoRA of a 3B model on an RTX 4060 Ti 16GB (Ada)"),
-    ("lora_4090.yaml", "RTX 4090", "lora", "meta-llama/Llama-3.1-8B", 1024, ALPACA, "LoRA of Llama-3.1-8B on an RTX 4090 (Ada)"),
+    ("lora_4090.yaml", "RTX 4090", "lora", "meta-llama/Llama-3.1-8B", 2048, ALPACA, "LoRA of Llama-3.1-8B on an RTX 4090 (Ada)"),
     ("full_4090.yaml", "RTX 4090", "full", "Qwen/Qwen2.5-0.5B", 2048, ULTRACHAT, "Full fine-tune of a 0.5B model on an RTX 4090",
      # the planner's full fine-tuning estimate runs ~15-20 % low for this 152k-vocabulary model; the
      # simulation (tests/test_recipes_fit.py) confirms micro-batch 1 with 8-bit AdamW fits

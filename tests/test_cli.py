@@ -30,12 +30,15 @@ def test_plan_flags_mirror_the_knobs(tmp_path):
                 max_position_embeddings=2048).save_pretrained(tmp_path)
     r = hfgpu("plan", str(tmp_path), "--gpu", "1080", "--strategy", "lora", "--seq-len", "1024", "--gradient-checkpointing", "on",
               "--micro-batch-size", "4", "--optimizer", "adamw_8bit", "--attention", "eager", "--lora-r", "8",
-              "--lora-targets", "q_proj,v_proj", "--precision", "fp32", "--quantization", "none", "--json")
+              "--lora-targets", "q_proj,v_proj", "--precision", "fp32", "--quantization", "none", "--lora-dropout", "0.05",
+              "--chunked-loss", "--activation-offloading", "off", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert (d["strategy"], d["seq_len"], d["gradient_checkpointing"], d["micro_batch_size"], d["grad_accum_steps"], d["optimizer"], d["attention"], d["precision"]) == \
         ("lora", 1024, True, 4, 4, "adamw_8bit", "eager", "fp32")
     assert d["lora"] == {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+    assert (d["chunked_loss"], d["activation_offloading"]) == (True, False)
+    assert "fixed by you" in d["reasons"]["chunked_loss"] and "fixed by you" in d["reasons"]["activation_offloading"]
 
 
 def test_plan_that_does_not_fit_still_prints_the_plan_and_exits_3():

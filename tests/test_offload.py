@@ -1,0 +1,92 @@
+"""Activation offloading: the same gradients, the layer inputs leave the device, the planner and the
+simulation agree on what it saves, and the planner turns the savers on only when a run needs them."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import hfgpu
+from hfgpu import memory
+from hfgpu.loss import model_loss
+from hfgpu.offload import offload_activations
+from conftest import tiny_llama
+
+
+def step(offload: bool, peft: bool):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(1))
+    with offload_activations(offload, min_bytes=2 * 64 * 64 * 4) as off:
+        loss = model_loss(model, {"input_ids": ids, "labels": ids}, chunk_size=32)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, off
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_gradients_equal_and_every_layer_input_moves(peft):
+    loss0, grads0, _ = step(False, peft)
+    loss1, grads1, off = step(True, peft)
+    torch.testing.assert_close(loss1, loss0)
+    assert grads0.keys() == grads1.keys() and grads0
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], msg=name)
+    layer_input = 2 * 64 * 64 * 4  # b × s × hidden, fp32
+    assert off.packed >= tiny_llama().num_hidden_layers and off.packed_bytes >= 2 * layer_input
+
+
+def test_simulation_shows_the_offloaded_bytes_leave_the_card():
+    from hfgpu.simulate import simulate
+
+    p = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 4090", strategy="lora", seq_len=2048, micro_batch_size=2,
+                   gradient_checkpointing=True, chunked_loss=True, activation_offloading=False)
+    s = p.setup()
+    on = dataclasses.replace(s, offload=True)
+    saved = simulate(p.spec.config, s, p.spec).peak - simulate(p.spec.config, on, p.spec).peak
+    offloaded = memory.offloaded_bytes(p.spec, on)  # all layer inputs but the two a recompute holds
+    layers = p.spec.num_layers
+    assert offloaded <= saved <= offloaded * layers / (layers - 2) * 1.01
+    assert memory.breakdown(p.spec, s, p.gpu.vram_bytes).total - memory.breakdown(p.spec, on, p.gpu.vram_bytes).total == pytest.approx(saved, rel=0.15)
+
+
+def test_the_planner_turns_savers_on_only_when_needed_and_says_what_they_save():
+    roomy = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", strategy="lora")
+    assert not roomy.chunked_loss and not roomy.activation_offloading
+    assert "fits without it" in roomy.reasons["chunked_loss"]
+    tight = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=2048)
+    assert tight.chunked_loss and tight.activation_offloading and tight.gradient_checkpointing
+    assert "saves" in tight.reasons["chunked_loss"] and "saves" in tight.reasons["activation_offloading"]
+    assert "pinned CPU memory" in tight.reasons["activation_offloading"]
+    # each saver is needed: without either one the same run does not fit
+    for knob in ("chunked_loss", "activation_offloading"):
+        without = hfgpu.plan_or_closest("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=2048, **{knob: False})
+        assert not without.fits or without.optimizer == "adamw_8bit", knob
+    # the savers' time costs are in the throughput estimate
+    assert tight.tokens_per_second_estimate < hfgpu.plan_or_closest(
+        "meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=2048, chunked_loss=False, activation_offloading=False
+    ).tokens_per_second_estimate
+
+
+def test_no_offloading_on_the_cpu_and_no_chunked_loss_for_soft_capped_logits():
+    cpu = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "cpu")
+    assert not cpu.activation_offloading
+    gemma = hfgpu.plan_or_closest("google/gemma-2-2b", "RTX 3060 8GB", strategy="qlora")
+    assert not gemma.chunked_loss and "soft-capped" in gemma.reasons["chunked_loss"]
+
+
+def test_8bit_state_when_only_it_fits_says_what_it_saves():
+    full = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 3060 8GB", strategy="full", seq_len=512)
+    assert full.optimizer == "adamw_8bit" and "saves" in full.reasons["optimizer"]
+    wide = hfgpu.plan_or_closest("Qwen/Qwen2.5-0.5B", "RTX 3060 8GB", strategy="full", seq_len=512, optimizer="adamw_torch")
+    assert not wide.fits
+    longer = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=3072)
+    assert longer.optimizer == "adamw_8bit" and longer.memory.trainable_state < 0.3 * 2**30
