@@ -78,7 +78,7 @@ class _Offloader:
 
 
 @contextlib.contextmanager
-def offload_activations(enabled: bool = True, min_bytes: int = MIN_BYTES, simulate: bool = False):
+def offload_activations(enabled: bool = True, min_bytes: int | None = None, simulate: bool = False):
     """Saved-for-backward tensors of the forward run inside go to CPU memory (see module docs).
 
     with offload_activations():
@@ -88,7 +88,7 @@ def offload_activations(enabled: bool = True, min_bytes: int = MIN_BYTES, simula
     if not enabled:
         yield None
         return
-    off = _Offloader(min_bytes, simulate)
+    off = _Offloader(MIN_BYTES if min_bytes is None else min_bytes, simulate)
     hooks = torch.autograd.graph.saved_tensors_hooks(off.pack, off.unpack)
     with hooks:
         yield off

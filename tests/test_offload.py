@@ -90,3 +90,33 @@ def test_8bit_state_when_only_it_fits_says_what_it_saves():
     assert not wide.fits
     longer = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=3072)
     assert longer.optimizer == "adamw_8bit" and longer.memory.trainable_state < 0.3 * 2**30
+
+
+def test_training_with_offloading_matches_training_without(tiny_model_dir, tmp_path, monkeypatch):
+    """The training loop's wiring: on CPU the planner never offloads, so the plan is edited; tensors
+    are then copied (not moved) by the same hooks a GPU run uses."""
+    import json
+
+    import hfgpu.finetune as ft
+    from hfgpu import offload
+    from hfgpu.recipe import validate_recipe
+    from conftest import recipe_dict
+
+    real_plan_for = ft.plan_for
+    packed = []
+    real_pack = offload._Offloader.pack
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)
+    monkeypatch.setattr(offload._Offloader, "pack", lambda self, t: packed.append(t.shape) or real_pack(self, t))
+
+    def losses(offloaded: bool, name: str) -> list[float]:
+        monkeypatch.setattr(ft, "plan_for", lambda r: dataclasses.replace(real_plan_for(r), activation_offloading=offloaded))
+        r = recipe_dict(tiny_model_dir, tmp_path / name, gradient_checkpointing=True, train={"max_steps": 4}, data={"eval_path": None})
+        out = ft.finetune(validate_recipe(r), say=lambda *a, **k: None).output_dir
+        assert json.loads((out / "plan.json").read_text())["activation_offloading"] is offloaded
+        return [x["loss"] for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+
+    plain = losses(False, "plain")
+    assert not packed
+    offloaded = losses(True, "offloaded")
+    assert len(plain) == 4 and offloaded == pytest.approx(plain, rel=1e-5)
+    assert len(packed) >= 4 * 2  # at least every layer input of every micro-batch
