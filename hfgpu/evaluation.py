@@ -9,15 +9,23 @@ from importlib import resources
 import torch
 
 from hfgpu.data import IGNORE
+from hfgpu.loss import chunked_token_stats, final_hidden_states
 
 
 @torch.no_grad()
-def eval_loss(model, loader, accelerator) -> dict[str, float]:
-    """Token-weighted loss over the whole eval set (all processes), its perplexity and top-1 token accuracy."""
+def eval_loss(model, loader, accelerator, chunk_size: int | None = None) -> dict[str, float]:
+    """Token-weighted loss over the whole eval set (all processes), its perplexity and top-1 token accuracy.
+
+    `chunk_size`: logits over slices of that many tokens (hfgpu.loss.chunked_token_stats), so that
+    evaluating needs no more memory than a training step with the chunked loss."""
     model.eval()
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens, correct
     for batch in loader:
         labels = batch.pop("labels")
+        if chunk_size:
+            weight = accelerator.unwrap_model(model).get_output_embeddings().weight
+            totals += chunked_token_stats(final_hidden_states(model, batch), weight, labels, chunk_size).to(totals.device)
+            continue
         logits = model(**batch).logits.float()
         shifted, target = logits[:, :-1], labels[:, 1:]
         mask = target != IGNORE

@@ -147,7 +147,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from hfgpu.data import prepare_data
-    from hfgpu.memory import loss_chunk_tokens
+    from hfgpu.memory import loss_chunk_tokens, plain_logits
     from hfgpu.modeling import ModelSettings, load_tokenizer, prepare_model
     from hfgpu.train import LoopConfig, run
 
@@ -218,6 +218,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         resume=recipe.resume,
         loss_chunk=loss_chunk_tokens(p.spec.vocab_size) if p.chunked_loss else None,
         offload_activations=p.activation_offloading, autocast=p.precision != "fp32",
+        eval_chunk=loss_chunk_tokens(p.spec.vocab_size) if plain_logits(p.spec.config) else None,
         plan_note=f"the plan estimated {p.memory.total / 2**30:.1f} GiB of {p.memory.budget / 2**30:.1f} GiB at micro-batch {p.micro_batch_size}, seq_len {p.seq_len}",
     )
     result = run(accelerator, model, tokenizer, data, loop, out, say=speak)

@@ -86,15 +86,10 @@ def _decoder(model) -> torch.nn.Module:
     return m.get_decoder()
 
 
-def model_loss(model, batch: dict, chunk_size: int | None = None, lm_head_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The batch's mean next-token loss: transformers' own path, or the chunked one.
-
-    The chunked path still calls `model` itself (so DDP's hooks run) keeping one position of logits;
-    a forward hook on the decoder takes its final hidden states (asking for `output_hidden_states`
-    would keep every layer's input alive, defeating activation offloading)."""
-    if not chunk_size:
-        return model(**batch).loss
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+def final_hidden_states(model, inputs: dict) -> torch.Tensor:
+    """The decoder's final (normed) hidden states, through `model` itself (so DDP's hooks run) keeping
+    one position of logits: a forward hook on the decoder takes them (asking for
+    `output_hidden_states` would keep every layer's input alive, defeating activation offloading)."""
     captured: list[torch.Tensor] = []
 
     def keep(module, args, output):
@@ -102,8 +97,33 @@ def model_loss(model, batch: dict, chunk_size: int | None = None, lm_head_weight
 
     handle = _decoder(model).register_forward_hook(keep)
     try:
-        model(**inputs, logits_to_keep=1)
+        model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1)
     finally:
         handle.remove()
+    return captured[-1]
+
+
+def model_loss(model, batch: dict, chunk_size: int | None = None, lm_head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's mean next-token loss: transformers' own path, or the chunked one."""
+    if not chunk_size:
+        return model(**batch).loss
     weight = lm_head_weight if lm_head_weight is not None else getattr(model, "module", model).get_output_embeddings().weight
-    return chunked_causal_lm_loss(captured[-1], weight, batch["labels"], chunk_size)
+    return chunked_causal_lm_loss(final_hidden_states(model, batch), weight, batch["labels"], chunk_size)
+
+
+@torch.no_grad()
+def chunked_token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(loss sum, label tokens, correct top-1 predictions) of next-token prediction, slice by slice:
+    evaluation without the full logits (float64)."""
+    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    w = weight.to(h.dtype)
+    totals = torch.zeros(3, dtype=torch.float64, device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = (h[start : start + chunk_size] @ w.t()).float()
+        target = y[start : start + chunk_size]
+        valid = target != IGNORE
+        loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+        correct = ((logits.argmax(-1) == target) & valid).sum()
+        totals += torch.stack([loss.double(), valid.sum().double(), correct.double()])
+    return totals

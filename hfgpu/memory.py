@@ -48,6 +48,12 @@ def loss_chunk_tokens(vocab_size: int) -> int:
     return max(64, min(4096, CHUNK_BYTES // (4 * vocab_size) // 64 * 64))
 
 
+def plain_logits(config: dict) -> bool:
+    """Logits that are plain lm_head outputs, as the chunked loss computes them: not soft-capped
+    (Gemma-2) or rescaled (Cohere's logit_scale, Granite's logits_scaling)."""
+    return not config.get("final_logit_softcapping") and config.get("logit_scale", 1) in (1, None) and config.get("logits_scaling", 1) in (1, None)
+
+
 BNB_4BIT_BLOCK = 64  # bitsandbytes 4-bit blocksize for weights (BitsAndBytesConfig default)
 BNB_DQ_BLOCK = 256  # double quantization groups 256 absmax values
 BNB_OPT_BLOCK = 256  # 8-bit optimizers quantize state in blocks of 256

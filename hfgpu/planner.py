@@ -226,8 +226,8 @@ def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
         if k[name] != "auto" and not isinstance(k[name], bool):
             errs.append(f"{name}={k[name]!r} must be true, false or auto")
     if k["chunked_loss"] is True:
-        if spec.config.get("final_logit_softcapping"):
-            errs.append(f"chunked_loss is not supported for {spec.name}: its logits are soft-capped; use chunked_loss false")
+        if not memory.plain_logits(spec.config):
+            errs.append(f"chunked_loss is not supported for {spec.name}: its logits are soft-capped or rescaled; use chunked_loss false")
         if k["distributed"] in ("fsdp", "zero3"):
             errs.append(f"chunked_loss reads lm_head's weight outside the forward pass, which distributed={k['distributed']} shards: use chunked_loss false, or distributed ddp or zero2")
     if k["activation_offloading"] is True:
@@ -249,7 +249,7 @@ def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
 
 
 def _chunked_loss_allowed(spec: ModelSpec, k: dict) -> bool:
-    return not spec.config.get("final_logit_softcapping") and k["distributed_resolved"] not in ("fsdp", "zero3")
+    return memory.plain_logits(spec.config) and k["distributed_resolved"] not in ("fsdp", "zero3")
 
 
 def _tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float | None:
@@ -588,7 +588,7 @@ def _saver_reasons(spec, card, k, kn: _Knobs, mem, seq) -> dict[str, str]:
                              f"saves {_gib(plain.logits - mem.logits)} (logits {_gib(plain.logits)} → {_gib(mem.logits)}); costs ≈{CHUNKED_LOSS_COST:.0%} of step time")
     elif k["chunked_loss"] == "auto":
         r["chunked_loss"] = ("off: the run fits without it" if mem.fits else "off") if _chunked_loss_allowed(spec, k) else (
-            "off: soft-capped logits" if spec.config.get("final_logit_softcapping") else f"off: {k['distributed_resolved']} shards lm_head")
+            "off: soft-capped or rescaled logits" if not memory.plain_logits(spec.config) else f"off: {k['distributed_resolved']} shards lm_head")
     if kn.offload:
         moved = memory.offloaded_bytes(spec, setup)
         compute = _compute_tokens_per_second(spec, card, setup)

@@ -70,6 +70,7 @@ class LoopConfig:
     plan_note: str = ""  # the plan's memory estimate, quoted when even micro-batch 1 runs out of memory
     loss_chunk: int | None = None  # chunked cross-entropy (hfgpu.loss) when set
     offload_activations: bool = False  # checkpointed layer inputs wait in CPU memory (hfgpu.offload)
+    eval_chunk: int | None = None  # evaluation computes logits over slices of this many tokens
     autocast: bool = False  # 16-bit mixed precision: adapters take 16-bit inputs (hfgpu.modeling.adapters_in_compute_dtype)
 
 
@@ -157,7 +158,7 @@ def _run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Pa
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, append=resume_from is not None)
 
     def evaluate_now() -> dict:
-        scores = eval_loss(model, eval_dl, accelerator) if eval_dl is not None else {}
+        scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk) if eval_dl is not None else {}
         if cfg.metrics and accelerator.is_main_process:
             examples = data.eval_prompts[: cfg.max_eval_examples]
             scores.update(task_metrics(accelerator.unwrap_model(model), tokenizer, examples, cfg.metrics, cfg.max_new_tokens, accelerator.device))

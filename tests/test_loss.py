@@ -95,3 +95,22 @@ def test_training_with_the_chunked_loss_matches_the_plain_loss(tiny_model_dir, t
 
     plain_losses, chunked_losses = losses(False, "plain"), losses(True, "chunked")
     assert len(plain_losses) == 5 and chunked_losses == pytest.approx(plain_losses, rel=1e-4)
+
+
+def test_evaluation_in_slices_equals_the_full_logits():
+    from transformers import AutoModelForCausalLM
+
+    from hfgpu.loss import chunked_token_stats, final_hidden_states
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama()).eval()
+    ids = torch.randint(0, 1000, (2, 40))
+    labels = ids.clone()
+    labels[0, :12] = -100
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, 1000), target.reshape(-1), ignore_index=-100, reduction="sum")
+        correct = ((logits.argmax(-1) == target) & (target != -100)).sum()
+        stats = chunked_token_stats(final_hidden_states(model, {"input_ids": ids}), model.get_output_embeddings().weight, labels, chunk_size=7)
+    torch.testing.assert_close(stats, torch.tensor([loss.item(), float((target != -100).sum()), float(correct)], dtype=torch.float64), rtol=1e-5, atol=1e-4)
