@@ -38,6 +38,8 @@ class _Offloader:
         nbytes = t.numel() * t.element_size()
         if isinstance(t, torch.nn.Parameter) or nbytes < self.min_bytes or t.layout != torch.strided or not t.is_contiguous():
             return t
+        if t.device.type not in ("cuda", "cpu"):
+            return t  # other accelerators: kept where it is
         if self.simulate:
             self.packed += 1
             self.packed_bytes += nbytes
