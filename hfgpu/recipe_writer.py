@@ -96,7 +96,8 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         f"#   strategy {p.strategy}, precision {p.precision}, quantization {p.quantization}, gradient checkpointing "
         f"{'on' if p.gradient_checkpointing else 'off'},",
         f"#   micro-batch {p.micro_batch_size} × {p.grad_accum_steps} accumulation = {p.global_batch_size} sequences of {p.seq_len} tokens per step,",
-        f"#   optimizer {p.optimizer}, attention {p.attention};",
+        f"#   optimizer {p.optimizer}, attention {p.attention}, chunked loss {'on' if p.chunked_loss else 'off'}, "
+        f"activation offloading {'on' if p.activation_offloading else 'off'};",
         f"#   expected peak {p.memory.total / GIB:.1f} GiB of the card's {g.vram_gb:g} GB (budget {p.memory.budget / GIB:.1f} GiB).",
         "# Neighbouring cards:",
         *[f"#   {line}" for line in neighbour_lines(p)],
