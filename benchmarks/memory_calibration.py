@@ -3,7 +3,8 @@
     python benchmarks/memory_calibration.py [--quick] [--out benchmarks/results/memory_calibration.csv]
 
 For 3 small models (built from their catalog configs with random weights: memory does not depend
-on weight values) × full / LoRA / QLoRA × seq 256–2048 × micro-batch 1–4 × checkpointing on/off, it
+on weight values) × full / LoRA / QLoRA × seq 256–2048 × micro-batch 1–4 × checkpointing on/off, and
+the memory savers (chunked loss; + activation offloading) at the longest sequence, it
 runs a few real steps and records torch.cuda.max_memory_allocated, max_memory_reserved and the
 device-wide use from mem_get_info, beside the planner's total and tensor peak and the fake-tensor
 simulation's peak. It writes a CSV and prints the median and worst relative error of the planner
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODELS = ["HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B"]
-FIELDS = ["model", "gpu", "strategy", "seq_len", "micro_batch_size", "gradient_checkpointing", "planned_total", "planned_tensor_peak",
+FIELDS = ["model", "gpu", "strategy", "seq_len", "micro_batch_size", "gradient_checkpointing", "chunked_loss", "activation_offloading", "planned_total", "planned_tensor_peak",
           "simulated_peak", "max_allocated", "max_reserved", "device_used", "planner_error", "simulation_error", "seconds"]
 
 
@@ -67,7 +68,8 @@ def main() -> int:
             row["planner_error"] = round(p.memory.total / measured["device_used"] - 1, 4) if measured["device_used"] else None
             row["simulation_error"] = round(sim.peak / measured["allocated"] - 1, 4) if measured["allocated"] else None
             rows.append(row)
-            print({k: row[k] for k in ("model", "strategy", "seq_len", "micro_batch_size", "gradient_checkpointing", "planner_error", "simulation_error")}, flush=True)
+            print({k: row[k] for k in ("model", "strategy", "seq_len", "micro_batch_size", "gradient_checkpointing", "chunked_loss", "activation_offloading",
+                                       "planner_error", "simulation_error")}, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:

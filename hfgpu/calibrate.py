@@ -51,12 +51,13 @@ def measure_cuda_step(config, s: memory.Setup, steps: int = 3) -> dict:
     """Peak memory of `steps` real training steps on cuda:0, in bytes (allocated, reserved, device-wide used)."""
     import torch
 
-    from hfgpu.modeling import DTYPES, ModelSettings, prepare_model
+    from hfgpu.measure import forward_backward
+    from hfgpu.modeling import ModelSettings, prepare_model
     from hfgpu.train import make_optimizer
 
     settings = ModelSettings(strategy=s.strategy, precision=s.precision, quantization=s.quantization, double_quant=s.double_quant,
                              gradient_checkpointing=s.gradient_checkpointing, attention=s.attention, lora_r=s.lora_r,
-                             lora_alpha=2 * s.lora_r, lora_targets=s.lora_targets)
+                             lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout, lora_targets=s.lora_targets)
     torch.cuda.empty_cache()
     free_before, total = torch.cuda.mem_get_info()
     model = prepare_model(config, settings, device="cuda")
@@ -65,10 +66,9 @@ def measure_cuda_step(config, s: memory.Setup, steps: int = 3) -> dict:
     ids = torch.randint(0, config.vocab_size, (s.micro_batch_size, s.seq_len), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     used_peak = 0
+    chunk = memory.loss_chunk_tokens(config.vocab_size) if s.chunked_loss else None
     for _ in range(steps):
-        with torch.autocast("cuda", dtype=DTYPES[s.precision], enabled=s.precision != "fp32"):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        loss = forward_backward(model, ids, s.precision, chunk, offload=s.offload and s.gradient_checkpointing)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # keep gradients alive, as under accumulation
         torch.cuda.synchronize()
@@ -84,8 +84,12 @@ def grid(model: str, short: bool = True) -> list[dict]:
     strategies = ("lora", "qlora") if short else ("full", "lora", "qlora")
     seqs = (256, 1024) if short else (256, 1024, 2048)
     batches = (1, 2) if short else (1, 4)
-    return [dict(strategy=st, seq_len=sq, micro_batch_size=mb, gradient_checkpointing=ck)
+    rows = [dict(strategy=st, seq_len=sq, micro_batch_size=mb, gradient_checkpointing=ck, chunked_loss=False, activation_offloading=False)
             for st in strategies for sq in seqs for mb in batches for ck in (False, True)]
+    # the memory savers, at the longest sequence: chunked loss, and with checkpointing + offloading
+    rows += [dict(strategy=st, seq_len=seqs[-1], micro_batch_size=batches[-1], gradient_checkpointing=True, chunked_loss=True, activation_offloading=off)
+             for st in strategies for off in (False, True)]
+    return rows
 
 
 def calibrate(model: str, gpu: str = "auto", say=print) -> dict:

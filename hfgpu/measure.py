@@ -31,28 +31,35 @@ class StepMemory:
         return self.peak - self.weights - self.trainable_state
 
 
+def forward_backward(model, ids: torch.Tensor, precision: str, chunk_size: int | None = None, offload: bool = False,
+                     simulate: bool = False, adapters_16bit: bool = True) -> torch.Tensor:
+    """One micro-batch's forward and backward as training runs it (hfgpu.train): autocast, the
+    chunked loss, activation offloading, 16-bit adapter inputs. `simulate`: fake tensors;
+    `adapters_16bit=False`: peft's default fp32 copies of adapter inputs (the plain path)."""
+    autocast = precision != "fp32"
+    with adapters_in_compute_dtype(model, autocast and adapters_16bit):
+        with torch.autocast(ids.device.type, dtype=DTYPES[precision], enabled=autocast), offload_activations(offload, simulate=simulate):
+            loss = model_loss(model, {"input_ids": ids, "labels": ids}, chunk_size)
+        loss.backward()
+    return loss.detach()
+
+
 def tracked_step(model, optimizer, ids: torch.Tensor, precision: str, chunk_size: int | None = None,
                  offload: bool = False, simulate: bool = False, adapters_16bit: bool = True) -> StepMemory:
     """One warm-up step (gradients and optimizer state come to exist), then one tracked step with the
     previous gradients still alive, as under accumulation. `optimizer` may be None (state added by the caller).
-    `offload`: activation offloading (hfgpu.offload; `simulate` for fake tensors); `adapters_16bit`:
-    hfgpu.modeling.adapters_in_compute_dtype (False: peft's default fp32 copies of adapter inputs)."""
-    autocast = precision != "fp32"
+    The other arguments are forward_backward's."""
+    def step():
+        forward_backward(model, ids, precision, chunk_size, offload, simulate, adapters_16bit)
 
-    def forward_backward():
-        with adapters_in_compute_dtype(model, autocast and adapters_16bit):
-            with torch.autocast("cpu", dtype=DTYPES[precision], enabled=autocast), offload_activations(offload, simulate=simulate):
-                loss = model_loss(model, {"input_ids": ids, "labels": ids}, chunk_size)
-            loss.backward()
-
-    forward_backward()
+    step()
     if optimizer is not None:
         optimizer.step()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     weights = storage_bytes(state_tensors(model)) - storage_bytes(grads)
     trainable_state = storage_bytes(state_tensors(model, optimizer)) - weights
     with PeakTracker(baseline=state_tensors(model, optimizer)) as tracker:
-        forward_backward()
+        step()
         if optimizer is not None:
             optimizer.step()
     return StepMemory(weights=weights, trainable_state=trainable_state, peak=tracker.peak_bytes)

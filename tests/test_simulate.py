@@ -92,3 +92,12 @@ def test_a_stored_card_correction_changes_later_plans_and_says_so():
         assert "memory" not in hfgpu.plan("Qwen/Qwen2.5-0.5B", "3090", **knobs).reasons  # other cards unaffected
     finally:
         path.unlink()
+
+
+def test_calibration_grid_plans_and_covers_the_memory_savers():
+    from hfgpu.calibrate import grid
+
+    rows = grid("Qwen/Qwen2.5-0.5B", short=False)
+    plans = [hfgpu.plan_or_closest("Qwen/Qwen2.5-0.5B", "RTX 4090", calibrated=False, **knobs) for knobs in rows]
+    assert {(p.chunked_loss, p.activation_offloading) for p in plans} == {(False, False), (True, False), (True, True)}
+    assert all(p.seq_len == k["seq_len"] and p.gradient_checkpointing == k["gradient_checkpointing"] for p, k in zip(plans, rows))
