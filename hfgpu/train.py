@@ -112,11 +112,6 @@ def _is_oom(e: BaseException) -> bool:
 
 def run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Path, say=print) -> dict:
     """Train `model` on `data`; returns the final metrics. Writes checkpoints and metrics.jsonl under `out`."""
-    with adapters_in_compute_dtype(model, cfg.autocast):
-        return _run(accelerator, model, tokenizer, data, cfg, out, say)
-
-
-def _run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Path, say=print) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader_gen = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG: exact resume
     train_dl = DataLoader(data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=partial(collate, pad_id=pad_id), generator=loader_gen)
@@ -169,7 +164,9 @@ def _run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Pa
 
     def micro_step(batch: dict, window_tokens: torch.Tensor, sync: bool) -> torch.Tensor:
         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-        with ctx:
+        # 16-bit adapter inputs over forward and backward (a checkpointed layer recomputes in backward);
+        # not around generation, which runs without accelerate's autocast wrapper
+        with ctx, adapters_in_compute_dtype(model, cfg.autocast):
             with offload_activations(cfg.offload_activations):
                 loss = model_loss(model, batch, cfg.loss_chunk, lm_head) * _label_tokens(batch) / window_tokens
             accelerator.backward(loss)

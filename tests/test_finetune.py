@@ -224,3 +224,13 @@ def test_early_stopping_on_eval_loss(tiny_model_dir, tmp_path):
     res = finetune(validate_recipe(r), say=said.append)
     assert res.metrics["stopped_early"] is True and res.metrics["steps"] == 3
     assert any("early stopping at step 3" in s for s in said)
+
+
+def test_bf16_lora_with_generated_metrics(tiny_model_dir, tmp_path):
+    """16-bit autocast: adapters take 16-bit inputs in training (and the recompute), and generation for
+    the task metrics, which runs outside accelerate's autocast wrapper, still works."""
+    res = run(tiny_model_dir, tmp_path / "bf16", precision="bf16", gradient_checkpointing=True, chunked_loss=True,
+              train={"max_steps": 6}, eval={"metrics": ["exact_match"], "max_examples": 3, "max_new_tokens": 4})
+    assert res.plan.precision == "bf16"
+    assert "eval_exact_match" in res.metrics and "eval_exact_match" in res.initial_metrics
+    assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"]
