@@ -163,6 +163,11 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     if not p.gpu.is_cpu and not torch.cuda.is_available():
         raise HfgpuError(f"the recipe plans for {p.gpu.name} but torch sees no CUDA GPU here: run it on that card, or set gpu=cpu")
     mixed = "no" if p.precision == "fp32" else p.precision
+    from accelerate.state import AcceleratorState
+
+    # each run sets its own mixed precision: a second run in one process (the Python API) would otherwise
+    # hit "AcceleratorState has already been initialized"; the process group (PartialState) is kept
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=mixed, cpu=p.gpu.is_cpu, log_with=None if recipe.report_to == "none" else recipe.report_to,
         project_dir=str(out), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
