@@ -57,7 +57,7 @@ def measure_cuda_step(config, s: memory.Setup, steps: int = 3) -> dict:
 
     settings = ModelSettings(strategy=s.strategy, precision=s.precision, quantization=s.quantization, double_quant=s.double_quant,
                              gradient_checkpointing=s.gradient_checkpointing, attention=s.attention, lora_r=s.lora_r,
-                             lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout, lora_targets=s.lora_targets)
+                             lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout, lora_targets=s.lora_targets, tiled_mlp=s.tiled_mlp)
     torch.cuda.empty_cache()
     free_before, total = torch.cuda.mem_get_info()
     model = prepare_model(config, settings, device="cuda")

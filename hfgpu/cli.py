@@ -59,13 +59,15 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
                    help="lm_head + loss over slices: the full logits never exist (auto: on when it is needed to fit)")
     g.add_argument("--activation-offloading", type=_on_off, nargs="?", const=True, default="auto", metavar="on|off",
                    help="checkpointed layer inputs wait in CPU memory (auto: on when it is needed to fit)")
+    g.add_argument("--tiled-mlp", type=_on_off, nargs="?", const=True, default="auto", metavar="on|off",
+                   help="the MLP's backward over tiles of tokens (auto: on when it is needed to fit)")
     g.add_argument("--distributed", default="auto", help="none | ddp | fsdp | zero2 | zero3 (with '2x CARD'; auto: ddp)")
 
 
 KNOBS = (
     "strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "grad_accum_steps",
     "global_batch_size", "seq_len", "optimizer", "attention", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "distributed", "chunked_loss",
-    "activation_offloading",
+    "activation_offloading", "tiled_mlp",
 )
 
 

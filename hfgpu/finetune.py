@@ -74,7 +74,7 @@ def plan_for(recipe: Recipe):
         optimizer=recipe.optimizer, attention=recipe.attention, lora_r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout, lora_targets=recipe.lora.target_modules,
         distributed=mode if recipe.distributed == "auto" else recipe.distributed,
-        chunked_loss=recipe.chunked_loss, activation_offloading=recipe.activation_offloading,
+        chunked_loss=recipe.chunked_loss, activation_offloading=recipe.activation_offloading, tiled_mlp=recipe.tiled_mlp,
     )
 
 
@@ -83,7 +83,7 @@ def resolved(recipe: Recipe, p) -> Recipe:
     r = recipe.model_copy(deep=True)
     r.gpu = p.gpu.display_name
     for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer", "attention", "distributed",
-                 "chunked_loss", "activation_offloading"):
+                 "chunked_loss", "activation_offloading", "tiled_mlp"):
         setattr(r, knob, getattr(p, knob))
     r.data.max_seq_len = p.seq_len
     if p.lora:
@@ -201,6 +201,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     settings = ModelSettings(
         strategy=p.strategy, precision=p.precision, quantization=p.quantization, double_quant=p.double_quant,
         gradient_checkpointing=p.gradient_checkpointing, attention=p.attention, shard_quantized=p.distributed in ("fsdp", "zero3"),
+        tiled_mlp=p.tiled_mlp,
         lora_r=p.lora.r if p.lora else 16, lora_alpha=p.lora.alpha if p.lora else 32,
         lora_dropout=p.lora.dropout if p.lora else 0.0, lora_targets=tuple(p.lora.target_modules) if p.lora else (),
     )

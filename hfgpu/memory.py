@@ -48,6 +48,11 @@ def loss_chunk_tokens(vocab_size: int) -> int:
     return max(64, min(4096, CHUNK_BYTES // (4 * vocab_size) // 64 * 64))
 
 
+MLP_TILE = 1024  # tiled MLP: tokens per tile (hfgpu.patches.tile_mlps)
+# model types whose MLP is one of hfgpu.patches.MLP_CLASSES (dense, per token)
+TILED_MLP_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2"}
+
+
 def plain_logits(config: dict) -> bool:
     """Logits that are plain lm_head outputs, as the chunked loss computes them: not soft-capped
     (Gemma-2) or rescaled (Cohere's logit_scale, Granite's logits_scaling)."""
@@ -111,6 +116,7 @@ class Setup:
     chunked_loss: bool = False  # lm_head + loss over slices of loss_chunk_tokens(vocab) tokens (hfgpu.loss)
     offload: bool = False  # checkpointed layer inputs wait in CPU memory (hfgpu.offload); needs checkpointing
     lora_dropout: float = 0.0  # > 0: every adapter keeps a dropped-out copy of its input and a mask
+    tiled_mlp: bool = False  # the MLP's backward over tiles of MLP_TILE tokens (hfgpu.patches); needs checkpointing
 
 
 # --- exact components --------------------------------------------------------------------------------
@@ -246,8 +252,7 @@ def offloaded_bytes(spec: ModelSpec, s: Setup) -> int:
     else 16-bit), less the two on the GPU while one layer is recomputed (its input and the next's)."""
     if not (s.offload and s.gradient_checkpointing):
         return 0
-    residual = 4 if s.strategy == "full" or s.precision == "fp32" else 2
-    return max(spec.num_layers - 2, 0) * spec.hidden_size * s.micro_batch_size * s.seq_len * residual
+    return max(spec.num_layers - 2, 0) * spec.hidden_size * s.micro_batch_size * s.seq_len * _residual_bytes(s)
 
 
 def activation_bytes(spec: ModelSpec, s: Setup) -> int:
@@ -255,8 +260,33 @@ def activation_bytes(spec: ModelSpec, s: Setup) -> int:
     counts as far as it exceeds the loss phase (logits_bytes), which happens at another moment."""
     tokens = s.micro_batch_size * s.seq_len
     kept, one_layer, _ = transient_per_token(spec, s)
-    recompute = max(0.0, tokens * one_layer - logits_bytes(spec, s))
-    return int(max(tokens * kept - offloaded_bytes(spec, s), 0.0) + recompute) + dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s)
+    row = activation_coefficients()["modes"][mode_key(s, checkpointing=False)]
+    layer = tokens * one_layer
+    if s.tiled_mlp and s.gradient_checkpointing:  # the MLP's intermediates exist for one tile of tokens only
+        layer -= max(0, tokens - MLP_TILE) * row["layer"].get("inter", 0.0) * spec.intermediate_size
+    constant = dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s)
+    if s.offload and s.gradient_checkpointing:
+        # on the card: two layers' inputs (exact), and one layer's recompute and backward, which
+        # OFFLOAD_RECOMPUTE scales from the per-layer features (see its comment)
+        on_card = min(2, spec.num_layers) * _residual_bytes(s) * spec.hidden_size * tokens
+        recompute = max(0.0, OFFLOAD_RECOMPUTE[s.tiled_mlp] * layer - logits_bytes(spec, s))
+        return int(on_card + max(row["model_hidden"] * spec.hidden_size * tokens, 0.0) + recompute) + constant
+    recompute = max(0.0, layer - logits_bytes(spec, s))
+    return int(max(tokens * kept, 0.0) + recompute) + constant
+
+
+# With offloading the checkpointed inputs leave the card, and what stays is the recompute and backward of
+# one layer: its peak over the per-layer features (one_layer, fitted without checkpointing) was
+# 1.31-1.37 untiled and 0.97-1.14 tiled on simulated Llama-3.1-8B, Llama-3.2-1B, Qwen2.5-0.5B/1.5B
+# steps where the recompute dominates (chunked loss, 2k-16k tokens); rounded up. Checked against
+# simulation in tests/test_offload.py.
+OFFLOAD_RECOMPUTE = {False: 1.40, True: 1.20}
+
+
+def _residual_bytes(s: Setup) -> int:
+    """Bytes per element of the residual stream (the checkpointed layer inputs): fp32 in full
+    fine-tuning (fp32 master weights) and fp32 compute, else 16-bit."""
+    return 4 if s.strategy == "full" or s.precision == "fp32" else 2
 
 
 def vocab_transient_bytes(spec: ModelSpec, s: Setup) -> int:
@@ -275,8 +305,7 @@ def logits_bytes(spec: ModelSpec, s: Setup) -> int:
     # one slice at a time: its fp32 logits and logsumexp's fp32 temporary (8 bytes per logit, exact);
     # the hidden states' gradient (and, when lm_head trains, an fp32 gradient of lm_head) wait from
     # the loss to backward (checked by simulation: tests/test_loss.py)
-    hidden_bytes = 4 if s.strategy == "full" or s.precision == "fp32" else 2
-    held = tokens * spec.hidden_size * hidden_bytes + (4 * spec.vocab_size * spec.hidden_size if s.strategy == "full" else 0)
+    held = tokens * spec.hidden_size * _residual_bytes(s) + (4 * spec.vocab_size * spec.hidden_size if s.strategy == "full" else 0)
     return min(tokens, loss_chunk_tokens(spec.vocab_size)) * spec.vocab_size * 8 + held
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hfgpu.patches import lean_rmsnorm
+from hfgpu.patches import lean_rmsnorm, tile_mlps
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -33,6 +33,7 @@ class ModelSettings:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ()  # empty: every Linear except lm_head
     shard_quantized: bool = False  # FSDP / ZeRO-3: store 4-bit weights in the compute dtype so they shard
+    tiled_mlp: bool = False  # the MLP's backward over tiles of tokens (hfgpu.patches.tile_mlps); with checkpointing
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -98,6 +99,8 @@ def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_cod
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+    if s.tiled_mlp and s.gradient_checkpointing:
+        tile_mlps(model)  # after peft: the tiles' trainable parameters are the adapters
     return model
 
 

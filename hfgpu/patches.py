@@ -2,7 +2,8 @@
 
 `lean_rmsnorm(model)`: transformers' Llama-style RMSNorm upcasts its input to fp32 and autograd keeps
 that fp32 copy for backward (tokens × hidden × 4 bytes, twice per decoder layer). The replacement
-keeps the 16-bit input and the per-token 1/rms instead and rebuilds the rest in backward. Output and
+keeps the 16-bit input and the per-token 1/rms instead and rebuilds the rest in backward, doing its
+fp32 arithmetic over slices of NORM_ROWS tokens so no full-size fp32 temporary exists either. Output and
 gradients equal transformers' within rounding (tests/test_patches.py). Only classes known to compute
 `weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)` are swapped (Gemma's `1 + weight` is not).
 """
@@ -15,26 +16,40 @@ RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNo
                    "MixtralRMSNorm", "PhiMoERMSNorm", "Phi3RMSNorm", "OlmoeRMSNorm", "GraniteRMSNorm"}
 
 
+NORM_ROWS = 1024  # tokens per slice of the norm's fp32 arithmetic
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        normed = (x32 * rstd).to(x.dtype)
-        del x32
+        flat = x.reshape(-1, x.shape[-1])
+        rstd = torch.empty(flat.shape[0], 1, dtype=torch.float32, device=x.device)
+        normed = torch.empty_like(flat)
+        for i in range(0, flat.shape[0], NORM_ROWS):  # fp32 temporaries for one slice of tokens at a time
+            x32 = flat[i : i + NORM_ROWS].to(torch.float32, copy=True)  # a copy even when x is fp32: modified in place
+            rstd[i : i + NORM_ROWS] = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+            normed[i : i + NORM_ROWS] = x32.mul_(rstd[i : i + NORM_ROWS])
         ctx.save_for_backward(x, weight, rstd)
-        return weight * normed
+        return weight * normed.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad.float() * xhat.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        gy = grad.float() * weight.float()
-        grad_x = rstd * (gy - xhat * (gy * xhat).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_w, None
+        flat, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        need_w = ctx.needs_input_grad[1]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_x = torch.empty_like(flat)
+        w32 = weight.float()
+        for i in range(0, flat.shape[0], NORM_ROWS):
+            r = rstd[i : i + NORM_ROWS]
+            xhat = flat[i : i + NORM_ROWS].to(torch.float32, copy=True).mul_(r)
+            g32 = g[i : i + NORM_ROWS].to(torch.float32, copy=True)
+            if need_w:
+                grad_w += (g32 * xhat.to(x.dtype).float()).sum(0)
+            gy = g32.mul_(w32)
+            dot = (gy * xhat).mean(-1, keepdim=True)
+            grad_x[i : i + NORM_ROWS] = gy.sub_(xhat.mul_(dot)).mul_(r)
+        return grad_x.reshape(x.shape), (grad_w.to(weight.dtype) if need_w else None), None
 
 
 def _lean_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -48,4 +63,78 @@ def lean_rmsnorm(model: torch.nn.Module) -> int:
         if type(module).__name__ in RMSNORM_CLASSES and hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
             module.forward = _lean_forward.__get__(module)
             n += 1
+    return n
+
+
+# --- tiled MLP ---------------------------------------------------------------------------------------
+
+from hfgpu.memory import MLP_TILE, TILED_MLP_MODEL_TYPES  # noqa: E402  (torch-free, shared with the planner)
+
+MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Phi3MLP", "GraniteMLP", "OlmoMLP", "Olmo2MLP"}
+assert len(MLP_CLASSES) == len(TILED_MLP_MODEL_TYPES)
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+class _TiledMLP(torch.autograd.Function):
+    """A per-token MLP over tiles of `tile` tokens: forward keeps only the input, backward recomputes
+    one tile at a time, so the b·s × intermediate tensors exist for one tile only. Saves its input
+    first, so that a checkpointed layer's recompute stops there instead of running the MLP again."""
+
+    @staticmethod
+    def forward(ctx, fn, tile: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.fn, ctx.tile, ctx.params = fn, tile, params
+        kind = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        ctx.rng = _rng_state(x.device)
+        flat = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            out = torch.cat([fn(t) for t in flat.split(tile)])
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[2]
+        wanted = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+        grad_x = torch.empty_like(x).reshape(-1, x.shape[-1]) if need_x else None
+        grad_p: list[torch.Tensor | None] = [None] * len(wanted)
+        flat, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        cpu_state, cuda_state = ctx.rng
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=ctx.autocast[0], dtype=ctx.autocast[1]):
+            torch.set_rng_state(cpu_state)  # the same dropout masks as forward (tiles run in the same order)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, x.device)
+            for start in range(0, flat.shape[0], ctx.tile):
+                t = flat[start : start + ctx.tile].detach().requires_grad_(need_x)
+                with torch.enable_grad():
+                    y = ctx.fn(t)
+                grads = torch.autograd.grad(y, ([t] if need_x else []) + wanted, g[start : start + ctx.tile], allow_unused=True)
+                if need_x:
+                    grad_x[start : start + ctx.tile] = grads[0]
+                    grads = grads[1:]
+                for i, gp in enumerate(grads):
+                    if gp is not None:
+                        grad_p[i] = gp if grad_p[i] is None else grad_p[i] + gp
+        it = iter(grad_p)
+        param_grads = [next(it) if need else None for need in ctx.needs_input_grad[3:]]
+        return (None, None, grad_x.reshape(x.shape) if need_x else None, *param_grads)
+
+
+def tile_mlps(model: torch.nn.Module, tile: int | None = None) -> int:
+    """Run every known per-token MLP of `model` in tiles of `tile` tokens (see _TiledMLP); returns how many.
+    Call it after peft has wrapped the model: the tiles' parameters are those training at that point."""
+    tile = tile or MLP_TILE
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ not in MLP_CLASSES:
+            continue
+        plain = type(module).forward.__get__(module)
+        params = tuple(p for p in module.parameters() if p.requires_grad)
+        module.forward = lambda x, _fn=plain, _params=params: _TiledMLP.apply(_fn, tile, x, *_params)
+        n += 1
     return n

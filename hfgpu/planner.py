@@ -4,7 +4,7 @@ The planner is pure: a model config (never weights), a GPU spec and the knobs th
 knob given is kept; the rest are searched in this order: strategy by quality (full > LoRA > QLoRA),
 then the optimizer (exact 32-bit state before 8-bit), then the memory savers by their time cost
 (none; chunked loss ≈3 %; gradient checkpointing ≈33 %; + chunked loss; + activation offloading,
-whose cost is the PCIe copy back), then the largest micro-batch that fits. Facts from the hardware (bf16 from cc 8.0, fp16 on Turing,
+whose cost is the PCIe copy back; + tiled MLP ≈5 %), then the largest micro-batch that fits. Facts from the hardware (bf16 from cc 8.0, fp16 on Turing,
 fp32 compute on Pascal, FlashAttention-2 from cc 8.0, LLM.int8 from cc 7.5) are rules, not choices.
 """
 
@@ -36,6 +36,7 @@ UTILIZATION = {"full": 0.40, "lora": 0.35, "qlora": 0.25}
 # measures the ratio on CPU); offloading costs the copy back of the layer inputs over PCIe, which is
 # queued on the compute stream (the copy out overlaps compute). 12 GB/s: PCIe 3.0 x16 or 4.0 x8 in practice.
 CHUNKED_LOSS_COST = 0.03
+TILED_MLP_COST = 0.05  # smaller matmuls; no extra FLOPs (the checkpoint's recompute stops before the MLP)
 PCIE_BYTES_PER_S = 12e9
 
 PASCAL_TORCH = "pip install 'torch<=2.14' --index-url https://download.pytorch.org/whl/cu126"
@@ -77,6 +78,7 @@ class Plan:
     distributed: str = "none"
     chunked_loss: bool = False
     activation_offloading: bool = False
+    tiled_mlp: bool = False
     simulation: dict | None = None  # plan(..., verify=True): one step simulated on fake tensors (hfgpu.simulate)
 
     @property
@@ -121,6 +123,7 @@ class Plan:
             "chunked_loss": self.chunked_loss,
             "activation_offloading": self.activation_offloading,
             "offloaded_bytes_per_step": memory.offloaded_bytes(self.spec, self.setup()),
+            "tiled_mlp": self.tiled_mlp,
             "lora": self.lora.to_dict() if self.lora else None,
             "params_total": self.params_total,
             "params_trainable": self.params_trainable,
@@ -141,6 +144,7 @@ class Plan:
             optimizer=self.optimizer, attention=self.attention, lora_r=self.lora.r if self.lora else 16,
             lora_targets=self.lora.target_modules if self.lora else (), distributed=self.distributed, world_size=self.gpu.count,
             chunked_loss=self.chunked_loss, offload=self.activation_offloading, lora_dropout=self.lora.dropout if self.lora else 0.0,
+            tiled_mlp=self.tiled_mlp,
         )
 
     def __str__(self) -> str:
@@ -222,7 +226,7 @@ def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
     if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < 1:
         errs.append(f"lora_dropout={d!r} must be a number in [0, 1)")
     gc = k["gradient_checkpointing"]
-    for name in ("gradient_checkpointing", "chunked_loss", "activation_offloading"):
+    for name in ("gradient_checkpointing", "chunked_loss", "activation_offloading", "tiled_mlp"):
         if k[name] != "auto" and not isinstance(k[name], bool):
             errs.append(f"{name}={k[name]!r} must be true, false or auto")
     if k["chunked_loss"] is True:
@@ -235,6 +239,11 @@ def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
             errs.append("activation_offloading moves activations from a GPU to CPU memory, and this plan is for the CPU: use activation_offloading false")
         if gc is False:
             errs.append("activation_offloading moves the checkpointed layer inputs, so it needs gradient checkpointing: set gradient_checkpointing true (or auto)")
+    if k["tiled_mlp"] is True:
+        if spec.model_type not in memory.TILED_MLP_MODEL_TYPES:
+            errs.append(f"tiled_mlp supports the dense MLPs of {', '.join(sorted(memory.TILED_MLP_MODEL_TYPES))}, not {spec.model_type!r}: use tiled_mlp false")
+        if gc is False:
+            errs.append("tiled_mlp recomputes the MLP inside checkpointed layers, so it needs gradient checkpointing: set gradient_checkpointing true (or auto)")
     targets = k["lora_targets"]
     if targets != "auto":
         if isinstance(targets, str):
@@ -257,7 +266,7 @@ def _tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float 
     compute = _compute_tokens_per_second(spec, gpu, setup)
     if compute is None:
         return None
-    seconds = (1 + (CHUNKED_LOSS_COST if setup.chunked_loss else 0.0)) / compute
+    seconds = (1 + (CHUNKED_LOSS_COST if setup.chunked_loss else 0.0) + (TILED_MLP_COST if setup.tiled_mlp else 0.0)) / compute
     tokens = setup.micro_batch_size * setup.seq_len
     seconds += memory.offloaded_bytes(spec, setup) / PCIE_BYTES_PER_S / tokens * gpu.count
     return 1 / seconds
@@ -292,6 +301,7 @@ class _Knobs:
     micro_batch_size: int
     chunked_loss: bool = False
     offload: bool = False
+    tiled: bool = False
 
 
 def _setup(k: dict, kn: _Knobs, seq_len: int, targets: tuple[str, ...]) -> memory.Setup:
@@ -311,24 +321,26 @@ def _setup(k: dict, kn: _Knobs, seq_len: int, targets: tuple[str, ...]) -> memor
         world_size=k["world_size"],
         chunked_loss=kn.chunked_loss,
         offload=kn.offload,
+        tiled_mlp=kn.tiled,
         lora_dropout=float(k["lora_dropout"]) if kn.strategy != "full" else 0.0,
     )
 
 
-def _savers(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int, precision: str, strategy: str, q: str, optimizer: str) -> list[tuple[bool, bool, bool]]:
-    """(checkpointing, chunked loss, offloading) combinations allowed by the fixed knobs, fastest first."""
-    fixed_ckpt, fixed_chunk, fixed_off = k["gradient_checkpointing"], k["chunked_loss"], k["activation_offloading"]
+def _savers(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int, precision: str, strategy: str, q: str, optimizer: str) -> list[tuple[bool, bool, bool, bool]]:
+    """(checkpointing, chunked loss, offloading, tiled MLP) combinations allowed by the fixed knobs, fastest first."""
+    fixed_ckpt, fixed_chunk, fixed_off, fixed_tile = k["gradient_checkpointing"], k["chunked_loss"], k["activation_offloading"], k["tiled_mlp"]
     ckpts = [False, True] if fixed_ckpt == "auto" else [fixed_ckpt]
-    if fixed_off is True:
+    if fixed_off is True or fixed_tile is True:
         ckpts = [True]
     chunks = ([False, True] if _chunked_loss_allowed(spec, k) else [False]) if fixed_chunk == "auto" else [fixed_chunk]
     combos = []
     for ckpt in ckpts:
         offs = [False] if not ckpt or gpu.is_cpu else ([False, True] if fixed_off == "auto" else [fixed_off])
-        combos += [(ckpt, chunk, off) for chunk in chunks for off in offs]
+        tiles = [False] if not ckpt else ([False, True] if fixed_tile == "auto" and spec.model_type in memory.TILED_MLP_MODEL_TYPES else [fixed_tile is True])
+        combos += [(ckpt, chunk, off, tile) for chunk in chunks for off in offs for tile in tiles]
 
     def seconds_per_token(combo) -> float:
-        kn = _Knobs(precision, strategy, q, optimizer, combo[0], 1, combo[1], combo[2])
+        kn = _Knobs(precision, strategy, q, optimizer, combo[0], 1, combo[1], combo[2], combo[3])
         tps = _tokens_per_second(spec, gpu if gpu.tensor_tflops or gpu.fp32_tflops else replace(gpu, fp32_tflops=30.0), _setup(k, kn, seq_len, k["targets_resolved"]))
         return 1 / tps if tps else 0.0
 
@@ -359,9 +371,9 @@ def _search(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int) -> tuple[_Knobs, m
         else:
             optimizers = ["adamw_torch", "adamw_8bit"]  # exact 32-bit state first; 8-bit when only it fits
         for optimizer in optimizers:
-            for ckpt, chunk, off in _savers(spec, gpu, k, seq_len, precision, strategy, q, optimizer):
+            for ckpt, chunk, off, tile in _savers(spec, gpu, k, seq_len, precision, strategy, q, optimizer):
                 for mb in batches:
-                    kn = _Knobs(precision, strategy, q, optimizer, ckpt, mb, chunk, off)
+                    kn = _Knobs(precision, strategy, q, optimizer, ckpt, mb, chunk, off, tile)
                     targets = k["targets_resolved"]
                     mem = memory.breakdown(spec, _setup(k, kn, seq_len, targets), gpu.vram_bytes, k["correction"])
                     if mem.fits:
@@ -425,6 +437,7 @@ def plan(
     distributed: str = "auto",
     chunked_loss: bool | str = "auto",
     activation_offloading: bool | str = "auto",
+    tiled_mlp: bool | str = "auto",
     verify: bool = False,
     calibrated: bool = True,
 ) -> Plan:
@@ -500,6 +513,7 @@ def _plan(spec: ModelSpec, card: GPU, knobs: dict) -> Plan:
         distributed=k["distributed_resolved"],
         chunked_loss=kn.chunked_loss,
         activation_offloading=kn.offload,
+        tiled_mlp=kn.tiled,
     )
 
 
@@ -575,7 +589,7 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
 
 
 def _saver_reasons(spec, card, k, kn: _Knobs, mem, seq) -> dict[str, str]:
-    """Why the chunked loss and activation offloading are on or off, and what each saves and costs."""
+    """Why the chunked loss, activation offloading and the tiled MLP are on or off, and what each saves and costs."""
     r: dict[str, str] = {}
 
     def without(**change) -> memory.MemoryBreakdown:
@@ -598,7 +612,13 @@ def _saver_reasons(spec, card, k, kn: _Knobs, mem, seq) -> dict[str, str]:
                                       f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory")
     elif k["activation_offloading"] == "auto":
         r["activation_offloading"] = "off: no GPU" if card.is_cpu else ("off: only with gradient checkpointing" if not kn.gradient_checkpointing else "off: the run fits without it")
-    for name in ("chunked_loss", "activation_offloading"):
+    if kn.tiled:
+        r["tiled_mlp"] = (f"on: in backward the MLP runs over tiles of {memory.MLP_TILE} tokens, so its intermediate tensors exist for one tile only: "
+                          f"saves {_gib(without(tiled=False).total - mem.total)}; costs ≈{TILED_MLP_COST:.0%} of step time")
+    elif k["tiled_mlp"] == "auto":
+        r["tiled_mlp"] = ("off: only with gradient checkpointing" if not kn.gradient_checkpointing else
+                          "off: the run fits without it" if spec.model_type in memory.TILED_MLP_MODEL_TYPES else f"off: not for {spec.model_type} models")
+    for name in ("chunked_loss", "activation_offloading", "tiled_mlp"):
         if k[name] is not True and k[name] is not False:
             continue
         r[name] = r.get(name, "off") + " (fixed by you)" if k[name] else "off (fixed by you)"

@@ -92,6 +92,7 @@ class Recipe(_Strict):
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     chunked_loss: bool | Auto = Field("auto", description="lm_head + loss over slices: the full logits never exist (auto: on when needed to fit)")
     activation_offloading: bool | Auto = Field("auto", description="checkpointed layer inputs wait in CPU memory (auto: on when needed to fit)")
+    tiled_mlp: bool | Auto = Field("auto", description="the MLP's backward over tiles of tokens, for long sequences (auto: on when needed to fit)")
     distributed: Literal["auto", "none", "ddp", "fsdp", "zero2", "zero3"] = Field("auto", description="auto: what `accelerate launch` set up (ddp, fsdp, deepspeed zero2/zero3), else none")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -34,6 +34,7 @@ def plan_rows(p: "Plan") -> list[tuple[str, str, str]]:
         ("attention", p.attention, r.get("attention", "")),
         ("chunked_loss", "on" if p.chunked_loss else "off", r.get("chunked_loss", "")),
         ("activation_offloading", "on" if p.activation_offloading else "off", r.get("activation_offloading", "")),
+        ("tiled_mlp", "on" if p.tiled_mlp else "off", r.get("tiled_mlp", "")),
     ]
     if p.gpu.count > 1:
         rows.append(("distributed", f"{p.distributed} × {p.gpu.count}", r.get("distributed", "")))

@@ -22,7 +22,7 @@ import torch
 from hfgpu import memory
 from hfgpu.measure import tracked_step
 from hfgpu.modeling import DTYPES
-from hfgpu.patches import lean_rmsnorm
+from hfgpu.patches import lean_rmsnorm, tile_mlps
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,8 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
             with _no_module_to():
                 model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout,
                                                          target_modules=list(s.lora_targets), task_type="CAUSAL_LM"))
+        if s.tiled_mlp and s.gradient_checkpointing:
+            tile_mlps(model)
         model.train()
         # bitsandbytes' 8-bit optimizers read tensor values (block maxima), which fake tensors lack:
         # their state is exact analytically (tests/test_memory.py), so it is added, not simulated.

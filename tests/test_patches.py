@@ -46,3 +46,38 @@ def test_keeps_less_for_backward():
     ref, lean = pair(torch.bfloat16, False)
     assert kept(ref) >= 4 * 1024 * 256 * 4  # an fp32 copy of the input
     assert kept(lean) < 4 * 1024 * 16  # only 1/rms per token
+
+
+@pytest.mark.parametrize("strategy,tile", [("full", 24), ("lora", 24), ("lora-dropout", 1000)])
+def test_tiled_mlp_gives_the_same_loss_and_gradients_under_checkpointing(strategy, tile):
+    """With dropout, one tile covers the batch, so the masks equal the untiled run's: backward must
+    replay forward's random state (more tiles draw other, equally valid masks)."""
+    from transformers import AutoModelForCausalLM
+
+    from hfgpu.patches import tile_mlps
+    from conftest import tiny_llama
+
+    def run(tiled: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_llama())
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if strategy != "full":
+            from peft import LoraConfig, get_peft_model
+
+            model.enable_input_require_grads()
+            model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1 if "dropout" in strategy else 0.0))
+        if tiled:
+            assert tile_mlps(model, tile=tile) == 2
+        model.train()
+        ids = torch.randint(0, 1000, (2, 50), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss0, grads0 = run(False)
+    loss1, grads1 = run(True)
+    torch.testing.assert_close(loss1, loss0)
+    assert grads0.keys() == grads1.keys() and any("mlp" in n for n in grads0)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-5, msg=name)
