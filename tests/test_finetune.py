@@ -1,6 +1,7 @@
 """Real fine-tuning runs on CPU with a tiny model: loss falls, outputs load with plain peft, resume is exact."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -174,6 +175,22 @@ def test_two_process_data_parallel_run_of_the_demo(tmp_path):
 
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), out)
     assert loaded.peft_config["default"].r == 16
+
+
+def test_two_process_run_with_the_memory_savers(tmp_path):
+    """DDP with the chunked loss (lm_head read outside the forward) and the tiled MLP (parameters'
+    gradients through a custom Function) inside checkpointed layers: both ranks train and agree."""
+    out = tmp_path / "ddp-savers"
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    r = _cli(["recipes/demo_cpu.yaml", f"output_dir={out}", "train.max_steps=4", "train.log_every=1", "train.eval_every=null", "gradient_checkpointing=true",
+              "chunked_loss=true", "tiled_mlp=true"],
+             launcher=[accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["distributed"], plan["chunked_loss"], plan["tiled_mlp"], plan["gradient_checkpointing"]) == ("ddp", True, True, True)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
 
 
 @pytest.mark.parametrize("over,needle", [
