@@ -9,7 +9,7 @@
    allowances (unsloth publishes 2,972 tokens for its own stack on 8 GB).
 3. Time of a training step with the chunked loss vs the plain loss, and with the tiled MLP vs the
    plain MLP (checkpointing on), on CPU (SmolLM2-135M shape), interleaved, best of N: the ratios the
-   planner's CHUNKED_LOSS_COST and TILED_MLP_COST stand for.
+   planner's CHUNKED_LOSS_COST and TILED_MLP_COST (hfgpu.throughput) stand for.
 
     python benchmarks/memory_savings.py           # ~13 minutes on 2 cores
 """

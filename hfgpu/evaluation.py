@@ -20,10 +20,10 @@ def eval_loss(model, loader, accelerator, chunk_size: int | None = None) -> dict
     evaluating needs no more memory than a training step with the chunked loss."""
     model.eval()
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens, correct
+    weight = accelerator.unwrap_model(model).get_output_embeddings().weight if chunk_size else None
     for batch in loader:
         labels = batch.pop("labels")
         if chunk_size:
-            weight = accelerator.unwrap_model(model).get_output_embeddings().weight
             totals += chunked_token_stats(final_hidden_states(model, batch), weight, labels, chunk_size).to(totals.device)
             continue
         logits = model(**batch).logits.float()

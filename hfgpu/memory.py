@@ -49,7 +49,7 @@ def loss_chunk_tokens(vocab_size: int) -> int:
 
 
 MLP_TILE = 1024  # tiled MLP: tokens per tile (hfgpu.patches.tile_mlps)
-# model types whose MLP is one of hfgpu.patches.MLP_CLASSES (dense, per token)
+# model types whose decoder layers' `mlp` is dense and per token (hfgpu.patches.tile_mlps tiles them)
 TILED_MLP_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2"}
 
 

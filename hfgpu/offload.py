@@ -91,7 +91,8 @@ def offload_activations(enabled: bool = True, min_bytes: int | None = None, simu
         yield None
         return
     off = _Offloader(MIN_BYTES if min_bytes is None else min_bytes, simulate)
-    hooks = torch.autograd.graph.saved_tensors_hooks(off.pack, off.unpack)
-    with hooks:
-        yield off
-    off._seen.clear()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(off.pack, off.unpack):
+            yield off
+    finally:
+        off._seen.clear()  # weak references only, but no need to keep them past the forward

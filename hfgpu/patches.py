@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from hfgpu.memory import MLP_TILE, TILED_MLP_MODEL_TYPES  # torch-free, shared with the planner
+
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm",
                    "MixtralRMSNorm", "PhiMoERMSNorm", "Phi3RMSNorm", "OlmoeRMSNorm", "GraniteRMSNorm"}
 
@@ -68,12 +70,6 @@ def lean_rmsnorm(model: torch.nn.Module) -> int:
 
 # --- tiled MLP ---------------------------------------------------------------------------------------
 
-from hfgpu.memory import MLP_TILE, TILED_MLP_MODEL_TYPES  # noqa: E402  (torch-free, shared with the planner)
-
-MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Phi3MLP", "GraniteMLP", "OlmoMLP", "Olmo2MLP"}
-assert len(MLP_CLASSES) == len(TILED_MLP_MODEL_TYPES)
-
-
 def _rng_state(device: torch.device):
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
@@ -126,12 +122,15 @@ class _TiledMLP(torch.autograd.Function):
 
 
 def tile_mlps(model: torch.nn.Module, tile: int | None = None) -> int:
-    """Run every known per-token MLP of `model` in tiles of `tile` tokens (see _TiledMLP); returns how many.
-    Call it after peft has wrapped the model: the tiles' parameters are those training at that point."""
+    """Run every decoder layer's `mlp` in tiles of `tile` tokens (see _TiledMLP) when the model type's
+    MLP is dense and per token (memory.TILED_MLP_MODEL_TYPES); returns how many. Call it after peft
+    has wrapped the model: the tiles' parameters are those training at that point."""
     tile = tile or MLP_TILE
+    if getattr(getattr(model, "config", None), "model_type", None) not in TILED_MLP_MODEL_TYPES:
+        return 0
     n = 0
-    for module in model.modules():
-        if type(module).__name__ not in MLP_CLASSES:
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] != "mlp":
             continue
         plain = type(module).forward.__get__(module)
         params = tuple(p for p in module.parameters() if p.requires_grad)

@@ -4,8 +4,10 @@ The planner is pure: a model config (never weights), a GPU spec and the knobs th
 knob given is kept; the rest are searched in this order: strategy by quality (full > LoRA > QLoRA),
 then the optimizer (exact 32-bit state before 8-bit), then the memory savers by their time cost
 (none; chunked loss ≈3 %; gradient checkpointing ≈33 %; + chunked loss; + activation offloading,
-whose cost is the PCIe copy back; + tiled MLP ≈5 %), then the largest micro-batch that fits. Facts from the hardware (bf16 from cc 8.0, fp16 on Turing,
-fp32 compute on Pascal, FlashAttention-2 from cc 8.0, LLM.int8 from cc 7.5) are rules, not choices.
+whose cost is the PCIe copy back; + tiled MLP ≈5 %), then the largest micro-batch that fits. Facts
+from the hardware (bf16 from cc 8.0, fp16 on Turing, fp32 compute on Pascal, FlashAttention-2 from
+cc 8.0, LLM.int8 from cc 7.5) are rules, not choices (hfgpu.knobs); the speed estimate and the
+savers' time costs are in hfgpu.throughput.
 """
 
 from __future__ import annotations
@@ -17,27 +19,12 @@ from typing import Any
 from hfgpu import memory
 from hfgpu.errors import DoesNotFit, HfgpuError
 from hfgpu.gpus import GPU, catalog, get_gpu
+from hfgpu.knobs import STRATEGIES, auto_precision, planning_cc, validate
 from hfgpu.models import ModelSpec, model_spec
+from hfgpu.throughput import CHUNKED_LOSS_COST, PCIE_BYTES_PER_S, TILED_MLP_COST, compute_tokens_per_second, tokens_per_second
 
-STRATEGIES = ("full", "lora", "qlora")
-PRECISIONS = ("bf16", "fp16", "fp32")
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
-ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
-DISTRIBUTED = ("none", "ddp", "fsdp", "zero2", "zero3")
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step
 DEFAULT_MAX_SEQ_LEN = 2048
-
-# Share of peak FLOPS a run reaches: an estimate (MFU of transformers + peft loops on consumer cards
-# is commonly 25-45 %; QLoRA pays for dequantization). Replace with measured tokens/s when calibrated.
-UTILIZATION = {"full": 0.40, "lora": 0.35, "qlora": 0.25}
-# Time costs of the memory savers (hfgpu.loss, hfgpu.offload), as shares of a step's compute:
-# the chunked loss does the plain path's FLOPs in smaller matmuls (benchmarks/memory_savings.py
-# measures the ratio on CPU); offloading costs the copy back of the layer inputs over PCIe, which is
-# queued on the compute stream (the copy out overlaps compute). 12 GB/s: PCIe 3.0 x16 or 4.0 x8 in practice.
-CHUNKED_LOSS_COST = 0.03
-TILED_MLP_COST = 0.05  # smaller matmuls; no extra FLOPs (the checkpoint's recompute stops before the MLP)
-PCIE_BYTES_PER_S = 12e9
 
 PASCAL_TORCH = "pip install 'torch<=2.14' --index-url https://download.pytorch.org/whl/cu126"
 
@@ -153,142 +140,11 @@ class Plan:
         return plan_text(self)
 
 
-# --- the rules from the hardware -------------------------------------------------------------------
-
-
-def _cc(gpu: GPU) -> tuple[int, int]:
-    # A custom card ("12GB") has no known capability: plan as a current (Ampere+) card and say so.
-    return gpu.compute_capability or (8, 0)
-
-
-def _auto_precision(gpu: GPU) -> tuple[str, str]:
-    if gpu.is_cpu:
-        return "fp32", "fp32 on CPU: 16-bit autocast is slower than fp32 on most CPUs"
-    cc = _cc(gpu)
-    where = f"{gpu.name} is cc {cc[0]}.{cc[1]}"
-    if cc >= (8, 0):
-        return "bf16", f"bf16 mixed precision: native on cc ≥ 8.0 ({where}); no loss scaling needed"
-    if cc >= (7, 0):
-        return "fp16", f"fp16 mixed precision with loss scaling: bf16 needs cc ≥ 8.0 ({where})"
-    return "fp32", f"fp32 compute: {where} (Pascal) runs fp16 at 1/64 rate and has no tensor cores"
-
-
-def _validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
-    """Every problem with the fixed knobs, each a sentence naming the value and the fix."""
-    errs: list[str] = []
-
-    def choice(name: str, allowed: tuple[str, ...]) -> None:
-        v = k[name]
-        if v != "auto" and v not in allowed:
-            errs.append(f"{name}={v!r} is not one of {', '.join(allowed)} (or auto)")
-
-    choice("strategy", STRATEGIES)
-    choice("precision", PRECISIONS)
-    choice("quantization", QUANTIZATIONS)
-    choice("optimizer", OPTIMIZERS)
-    choice("attention", ATTENTIONS)
-    choice("distributed", DISTRIBUTED)
-    if k["distributed"] not in ("auto", "none") and gpu.count < 2:
-        errs.append(f"distributed={k['distributed']} needs several cards: pass the count with the card, e.g. gpu '2x {gpu.name}'")
-    cc = gpu.compute_capability
-    ccs = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
-    if k["precision"] == "bf16" and cc is not None and cc < (8, 0):
-        errs.append(f"precision=bf16 needs compute capability ≥ 8.0 (RTX 30 series or newer); {gpu.name} is {ccs}: use precision fp16" + (" or fp32" if cc < (7, 0) else ""))
-    if k["attention"] == "flash_attention_2":
-        if gpu.is_cpu:
-            errs.append("attention=flash_attention_2 needs a CUDA GPU, not the CPU: use attention sdpa")
-        if cc is not None and cc < (8, 0):
-            errs.append(f"attention=flash_attention_2 needs compute capability ≥ 8.0; {gpu.name} is {ccs}: use attention sdpa")
-        if k["precision"] == "fp32":
-            errs.append("attention=flash_attention_2 runs in fp16/bf16 only, not precision=fp32: use attention sdpa")
-    s, q = k["strategy"], k["quantization"]
-    if s == "qlora" and q in ("none", "int8"):
-        errs.append(f"strategy=qlora quantizes the base to 4 bits, not quantization={q}: use quantization nf4 (or fp4), or strategy lora")
-    if s == "full" and q not in ("auto", "none"):
-        errs.append(f"strategy=full trains every weight and cannot use quantization={q}: use strategy qlora, or quantization none")
-    if s == "lora" and q in ("nf4", "fp4"):
-        errs.append(f"LoRA on a 4-bit base is strategy=qlora: use strategy qlora with quantization={q}")
-    if q == "int8" and cc is not None and cc < (7, 5):
-        errs.append(f"quantization=int8 (LLM.int8) needs compute capability ≥ 7.5; {gpu.name} is {ccs}: use strategy qlora (nf4 works from cc 6.0)")
-    if k["optimizer"] in ("adamw_8bit", "paged_adamw_8bit") and cc is not None and cc < (6, 0):
-        errs.append(f"optimizer={k['optimizer']} (bitsandbytes) needs compute capability ≥ 6.0; {gpu.name} is {ccs}: use optimizer adamw_torch")
-    for name in ("micro_batch_size", "grad_accum_steps", "global_batch_size", "lora_r", "lora_alpha"):
-        v = k[name]
-        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            errs.append(f"{name}={v!r} must be a whole number ≥ 1")
-    v = k["seq_len"]
-    if v != "auto":
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            errs.append(f"seq_len={v!r} must be a whole number ≥ 1")
-        elif v > spec.max_seq_len:
-            errs.append(f"seq_len={v} is beyond {spec.name}'s maximum of {spec.max_seq_len} tokens (max_position_embeddings): use seq_len ≤ {spec.max_seq_len}")
-    d = k["lora_dropout"]
-    if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < 1:
-        errs.append(f"lora_dropout={d!r} must be a number in [0, 1)")
-    gc = k["gradient_checkpointing"]
-    for name in ("gradient_checkpointing", "chunked_loss", "activation_offloading", "tiled_mlp"):
-        if k[name] != "auto" and not isinstance(k[name], bool):
-            errs.append(f"{name}={k[name]!r} must be true, false or auto")
-    if k["chunked_loss"] is True:
-        if not memory.plain_logits(spec.config):
-            errs.append(f"chunked_loss is not supported for {spec.name}: its logits are soft-capped or rescaled; use chunked_loss false")
-        if k["distributed"] in ("fsdp", "zero3"):
-            errs.append(f"chunked_loss reads lm_head's weight outside the forward pass, which distributed={k['distributed']} shards: use chunked_loss false, or distributed ddp or zero2")
-    if k["activation_offloading"] is True:
-        if gpu.is_cpu:
-            errs.append("activation_offloading moves activations from a GPU to CPU memory, and this plan is for the CPU: use activation_offloading false")
-        if gc is False:
-            errs.append("activation_offloading moves the checkpointed layer inputs, so it needs gradient checkpointing: set gradient_checkpointing true (or auto)")
-    if k["tiled_mlp"] is True:
-        if spec.model_type not in memory.TILED_MLP_MODEL_TYPES:
-            errs.append(f"tiled_mlp supports the dense MLPs of {', '.join(sorted(memory.TILED_MLP_MODEL_TYPES))}, not {spec.model_type!r}: use tiled_mlp false")
-        if gc is False:
-            errs.append("tiled_mlp recomputes the MLP inside checkpointed layers, so it needs gradient checkpointing: set gradient_checkpointing true (or auto)")
-    targets = k["lora_targets"]
-    if targets != "auto":
-        if isinstance(targets, str):
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        unknown = [t for t in targets if t not in spec.linear_names]
-        if unknown or not targets:
-            errs.append(f"lora_targets {', '.join(unknown) or '(empty)'} not among {spec.name}'s linear layers: choose from {', '.join(spec.linear_names)}")
-    return errs
-
-
 # --- the search --------------------------------------------------------------------------------------
 
 
 def _chunked_loss_allowed(spec: ModelSpec, k: dict) -> bool:
     return memory.plain_logits(spec.config) and k["distributed_resolved"] not in ("fsdp", "zero3")
-
-
-def _tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float | None:
-    """Compute-bound estimate: peak FLOPS × utilization, plus the memory savers' time costs."""
-    compute = _compute_tokens_per_second(spec, gpu, setup)
-    if compute is None:
-        return None
-    seconds = (1 + (CHUNKED_LOSS_COST if setup.chunked_loss else 0.0) + (TILED_MLP_COST if setup.tiled_mlp else 0.0)) / compute
-    tokens = setup.micro_batch_size * setup.seq_len
-    seconds += memory.offloaded_bytes(spec, setup) / PCIE_BYTES_PER_S / tokens * gpu.count
-    return 1 / seconds
-
-
-def _compute_tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float | None:
-    cc = _cc(gpu)
-    if setup.precision == "fp32" or gpu.tensor_tflops is None:
-        peak = gpu.fp32_tflops
-        if setup.precision == "fp16" and peak and cc >= (7, 5):
-            peak *= 2  # GTX 16 series: no tensor cores, fp16 at twice the fp32 rate
-    else:
-        peak = gpu.tensor_tflops
-    if not peak:
-        return None
-    matmul = spec.linear_params + spec.vocab_size * spec.hidden_size  # lm_head runs even when tied
-    forward = 2 * matmul + 2 * spec.num_layers * setup.seq_len * spec.q_dim  # causal attention ≈ half of 4·s·d
-    passes = 3.0 if setup.strategy == "full" else 2.0  # frozen weights skip their weight gradients
-    if setup.gradient_checkpointing:
-        passes += 1.0
-    util = UTILIZATION[setup.strategy]
-    return util * peak * 1e12 / (passes * forward) * gpu.count
 
 
 @dataclass(frozen=True)
@@ -341,7 +197,7 @@ def _savers(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int, precision: str, st
 
     def seconds_per_token(combo) -> float:
         kn = _Knobs(precision, strategy, q, optimizer, combo[0], 1, combo[1], combo[2], combo[3])
-        tps = _tokens_per_second(spec, gpu if gpu.tensor_tflops or gpu.fp32_tflops else replace(gpu, fp32_tflops=30.0), _setup(k, kn, seq_len, k["targets_resolved"]))
+        tps = tokens_per_second(spec, gpu if gpu.tensor_tflops or gpu.fp32_tflops else replace(gpu, fp32_tflops=30.0), _setup(k, kn, seq_len, k["targets_resolved"]))
         return 1 / tps if tps else 0.0
 
     return sorted(combos, key=seconds_per_token)  # stable: with equal cost, fewer savers first
@@ -349,7 +205,7 @@ def _savers(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int, precision: str, st
 
 def _search(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int) -> tuple[_Knobs, memory.MemoryBreakdown, bool]:
     """The first fitting combination in preference order, else the one with the smallest peak."""
-    precision = k["precision"] if k["precision"] != "auto" else _auto_precision(gpu)[0]
+    precision = k["precision"] if k["precision"] != "auto" else auto_precision(gpu)[0]
     strategies = STRATEGIES if k["strategy"] == "auto" else (k["strategy"],)
     if k["strategy"] == "auto" and k["quantization"] != "auto":
         strategies = {"none": ("full", "lora"), "int8": ("lora",)}.get(k["quantization"], ("qlora",))
@@ -385,7 +241,7 @@ def _search(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int) -> tuple[_Knobs, m
 
 
 def _resolve(spec: ModelSpec, gpu: GPU, knobs: dict) -> dict:
-    errs = _validate(spec, gpu, knobs)
+    errs = validate(spec, gpu, knobs)
     if errs:
         raise HfgpuError("; ".join(errs))
     k = dict(knobs)
@@ -509,7 +365,7 @@ def _plan(spec: ModelSpec, card: GPU, knobs: dict) -> Plan:
         memory=mem,
         reasons=reasons,
         warnings=tuple(_warnings(spec, card, kn, mem, accum, global_batch)),
-        tokens_per_second_estimate=_tokens_per_second(spec, card, setup),
+        tokens_per_second_estimate=tokens_per_second(spec, card, setup),
         distributed=k["distributed_resolved"],
         chunked_loss=kn.chunked_loss,
         activation_offloading=kn.offload,
@@ -532,7 +388,7 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
         r["strategy"] = f"LoRA: full fine-tuning does not fit in {_gib(mem.budget)}; a 16-bit frozen base with trainable adapters does"
     else:
         r["strategy"] = f"QLoRA: neither full fine-tuning nor LoRA on a 16-bit base fits in {_gib(mem.budget)}; a 4-bit base does"
-    r["precision"] = fixed if k["precision"] != "auto" else _auto_precision(card)[1]
+    r["precision"] = fixed if k["precision"] != "auto" else auto_precision(card)[1]
     if k["quantization"] != "auto":
         r["quantization"] = fixed
     elif kn.quantization == "none":
@@ -561,7 +417,7 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
         r["optimizer"] = "AdamW with fp32 state (8 bytes/parameter): it fits, and it is the reference optimizer"
     else:
         r["optimizer"] = "AdamW with fp32 state: it fits, and it is the reference optimizer"
-    cc = _cc(card)
+    cc = planning_cc(card)
     if k["attention"] != "auto":
         r["attention"] = fixed
     elif card.is_cpu:
@@ -597,7 +453,7 @@ def _saver_reasons(spec, card, k, kn: _Knobs, mem, seq) -> dict[str, str]:
 
     setup = _setup(k, kn, seq, k["targets_resolved"])
     if kn.chunked_loss:
-        plain = without(chunked_loss=False, offload=False) if kn.offload else without(chunked_loss=False)
+        plain = without(chunked_loss=False)
         r["chunked_loss"] = (f"on: lm_head and the loss run over slices of {memory.loss_chunk_tokens(spec.vocab_size)} tokens, so the full logits never exist: "
                              f"saves {_gib(plain.logits - mem.logits)} (logits {_gib(plain.logits)} → {_gib(mem.logits)}); costs ≈{CHUNKED_LOSS_COST:.0%} of step time")
     elif k["chunked_loss"] == "auto":
@@ -605,7 +461,7 @@ def _saver_reasons(spec, card, k, kn: _Knobs, mem, seq) -> dict[str, str]:
             "off: soft-capped or rescaled logits" if not memory.plain_logits(spec.config) else f"off: {k['distributed_resolved']} shards lm_head")
     if kn.offload:
         moved = memory.offloaded_bytes(spec, setup)
-        compute = _compute_tokens_per_second(spec, card, setup)
+        compute = compute_tokens_per_second(spec, card, setup)
         cost = (moved / PCIE_BYTES_PER_S) / (kn.micro_batch_size * seq / compute) if compute else None
         r["activation_offloading"] = (f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory: saves {_gib(without(offload=False).total - mem.total)} "
                                       f"on the card; costs ≈{cost:.1%} of step time (copied back over PCIe at ~{PCIE_BYTES_PER_S / 1e9:.0f} GB/s)" if cost is not None else
