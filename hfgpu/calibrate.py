@@ -53,7 +53,7 @@ def measure_cuda_step(config, s: memory.Setup, steps: int = 3) -> dict:
 
     from hfgpu.measure import forward_backward
     from hfgpu.modeling import ModelSettings, prepare_model
-    from hfgpu.train import make_optimizer
+    from hfgpu.optim import make_optimizer
 
     settings = ModelSettings(strategy=s.strategy, precision=s.precision, quantization=s.quantization, double_quant=s.double_quant,
                              gradient_checkpointing=s.gradient_checkpointing, attention=s.attention, lora_r=s.lora_r,

@@ -17,6 +17,7 @@ to each other.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,36 @@ def load_rows(path: str, split: str = "train"):
     except HfgpuError:
         raise
     except Exception as e:  # datasets raises many types: missing split, offline, parse errors
+        if local.is_file() and (where := _first_bad_line(local)):
+            raise HfgpuError(f"data file {path!r} {where}") from None
         detail = (str(e).strip().splitlines() or [""])[0][:160]
         raise HfgpuError(f"could not load data {path!r} (split {split!r}): {type(e).__name__}: {detail}") from None
     if len(ds) == 0:
         raise HfgpuError(f"data {path!r} has no rows: add examples or point data.path at another file")
     return ds
+
+
+def _first_bad_line(path: Path) -> str | None:
+    """After a failed load: the first line that is not UTF-8 (any text format) or not JSON (.json/.jsonl
+    holding JSON lines), said as what is wrong and the fix. Reads line by line: bounded memory."""
+    kind = EXTENSIONS.get(path.suffix.lower())
+    if kind not in ("json", "csv", "text"):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(1).lstrip()
+        f.seek(0)
+        json_lines = kind == "json" and head not in (b"[", b"{") or path.suffix.lower() == ".jsonl"
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {number} has bytes that are not UTF-8 (byte {e.start + 1} of the line): save the file as UTF-8"
+            if json_lines and line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"line {number} is not valid JSON ({str(e).split(':')[0]}): fix or remove that line (JSON lines: one object per line)"
+    return None
 
 
 def check_columns(ds, cfg: DataConfig, source: str) -> dict[str, str]:
@@ -96,14 +122,62 @@ def check_columns(ds, cfg: DataConfig, source: str) -> dict[str, str]:
 # --- rendering ------------------------------------------------------------------------------------
 
 
-def _chat_segments(messages: Any, tokenizer, template: str | None, row: int) -> list[tuple[str, bool]]:
+class BadRow(Exception):
+    """A row that does not match its format: dropped and counted under `rule` (never trained as-is)."""
+
+    def __init__(self, rule: str):
+        super().__init__(rule)
+        self.rule = rule
+
+
+def _text(value: Any, name: str, required: bool = True) -> str:
+    """A field's text: strings and numbers as they are; missing, lists and mappings are bad rows."""
+    if value is None:
+        if required:
+            raise BadRow(f"missing {name!r}")
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BadRow(f"{type(value).__name__}-valued {name!r}")
+    return str(value)
+
+
+def _content(m: dict) -> str:
+    """A message's text: a string, or OpenAI-style parts [{type: text, text: …}] joined."""
+    c = m.get("content")
+    if c is None:
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list) and all(isinstance(part, dict) for part in c):
+        if any(part.get("type", "text") != "text" or not isinstance(part.get("text"), str) for part in c):
+            raise BadRow("non-text message content (images, audio)")
+        return "".join(part["text"] for part in c)
+    raise BadRow(f"{type(c).__name__}-valued message content")
+
+
+TEMPLATE_FIX = "set data.chat_template to a template that renders turns incrementally (hfgpu ships one for ChatML models such as Qwen3: data.chat_template=hfgpu:chat_templates/chatml.jinja), or use format prompt_completion"
+
+
+def chat_messages(messages: Any, row: int) -> list[dict]:
+    """Checked {role, content} messages with plain-text content."""
     if not isinstance(messages, list) or not messages:
         raise HfgpuError(f"chat row {row}: 'messages' must be a non-empty list of {{role, content}}")
+    out = []
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise HfgpuError(f"chat row {row}: each message needs 'role' and 'content', got {m!r:.80}")
         if m["role"] not in ROLES:
-            raise HfgpuError(f"chat row {row}: unknown role {m['role']!r}: use one of {', '.join(sorted(ROLES))}")
+            raise HfgpuError(f"chat row {row}: unknown role {str(m['role'])[:40]!r}: use one of {', '.join(sorted(ROLES))}")
+        out.append({**m, "content": _content(m)})
+    return out
+
+
+def _chat_segments(messages: Any, tokenizer, template: str | None, row: int) -> list[tuple[str, bool]]:
+    messages = chat_messages(messages, row)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow("no assistant turn")
+    if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+        raise BadRow("empty completion")
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
     segments, done = [], ""
     for i, m in enumerate(messages):
@@ -112,7 +186,7 @@ def _chat_segments(messages: Any, tokenizer, template: str | None, row: int) -> 
         prefix = render(messages[:i], True)
         full = render(messages[: i + 1], False)
         if not prefix.startswith(done) or not full.startswith(prefix):
-            raise HfgpuError(f"chat row {row}: the chat template does not render turns incrementally, so assistant tokens cannot be found: use format prompt_completion")
+            raise HfgpuError(f"chat row {row}: the chat template does not render turns incrementally (as Qwen3's does), so assistant tokens cannot be found: {TEMPLATE_FIX}")
         segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
         done = full
     rest = render(messages, False)[len(done):]
@@ -122,48 +196,97 @@ def _chat_segments(messages: Any, tokenizer, template: str | None, row: int) -> 
 
 
 def segments_of(row: dict, fmt: str, cols: dict[str, str], tokenizer=None, template: str | None = None, index: int = 0) -> list[tuple[str, bool]]:
-    """(text, learned) segments of one row; the final learned segment is followed by EOS (except chat)."""
+    """(text, learned) segments of one row; the final learned segment is followed by EOS (except chat).
+    Raises BadRow when the row does not match the format."""
     get = lambda f: row.get(cols[f]) if cols[f] in row else None
     if fmt == "text":
-        return [(str(get("text") or ""), True)]
-    if fmt == "alpaca":
-        inp = get("input")
-        prompt = (ALPACA_INPUT if inp else ALPACA).format(instruction=get("instruction") or "", input=inp or "")
-        return [(prompt, False), (str(get("output") or ""), True)]
-    if fmt == "prompt_completion":
-        return [(str(get("prompt") or ""), False), (str(get("completion") or ""), True)]
-    return _chat_segments(get("messages"), tokenizer, template, index)
+        segs = [(_text(get("text"), cols["text"]), True)]
+    elif fmt == "alpaca":
+        inp = _text(get("input"), cols["input"], required=False)
+        prompt = (ALPACA_INPUT if inp else ALPACA).format(instruction=_text(get("instruction"), cols["instruction"]), input=inp)
+        segs = [(prompt, False), (_text(get("output"), cols["output"]), True)]
+    elif fmt == "prompt_completion":
+        segs = [(_text(get("prompt"), cols["prompt"]), False), (_text(get("completion"), cols["completion"]), True)]
+    else:
+        return _chat_segments(get("messages"), tokenizer, template, index)
+    if not segs[-1][0].strip():
+        raise BadRow("empty completion" if fmt != "text" else "empty text")
+    return segs
 
 
 def prompt_and_reference(row: dict, fmt: str, cols: dict[str, str], tokenizer=None, template: str | None = None) -> tuple[str, str]:
-    """The text to generate from and the expected answer, for task metrics."""
+    """The text to generate from and the expected answer, for task metrics (BadRow when there is none)."""
     if fmt == "chat":
-        msgs = row[cols["messages"]]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompt = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True, chat_template=template)
-        return prompt, msgs[last]["content"]
+        msgs = chat_messages(row[cols["messages"]], 0)
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if not turns:
+            raise BadRow("no assistant turn")
+        prompt = tokenizer.apply_chat_template(msgs[: turns[-1]], tokenize=False, add_generation_prompt=True, chat_template=template)
+        return prompt, msgs[turns[-1]]["content"]
     segs = segments_of(row, fmt, cols)
     return segs[0][0], segs[-1][0]
+
+
+def prompt_ids(prompt: str, fmt: str, tokenizer) -> list[int]:
+    """A prompt's tokens exactly as training tokenizes a row's first segment: special tokens (BOS) are
+    added for the plain formats; a chat template already rendered its own."""
+    return tokenizer(prompt, add_special_tokens=fmt != "chat")["input_ids"]
 
 
 # --- tokenizing --------------------------------------------------------------------------------------
 
 
-def _tokenize_batch(batch: dict, *, fmt, cols, tokenizer, template, max_len, train_on_prompt, too_long):
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "learned": []}
+CHARS_PER_TOKEN = 64  # no vocabulary's token spans more: a text cut there still yields ≥ max_len tokens
+
+
+def _tokenized_features():
+    import datasets
+
+    ints = datasets.Sequence(datasets.Value("int64"))
+    return datasets.Features({"input_ids": ints, "labels": ints, "length": datasets.Value("int64"), "truncated": datasets.Value("bool"),
+                              "learned": datasets.Value("int64"), "problem": datasets.Value("string"), "row": datasets.Value("int64")})
+
+
+def _end_of_turn(ids: list[int], special: set[int]) -> int:
+    """How many tokens of an assistant segment are learned: up to and including its last special
+    token (the template's end of turn), not the separator a template prints after it."""
+    for k in range(len(ids) - 1, -1, -1):
+        if ids[k] in special:
+            return k + 1
+    return len(ids)
+
+
+def _tokenize_batch(batch: dict, indices: list[int], *, fmt, cols, tokenizer, template, max_len, train_on_prompt, too_long):
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "learned": [], "problem": [], "row": []}
+    special = set(tokenizer.all_special_ids)
+    cap = max_len * CHARS_PER_TOKEN
     n = len(next(iter(batch.values())))
     for i in range(n):
         row = {k: v[i] for k, v in batch.items()}
-        segs = segments_of(row, fmt, cols, tokenizer, template, i)
         ids: list[int] = []
         labels: list[int] = []
+        problem, cut = "", False
+        try:
+            segs = segments_of(row, fmt, cols, tokenizer, template, indices[i])
+        except BadRow as e:
+            segs, problem = [], e.rule
         for j, (text, learned) in enumerate(segs):
+            if len(ids) >= max_len:
+                cut = True  # bounded work and memory for huge rows: nothing past max_len is ever kept
+                break
+            if len(text) > cap:
+                text, cut = text[:cap], True
             piece = tokenizer(text, add_special_tokens=(j == 0 and fmt != "chat"))["input_ids"]
-            if learned and fmt != "chat" and j == len(segs) - 1 and tokenizer.eos_token_id is not None:
-                piece = piece + [tokenizer.eos_token_id]
+            last = learned and j == len(segs) - 1
+            if last and fmt != "chat" and tokenizer.eos_token_id is not None and (not piece or piece[-1] != tokenizer.eos_token_id):
+                piece = piece + [tokenizer.eos_token_id]  # only when the text does not already end with it
             ids += piece
-            labels += piece if (learned or train_on_prompt) else [IGNORE] * len(piece)
-        truncated = len(ids) > max_len
+            if learned and fmt == "chat" and not train_on_prompt:
+                k = _end_of_turn(piece, special)
+                labels += piece[:k] + [IGNORE] * (len(piece) - k)
+            else:
+                labels += piece if (learned or train_on_prompt) else [IGNORE] * len(piece)
+        truncated = cut or len(ids) > max_len
         if truncated and too_long == "truncate":
             ids, labels = ids[:max_len], labels[:max_len]
         out["input_ids"].append(ids)
@@ -171,6 +294,8 @@ def _tokenize_batch(batch: dict, *, fmt, cols, tokenizer, template, max_len, tra
         out["length"].append(len(ids))
         out["truncated"].append(truncated)
         out["learned"].append(sum(1 for x in labels[1:] if x != IGNORE))  # tokens the loss sees (labels shift by one)
+        out["problem"].append(problem)
+        out["row"].append(indices[i])
     return out
 
 
@@ -178,25 +303,84 @@ def _tokenize_batch(batch: dict, *, fmt, cols, tokenizer, template, max_len, tra
 class Prepared:
     train: Any  # datasets.Dataset with input_ids, labels (+ position_ids when packed)
     eval: Any | None
-    eval_prompts: list[tuple[str, str]]  # (prompt, reference) for task metrics
+    eval_prompts: list[tuple[list[int], str]]  # (prompt token ids, tokenized as training does; reference) for task metrics
     stats: dict = field(default_factory=dict)
+
+
+def _reasons(tok, keep_if) -> dict[str, list[int]]:
+    """rule → row numbers (1-based) of the rows that rule drops."""
+    why: dict[str, list[int]] = {}
+    for problem, length, learned, truncated, row in zip(tok["problem"], tok["length"], tok["learned"], tok["truncated"], tok["row"]):
+        if problem:
+            why.setdefault(problem, []).append(row + 1)
+        elif not keep_if(length, learned, truncated):
+            why.setdefault("no learned tokens within max_seq_len" if learned == 0 else "longer than max_seq_len (data.too_long: drop)", []).append(row + 1)
+    return why
+
+
+def describe_drops(why: dict[str, list[int]]) -> str:
+    """'2 missing 'output' (rows 4, 7); 1 list-valued 'completion' (row 9)'."""
+    parts = []
+    for rule, rows in sorted(why.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(str(r) for r in rows[:3]) + (", …" if len(rows) > 3 else "")
+        parts.append(f"{len(rows)} {rule} (row{'s' if len(rows) > 1 else ''} {shown})")
+    return "; ".join(parts)
 
 
 def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str):
     cols = check_columns(ds, cfg, source)
-    if cfg.format == "chat" and not (cfg.chat_template or getattr(tokenizer, "chat_template", None)):
+    template = load_chat_template(cfg.chat_template)
+    if cfg.format == "chat" and not (template or getattr(tokenizer, "chat_template", None)):
         raise HfgpuError("format chat needs a chat template: this tokenizer has none; set data.chat_template or use format prompt_completion")
-    kwargs = dict(fmt=cfg.format, cols=cols, tokenizer=tokenizer, template=cfg.chat_template, max_len=max_len,
+    kwargs = dict(fmt=cfg.format, cols=cols, tokenizer=tokenizer, template=template, max_len=max_len,
                   train_on_prompt=cfg.train_on_prompt, too_long=cfg.too_long)
-    tok = ds.map(_tokenize_batch, batched=True, fn_kwargs=kwargs, remove_columns=ds.column_names, desc="tokenizing")
+    tok = ds.map(_tokenize_batch, batched=True, with_indices=True, fn_kwargs=kwargs, remove_columns=ds.column_names, desc="tokenizing",
+                 features=_tokenized_features())
+    keep_if = lambda length, learned, truncated: learned > 0 and (cfg.too_long == "truncate" or not truncated)
     stats = {"examples": len(tok), "too_long": int(sum(tok["truncated"]))}
-    keep = [i for i, (length, learned) in enumerate(zip(tok["length"], tok["learned"])) if learned > 0 and (cfg.too_long == "truncate" or length <= max_len)]
+    keep = [i for i, (problem, length, learned, truncated) in enumerate(zip(tok["problem"], tok["length"], tok["learned"], tok["truncated"]))
+            if not problem and keep_if(length, learned, truncated)]
     stats["dropped"] = len(tok) - len(keep)
+    stats["drop_reasons"] = _reasons(tok, keep_if) if stats["dropped"] else {}
+    malformed = sum(1 for p in tok["problem"] if p)
+    if malformed * 2 > len(tok):
+        raise HfgpuError(f"{source}: {malformed} of {len(tok)} rows do not match format {cfg.format!r} ({describe_drops({k: v for k, v in stats['drop_reasons'].items() if not k.startswith(('no learned', 'longer'))})}): "
+                         "check data.format and data.columns")
     if len(keep) < len(tok):
         tok = tok.select(keep)
     if len(tok) == 0:
         raise HfgpuError(f"{source}: no example has tokens to learn within max_seq_len={max_len} (all too long or empty): raise data.max_seq_len or check the data")
-    return tok.remove_columns(["truncated", "learned"]), stats, cols
+    return tok.remove_columns(["truncated", "learned", "problem", "row"]), stats, cols
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """`data.chat_template`: a Jinja string, a .jinja file, or `hfgpu:chat_templates/NAME.jinja` (shipped)."""
+    if not value or "{" in value:
+        return value
+    path = Path(resolve_path(value)).expanduser()
+    if not path.is_file():
+        raise HfgpuError(f"data.chat_template {value!r} is neither a Jinja template nor a file: pass the template text, a .jinja file, or hfgpu:chat_templates/chatml.jinja")
+    return path.read_text(encoding="utf-8")
+
+
+def tokenized_fingerprint(ds) -> str:
+    """SHA-256 of the tokenized training data (every column's values, in order): what a checkpoint
+    must match to be resumed exactly. Reads Arrow batches: bounded memory, ~1 s per 10⁸ tokens."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(",".join(sorted(ds.column_names)).encode())
+    for batch in ds.with_format("arrow").iter(batch_size=10_000):
+        for name in sorted(batch.column_names):
+            col = batch.column(name)
+            for chunk in getattr(col, "chunks", [col]):
+                if hasattr(chunk, "flatten") and hasattr(chunk, "value_lengths"):
+                    h.update(np.asarray(chunk.value_lengths()).tobytes())
+                    h.update(np.asarray(chunk.flatten()).tobytes())
+                else:
+                    h.update(np.asarray(chunk).tobytes())
+    return h.hexdigest()[:16]
 
 
 def pack(tok, max_len: int):
@@ -247,7 +431,13 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int
         eval_rows = load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train")
         eval_ds, eval_stats, eval_cols = tokenize(eval_rows, cfg, tokenizer, max_len, f"eval data {(cfg.eval_path or cfg.path)!r}")
         stats["eval_examples"] = len(eval_ds)
-        prompts = [prompt_and_reference(r, cfg.format, eval_cols, tokenizer, cfg.chat_template) for r in eval_rows]
+        template = load_chat_template(cfg.chat_template)
+        for r in eval_rows:
+            try:
+                prompt, reference = prompt_and_reference(r, cfg.format, eval_cols, tokenizer, template)
+            except BadRow:
+                continue  # counted in the eval data's dropped rows
+            prompts.append((prompt_ids(prompt, cfg.format, tokenizer), reference))
     return Prepared(train=tok, eval=eval_ds, eval_prompts=prompts, stats=stats)
 
 

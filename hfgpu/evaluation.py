@@ -16,23 +16,25 @@ from hfgpu.loss import chunked_token_stats, final_hidden_states
 def eval_loss(model, loader, accelerator, chunk_size: int | None = None) -> dict[str, float]:
     """Token-weighted loss over the whole eval set (all processes), its perplexity and top-1 token accuracy.
 
-    `chunk_size`: logits over slices of that many tokens (hfgpu.loss.chunked_token_stats), so that
-    evaluating needs no more memory than a training step with the chunked loss."""
+    Statistics are kept per row and gathered with `gather_for_metrics`, which drops the rows that
+    accelerate repeats to give every process the same number of batches: 30 eval rows count as 30
+    under any process count. `chunk_size`: logits over slices of that many tokens
+    (hfgpu.loss.chunked_token_stats), so that evaluating needs no more memory than a training step."""
     model.eval()
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens, correct
     weight = accelerator.unwrap_model(model).get_output_embeddings().weight if chunk_size else None
     for batch in loader:
         labels = batch.pop("labels")
         if chunk_size:
-            totals += chunked_token_stats(final_hidden_states(model, batch), weight, labels, chunk_size).to(totals.device)
-            continue
-        logits = model(**batch).logits.float()
-        shifted, target = logits[:, :-1], labels[:, 1:]
-        mask = target != IGNORE
-        loss = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-        correct = ((shifted.argmax(-1) == target) & mask).sum()
-        totals += torch.stack([loss.double(), mask.sum().double(), correct.double()])
-    totals = accelerator.reduce(totals, reduction="sum")
+            rows = chunked_token_stats(final_hidden_states(model, batch), weight, labels, chunk_size)
+        else:
+            logits = model(**batch).logits.float()
+            shifted, target = logits[:, :-1], labels[:, 1:]
+            mask = target != IGNORE
+            loss = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+            correct = (shifted.argmax(-1) == target) & mask
+            rows = torch.stack([loss.double().sum(1), mask.double().sum(1), correct.double().sum(1)], dim=1)
+        totals += accelerator.gather_for_metrics(rows.to(totals.device)).sum(0)
     model.train()
     loss_sum, tokens, correct = totals.tolist()
     mean = loss_sum / max(tokens, 1)
@@ -47,11 +49,12 @@ def load_metric(name: str):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> list[str]:
+def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device) -> list[str]:
+    """Greedy answers to prompts given as token ids (tokenized as training tokenized them: hfgpu.data.prompt_ids)."""
     model.eval()
     answers = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"].to(device)
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())

@@ -82,6 +82,9 @@ def resolved(recipe: Recipe, p) -> Recipe:
     """The recipe with every "auto" replaced by the plan's value: what actually ran."""
     r = recipe.model_copy(deep=True)
     r.gpu = p.gpu.display_name
+    local = Path(resolve_path(recipe.model)).expanduser()
+    if local.is_dir():
+        r.model = str(local.resolve())  # what ran, wherever the command was started from
     for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer", "attention", "distributed",
                  "chunked_loss", "activation_offloading", "tiled_mlp"):
         setattr(r, knob, getattr(p, knob))
@@ -108,16 +111,67 @@ def check_output_dir(recipe: Recipe) -> Path:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise HfgpuError(f"output_dir {str(out)!r} is a file: choose a folder, e.g. output_dir=outputs/run")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise HfgpuError(f"output_dir {str(out)!r} is inside {str(parent)!r}, which is a file: choose a folder elsewhere")
+            break
     present = [f for f in RUN_FILES if (out / f).exists()]
     if not present:
         return out
     if recipe.overwrite:
-        return out  # cleared by the main process once the run has started for real
+        return out  # cleared by the main process once data and model are ready
     if recipe.resume != "never":
-        if (out / "checkpoints").is_dir():
-            return out
-        raise HfgpuError(f"output_dir {str(out)!r} holds a run with no checkpoint to resume: set overwrite=true to replace it, or choose another output_dir")
+        if (out / "checkpoints").is_dir() or not (out / "final_metrics.json").exists():
+            return out  # a checkpoint to resume, or a run stopped before its first one (it starts again)
+        raise HfgpuError(f"output_dir {str(out)!r} holds a finished run with no checkpoint to resume: set overwrite=true to replace it, or choose another output_dir")
     raise HfgpuError(f"output_dir {str(out)!r} already holds a run ({', '.join(present[:3])}): set resume=auto to continue it, overwrite=true to replace it, or choose another output_dir")
+
+
+class RunLock:
+    """An advisory lock on output_dir for the run's lifetime (main process): a second run on the same
+    folder is refused with the holder's pid. Released by the OS when the process ends, even on kill -9.
+    Taking it also proves the folder is writable before anything is loaded."""
+
+    NAME = ".hfgpu.lock"
+
+    def __init__(self, out: Path):
+        self.out, self.fd, self.created = out, None, False
+
+    def acquire(self) -> "RunLock":
+        import errno
+        import fcntl
+
+        try:
+            self.created = not self.out.exists()
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.out / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            raise HfgpuError(f"output_dir {str(self.out)!r} is not writable: fix its permissions or choose another output_dir") from None
+        except OSError as e:
+            raise HfgpuError(f"output_dir {str(self.out)!r} cannot be used ({e.strerror or e}): choose another output_dir") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            self.fd = None
+            raise HfgpuError(f"output_dir {str(self.out)!r} is in use by another hfgpu run (pid {holder}): wait for it to finish, stop it, or choose another output_dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def release(self, failed: bool = False) -> None:
+        if self.fd is None:
+            return
+        lock = self.out / self.NAME
+        if failed and self.created and [p.name for p in self.out.iterdir()] == [self.NAME]:
+            lock.unlink(missing_ok=True)  # a run that failed before writing anything leaves no folder behind
+            self.out.rmdir()
+        os.close(self.fd)
+        self.fd = None
 
 
 def _clear(out: Path) -> None:
@@ -127,6 +181,43 @@ def _clear(out: Path) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+
+
+# what a checkpoint must match to be resumed: the values that change what is computed. Not the
+# length of the run (max_steps/epochs may grow), evaluation, logging or the memory savers.
+FINGERPRINT_KEYS = ("model", "strategy", "precision", "quantization", "micro_batch_size", "lora.r", "lora.alpha", "lora.dropout",
+                    "lora.target_modules", "train.learning_rate", "train.schedule", "train.warmup", "train.weight_decay",
+                    "train.max_grad_norm", "train.global_batch_size", "train.seed")
+
+
+def run_fingerprint(ran: Recipe, p, data_hash: str) -> dict:
+    flat = ran.model_dump(mode="json")
+    get = lambda key: flat[key] if "." not in key else flat[key.split(".")[0]][key.split(".")[1]]
+    record = {key: get(key) for key in FINGERPRINT_KEYS}
+    record["grad_accum_steps"] = p.grad_accum_steps
+    record["data"] = data_hash
+    return record
+
+
+def portable_base(model: str) -> str:
+    """What adapter_config.json records as the base: the Hub id when the model came from the Hub (typed
+    as owner/name, or a folder of the Hub cache), else the local folder's name (its full path stays in
+    resolved_recipe.yaml, which hfgpu's own commands read)."""
+    local = Path(resolve_path(model)).expanduser()
+    if not local.exists():
+        return model
+    parts = local.resolve().parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/")
+    return local.resolve().name
+
+
+def portable_adapter_config(out: Path, model: str) -> None:
+    path = out / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = portable_base(model)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
@@ -154,17 +245,30 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 def finetune(recipe: Recipe, say=print) -> RunResult:
     """Run the recipe; returns the output folder, final metrics and the plan."""
+    start = time.time()
+    out = check_output_dir(recipe)
+    lock = RunLock(out)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        lock.acquire()
+    try:
+        return _finetune(recipe, out, start, say)
+    except BaseException:
+        lock.release(failed=True)
+        raise
+    finally:
+        lock.release()
+
+
+def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
-    from hfgpu.data import prepare_data
+    from hfgpu.data import prepare_data, tokenized_fingerprint
     from hfgpu.memory import loss_chunk_tokens, plain_logits
     from hfgpu.modeling import ModelSettings, load_tokenizer, prepare_model
-    from hfgpu.train import LoopConfig, run
+    from hfgpu.train import LoopConfig, train_loop
 
-    start = time.time()
-    out = check_output_dir(recipe)
     if recipe.hub.repo_id:  # fail before training, not after it
         from hfgpu.hub import REPO_ID, _token
 
@@ -191,11 +295,6 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         )
     main = accelerator.is_main_process
     speak = say if main else (lambda *a, **k: None)
-    if main:
-        if recipe.overwrite and recipe.resume == "never":
-            _clear(out)
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
     speak(str(p))
     if (note := packing_mask_warning(p, recipe.data.packing)) is not None:
         speak(note)
@@ -208,7 +307,10 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     with accelerator.main_process_first():
         data = prepare_data(recipe.data, tokenizer, p.seq_len, p.micro_batch_size)
     s = data.stats
+    from hfgpu.data import describe_drops
+
     speak(f"data: {s['examples']} examples, {s['too_long']} longer than {p.seq_len} tokens ({recipe.data.too_long}), {s['dropped']} dropped"
+          + (f" ({describe_drops(s['drop_reasons'])})" if s["dropped"] else "")
           + (f"; packed into {s['sequences']} sequences, padding {s['padding_before']:.0%} → {s['padding_after']:.0%}" if "sequences" in s else f"; padding {s['padding_before']:.0%}")
           + (f"; {s['eval_examples']} eval examples" if "eval_examples" in s else ""))
 
@@ -220,11 +322,18 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         lora_dropout=p.lora.dropout if p.lora else 0.0, lora_targets=tuple(p.lora.target_modules) if p.lora else (),
     )
     model = prepare_model(model_path, settings, seed=recipe.train.seed, trust_remote_code=recipe.trust_remote_code)
-    if main:
-        (out / "plan.json").write_text(json.dumps(p.to_dict(), indent=2))
-        (out / "resolved_recipe.yaml").write_text(resolved(recipe, p).to_yaml())
-    if recipe.report_to != "none":
-        accelerator.init_trackers(out.name, config=json.loads(json.dumps(p.to_dict())))
+    # data and model are ready: only now is an earlier run replaced
+    if main and recipe.overwrite and recipe.resume == "never":
+        _clear(out)
+    accelerator.wait_for_everyone()
+    ran = resolved(recipe, p)
+
+    def write_records() -> None:  # after a checkpoint to resume has loaded: a refused resume rewrites nothing
+        if main:
+            (out / "plan.json").write_text(json.dumps(p.to_dict(), indent=2))
+            (out / "resolved_recipe.yaml").write_text(ran.to_yaml())
+        if recipe.report_to != "none":
+            accelerator.init_trackers(out.name, config=json.loads(json.dumps(p.to_dict())))
 
     t = recipe.train
     loop = LoopConfig(
@@ -239,17 +348,20 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         loss_chunk=loss_chunk_tokens(p.spec.vocab_size) if p.chunked_loss else None,
         offload_activations=p.activation_offloading, autocast=p.precision != "fp32",
         eval_chunk=loss_chunk_tokens(p.spec.vocab_size) if plain_logits(p.spec.config) else None,
+        fingerprint=run_fingerprint(ran, p, tokenized_fingerprint(data.train)), resume_force=recipe.resume_force,
         plan_note=f"the plan estimated {p.memory.total / 2**30:.1f} GiB of {p.memory.budget / 2**30:.1f} GiB at micro-batch {p.micro_batch_size}, seq_len {p.seq_len}",
     )
-    result = run(accelerator, model, tokenizer, data, loop, out, say=speak)
+    result = train_loop(accelerator, model, tokenizer, data, loop, out, say=speak, on_ready=write_records)
     accelerator.wait_for_everyone()
-    metrics = result["metrics"]
+    metrics = result.metrics
     if main:
-        trained = accelerator.unwrap_model(result["model"])
+        trained = accelerator.unwrap_model(result.model)
         trained.save_pretrained(out)
+        if p.lora:
+            portable_adapter_config(out, recipe.model)
         tokenizer.save_pretrained(out)
         plot_losses(out / "metrics.jsonl", out / "loss.png")
-        (out / "final_metrics.json").write_text(json.dumps({"before": result["initial_metrics"], "after": metrics}, indent=2))
+        (out / "final_metrics.json").write_text(json.dumps({"before": result.initial_metrics, "after": metrics}, indent=2))
     if recipe.hub.repo_id and main:
         from hfgpu.hub import push
 
@@ -259,11 +371,11 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     accelerator.wait_for_everyone()
     seconds = time.time() - start
     what = "adapter (adapter_model.safetensors + adapter_config.json)" if p.lora else "model (model.safetensors + config.json)"
-    before = result["initial_metrics"]
+    before = result.initial_metrics
     shown = ", ".join(f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     speak(f"done in {seconds:.0f} s, {metrics.get('steps')} steps" + (f"; before → after training: {shown}" if shown else " (no eval data: set data.eval_path to measure)"))
     speak(f"{what}, tokenizer, plan.json, resolved_recipe.yaml, metrics.jsonl and loss.png are in {out}/")
-    return RunResult(output_dir=out, metrics=metrics, plan=p, seconds=seconds, initial_metrics=before, model=accelerator.unwrap_model(result["model"]))
+    return RunResult(output_dir=out, metrics=metrics, plan=p, seconds=seconds, initial_metrics=before, model=accelerator.unwrap_model(result.model))
 
 
 def main(argv: list[str] | None = None) -> int:

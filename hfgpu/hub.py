@@ -48,9 +48,19 @@ class Run:
 
     @property
     def base_model(self) -> str:
+        """The base as adapter_config.json names it (a Hub id, or a local folder's name)."""
         if self.is_adapter:
             return json.loads((self.path / "adapter_config.json").read_text())["base_model_name_or_path"]
         return self.recipe["model"]
+
+    @property
+    def base_model_path(self) -> str:
+        """Where to load the base from: the local folder the run trained on when it is still there
+        (resolved_recipe.yaml keeps its full path), else the adapter's recorded base."""
+        from hfgpu.recipe import resolve_path
+
+        local = Path(resolve_path(str(self.recipe.get("model", "")))).expanduser()
+        return str(local) if local.is_dir() else self.base_model
 
     def load(self, dtype=None):
         """(model, tokenizer): the base with the adapter applied (or the full model), for inference."""
@@ -64,9 +74,9 @@ class Run:
         from peft import PeftModel
 
         try:
-            base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=dtype)
+            base = AutoModelForCausalLM.from_pretrained(self.base_model_path, dtype=dtype)
         except OSError as e:
-            raise HfgpuError(f"cannot load the base model {self.base_model!r} ({str(e).splitlines()[0][:120]}): make it available locally or online") from None
+            raise HfgpuError(f"cannot load the base model {self.base_model_path!r} ({str(e).splitlines()[0][:120]}): make it available locally or online") from None
         return PeftModel.from_pretrained(base, self.path), tokenizer
 
 
@@ -235,6 +245,8 @@ def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False, say=pri
     if not run.is_adapter:
         raise HfgpuError(f"{str(run_dir)!r} is a full fine-tune: its folder already holds the whole model")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HfgpuError(f"--out {str(out)!r} is a file: name a new or empty folder for the merged model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise HfgpuError(f"{str(out)!r} is not empty: choose an empty or new folder for the merged model")
     dtype = torch.float32 if run.plan["precision"] == "fp32" else (torch.bfloat16 if run.plan["precision"] == "bf16" else torch.float16)

@@ -113,17 +113,18 @@ def model_loss(model, batch: dict, chunk_size: int | None = None, lm_head_weight
 
 @torch.no_grad()
 def chunked_token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """(loss sum, label tokens, correct top-1 predictions) of next-token prediction, slice by slice:
-    evaluation without the full logits (float64)."""
+    """Per row: (loss sum, label tokens, correct top-1 predictions) of next-token prediction, slice by
+    slice: evaluation without the full logits. Shape (batch, 3), float64."""
+    b = hidden.shape[0]
     h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     w = weight.to(h.dtype)
-    totals = torch.zeros(3, dtype=torch.float64, device=h.device)
+    loss = torch.zeros(y.shape[0], dtype=torch.float64, device=h.device)
+    correct = torch.zeros(y.shape[0], dtype=torch.float64, device=h.device)
     for start in range(0, h.shape[0], chunk_size):
         logits = (h[start : start + chunk_size] @ w.t()).float()
         target = y[start : start + chunk_size]
-        valid = target != IGNORE
-        loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
-        correct = ((logits.argmax(-1) == target) & valid).sum()
-        totals += torch.stack([loss.double(), valid.sum().double(), correct.double()])
-    return totals
+        loss[start : start + chunk_size] = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none").double()
+        correct[start : start + chunk_size] = ((logits.argmax(-1) == target) & (target != IGNORE)).double()
+    valid = (y != IGNORE).double()
+    return torch.stack([loss.view(b, -1).sum(1), valid.view(b, -1).sum(1), correct.view(b, -1).sum(1)], dim=1)

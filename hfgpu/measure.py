@@ -16,7 +16,7 @@ from hfgpu.loss import model_loss
 from hfgpu.memtrack import PeakTracker, state_tensors, storage_bytes
 from hfgpu.modeling import DTYPES, ModelSettings, adapters_in_compute_dtype, prepare_model
 from hfgpu.offload import offload_activations
-from hfgpu.train import make_optimizer
+from hfgpu.optim import make_optimizer
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("outputs/run", description="where the adapter, logs and checkpoints go")
     overwrite: bool = Field(False, description="replace an earlier run in output_dir")
-    resume: Literal["never", "auto"] | str = Field("never", description="auto: continue from the newest complete checkpoint; or a checkpoint path")
+    resume: Literal["never", "auto"] | str = Field("never", description="auto: continue from the newest good checkpoint (or start, when there is none yet); or a checkpoint path")
+    resume_force: bool = Field(False, description="resume although the data or a training setting changed since the checkpoint (the new values apply from there)")
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code (off unless you trust the repo)")
     hub: HubConfig = Field(default_factory=HubConfig)

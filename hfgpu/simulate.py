@@ -76,7 +76,7 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
     from transformers import AutoModelForCausalLM
 
     from hfgpu.models import _to_pretrained_config, model_spec
-    from hfgpu.train import make_optimizer
+    from hfgpu.optim import make_optimizer
 
     start = time.perf_counter()
     cfg = _to_pretrained_config(config)

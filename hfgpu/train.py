@@ -2,9 +2,14 @@
 
 Full, LoRA and QLoRA differ in how the model was prepared (hfgpu.modeling), never here. Gradient
 accumulation is explicit: each optimizer step consumes a window of `grad_accum_steps` micro-batches
-whose loss is normalised by the window's label tokens (the same gradient as one big batch). On a
-CUDA out-of-memory error the window is re-run with every micro-batch split in two (half the
-micro-batch, twice the accumulation, same global batch).
+per process, and every micro-batch's summed token loss is divided by the label tokens of the whole
+window on every process (one all-reduce), times the process count because DDP averages gradients:
+the gradient equals one big batch's, however unevenly the label tokens fall across micro-batches
+and processes. On a CUDA out-of-memory error the window is re-run with every micro-batch split in
+two (half the micro-batch, twice the accumulation, same global batch). A non-finite loss or
+gradient norm stops the run before the optimizer step, so the last checkpoint stays good.
+SIGINT (Ctrl-C), SIGTERM (docker stop, Kubernetes, Slurm) and SIGUSR1 (Slurm's --signal) finish the
+step, save a checkpoint and stop with the resume command.
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,16 +37,9 @@ from hfgpu.evaluation import eval_loss, task_metrics
 from hfgpu.loss import model_loss
 from hfgpu.modeling import adapters_in_compute_dtype
 from hfgpu.offload import offload_activations
+from hfgpu.optim import make_optimizer
 
-
-def make_optimizer(params, name: str, lr: float = 1e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The plan's optimizer. Fused AdamW: no foreach temporaries (the memory model assumes none)."""
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
 @dataclass
@@ -72,26 +72,54 @@ class LoopConfig:
     offload_activations: bool = False  # checkpointed layer inputs wait in CPU memory (hfgpu.offload)
     eval_chunk: int | None = None  # evaluation computes logits over slices of this many tokens
     autocast: bool = False  # 16-bit mixed precision: adapters take 16-bit inputs (hfgpu.modeling.adapters_in_compute_dtype)
+    fingerprint: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (hfgpu.checkpoint.check_fingerprint)
+    resume_force: bool = False  # resume although the fingerprint differs
+
+
+@dataclass
+class TrainState:
+    """The loop's counters: saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
+    tokens: int = 0
+    best_eval_loss: float | None = None
+    bad_evals: int = 0
+    split: int = 1  # OOM back-off: each micro-batch runs in this many pieces
 
 
 class Interrupted(HfgpuError):
-    """Ctrl-C: a checkpoint was saved; the message says how to resume."""
+    """A stop signal: a checkpoint was saved; the message says how to resume. Exit code 128 + signal."""
 
     exit_code = 130
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per logged step or evaluation; main process only."""
+    """metrics.jsonl, one JSON object per logged step or evaluation; main process only. On resume the
+    records past the resumed step (written after that checkpoint, before a crash) are dropped."""
 
-    def __init__(self, path: Path, enabled: bool, append: bool):
+    def __init__(self, path: Path, enabled: bool, resumed_step: int | None):
         self.path, self.enabled = path, enabled
-        if enabled and not append:
-            path.write_text("")
+        if not enabled:
+            return
+        kept = ""
+        if resumed_step is not None and path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = "".join(ln + "\n" for ln in lines if _step_of(ln) <= resumed_step)
+        path.write_text(kept)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a torn last line: dropped
 
 
 def _split(batch: dict, parts: int) -> list[dict]:
@@ -102,7 +130,8 @@ def _split(batch: dict, parts: int) -> list[dict]:
     return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
-def _label_tokens(batch: dict) -> torch.Tensor:
+def label_tokens(batch: dict) -> torch.Tensor:
+    """Tokens the loss sees (labels shift by one)."""
     return (batch["labels"][:, 1:] != IGNORE).sum()
 
 
@@ -110,8 +139,57 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Path, say=print) -> dict:
-    """Train `model` on `data`; returns the final metrics. Writes checkpoints and metrics.jsonl under `out`."""
+def window_backward(accelerator, model, window: list[dict], split: int, cfg: LoopConfig, lm_head=None) -> torch.Tensor:
+    """Forward and backward over one optimizer step's micro-batches (each run in `split` pieces).
+
+    The gradient equals that of the mean token loss over the window of *every* process: each piece's
+    summed loss is divided by the global label-token count, and multiplied by the process count
+    because DDP (and FSDP, DeepSpeed) average gradients. Returns the window's global mean loss
+    (identical on every process)."""
+    world = accelerator.num_processes
+    tokens = sum(label_tokens(b) for b in window).to(accelerator.device)
+    if world > 1:
+        tokens = accelerator.reduce(tokens, reduction="sum")
+    tokens = torch.clamp(tokens, min=1).float()
+    pieces = [p for b in window for p in _split(b, split)]
+    total = torch.zeros((), device=accelerator.device)
+    for i, piece in enumerate(pieces):
+        sync = contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model)
+        # 16-bit adapter inputs over forward and backward (a checkpointed layer recomputes in backward);
+        # not around generation, which runs without accelerate's autocast wrapper
+        with sync, adapters_in_compute_dtype(model, cfg.autocast):
+            with offload_activations(cfg.offload_activations):
+                summed = model_loss(model, piece, cfg.loss_chunk, lm_head) * label_tokens(piece)
+            accelerator.backward(summed * (world / tokens))
+        total += summed.detach().float() / tokens
+    return accelerator.reduce(total, reduction="sum") if world > 1 else total
+
+
+class StopSignals:
+    """SIGINT/SIGTERM/SIGUSR1 ask the loop to stop after the current step (a second SIGINT stops at once).
+    Handlers are restored on exit, whatever happened in the loop."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _on_signal(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _build(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader_gen = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG: exact resume
     train_dl = DataLoader(data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=partial(collate, pad_id=pad_id), generator=loader_gen)
@@ -124,166 +202,199 @@ def run(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Pat
 
     from transformers import get_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     schedule = {"constant": "constant_with_warmup"}.get(cfg.schedule, cfg.schedule)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)
+    return model, optimizer, scheduler, train_dl, eval_dl, total_steps, pad_id
 
-    # --- resume --------------------------------------------------------------------------------
-    ckpt_dir = out / "checkpoints"
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "best_eval_loss": None, "bad_evals": 0, "split": 1}
+
+def _resume(accelerator, model, optimizer, scheduler, cfg: LoopConfig, ckpt_dir: Path, say) -> tuple[TrainState, int | None]:
+    """Load the checkpoint `cfg.resume` names (auto: the newest good one); (state, resumed step or None)."""
+    state = TrainState()
     if accelerator.is_main_process:
         for gone in checkpoint.clean_incomplete(ckpt_dir):
             say(f"removed incomplete checkpoint {gone.name}")
     accelerator.wait_for_everyone()
-    resume_from = None
+    if cfg.resume == "never":
+        return state, None
     if cfg.resume == "auto":
-        found = checkpoint.complete_checkpoints(ckpt_dir)
-        resume_from = found[-1] if found else None
-    elif cfg.resume != "never":
-        resume_from = Path(cfg.resume)
-        if not (resume_from / "state.json").is_file():
+        path = checkpoint.newest_good(ckpt_dir, say)
+        if path is None:
+            say(f"resume=auto: no checkpoint in {ckpt_dir} yet; starting from step 0")
+            return state, None
+    else:
+        path = Path(cfg.resume)
+        if not (path / "state.json").is_file():
             raise HfgpuError(f"resume={cfg.resume!r} is not a complete checkpoint folder (no state.json): use resume=auto or a folder under {ckpt_dir}")
-    if resume_from is not None:
-        state.update(checkpoint.load(resume_from, accelerator, model, optimizer, scheduler))
-        say(f"resumed from {resume_from} at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, append=resume_from is not None)
+        problem = checkpoint.verify(path)
+        if problem:
+            raise HfgpuError(f"resume={cfg.resume!r}: {problem}: use resume=auto to fall back to an earlier good checkpoint")
+    saved = checkpoint.read_state(path)
+    checkpoint.check_fingerprint(saved.get("fingerprint", {}), cfg.fingerprint, path, cfg.resume_force, say)
+    counters = checkpoint.load(path, accelerator, model, optimizer, scheduler, world_size=accelerator.num_processes)
+    state = TrainState(**{k: v for k, v in counters.items() if k in TrainState.__dataclass_fields__})
+    if cfg.resume_force:  # the recipe's learning rate applies from here, on the checkpoint's schedule position
+        for group, fn in zip(optimizer.param_groups, scheduler.scheduler.lr_lambdas if hasattr(scheduler, "scheduler") else scheduler.lr_lambdas):
+            group["initial_lr"] = cfg.learning_rate
+            group["lr"] = cfg.learning_rate * fn(state.step)
+        inner = getattr(scheduler, "scheduler", scheduler)
+        inner.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    say(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    return state, state.step
 
-    def evaluate_now() -> dict:
+
+def _check_finite(loss: float, grad_norm: float | None, step: int, cfg: LoopConfig, scaled: bool) -> None:
+    bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm) and not scaled)
+    if bad:
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        raise HfgpuError(f"training diverged at step {step}: {what} is not finite; no step was taken with it and no final model "
+                         f"was written: lower train.learning_rate (now {cfg.learning_rate:g}) or set train.max_grad_norm (now {cfg.max_grad_norm}), "
+                         "then resume=auto from the last checkpoint or start again")
+
+
+def _no_improvement(state: TrainState, eval_loss_value: float, cfg: LoopConfig) -> bool:
+    """Early stopping's bookkeeping; True when patience has run out."""
+    if state.best_eval_loss is None or eval_loss_value < state.best_eval_loss - cfg.early_stopping_min_delta:
+        state.best_eval_loss, state.bad_evals = eval_loss_value, 0
+        return False
+    state.bad_evals += 1
+    return state.bad_evals >= cfg.early_stopping_patience
+
+
+def _interrupted(saved: Path, signum: int | None, step: int, total: int) -> Interrupted:
+    name = signal.Signals(signum).name if signum else "a stop signal to another process"
+    err = Interrupted(f"interrupted ({name}) at step {step} of {total}: checkpoint saved to {saved}; run the same command with resume=auto to continue")
+    err.exit_code = 128 + int(signum or signal.SIGTERM)
+    return err
+
+
+def _backward_with_backoff(accelerator, model, optimizer, window, state: TrainState, cfg: LoopConfig, lm_head, log, say):
+    """window_backward, re-run with every micro-batch split in two on out-of-memory; then clipping.
+    Returns (loss, gradient norm or None) as tensors: nothing here waits for the device."""
+    while True:
+        try:
+            loss = window_backward(accelerator, model, window, state.split, cfg, lm_head)
+            break
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            if max(p["input_ids"].shape[0] for b in window for p in _split(b, state.split)) == 1:
+                raise HfgpuError(f"CUDA out of memory at micro-batch 1 ({cfg.plan_note or 'no plan estimate'}): "
+                                 "set gradient_checkpointing=true, lower data.max_seq_len, or use strategy=qlora") from None
+            state.split *= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            mb = math.ceil(cfg.micro_batch_size / state.split)
+            say(f"CUDA out of memory: micro-batch {mb}, accumulation ×{state.split} (same global batch); going on")
+            log.write({"step": state.step, "event": "oom_backoff", "micro_batch_size": mb})
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+    return loss, grad_norm
+
+
+@dataclass
+class LoopResult:
+    model: torch.nn.Module
+    metrics: dict  # final eval metrics + steps, tokens, stopped_early
+    initial_metrics: dict  # eval metrics before the first step (empty when resumed or without eval data)
+
+
+def train_loop(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Path, say=print,
+               on_ready: Callable[[], None] = lambda: None) -> LoopResult:
+    """Train `model` on `data`. Writes checkpoints and metrics.jsonl under `out`; `on_ready` runs once a
+    checkpoint to resume (if any) has loaded and before the first step (the caller writes its records then)."""
+    model, optimizer, scheduler, train_dl, eval_dl, total_steps, pad_id = _build(accelerator, model, tokenizer, data, cfg)
+    ckpt_dir = out / "checkpoints"
+    state, resumed = _resume(accelerator, model, optimizer, scheduler, cfg, ckpt_dir, say)
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, resumed)
+    on_ready()
+    lm_head = accelerator.unwrap_model(model).get_output_embeddings().weight if cfg.loss_chunk else None
+    scaled = getattr(accelerator, "scaler", None) is not None  # fp16: inf gradients make the scaler skip a step
+
+    def evaluate() -> dict:
         scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk) if eval_dl is not None else {}
         if cfg.metrics and accelerator.is_main_process:
-            examples = data.eval_prompts[: cfg.max_eval_examples]
-            scores.update(task_metrics(accelerator.unwrap_model(model), tokenizer, examples, cfg.metrics, cfg.max_new_tokens, accelerator.device))
+            scores.update(task_metrics(accelerator.unwrap_model(model), tokenizer, data.eval_prompts[: cfg.max_eval_examples],
+                                       cfg.metrics, cfg.max_new_tokens, accelerator.device))
         accelerator.wait_for_everyone()
         return scores
 
-    lm_head = accelerator.unwrap_model(model).get_output_embeddings().weight if cfg.loss_chunk else None
-
-    def micro_step(batch: dict, window_tokens: torch.Tensor, sync: bool) -> torch.Tensor:
-        ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-        # 16-bit adapter inputs over forward and backward (a checkpointed layer recomputes in backward);
-        # not around generation, which runs without accelerate's autocast wrapper
-        with ctx, adapters_in_compute_dtype(model, cfg.autocast):
-            with offload_activations(cfg.offload_activations):
-                loss = model_loss(model, batch, cfg.loss_chunk, lm_head) * _label_tokens(batch) / window_tokens
-            accelerator.backward(loss)
-        return loss.detach()
-
-    def optimizer_step(window: list[dict]) -> float:
-        """One optimizer step over a window of micro-batches, splitting them further on OOM."""
-        window_tokens = torch.clamp(sum(_label_tokens(b) for b in window), min=1)
-        while True:
-            pieces = [p for b in window for p in _split(b, state["split"])]
-            try:
-                loss = sum(micro_step(p, window_tokens, sync=i == len(pieces) - 1) for i, p in enumerate(pieces))
-                break
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-                if not _is_oom(e):
-                    raise
-                optimizer.zero_grad(set_to_none=True)
-                if max(p["input_ids"].shape[0] for p in pieces) == 1:
-                    raise HfgpuError(f"CUDA out of memory at micro-batch 1 ({cfg.plan_note or 'no plan estimate'}): "
-                                     "set gradient_checkpointing=true, lower data.max_seq_len, or use strategy=qlora") from None
-                state["split"] *= 2
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                mb = math.ceil(cfg.micro_batch_size / state["split"])
-                say(f"CUDA out of memory: micro-batch {mb}, accumulation ×{state['split']} (same global batch); going on")
-                log.write({"step": state["step"], "event": "oom_backoff", "micro_batch_size": mb})
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return accelerator.reduce(loss.float(), reduction="mean").item()
-
-    # --- Ctrl-C: finish the step, save a checkpoint, then stop (a second Ctrl-C stops at once) ----
-    interrupt = {"asked": False}
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        def on_sigint(signum, frame):
-            if interrupt["asked"]:
-                raise KeyboardInterrupt
-            interrupt["asked"] = True
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    def save() -> Path:
+        return checkpoint.save(ckpt_dir, state.step, accelerator, model, optimizer, scheduler,
+                               {**asdict(state), "fingerprint": cfg.fingerprint}, cfg.keep_last)
 
     from tqdm.auto import tqdm
 
-    initial: dict = {}
-    if state["step"] == 0 and (eval_dl is not None or cfg.metrics):
-        initial = evaluate_now()  # the baseline the run is judged against
+    initial = {}
+    if state.step == 0 and (eval_dl is not None or cfg.metrics):
+        initial = evaluate()  # the baseline the run is judged against
         log.write({"step": 0, **initial})
-
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process, desc="training", dynamic_ncols=True)
-    final: dict = {}
     stopped_early = False
     model.train()
     tick, tokens_since = time.perf_counter(), 0
-    while state["step"] < total_steps and not stopped_early:
-        train_dl.set_epoch(state["epoch"])
-        batches = accelerator.skip_first_batches(train_dl, state["batch_in_epoch"]) if state["batch_in_epoch"] else train_dl
-        it = iter(batches)
-        epoch_done = False
-        while state["step"] < total_steps:
-            window = list(islice(it, cfg.grad_accum_steps))
-            if not window:
-                epoch_done = True
-                break
-            loss = optimizer_step(window)
-            state["step"] += 1
-            state["batch_in_epoch"] += len(window)
-            seen = int(accelerator.reduce(sum((b["input_ids"] != pad_id).sum() for b in window), reduction="sum"))
-            state["tokens"] += seen
-            tokens_since += seen
-            bar.update(1)
+    with StopSignals() as stop, tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                                     desc="training", dynamic_ncols=True) as bar:
+        while state.step < total_steps and not stopped_early:
+            train_dl.set_epoch(state.epoch)
+            batches = iter(accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl)
+            epoch_done = False
+            while state.step < total_steps:
+                window = list(islice(batches, cfg.grad_accum_steps))
+                if not window:
+                    epoch_done = True
+                    break
+                loss, grad_norm = _backward_with_backoff(accelerator, model, optimizer, window, state, cfg, lm_head, log, say)
+                # one host sync per step: loss, norm, tokens seen, and whether any process was asked to stop
+                seen = sum((b["input_ids"] != pad_id).sum() for b in window).float()
+                flags = torch.stack([seen, torch.tensor(float(stop.signum or 0), device=seen.device)])
+                if accelerator.num_processes > 1:
+                    flags = accelerator.reduce(flags, reduction="sum")
+                seen_n, stop_n = flags.tolist()
+                loss_v = float(loss)
+                norm_v = float(grad_norm) if grad_norm is not None else None
+                _check_finite(loss_v, norm_v, state.step + 1, cfg, scaled)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch_in_epoch += len(window)
+                state.tokens += int(seen_n)
+                tokens_since += int(seen_n)
+                bar.update(1)
 
-            # --- log ------------------------------------------------------------------------------
-            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-                elapsed = time.perf_counter() - tick
-                record = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_second": tokens_since / elapsed if elapsed > 0 else None, "tokens": state["tokens"]}
-                if torch.cuda.is_available():
-                    record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-                log.write(record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}",
-                                **({"peak_GiB": f"{record['peak_memory_bytes'] / 2**30:.1f}"} if "peak_memory_bytes" in record else {}))
-                tick, tokens_since = time.perf_counter(), 0
+                if state.step % cfg.log_every == 0 or state.step == total_steps:
+                    elapsed = time.perf_counter() - tick
+                    record = {"step": state.step, "epoch": state.epoch, "loss": loss_v, "lr": scheduler.get_last_lr()[0],
+                              "tokens_per_second": tokens_since / elapsed if elapsed > 0 else None, "tokens": state.tokens}
+                    if norm_v is not None:
+                        record["grad_norm"] = norm_v
+                    if torch.cuda.is_available():
+                        record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+                    log.write(record)
+                    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}",
+                                    **({"peak_GiB": f"{record['peak_memory_bytes'] / 2**30:.1f}"} if "peak_memory_bytes" in record else {}))
+                    tick, tokens_since = time.perf_counter(), 0
 
-            # --- evaluate, stop early ---------------------------------------------------------
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
-                final = evaluate_now()
-                log.write({"step": state["step"], **final})
-                if cfg.early_stopping_patience and "eval_loss" in final:
-                    best = state["best_eval_loss"]
-                    if best is None or final["eval_loss"] < best - cfg.early_stopping_min_delta:
-                        state["best_eval_loss"], state["bad_evals"] = final["eval_loss"], 0
-                    else:
-                        state["bad_evals"] += 1
-                        if state["bad_evals"] >= cfg.early_stopping_patience:
-                            say(f"early stopping at step {state['step']}: eval loss has not improved for {state['bad_evals']} evaluations")
-                            stopped_early = True
-                            break
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+                    scores = evaluate()
+                    log.write({"step": state.step, **scores})
+                    if cfg.early_stopping_patience and "eval_loss" in scores and _no_improvement(state, scores["eval_loss"], cfg):
+                        say(f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} evaluations")
+                        stopped_early = True
+                        break
 
-            # --- checkpoint ----------------------------------------------------------------------
-            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
-                checkpoint.save(ckpt_dir, state["step"], accelerator, model, optimizer, scheduler, state, cfg.keep_last)
-            if interrupt["asked"]:
-                saved = checkpoint.save(ckpt_dir, state["step"], accelerator, model, optimizer, scheduler, state, cfg.keep_last)
-                bar.close()
-                if previous_handler is not None:
-                    signal.signal(signal.SIGINT, previous_handler)
-                raise Interrupted(f"interrupted at step {state['step']} of {total_steps}: checkpoint saved to {saved}; run the same command with resume=auto to continue")
-        if epoch_done:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    bar.close()
-    if previous_handler is not None:
-        signal.signal(signal.SIGINT, previous_handler)
-    final = evaluate_now() if (eval_dl is not None or cfg.metrics) else {}
+                if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
+                    save()
+                if stop_n:
+                    raise _interrupted(save(), stop.signum, state.step, total_steps)
+            if epoch_done:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+    final = evaluate() if (eval_dl is not None or cfg.metrics) else {}
     if final:
-        log.write({"step": state["step"], **final})
-    final.update({"steps": state["step"], "tokens": state["tokens"], "stopped_early": stopped_early})
-    return {"model": model, "metrics": final, "initial_metrics": initial}
+        log.write({"step": state.step, **final})
+    final.update({"steps": state.step, "tokens": state.tokens, "stopped_early": stopped_early})
+    return LoopResult(model=model, metrics=final, initial_metrics=initial)

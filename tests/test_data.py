@@ -58,7 +58,7 @@ def test_chat_learns_only_assistant_turns(tok, tmp_path):
             {"role": "assistant", "content": "Lima"}, {"role": "user", "content": "And Chile?"}, {"role": "assistant", "content": "Santiago"}]
     ds, _ = one(tok, tmp_path, [{"messages": msgs}], format="chat")
     learned = learned_text(tok, ds[0])
-    assert learned == "Lima</s>\nSantiago</s>\n"
+    assert learned == "Lima</s>Santiago</s>"  # up to and including the end of turn, not the "\n" the template prints after it
     assert "<|user|>" in tok.decode(ds[0]["input_ids"])
 
 

@@ -112,5 +112,5 @@ def test_evaluation_in_slices_equals_the_full_logits():
         target = labels[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, 1000), target.reshape(-1), ignore_index=-100, reduction="sum")
         correct = ((logits.argmax(-1) == target) & (target != -100)).sum()
-        stats = chunked_token_stats(final_hidden_states(model, {"input_ids": ids}), model.get_output_embeddings().weight, labels, chunk_size=7)
+        stats = chunked_token_stats(final_hidden_states(model, {"input_ids": ids}), model.get_output_embeddings().weight, labels, chunk_size=7).sum(0)
     torch.testing.assert_close(stats, torch.tensor([loss.item(), float((target != -100).sum()), float(correct)], dtype=torch.float64), rtol=1e-5, atol=1e-4)
