@@ -140,5 +140,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as e:
         raise HfgpuError(f"cannot load a tokenizer from {path!r} ({str(e).splitlines()[0][:140]}): pass a model folder or a Hub repo id that has one") from None
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise HfgpuError(f"the tokenizer of {path!r} has neither an eos_token nor a pad_token, which training needs to end and pad examples: "
+                             "set \"eos_token\" (and \"pad_token\") in its tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

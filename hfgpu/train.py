@@ -266,7 +266,7 @@ def _no_improvement(state: TrainState, eval_loss_value: float, cfg: LoopConfig) 
 
 def _interrupted(saved: Path, signum: int | None, step: int, total: int) -> Interrupted:
     name = signal.Signals(signum).name if signum else "a stop signal to another process"
-    err = Interrupted(f"interrupted ({name}) at step {step} of {total}: checkpoint saved to {saved}; run the same command with resume=auto to continue")
+    err = Interrupted(f"interrupted at step {step} of {total} ({name}): checkpoint saved to {saved}; run the same command with resume=auto to continue")
     err.exit_code = 128 + int(signum or signal.SIGTERM)
     return err
 

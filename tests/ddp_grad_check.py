@@ -1,0 +1,37 @@
+"""Run by tests/test_distributed.py under torchrun (2 processes, gloo, CPU): one optimizer step's
+gradients through hfgpu.train.window_backward, written by rank 0 for comparison with a single-process
+full-batch reference. Usage: torchrun --nproc_per_node 2 tests/ddp_grad_check.py MODEL_DIR BATCH.pt OUT.pt"""
+
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from hfgpu.modeling import ModelSettings, prepare_model
+from hfgpu.train import LoopConfig, window_backward
+
+
+def loop_config() -> LoopConfig:
+    return LoopConfig(micro_batch_size=1, grad_accum_steps=2, optimizer="adamw_torch", learning_rate=1e-3, schedule="constant", warmup=0,
+                      weight_decay=0.0, max_grad_norm=None, epochs=None, max_steps=1, seed=0, eval_every=None, save_every=None, keep_last=1,
+                      log_every=1, early_stopping_patience=None, early_stopping_min_delta=0.0, metrics=[], max_new_tokens=1,
+                      max_eval_examples=None, resume="never")
+
+
+def main(model_dir: str, batch_path: str, out_path: str) -> None:
+    acc = Accelerator(cpu=True)
+    model = prepare_model(model_dir, ModelSettings(strategy="full", precision="fp32"), seed=0)
+    model = acc.prepare(model)
+    model.train()
+    rows = torch.load(batch_path)  # input_ids, labels, attention_mask: (4, s)
+    mine = range(acc.process_index * 2, acc.process_index * 2 + 2)  # rank 0: rows 0, 1; rank 1: rows 2, 3
+    window = [{k: v[i : i + 1] for k, v in rows.items()} for i in mine]
+    loss = window_backward(acc, model, window, 1, loop_config())
+    if acc.is_main_process:
+        grads = {n: p.grad.detach().clone() for n, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
+        torch.save({"loss": loss.item(), "grads": grads}, out_path)
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
