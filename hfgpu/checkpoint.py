@@ -151,6 +151,8 @@ def save(folder: Path, step: int, accelerator, model, optimizer, scheduler, coun
             state = {**counters, "world_size": accelerator.num_processes, "files": files}
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             _fsync(tmp / "state.json")
+            if final.exists():  # a damaged checkpoint of this step, passed over on resume: replaced
+                shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync(folder)
             for old in complete_checkpoints(folder)[:-keep_last]:

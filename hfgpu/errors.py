@@ -28,7 +28,13 @@ class DoesNotFit(HfgpuError):
 
 
 def run_command(body: Callable[[], int], interrupted: str = "hfgpu: interrupted") -> int:
-    """Run a command-line entry point: a user error is one line on stderr and its exit code, never a traceback."""
+    """Run a command-line entry point: a user error is one line on stderr and its exit code, never a traceback.
+    Libraries' FutureWarnings (deprecations the user cannot act on) are hidden unless HFGPU_WARNINGS=1."""
+    import os
+    import warnings
+
+    if os.environ.get("HFGPU_WARNINGS") != "1":
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return body()
     except HfgpuError as e:

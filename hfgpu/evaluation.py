@@ -4,7 +4,7 @@ generated greedily, through local `evaluate` modules (hfgpu/metrics/, loaded by 
 from __future__ import annotations
 
 import math
-from importlib import resources
+from hfgpu._package import PACKAGE
 
 import torch
 
@@ -44,7 +44,7 @@ def eval_loss(model, loader, accelerator, chunk_size: int | None = None) -> dict
 def load_metric(name: str):
     import evaluate
 
-    path = resources.files("hfgpu").joinpath("metrics", name, f"{name}.py")
+    path = PACKAGE.joinpath("metrics", name, f"{name}.py")
     return evaluate.load(str(path))
 
 

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from importlib import resources
+from hfgpu._package import PACKAGE
 from typing import Callable
 
 from hfgpu._fuzzy import did_you_mean
@@ -82,7 +82,7 @@ def _num(text: str) -> float | None:
 @lru_cache(maxsize=1)
 def catalog() -> tuple[GPU, ...]:
     """Every card in the packaged CSV, in file order (oldest consumer cards first)."""
-    text = resources.files("hfgpu").joinpath("resources/gpus.csv").read_text(encoding="utf-8")
+    text = PACKAGE.joinpath("resources/gpus.csv").read_text(encoding="utf-8")
     cards = []
     for row in csv.DictReader(text.splitlines()):
         major, minor = row["compute_capability"].split(".")

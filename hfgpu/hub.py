@@ -277,6 +277,8 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, templa
     """Greedy completion of `prompt` by the fine-tuned model."""
     import torch
 
+    if not prompt.strip():
+        raise HfgpuError("the prompt is empty: pass the text to complete (--prompt \"…\")")
     run = Run(run_dir)
     model, tokenizer = run.load()
     text = prompt_for(run, tokenizer, prompt, template)

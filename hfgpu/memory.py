@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
+from hfgpu._package import PACKAGE
 
 from hfgpu.models import ModelSpec
 
@@ -195,7 +195,7 @@ def trainable_state_bytes(spec: ModelSpec, s: Setup) -> int:
 
 @lru_cache(maxsize=1)
 def activation_coefficients() -> dict:
-    text = resources.files("hfgpu").joinpath("resources/activation_coefficients.json").read_text()
+    text = PACKAGE.joinpath("resources/activation_coefficients.json").read_text()
     return json.loads(text)
 
 

@@ -15,10 +15,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hfgpu._package import PACKAGE
 from hfgpu._fuzzy import did_you_mean
 from hfgpu.errors import HfgpuError
 
@@ -92,7 +93,7 @@ class ModelSpec:
 @lru_cache(maxsize=1)
 def catalog_ids() -> dict[str, str]:
     """Offline catalog: lower-cased repo id (and bare model name) → file name in resources/configs/."""
-    folder = resources.files("hfgpu").joinpath("resources/configs")
+    folder = PACKAGE.joinpath("resources/configs")
     ids: dict[str, str] = {}
     for entry in folder.iterdir():
         if entry.name.endswith(".json"):
@@ -152,7 +153,7 @@ def load_config(model: Any) -> tuple[str, str, dict]:
     entry = catalog_ids().get(text.lower())
     if entry is not None:
         repo_id = entry[: -len(".json")].replace("__", "/")
-        raw = resources.files("hfgpu").joinpath("resources/configs", entry).read_text(encoding="utf-8")
+        raw = PACKAGE.joinpath("resources/configs", entry).read_text(encoding="utf-8")
         return repo_id, "catalog", json.loads(raw)
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise HfgpuError(f"model path {text!r} not found: pass an existing folder with config.json, or a Hub repo id (owner/name)")
@@ -189,7 +190,7 @@ def shipped_inventories() -> dict:
     """Inventories of the offline catalog, counted on the meta device by `build_shipped_inventories`
     (tests recount them with the installed transformers), so catalog plans never import torch."""
     try:
-        return json.loads(resources.files("hfgpu").joinpath("resources/inventories.json").read_text())
+        return json.loads(PACKAGE.joinpath("resources/inventories.json").read_text())
     except FileNotFoundError:
         return {}
 
@@ -212,10 +213,16 @@ def _to_pretrained_config(config: dict):
         raise HfgpuError("config.json has no 'model_type': pass the config of a transformers causal LM")
     # a deep copy: transformers rewrites nested dicts (rope_scaling) in place, which would change our cache key
     rest = {k: v for k, v in json.loads(json.dumps(config)).items() if k != "model_type"}
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise HfgpuError(f"model_type {model_type!r} is not known to this transformers: upgrade transformers or pick another model")
     try:
         return AutoConfig.for_model(model_type, **rest)
-    except (ValueError, KeyError) as e:
-        raise HfgpuError(f"model_type {model_type!r} is not known to this transformers ({str(e).splitlines()[0][:120]}): upgrade transformers or pick another model") from None
+    except Exception as e:  # transformers 5 validates configs (huggingface_hub strict dataclasses): sizes that cannot build
+        cause = e.__cause__ or e
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+        raise HfgpuError(f"config.json of model_type {model_type!r} is not valid ({detail}): fix the config's sizes") from None
 
 
 def _count_on_meta(config: dict) -> dict:

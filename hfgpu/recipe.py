@@ -9,7 +9,7 @@ that ships inside the package (`hfgpu:demo/model`).
 
 from __future__ import annotations
 
-from importlib import resources
+from hfgpu._package import PACKAGE
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -120,7 +120,7 @@ class Recipe(_Strict):
 def resolve_path(path: str) -> str:
     """`hfgpu:demo/model` → the file inside the installed package; anything else unchanged."""
     if path.startswith("hfgpu:"):
-        return str(resources.files("hfgpu").joinpath("resources", path[len("hfgpu:"):]))
+        return str(PACKAGE.joinpath("resources", path[len("hfgpu:"):]))
     return path
 
 
@@ -151,7 +151,43 @@ def _describe(err: dict, raw: dict) -> str:
     msg = err["msg"].replace("Value error, ", "")
     if kind == "literal_error":
         msg = msg.replace("Input should be", "must be")
-    return f"{loc}={value!r}: {msg[0].lower() + msg[1:]}" if value is not None and not isinstance(value, dict) else f"{loc}: {msg}"
+    return f"{loc}={_quote(value)}: {msg[0].lower() + msg[1:]}" if value is not None and not isinstance(value, dict) else f"{loc}: {msg}"
+
+
+def _quote(value: Any, limit: int = 60) -> str:
+    """A value as an error quotes it: its repr, cut to `limit` characters (a huge or nested value never floods the line)."""
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        value = list(value[:8])
+    text = repr(value) if not isinstance(value, (list, dict)) else _short_repr(value, limit)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short_repr(value: Any, limit: int) -> str:
+    # repr of nested aliases is exponential: build it piece by piece and stop at the limit
+    out: list[str] = []
+    size = 0
+
+    def walk(v):
+        nonlocal size
+        if size > limit:
+            return
+        if isinstance(v, list):
+            out.append("[")
+            for i, x in enumerate(v):
+                if size > limit:
+                    break
+                if i:
+                    out.append(", ")
+                walk(x)
+            out.append("]")
+        elif isinstance(v, dict):
+            out.append("{...}")
+        else:
+            out.append(repr(v)[:limit])
+        size = sum(len(x) for x in out)
+
+    walk(value)
+    return "".join(out)
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
@@ -208,15 +244,52 @@ def validate_recipe(raw: Any, source: str = "recipe") -> Recipe:
         raise HfgpuError(f"{source}: " + "; ".join(problems)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str) and key in seen:
+            raise HfgpuError(f"key {key[:60]!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1}): keep one, merging what each holds")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+MAX_NODES = 100_000  # a recipe is a few hundred values; YAML aliases nesting beyond this are a "billion laughs"
+
+
+def _check_size(raw: Any, source: str) -> None:
+    stack, seen = [raw], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise HfgpuError(f"{source} expands to more than {MAX_NODES:,} values (YAML anchors and aliases nested inside each other?): write the values out")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     p = Path(resolve_path(str(path)))
     if not p.is_file():
         raise HfgpuError(f"recipe {str(path)!r} not found: pass the path of a YAML recipe (see recipes/)")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except HfgpuError as e:
+        raise HfgpuError(f"recipe {str(path)!r}: {e}") from None
+    except UnicodeDecodeError:
+        raise HfgpuError(f"recipe {str(path)!r} is not UTF-8 text: save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise HfgpuError(f"recipe {str(path)!r} is not valid YAML{where}: fix the file") from None
+    _check_size(raw, f"recipe {str(path)!r}")
     raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides or []) if isinstance(raw, dict) or not raw else raw
     return validate_recipe(raw, str(path))
