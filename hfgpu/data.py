@@ -18,6 +18,7 @@ to each other.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ def load_rows(path: str, split: str = "train"):
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a parse error is ours to report, in one line
     local = Path(resolve_path(path)).expanduser()
     try:
         if local.is_file():
@@ -63,6 +66,7 @@ def load_rows(path: str, split: str = "train"):
             if local.stat().st_size == 0:
                 raise HfgpuError(f"data {path!r} has no rows: add examples or point data.path at another file")
             ds = datasets.load_dataset(builder, data_files={"train": str(local)}, split="train")
+            ds.data.table.validate(full=True)  # pyarrow loads bytes that are not UTF-8 and fails only when a row is read
         elif local.is_dir():
             ds = datasets.load_dataset(str(local), split=split)
         elif path.count("/") == 1 and not path.startswith((".", "/", "~")):
@@ -342,9 +346,9 @@ def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str):
             if not problem and keep_if(length, learned, truncated)]
     stats["dropped"] = len(tok) - len(keep)
     stats["drop_reasons"] = _reasons(tok, keep_if) if stats["dropped"] else {}
-    malformed = sum(1 for p in tok["problem"] if p)
+    malformed = sum(1 for p in tok["problem"] if p and not p.startswith("empty"))  # empty rows are data, not a wrong format
     if malformed * 2 > len(tok):
-        raise HfgpuError(f"{source}: {malformed} of {len(tok)} rows do not match format {cfg.format!r} ({describe_drops({k: v for k, v in stats['drop_reasons'].items() if not k.startswith(('no learned', 'longer'))})}): "
+        raise HfgpuError(f"{source}: {malformed} of {len(tok)} rows do not match format {cfg.format!r} ({describe_drops({k: v for k, v in stats['drop_reasons'].items() if not k.startswith(('no learned', 'longer', 'empty'))})}): "
                          "check data.format and data.columns")
     if len(keep) < len(tok):
         tok = tok.select(keep)

@@ -154,3 +154,137 @@ def test_second_tokenization_uses_the_datasets_cache(tok, tmp_path):
     assert files and files == {f["filename"] for f in second.cache_files}
     third, _, _ = tokenize(load_rows(str(path)), cfg, tok, 32, "t")  # other settings: a new cache file
     assert {f["filename"] for f in third.cache_files} != files
+
+
+# --- edge cases a real data file has ------------------------------------------------------------------
+
+
+def test_prompt_completion_masks_and_eos_equal_trls(tok, tmp_path):
+    """TRL's SFTTrainer (completion_only_loss) on the same rows: same tokens, same learned positions,
+    and an EOS added only when the completion does not already end with it."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [{"prompt": "Capital of Peru:\n", "completion": "Lima"}, {"prompt": "Capital of Fiji:\n", "completion": "Suva</s>"},
+            {"prompt": "Say it twice:\n", "completion": "yes yes"}]
+    ours, _ = one(tok, tmp_path, rows, format="prompt_completion")
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(DEMO / "model"),
+                         args=SFTConfig(output_dir=str(tmp_path / "trl"), completion_only_loss=True, report_to=[], max_length=64, use_cpu=True),
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    theirs = list(trainer.train_dataset)
+    assert [ex["input_ids"] for ex in ours] == [ex["input_ids"] for ex in theirs]
+    assert [ex["labels"] for ex in ours] == [ex["labels"] for ex in theirs]
+    assert learned_text(tok, ours[1]) == "Suva</s>"  # one EOS, not two
+
+
+def test_text_that_already_ends_with_eos_gets_no_second_one(tok, tmp_path):
+    ds, _ = one(tok, tmp_path, [{"text": "Paris.</s>"}], format="text")
+    assert ds[0]["input_ids"].count(tok.eos_token_id) == 1
+
+
+def test_openai_style_content_parts_are_joined_text(tok, tmp_path):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Capital of "}, {"type": "text", "text": "Peru?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Lima"}]}]
+    ds, _ = one(tok, tmp_path, [{"messages": msgs}], format="chat")
+    text = tok.decode(ds[0]["input_ids"])
+    assert "Capital of Peru?" in text and "[{" not in text and learned_text(tok, ds[0]) == "Lima</s>"
+
+
+def test_rows_that_do_not_match_the_format_are_dropped_with_their_reason(tok, tmp_path):
+    good = [{"instruction": f"Capital of {c}?", "output": a} for c, a in [("Peru", "Lima"), ("Fiji", "Suva"), ("Mali", "Bamako")]]
+    rows = good + [{"prompt": "Capital of Chile?", "completion": "Santiago"}, {"instruction": "Capital of Iraq?", "output": ["Baghdad"]}]
+    ds, stats = one(tok, tmp_path, rows, format="alpaca")
+    assert len(ds) == 3 and stats["dropped"] == 2
+    assert stats["drop_reasons"] == {"missing 'instruction'": [4], "list-valued 'output'": [5]}
+    assert all("['Baghdad']" not in tok.decode(ex["input_ids"]) for ex in ds)  # never a Python repr
+    from hfgpu.data import describe_drops
+
+    assert describe_drops(stats["drop_reasons"]) == "1 missing 'instruction' (row 4); 1 list-valued 'output' (row 5)"
+
+
+def test_a_file_mostly_in_another_format_is_refused(tok, tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)] + [{"instruction": "x", "output": "y"}]
+    with pytest.raises(HfgpuError, match=r"4 of 5 rows do not match format 'alpaca' \(4 missing 'instruction'.*check data.format"):
+        one(tok, tmp_path, rows, format="alpaca")
+
+
+def test_empty_completions_teach_nothing(tok, tmp_path):
+    rows = [{"prompt": "q", "completion": ""}, {"prompt": "q", "completion": "  "}, {"prompt": "Capital of Peru?", "completion": "Lima"}]
+    ds, stats = one(tok, tmp_path, rows, format="prompt_completion")
+    assert len(ds) == 1 and stats["drop_reasons"] == {"empty completion": [1, 2]}
+    chat = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}]
+    ds, stats = one(tok, tmp_path, chat, format="chat")
+    assert len(ds) == 1 and stats["drop_reasons"] == {"no assistant turn": [1]}
+
+
+QWEN3_LIKE = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
+              "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_does_not_render_incrementally_names_the_fix_and_the_shipped_one_works(tmp_path):
+    tok = load_tokenizer(str(DEMO / "model"))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    msgs = [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"},
+            {"role": "user", "content": "And Chile?"}, {"role": "assistant", "content": "Santiago"}]
+    path = write_jsonl(tmp_path / "q.jsonl", [{"messages": msgs}])
+    with pytest.raises(HfgpuError, match=r"does not render turns incrementally.*data.chat_template=hfgpu:chat_templates/chatml.jinja"):
+        tokenize(load_rows(str(path)), DataConfig(path=str(path), format="chat", chat_template=QWEN3_LIKE), tok, 128, "q")
+    ds, _, _ = tokenize(load_rows(str(path)), DataConfig(path=str(path), format="chat", chat_template="hfgpu:chat_templates/chatml.jinja"), tok, 128, "q")
+    assert learned_text(tok, ds[0]) == "Lima<|im_end|>Santiago<|im_end|>"
+    assert tok.decode(ds[0]["input_ids"]).startswith("<|im_start|>user\nCapital of Peru?<|im_end|>\n<|im_start|>assistant\nLima")
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "chat"])
+def test_eval_prompts_are_tokenized_exactly_as_training_tokenizes_them(tmp_path, fmt):
+    """A tokenizer that adds BOS: the prompt generation starts from is the training example's prefix
+    (one BOS for the plain formats, none added to a rendered chat template)."""
+    tok = load_tokenizer(str(DEMO / "model"))
+    tok.add_bos_token = True
+    assert tok("x")["input_ids"][0] == tok.bos_token_id
+    row = ({"instruction": "Capital of Peru?", "output": "Lima"} if fmt == "alpaca"
+           else {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"}]})
+    path = write_jsonl(tmp_path / "e.jsonl", [row])
+    prepared = prepare_data(DataConfig(path=str(path), eval_path=str(path), format=fmt), tok, 128, 1)
+    ids, reference = prepared.eval_prompts[0]
+    train = prepared.train[0]
+    first_learned = next(i for i, t in enumerate(train["labels"]) if t != IGNORE)
+    assert ids == train["input_ids"][:first_learned] and reference == "Lima"
+    assert ids.count(tok.bos_token_id) == (1 if fmt == "alpaca" else 0)
+
+
+def test_a_broken_json_line_and_non_utf8_bytes_are_named_by_line(tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c\n{"text": "d"}\n')
+    with pytest.raises(HfgpuError, match=r"data file '.*broken.jsonl' line 3 is not valid JSON .*fix or remove that line"):
+        load_rows(str(tmp_path / "broken.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "a"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(HfgpuError, match=r"line 2 has bytes that are not UTF-8 .*save the file as UTF-8"):
+        load_rows(str(tmp_path / "latin1.jsonl"))
+
+
+def test_a_huge_single_row_is_cut_before_tokenizing(tmp_path):
+    """A 40 MB row at max_seq_len 64: tokenizing adds almost nothing to the process's peak memory
+    (the whole string would take gigabytes of token objects) and the row is truncated like any long one."""
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "huge.jsonl", [{"text": "word " * 8_000_000}, {"text": "short"}])
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(DEMO.parents[2])!r})
+from hfgpu.data import load_rows, tokenize
+from hfgpu.modeling import load_tokenizer
+from hfgpu.recipe import DataConfig
+tok = load_tokenizer({str(DEMO / 'model')!r})
+rows = load_rows({str(path)!r})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ds, stats, _ = tokenize(rows, DataConfig(path={str(path)!r}, format="text"), tok, 64, "huge")
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(grew, stats["too_long"], max(ds["length"]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    grew_kib, too_long, longest = map(int, r.stdout.split()[-3:])
+    assert too_long == 1 and longest == 64
+    assert grew_kib < 300 * 1024, f"tokenizing grew the peak by {grew_kib / 1024:.0f} MiB"
