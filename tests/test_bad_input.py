@@ -3,6 +3,10 @@ what would be accepted, no traceback, and no file of an earlier run changed. Whe
 exists, it raises an HfgpuError with the same message."""
 
 import hashlib
+import json
+import os
+import re
+import shutil
 
 import pytest
 import yaml
@@ -11,8 +15,9 @@ import hfgpu
 from hfgpu.cli import main as hfgpu_main
 from hfgpu.errors import HfgpuError
 from hfgpu.finetune import finetune, main as finetune_main
+from hfgpu.finetune import RunLock
 from hfgpu.recipe import load_recipe, validate_recipe
-from conftest import recipe_dict, write_jsonl
+from conftest import DEMO, recipe_dict, tiny_llama, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +36,61 @@ def world(tmp_path_factory, tiny_model_dir):
     (root / "full-folder").mkdir()
     (root / "full-folder" / "keep.txt").write_text("mine")
 
+    # a run stopped after its last checkpoint (steps 2 and 4 saved), and a copy whose newest checkpoint is damaged
+    stopped = root / "stopped-run"
+    finetune(validate_recipe(recipe_dict(tiny_model_dir, stopped, train={"max_steps": 4, "save_every": 2, "keep_last": 3})), say=lambda *a, **k: None)
+    for name in ("final_metrics.json", "adapter_model.safetensors", "adapter_config.json", "loss.png"):
+        (stopped / name).unlink()
+    damaged = root / "damaged-run"
+    shutil.copytree(stopped, damaged)
+    opt = damaged / "checkpoints" / "step-0000002" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    (root / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n{"instruction": "e\n')
+    (root / "latin1.jsonl").write_bytes('{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "d"}\n'.encode("latin-1"))
+    write_jsonl(root / "pc-rows.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)] + [{"instruction": "x", "output": "y"}])
+    write_jsonl(root / "list-completions.jsonl", [{"prompt": f"q{i}", "completion": [f"a{i}"]} for i in range(3)])
+    write_jsonl(root / "image-chat.jsonl", [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                                                          {"role": "assistant", "content": "a cat"}]}] * 3)
+    write_jsonl(root / "empty-completions.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(3)])
+    write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"},
+                                                    {"role": "user", "content": "And Chile?"}, {"role": "assistant", "content": "Santiago"}]}])
+    edited = [json.loads(line) for line in (DEMO / "capitals_train.jsonl").read_text().splitlines()]
+    edited[0]["output"] = "Somewhere else"
+    write_jsonl(root / "edited.jsonl", edited)
+    noeos = root / "no-eos-model"
+    shutil.copytree(tiny_model_dir, noeos)
+    cfg = json.loads((noeos / "tokenizer_config.json").read_text())
+    for key in ("eos_token", "pad_token", "bos_token"):
+        cfg.pop(key, None)
+    (noeos / "tokenizer_config.json").write_text(json.dumps(cfg))
+    heads = root / "bad-heads"
+    heads.mkdir()
+    (heads / "config.json").write_text(json.dumps({**tiny_llama().to_dict(), "hidden_size": 65}))
+    (root / "dup.yaml").write_text(f"model: {tiny_model_dir}\ndata: {{path: x.jsonl}}\ntrain: {{epochs: 1}}\ntrain: {{max_steps: 3}}\n")
+    (root / "bomb.yaml").write_text('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+                                    + "".join(f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+                                    + "model: *i\ndata: {path: x.jsonl}\n")
+    (root / "huge-value.yaml").write_text(f"model: {tiny_model_dir}\ndata: {{path: x.jsonl}}\nmicro_batch_size: {'x' * 5000}\n")
+    (root / "recipe-latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
+    locked = root / "locked-run"
+    lock = RunLock(locked).acquire()  # held by this process for the module: another run on it is refused
+
     def recipe(name, **over):
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, root / f"out-{name}", **over)))
         return str(path)
 
-    return {"root": root, "earlier": earlier, "recipe": recipe, "model": tiny_model_dir}
+    yield {"root": root, "earlier": earlier, "recipe": recipe, "model": tiny_model_dir, "stopped": stopped, "damaged": damaged}
+    lock.release()
+
+
+QWEN3_LIKE = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
+              "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _resume_stopped(w, name, *overrides):
+    return [w["recipe"](name), f"output_dir={w['stopped']}", "resume=auto", *overrides]
 
 
 def snapshot(folder):
@@ -96,13 +150,63 @@ CASES = [
     ("push-without-token", "hfgpu", lambda w: ["push", str(w["earlier"]), "--repo-id", "me/x"], ["no Hugging Face token", "HF_TOKEN"], lambda w: hfgpu_push(w["earlier"], "me/x")),
     ("merge-into-non-empty", "hfgpu", lambda w: ["merge", str(w["earlier"]), "--out", str(w["root"] / "full-folder")], ["full-folder", "empty or new folder"], None),
     ("generate-zero-tokens", "hfgpu", lambda w: ["generate", str(w["earlier"]), "--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens 0", "at least 1"], None),
+    # --- faults, drift, locks, malformed rows (issue 13) ---
+    ("data-broken-json-line", "finetune", lambda w: [w["recipe"]("broken", data={"path": str(w["root"] / "broken.jsonl")})], ["broken.jsonl' line 3", "not valid JSON", "fix or remove that line"], None),
+    ("eval-data-broken-json-line", "finetune", lambda w: [w["recipe"]("evalbroken", data={"eval_path": str(w["root"] / "broken.jsonl")})], ["broken.jsonl' line 3", "not valid JSON"], None),
+    ("data-not-utf8", "finetune", lambda w: [w["recipe"]("latin1", data={"path": str(w["root"] / "latin1.jsonl")})], ["latin1.jsonl' line 2", "not UTF-8", "save the file as UTF-8"], None),
+    ("data-mostly-another-format", "finetune", lambda w: [w["recipe"]("pcrows", data={"path": str(w["root"] / "pc-rows.jsonl")})], ["4 of 5 rows do not match format 'alpaca'", "missing 'instruction'", "check data.format"], None),
+    ("data-list-valued-completions", "finetune", lambda w: [w["recipe"]("lists", data={"path": str(w["root"] / "list-completions.jsonl"), "format": "prompt_completion", "eval_path": None})], ["list-valued 'completion'", "rows 1, 2, 3"], None),
+    ("data-image-content", "finetune", lambda w: [w["recipe"]("image", data={"path": str(w["root"] / "image-chat.jsonl"), "format": "chat", "eval_path": None})], ["non-text message content", "check data.format"], None),
+    ("data-all-empty-completions", "finetune", lambda w: [w["recipe"]("emptyc", data={"path": str(w["root"] / "empty-completions.jsonl"), "format": "prompt_completion", "eval_path": None})], ["no example has tokens to learn", "check the data"], None),
+    ("chat-template-not-incremental", "finetune", lambda w: [w["recipe"]("qwen3", data={"path": str(w["root"] / "chat.jsonl"), "format": "chat", "eval_path": None, "chat_template": QWEN3_LIKE})], ["does not render turns incrementally", "data.chat_template=hfgpu:chat_templates/chatml.jinja"], None),
+    ("chat-template-file-missing", "finetune", lambda w: [w["recipe"]("tplfile", data={"path": str(w["root"] / "chat.jsonl"), "format": "chat", "eval_path": None, "chat_template": "nofile.jinja"})], ["'nofile.jinja'", "neither a Jinja template nor a file"], None),
+    ("tokenizer-without-eos-or-pad", "finetune", lambda w: [w["recipe"]("noeos", model=str(w["root"] / "no-eos-model"))], ["neither an eos_token nor a pad_token", "tokenizer_config.json"], None),
+    ("output-dir-parent-is-a-file", "finetune", lambda w: [w["recipe"]("parentfile"), f"output_dir={w['root'] / 'a-file' / 'run'}"], ["a-file", "which is a file"], None),
+    ("output-dir-not-writable", "finetune", lambda w: [w["recipe"]("sys"), "output_dir=/sys/hfgpu-run"], ["/sys/hfgpu-run", "not writable"], None),
+    ("output-dir-in-use", "finetune", lambda w: [w["recipe"]("locked"), f"output_dir={w['root'] / 'locked-run'}"], ["in use by another hfgpu run (pid", "choose another output_dir"], None),
+    ("resume-changed-learning-rate", "finetune", lambda w: _resume_stopped(w, "lr", "train.learning_rate=0.01"), ["written with other settings", "train.learning_rate 0.003 → 0.01", "resume_force=true"], None),
+    ("resume-changed-lora-rank", "finetune", lambda w: _resume_stopped(w, "rank", "lora.r=4"), ["lora.r 8 → 4", "resume_force=true"], None),
+    ("resume-changed-data", "finetune", lambda w: _resume_stopped(w, "edited", f"data.path={w['root'] / 'edited.jsonl'}"), ["the tokenized training data changed"], None),
+    ("resume-changed-seed", "finetune", lambda w: _resume_stopped(w, "seed", "train.seed=1"), ["train.seed 0 → 1"], None),
+    ("resume-changed-global-batch", "finetune", lambda w: _resume_stopped(w, "gbs", "train.global_batch_size=4"), ["train.global_batch_size 8 → 4"], None),
+    ("resume-changed-precision", "finetune", lambda w: _resume_stopped(w, "prec", "precision=bf16"), ["precision \"fp32\" → \"bf16\""], None),
+    ("resume-forced-other-rank", "finetune", lambda w: _resume_stopped(w, "forced", "lora.r=4", "resume_force=true"), ["parameters of another shape", "lora.r or the model changed"], None),
+    ("resume-damaged-checkpoint-path", "finetune", lambda w: [w["recipe"]("dmg"), f"output_dir={w['damaged']}", f"resume={w['damaged'] / 'checkpoints' / 'step-0000002'}"], ["optimizer.pt is 100 bytes", "use resume=auto to fall back"], None),
+    ("resume-path-not-a-checkpoint", "finetune", lambda w: [w["recipe"]("notckpt"), f"output_dir={w['stopped']}", f"resume={w['root']}"], ["is not a complete checkpoint folder", "resume=auto"], None),
+    ("diverged-learning-rate", "finetune", lambda w: [w["recipe"]("nan", train={"learning_rate": 1e30, "max_grad_norm": None})], ["training diverged at step", "not finite", "train.learning_rate (now 1e+30)"], None),
+    ("recipe-duplicate-section", "finetune", lambda w: [str(w["root"] / "dup.yaml")], ["key 'train' appears twice (lines 3 and 4)", "keep one"], lambda w: load_recipe(w["root"] / "dup.yaml")),
+    ("recipe-alias-bomb", "finetune", lambda w: [str(w["root"] / "bomb.yaml")], ["expands to more than 100,000 values", "aliases"], lambda w: load_recipe(w["root"] / "bomb.yaml")),
+    ("recipe-huge-value-is-quoted-short", "finetune", lambda w: [str(w["root"] / "huge-value.yaml")], ["micro_batch_size='xxxx", "...'"[:3]], lambda w: load_recipe(w["root"] / "huge-value.yaml")),
+    ("recipe-not-utf8", "finetune", lambda w: [str(w["root"] / "recipe-latin1.yaml")], ["recipe-latin1.yaml", "not UTF-8"], lambda w: load_recipe(w["root"] / "recipe-latin1.yaml")),
+    ("override-resume-force-typo", "finetune", lambda w: [w["recipe"]("rf"), "resume_forc=true"], ["resume_forc", "did you mean 'resume_force'"], None),
+    ("merge-out-is-a-file", "hfgpu", lambda w: ["merge", str(w["earlier"]), "--out", str(w["root"] / "a-file")], ["a-file", "is a file"], None),
+    ("generate-empty-prompt", "hfgpu", lambda w: ["generate", str(w["earlier"]), "--prompt", "  "], ["the prompt is empty"], lambda w: hfgpu_generate(w["earlier"], "  ")),
+    ("config-heads-not-divisible", "hfgpu", lambda w: ["plan", str(w["root"] / "bad-heads"), "--gpu", "4090"], ["not a multiple of the number of attention heads", "fix the config"], lambda w: hfgpu.plan(str(w["root"] / "bad-heads"), "4090")),
 ]
+
+
+def hfgpu_generate(run, prompt):
+    from hfgpu.hub import generate
+
+    return generate(run, prompt)
 
 
 def hfgpu_push(run, repo):
     from hfgpu.hub import push
 
     return push(run, repo)
+
+
+PROGRESS = re.compile(r"\d+%\|")
+
+
+def _sys_writable() -> bool:
+    try:
+        os.mkdir("/sys/hfgpu-probe")
+    except OSError:
+        return False
+    os.rmdir("/sys/hfgpu-probe")
+    return True
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -115,17 +219,23 @@ def test_bad_input(case, world, capsys, monkeypatch):
             pytest.skip("this machine has a CUDA GPU")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.chdir(world["root"])
-    before = snapshot(world["earlier"])
+    if name == "output-dir-not-writable" and os.access("/sys", os.W_OK) and _sys_writable():
+        pytest.skip("/sys is writable here")
+    runs = ("earlier", "stopped", "damaged")
+    before = {r: snapshot(world[r]) for r in runs}
     keep = (world["root"] / "full-folder" / "keep.txt").read_text()
     rc = (hfgpu_main if command == "hfgpu" else finetune_main)(argv(world))
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # progress bars (model loading, training) may come first; the error is the one hfgpu line, and the last
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     assert rc == 2, err
-    assert len(lines) == 1 and lines[0].startswith("hfgpu:"), err
-    assert "Traceback" not in err
+    assert lines and lines[-1].startswith("hfgpu:") and sum(x.startswith("hfgpu:") for x in lines) == 1, err
+    assert all(PROGRESS.search(x) for x in lines[:-1]), err
+    assert "Traceback" not in err and len(lines[-1]) < 600
+    lines = lines[-1:]
     for w in words:
         assert w in lines[0], (w, lines[0])
-    assert snapshot(world["earlier"]) == before
+    assert {r: snapshot(world[r]) for r in runs} == before
     assert (world["root"] / "full-folder" / "keep.txt").read_text() == keep
     if api is not None:
         with pytest.raises(HfgpuError) as e:
