@@ -61,7 +61,7 @@ def hfgpu_loop(model_dir: Path, data_path: Path, steps: int, packing: bool, out:
     from hfgpu.data import prepare_data
     from hfgpu.modeling import ModelSettings, load_tokenizer, prepare_model
     from hfgpu.recipe import DataConfig
-    from hfgpu.train import LoopConfig, run
+    from hfgpu.train import LoopConfig, train_loop
 
     tok = load_tokenizer(str(model_dir))
     data = prepare_data(DataConfig(path=str(data_path), format="text", packing=packing), tok, 256, 8)
@@ -73,8 +73,8 @@ def hfgpu_loop(model_dir: Path, data_path: Path, steps: int, packing: bool, out:
                      max_new_tokens=1, max_eval_examples=None, resume="never")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run(acc, model, tok, data, cfg, out, say=lambda *a, **k: None)
-    return time.perf_counter() - start, result["metrics"]["tokens"]
+    result = train_loop(acc, model, tok, data, cfg, out, say=lambda *a, **k: None)
+    return time.perf_counter() - start, result.metrics["tokens"]
 
 
 def trainer_baseline(model_dir: Path, data_path: Path, steps: int, out: Path) -> tuple[float, int]:

@@ -102,3 +102,21 @@ def test_fit_answers_which_card_to_buy():
     assert len(fastest) == 1 and fastest[0]["launch_price_usd"] <= 600
     table = hfgpu("fit", "meta-llama/Llama-3.1-8B", "--seq-len", "1024")
     assert table.returncode == 0 and "cheapest" in table.stdout
+
+
+@pytest.mark.slow
+def test_runs_from_a_folder_that_holds_a_directory_named_hfgpu(tmp_path):
+    """`python -m hfgpu …` puts the working directory first on sys.path, where a folder named hfgpu (a
+    checkout's parent, an output folder) merges into a namespace package: shipped files still load."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "hfgpu").mkdir()
+    (tmp_path / "hfgpu" / "notes.txt").write_text("mine")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    r = subprocess.run([sys.executable, "-m", "hfgpu.finetune", str(ROOT / "recipes" / "demo_cpu.yaml"), f"output_dir={tmp_path / 'out'}",
+                        "train.max_steps=1", "train.eval_every=null", "data.eval_path=null", "eval.metrics=[]"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()  # the recipe's hfgpu: paths resolved to the package

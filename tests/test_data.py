@@ -288,3 +288,11 @@ print(grew, stats["too_long"], max(ds["length"]))
     grew_kib, too_long, longest = map(int, r.stdout.split()[-3:])
     assert too_long == 1 and longest == 64
     assert grew_kib < 300 * 1024, f"tokenizing grew the peak by {grew_kib / 1024:.0f} MiB"
+
+
+def test_a_chat_eval_row_without_an_assistant_turn_is_skipped_not_a_crash(tok, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}]},
+            {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    prepared = prepare_data(DataConfig(path=str(path), eval_path=str(path), format="chat"), tok, 128, 1)
+    assert [ref for _, ref in prepared.eval_prompts] == ["Lima"] and len(prepared.eval) == 1
