@@ -1,6 +1,7 @@
 # Two commands from a fresh clone:
 #   make demo   # makes .venv, installs hfgpu, fine-tunes the embedded tiny model on CPU (~1 minute)
-#   make test   # makes .venv, installs hfgpu with test extras, runs the test suite
+#   make test   # makes .venv, installs hfgpu with test extras, runs the whole test suite (what CI runs)
+#   make test-fast   # the fast tier only: no subprocess launches, several processes or kill/resume
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -23,4 +24,7 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+test-fast: install
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -m "not slow"
+
+.PHONY: install demo test test-fast

@@ -220,29 +220,6 @@ def portable_adapter_config(out: Path, model: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def plot_losses(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
 def finetune(recipe: Recipe, say=print) -> RunResult:
     """Run the recipe; returns the output folder, final metrics and the plan."""
     start = time.time()
@@ -360,6 +337,8 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
         if p.lora:
             portable_adapter_config(out, recipe.model)
         tokenizer.save_pretrained(out)
+        from hfgpu.plots import plot_losses
+
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "final_metrics.json").write_text(json.dumps({"before": result.initial_metrics, "after": metrics}, indent=2))
     if recipe.hub.repo_id and main:

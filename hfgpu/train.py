@@ -349,12 +349,12 @@ def train_loop(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, o
                 loss, grad_norm = _backward_with_backoff(accelerator, model, optimizer, window, state, cfg, lm_head, log, say)
                 # one host sync per step: loss, norm, tokens seen, and whether any process was asked to stop
                 seen = sum((b["input_ids"] != pad_id).sum() for b in window).float()
-                flags = torch.stack([seen, torch.tensor(float(stop.signum or 0), device=seen.device)])
+                summed = torch.stack([seen, torch.tensor(float(stop.signum or 0), device=seen.device)])
                 if accelerator.num_processes > 1:
-                    flags = accelerator.reduce(flags, reduction="sum")
-                seen_n, stop_n = flags.tolist()
-                loss_v = float(loss)
-                norm_v = float(grad_norm) if grad_norm is not None else None
+                    summed = accelerator.reduce(summed, reduction="sum")
+                norm = grad_norm.detach().float().reshape(1) if grad_norm is not None else torch.zeros(1)
+                seen_n, stop_n, loss_v, norm_v = torch.cat([summed, loss.detach().float().reshape(1).to(summed.device), norm.to(summed.device)]).tolist()
+                norm_v = norm_v if grad_norm is not None else None
                 _check_finite(loss_v, norm_v, state.step + 1, cfg, scaled)
                 optimizer.step()
                 scheduler.step()

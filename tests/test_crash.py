@@ -61,6 +61,7 @@ def same_adapter(a, b):
 TRAIN = {"max_steps": 24, "save_every": 1, "keep_last": 3, "eval_every": None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["lora", "qlora"])
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, strategy):
     common = dict(strategy=strategy, train=TRAIN, lora={"r": 8, "dropout": 0.1}, data={"eval_path": None})
@@ -68,7 +69,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path
     finish(write(tmp_path, "whole", tiny_model_dir, whole, **common))
     killed = tmp_path / "killed"
     recipe = write(tmp_path, "killed", tiny_model_dir, killed, **common)
-    at = random.randint(3, 18)
+    at = random.Random(13).randint(3, 18)  # seeded: a failure reproduces
     print(f"killing at step ≥ {at}")
     proc = start(recipe)
     wait_for(lambda: steps_logged(killed) >= at, proc)
@@ -80,6 +81,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path
     assert same_adapter(whole, killed)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path):
     out = tmp_path / "int"
     recipe = write(tmp_path, "int", tiny_model_dir, out, train={**TRAIN, "save_every": None}, data={"eval_path": None})
@@ -135,6 +137,7 @@ def test_oom_even_at_micro_batch_1_names_the_fix_and_the_estimate(tiny_model_dir
     ]
 
 
+@pytest.mark.slow
 def test_a_sentinel_token_never_reaches_outputs_or_logs(tiny_model_dir, tmp_path):
     sentinel = "hf_SENTINEL_do_not_leak_42"
     out = tmp_path / "secret"

@@ -65,6 +65,7 @@ def test_the_chinese_pages_are_linked():
     assert "choosing-a-gpu.zh-CN.md" in (ROOT / "README.zh-CN.md").read_text()
 
 
+@pytest.mark.slow
 def test_every_documented_command_runs(tmp_path):
     work = tmp_path / "work"
     work.mkdir()

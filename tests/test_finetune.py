@@ -142,6 +142,7 @@ def _write_recipe(path, model_dir, out, **over):
     return path
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_module(tiny_model_dir, tmp_path):
     recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "out", train={"max_steps": 3})
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
@@ -152,6 +153,7 @@ def test_accelerate_launch_runs_the_module(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "final_metrics.json").read_text())["after"]["steps"] == 4
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_run_of_the_demo(tmp_path):
     """gloo DDP on CPU through accelerate launch: both ranks train one model, rank 0 saves one adapter."""
     out = tmp_path / "ddp"
@@ -177,6 +179,7 @@ def test_two_process_data_parallel_run_of_the_demo(tmp_path):
     assert loaded.peft_config["default"].r == 16
 
 
+@pytest.mark.slow
 def test_two_process_run_with_the_memory_savers(tmp_path):
     """DDP with the chunked loss (lm_head read outside the forward) and the tiled MLP (parameters'
     gradients through a custom Function) inside checkpointed layers: both ranks train and agree."""
