@@ -296,6 +296,7 @@ def plan(
     tiled_mlp: bool | str = "auto",
     verify: bool = False,
     calibrated: bool = True,
+    **unknown: Any,
 ) -> Plan:
     """Plan a fine-tuning run of `model` on `gpu`. Knobs given are kept; "auto" ones are chosen.
 
@@ -304,10 +305,11 @@ def plan(
     Raises `DoesNotFit` (carrying the closest plan and what would fit instead) when nothing fits,
     and `HfgpuError` for a bad model, card or knob.
     """
+    _check_keywords(unknown)
     spec = model_spec(model)
     card = get_gpu(gpu)
     knobs = dict(locals())
-    for name in ("model", "gpu", "spec", "card", "verify"):
+    for name in ("model", "gpu", "spec", "card", "verify", "unknown"):
         knobs.pop(name)
     result = _plan(spec, card, knobs)
     if verify:
@@ -326,8 +328,19 @@ def plan(
     return result
 
 
+def _check_keywords(knobs: dict) -> None:
+    """An unknown keyword is a typo: one line with the nearest knob names, never a TypeError or a silent no-op."""
+    from hfgpu._fuzzy import did_you_mean
+
+    known = list(plan.__kwdefaults__)
+    for name in knobs:
+        if name not in known:
+            raise HfgpuError(f"plan() has no knob {name!r}: {did_you_mean(name, known, n=2, cutoff=0.5) or 'known: ' + ', '.join(known)}")
+
+
 def plan_or_closest(model: Any, gpu: Any = "auto", **knobs: Any) -> Plan:
     """Like `plan`, but returns the closest plan (`fits == False`) instead of raising DoesNotFit."""
+    _check_keywords(knobs)
     defaults = {k: v for k, v in plan.__kwdefaults__.items() if k != "verify"}
     return _plan(model_spec(model), get_gpu(gpu), {**defaults, **knobs})
 

@@ -118,3 +118,12 @@ def test_all_problems_are_reported_at_once():
         hfgpu.plan("Qwen/Qwen2.5-0.5B", "1080", precision="bf16", attention="flash_attention_2", micro_batch_size=0)
     msg = str(e.value)
     assert "precision=bf16" in msg and "flash_attention_2" in msg and "micro_batch_size=0" in msg
+
+
+@pytest.mark.parametrize("call", [
+    lambda: hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", seq_length=512),
+    lambda: hfgpu.plan_or_closest("Qwen/Qwen2.5-0.5B", "RTX 4090", seq_length=512),
+])
+def test_an_unknown_keyword_is_a_did_you_mean_not_a_type_error_or_a_no_op(call):
+    with pytest.raises(HfgpuError, match=r"plan\(\) has no knob 'seq_length': did you mean 'seq_len'\?"):
+        call()
