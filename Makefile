@@ -21,10 +21,11 @@ install: $(BIN)/hfgpu
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m hfgpu.finetune recipes/demo_cpu.yaml
 
+# -n auto: one worker per core (pytest-xdist); --dist loadfile keeps a file's module fixtures on one worker
 test: install
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-fast: install
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 .PHONY: install demo test test-fast
