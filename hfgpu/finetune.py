@@ -247,11 +247,11 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     from hfgpu.train import LoopConfig, train_loop
 
     if recipe.hub.repo_id:  # fail before training, not after it
-        from hfgpu.hub import REPO_ID, _token
+        from hfgpu.hub import REPO_ID, require_token
 
         if not REPO_ID.match(recipe.hub.repo_id):
             raise HfgpuError(f"hub.repo_id {recipe.hub.repo_id!r} is not owner/name (letters, digits, '-', '_', '.')")
-        _token()
+        require_token()
     p = plan_for(recipe)
     if not p.gpu.is_cpu and not torch.cuda.is_available():
         raise HfgpuError(f"the recipe plans for {p.gpu.name} but torch sees no CUDA GPU here: run it on that card, or set gpu=cpu")

@@ -174,7 +174,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 # --- push ---------------------------------------------------------------------------------------------
 
 
-def _token() -> str:
+def require_token() -> str:
     from huggingface_hub import get_token
 
     token = get_token()
@@ -209,7 +209,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, merged: bool 
     run = Run(run_dir)
     if merged and not run.is_adapter:
         raise HfgpuError(f"{str(run_dir)!r} is a full fine-tune: it has no adapter to merge; push it without --merged")
-    token = _token()
+    token = require_token()
     import sys
 
     from huggingface_hub import HfApi

@@ -100,7 +100,10 @@ def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_cod
         )
         model = get_peft_model(model, lora)
     if s.tiled_mlp and s.gradient_checkpointing:
-        tile_mlps(model)  # after peft: the tiles' trainable parameters are the adapters
+        if tile_mlps(model) == 0:  # after peft: the tiles' trainable parameters are the adapters
+            from hfgpu.errors import HfgpuError
+
+            raise HfgpuError(f"tiled_mlp is on but no decoder-layer mlp of model_type {getattr(model.config, 'model_type', '?')!r} was found to tile: set tiled_mlp=false")
     return model
 
 

@@ -14,8 +14,12 @@ import torch
 
 from hfgpu.memory import MLP_TILE, TILED_MLP_MODEL_TYPES  # torch-free, shared with the planner
 
-RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm",
-                   "MixtralRMSNorm", "PhiMoERMSNorm", "Phi3RMSNorm", "OlmoeRMSNorm", "GraniteRMSNorm"}
+# model type → its Llama-style RMSNorm class (tests/test_patches.py builds each and checks the swap applies
+# and changes nothing): a rename in transformers shows up there, not as a silent no-op
+RMSNORM_BY_MODEL_TYPE = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm",
+                         "qwen3_moe": "Qwen3MoeRMSNorm", "qwen2_moe": "Qwen2MoeRMSNorm", "mixtral": "MixtralRMSNorm",
+                         "phi3": "Phi3RMSNorm", "olmoe": "OlmoeRMSNorm", "granite": "GraniteRMSNorm"}
+RMSNORM_CLASSES = set(RMSNORM_BY_MODEL_TYPE.values())
 
 
 NORM_ROWS = 1024  # tokens per slice of the norm's fp32 arithmetic

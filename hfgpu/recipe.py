@@ -62,7 +62,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1, description="log the training loss every N steps")
 
 
-class LoraConfig(_Strict):
+class LoraSection(_Strict):
     r: int | Auto = Field("auto", description="rank: higher learns more, costs more memory (auto: 16)")
     alpha: int | Auto = Field("auto", description="scaling; auto: 2r")
     dropout: float = Field(0.0, ge=0, lt=1, description="0 keeps no copy of each adapter's input (less memory); 0.05-0.1 regularises small datasets")
@@ -96,7 +96,7 @@ class Recipe(_Strict):
     distributed: Literal["auto", "none", "ddp", "fsdp", "zero2", "zero3"] = Field("auto", description="auto: what `accelerate launch` set up (ddp, fsdp, deepspeed zero2/zero3), else none")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("outputs/run", description="where the adapter, logs and checkpoints go")
     overwrite: bool = Field(False, description="replace an earlier run in output_dir")

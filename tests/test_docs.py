@@ -107,3 +107,9 @@ def test_plots_are_written(tmp_path, kind):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     bad = subprocess.run([sys.executable, "-m", "hfgpu", *args, "--plot", str(tmp_path / "x.jpg")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "must end in .png" in bad.stderr
+
+
+def test_the_architecture_page_lists_every_module():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [p.name for p in sorted((ROOT / "hfgpu").glob("*.py")) if f"`hfgpu/{p.name}`" not in page]
+    assert not missing, f"add to docs/architecture.md: {missing}"

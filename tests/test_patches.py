@@ -81,3 +81,57 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients_under_checkpointing(strateg
     assert grads0.keys() == grads1.keys() and any("mlp" in n for n in grads0)
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- every model type the patches claim: the swap applies, and changes nothing ------------------------
+
+MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+           decoder_sparse_step=1, mlp_only_layers=[])
+
+
+def _tiny(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, **MOE)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).float()
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+from hfgpu.patches import RMSNORM_BY_MODEL_TYPE  # noqa: E402
+from hfgpu.memory import TILED_MLP_MODEL_TYPES  # noqa: E402
+
+
+@pytest.mark.parametrize("model_type", sorted(RMSNORM_BY_MODEL_TYPE))
+def test_the_lean_rmsnorm_applies_to_every_claimed_model_type_and_changes_nothing(model_type):
+    model = _tiny(model_type)
+    norms = [m for m in model.modules() if type(m).__name__ == RMSNORM_BY_MODEL_TYPE[model_type]]
+    assert norms, f"{RMSNORM_BY_MODEL_TYPE[model_type]} is not in transformers' {model_type} any more"
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss, grads = _loss_and_grads(model, ids)
+    assert lean_rmsnorm(model) == len(norms) >= 2 * 2 + 1  # two per layer and the final one (more with q/k norms)
+    loss2, grads2 = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+    for n in grads:
+        torch.testing.assert_close(grads2[n], grads[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", sorted(TILED_MLP_MODEL_TYPES))
+def test_the_tiled_mlp_applies_to_every_claimed_model_type_and_changes_nothing(model_type):
+    from hfgpu.patches import tile_mlps
+
+    model = _tiny(model_type)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss, grads = _loss_and_grads(model, ids)
+    assert tile_mlps(model, tile=7) == 2  # one per decoder layer; 48 tokens in tiles of 7
+    loss2, grads2 = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+    for n in grads:
+        torch.testing.assert_close(grads2[n], grads[n], rtol=1e-4, atol=1e-6)
