@@ -5,12 +5,9 @@ an overwrite that fails validation."""
 
 import hashlib
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,20 +18,13 @@ from hfgpu.errors import HfgpuError
 from hfgpu.finetune import finetune
 from hfgpu.recipe import validate_recipe
 from conftest import DEMO, ROOT, recipe_dict, write_jsonl
+from test_crash import ENV, start, wait_for, write
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 QUIET = lambda *a, **k: None
 
 
 def _recipe(tmp_path, model_dir, out, name="r", **over):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe_dict(model_dir, out, **over)))
-    return path
-
-
-def _start(recipe, *overrides):
-    return subprocess.Popen([sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return write(tmp_path, name, model_dir, out, **over)
 
 
 def _run(recipe, *overrides):
@@ -47,14 +37,6 @@ def _steps(out):
     if not f.exists():
         return []
     return [json.loads(line)["step"] for line in f.read_text().splitlines() if '"loss"' in line]
-
-
-def _wait_for(pred, proc, timeout=120):
-    t = time.time()
-    while not pred():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() - t < timeout
-        time.sleep(0.02)
 
 
 def _one_error_line(stderr: str) -> str:
@@ -77,8 +59,8 @@ LONG = {"max_steps": 400, "save_every": None, "eval_every": None}
 def test_stop_signals_checkpoint_and_resume(tiny_model_dir, tmp_path, sig):
     out = tmp_path / "sig"
     recipe = _recipe(tmp_path, tiny_model_dir, out, train={**LONG, "max_steps": 12}, data={"eval_path": None})
-    proc = _start(recipe)
-    _wait_for(lambda: len(_steps(out)) >= 3, proc)
+    proc = start(recipe)
+    wait_for(lambda: len(_steps(out)) >= 3, proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig
@@ -96,8 +78,8 @@ def test_stop_signals_checkpoint_and_resume(tiny_model_dir, tmp_path, sig):
 def test_a_job_killed_before_its_first_checkpoint_starts_over_with_resume_auto(tiny_model_dir, tmp_path):
     out = tmp_path / "early"
     recipe = _recipe(tmp_path, tiny_model_dir, out, train={**LONG, "max_steps": 6}, data={"eval_path": None})
-    proc = _start(recipe, "train.max_steps=400")
-    _wait_for(lambda: len(_steps(out)) >= 2, proc)
+    proc = start(recipe, "train.max_steps=400")
+    wait_for(lambda: len(_steps(out)) >= 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     r = _run(recipe, "resume=auto")
@@ -110,9 +92,9 @@ def test_a_job_killed_before_its_first_checkpoint_starts_over_with_resume_auto(t
 def test_a_second_run_on_the_same_output_dir_is_refused_with_the_holders_pid(tiny_model_dir, tmp_path):
     out = tmp_path / "busy"
     recipe = _recipe(tmp_path, tiny_model_dir, out, train=LONG, data={"eval_path": None})
-    first = _start(recipe)
+    first = start(recipe)
     try:
-        _wait_for(lambda: len(_steps(out)) >= 1, first)
+        wait_for(lambda: len(_steps(out)) >= 1, first)
         before = _steps(out)
         second = _run(recipe, "resume=auto")
         assert second.returncode == 2
