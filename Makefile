@@ -28,4 +28,10 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
-.PHONY: install demo test test-fast
+# on a machine with a CUDA GPU, in under 8 minutes: the GPU tests and the quick calibration grid, results under benchmarks/results/
+gpu-check: install
+	mkdir -p benchmarks/results
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/gpu -m gpu | tee benchmarks/results/gpu_tests.txt
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/memory_calibration.py --quick | tee benchmarks/results/memory_calibration.txt
+
+.PHONY: install demo test test-fast gpu-check
