@@ -68,4 +68,6 @@ def test_real_probe_and_json_never_show_a_token(monkeypatch, capsys):
     out = capsys.readouterr().out
     data = json.loads(out)
     assert data["system"]["hub_logged_in"] is True and "hf_sentinel_doctor_token" not in out
-    assert data["system"]["torch_version"] == probe_system().torch_version
+    import torch
+
+    assert data["system"]["torch_version"] == torch.__version__  # the probe reads the torch that is installed

@@ -152,7 +152,20 @@ def test_qlora_merge_reloads_the_base_unquantized(tiny_model_dir, tmp_path):
 def test_generate_uses_the_runs_template(demo_run):
     r = hfgpu(["generate", str(demo_run), "--prompt", "Tell me the capital of Peru.", "--max-new-tokens", "6"], {**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip()  # the model's answer, one line
+    # the same greedy answer from plain transformers + peft, with the prompt rendered as training rendered it
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfgpu.data import ALPACA
+
+    tok = AutoTokenizer.from_pretrained(demo_run)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), demo_run).eval()
+    ids = tok(ALPACA.format(instruction="Tell me the capital of Peru."), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert expected and r.stdout.strip() == expected
 
 
 @pytest.mark.parametrize("args,token,needle", [

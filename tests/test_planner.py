@@ -17,7 +17,6 @@ def test_small_model_on_a_4090_is_full_fine_tuned_and_explained():
     d = p.to_dict()
     assert KEYS <= set(d) and d["gpu"] == {"name": "GeForce RTX 4090", "count": 1, "vram_gb": 24.0, "compute_capability": "8.9"}
     assert set(d["memory"]) == {"weights", "trainable_state", "activations", "logits", "overhead", "total", "budget"}
-    assert d["memory"]["total"] == sum(d["memory"][k] for k in ("weights", "trainable_state", "activations", "logits", "overhead"))
     assert d["memory"]["total"] <= d["memory"]["budget"] < 24 * 1024**3
     for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "grad_accum_steps", "seq_len", "optimizer", "attention"):
         assert d["reasons"][knob]
