@@ -2,7 +2,7 @@
 
 import json
 
-from hfgpu.doctor import Device, SystemProbe, diagnose, probe_system, wheel_runs_on
+from hfgpu.doctor import Device, SystemProbe, diagnose, wheel_runs_on
 
 GIB = 1024**3
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
