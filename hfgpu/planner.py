@@ -411,7 +411,12 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
     if k["gradient_checkpointing"] != "auto":
         r["gradient_checkpointing"] = fixed
     elif kn.gradient_checkpointing:
-        r["gradient_checkpointing"] = "on: without it even micro-batch 1 does not fit; costs ≈ one extra forward pass (~30 % slower)"
+        from hfgpu.throughput import checkpointing_cost
+
+        cost = f"costs one extra forward pass (≈ +{checkpointing_cost(kn.strategy):.0%} step time)"
+        needs = [name for name in ("activation_offloading", "tiled_mlp") if k[name] is True]
+        r["gradient_checkpointing"] = (f"on: {' and '.join(needs)} (fixed) needs it; {cost}" if needs
+                                       else f"on: without it even micro-batch 1 does not fit; {cost}")
     else:
         r["gradient_checkpointing"] = "off: the run fits without recomputing activations, so no speed is lost"
     if k["micro_batch_size"] != "auto":

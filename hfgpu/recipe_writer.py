@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from hfgpu.gpus import GPU, catalog
 from hfgpu.planner import Plan, plan_or_closest
+from hfgpu.throughput import checkpointing_cost
 
 GIB = 1024**3
 
@@ -107,7 +108,7 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         _kv("strategy", p.strategy, "full: every weight (most memory) · lora: adapters on a 16-bit base · qlora: 4-bit base (least)"),
         _kv("precision", p.precision, "bf16 from RTX 30 (cc 8.0); fp16 with loss scaling on RTX 20; fp32 on GTX 10"),
         _kv("quantization", p.quantization, "nf4: 4-bit base weights (QLoRA); none: 16-bit base"),
-        _kv("gradient_checkpointing", _bool(p.gradient_checkpointing), "true: recompute activations (~30 % slower, far less memory)"),
+        _kv("gradient_checkpointing", _bool(p.gradient_checkpointing), f"true: recompute activations (≈ +{checkpointing_cost(p.strategy):.0%} step time, far less memory)"),
         _kv("micro_batch_size", p.micro_batch_size, "sequences per forward pass; larger: faster, more activation memory"),
         _kv("optimizer", p.optimizer, "adamw_8bit: 2 bytes of state per trained weight instead of 8"),
         _kv("attention", p.attention, "flash_attention_2 needs cc 8.0 and the flash-attn package"),

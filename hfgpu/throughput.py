@@ -44,8 +44,18 @@ def compute_tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) ->
         return None
     matmul = spec.linear_params + spec.vocab_size * spec.hidden_size  # lm_head runs even when tied
     forward = 2 * matmul + 2 * spec.num_layers * setup.seq_len * spec.q_dim  # causal attention ≈ half of 4·s·d
-    passes = 3.0 if setup.strategy == "full" else 2.0  # frozen weights skip their weight gradients
+    passes = _passes(setup.strategy)
     if setup.gradient_checkpointing:
         passes += 1.0
     util = UTILIZATION[setup.strategy]
     return util * peak * 1e12 / (passes * forward) * gpu.count
+
+
+def _passes(strategy: str) -> float:
+    """Forward-pass equivalents of one step: forward + backward (weight gradients only when training every weight)."""
+    return 3.0 if strategy == "full" else 2.0  # frozen weights skip their weight gradients
+
+
+def checkpointing_cost(strategy: str) -> float:
+    """The step-time increase the estimate charges for gradient checkpointing: one more forward pass."""
+    return 1.0 / _passes(strategy)

@@ -126,3 +126,21 @@ def test_all_problems_are_reported_at_once():
 def test_an_unknown_keyword_is_a_did_you_mean_not_a_type_error_or_a_no_op(call):
     with pytest.raises(HfgpuError, match=r"plan\(\) has no knob 'seq_length': did you mean 'seq_len'\?"):
         call()
+
+
+def test_the_checkpointing_reason_says_why_and_quotes_the_throughput_models_cost():
+    from dataclasses import replace
+
+    from hfgpu.models import model_spec
+    from hfgpu.throughput import checkpointing_cost, compute_tokens_per_second
+
+    # fixed offloading forces checkpointing on a plan that would fit without it: the reason says so
+    p = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", strategy="lora", activation_offloading=True)
+    reason = p.reasons["gradient_checkpointing"]
+    assert p.gradient_checkpointing and "activation_offloading (fixed) needs it" in reason and "does not fit" not in reason
+    # the cost in the words is the one in the estimate
+    s = p.setup()
+    spec, card = model_spec("Qwen/Qwen2.5-0.5B"), p.gpu
+    on, off = (compute_tokens_per_second(spec, card, replace(s, gradient_checkpointing=c)) for c in (True, False))
+    assert off / on == pytest.approx(1 + checkpointing_cost("lora")) == pytest.approx(1.5)
+    assert "+50% step time" in reason
