@@ -199,6 +199,28 @@ def activation_coefficients() -> dict:
     return json.loads(text)
 
 
+@lru_cache(maxsize=1)
+def version_drift() -> str | None:
+    """A warning when the installed transformers or peft differ (major.minor) from the versions the
+    activation coefficients were fitted on: their modules decide what a step keeps for backward.
+    Reads package metadata only (no import)."""
+    from importlib import metadata
+
+    fitted = activation_coefficients().get("measured", {}).get("versions", {})
+    drift = []
+    for name in ("transformers", "peft"):
+        want = fitted.get(name)
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if want and have.split(".")[:2] != want.split(".")[:2]:
+            drift.append(f"{name} {have} (fitted on {want})")
+    if not drift:
+        return None
+    return f"the memory model was fitted on other library versions than this machine's: {', '.join(drift)}; check the plan with --verify"
+
+
 def mode_key(s: Setup, checkpointing: bool | None = None) -> str:
     """The calibration table's row for this setup: strategy, 16-bit or fp32 compute, checkpointing, attention."""
     bits = "fp32" if s.precision == "fp32" else "16bit"

@@ -501,6 +501,8 @@ def _saver_reasons(spec, card, k, kn: _Knobs, mem, seq) -> dict[str, str]:
 
 def _warnings(spec, card, kn: _Knobs, mem, accum, global_batch) -> list[str]:
     w = [card.note] if card.note else []
+    if (drift := memory.version_drift()) is not None:
+        w.append(drift)
     cc = card.compute_capability
     if card.is_cpu:
         pass

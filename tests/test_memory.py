@@ -105,3 +105,19 @@ def test_nf4_double_quant_is_about_4_13_bits_per_weight():
     st = setup(spec, "qlora")
     quantized = sum(g.count * memory._quantized_linear_bytes(g.in_features * g.out_features, g.out_features, st) for g in spec.linears)
     assert quantized * 8 / spec.linear_params == pytest.approx(4.127, abs=0.002)
+
+
+def test_a_plan_warns_when_the_libraries_differ_from_those_the_coefficients_were_fitted_on(monkeypatch):
+    from importlib import metadata
+
+    import hfgpu
+    from hfgpu import memory
+
+    memory.version_drift.cache_clear()
+    assert memory.version_drift() is None  # the pinned test environment is the fitted one
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "6.1.0" if name == "transformers" else real(name))
+    memory.version_drift.cache_clear()
+    w = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090").warnings
+    memory.version_drift.cache_clear()
+    assert any("transformers 6.1.0 (fitted on 5.24" in x and "--verify" in x for x in w)
