@@ -194,9 +194,9 @@ def _short(v) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def load(path: Path, accelerator, model, optimizer, scheduler, world_size: int = 1) -> dict:
-    """Restore a checkpoint into the prepared objects; returns the saved counters."""
-    saved = read_state(path)
+def load(path: Path, saved: dict, accelerator, model, optimizer, scheduler) -> None:
+    """Restore a checkpoint into the prepared objects; `saved` is its state.json (read_state)."""
+    world_size = accelerator.num_processes
     if saved.get("world_size", world_size) != world_size:
         raise HfgpuError(f"checkpoint {path.name} was written by {saved['world_size']} processes, this run has {world_size}: "
                          f"launch with --num_processes {saved['world_size']} to resume exactly, or start a new run")
@@ -222,4 +222,3 @@ def load(path: Path, accelerator, model, optimizer, scheduler, world_size: int =
     if not rng.is_file():
         raise HfgpuError(f"checkpoint {path.name} has no {rng.name}: the resumed run could not be exact; use resume=auto to fall back to an earlier checkpoint")
     _set_rng_state(torch.load(rng, weights_only=False))
-    return saved

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -311,17 +312,6 @@ class Prepared:
     stats: dict = field(default_factory=dict)
 
 
-def _reasons(tok, keep_if) -> dict[str, list[int]]:
-    """rule → row numbers (1-based) of the rows that rule drops."""
-    why: dict[str, list[int]] = {}
-    for problem, length, learned, truncated, row in zip(tok["problem"], tok["length"], tok["learned"], tok["truncated"], tok["row"]):
-        if problem:
-            why.setdefault(problem, []).append(row + 1)
-        elif not keep_if(length, learned, truncated):
-            why.setdefault("no learned tokens within max_seq_len" if learned == 0 else "longer than max_seq_len (data.too_long: drop)", []).append(row + 1)
-    return why
-
-
 def describe_drops(why: dict[str, list[int]]) -> str:
     """'2 missing 'output' (rows 4, 7); 1 list-valued 'completion' (row 9)'."""
     parts = []
@@ -340,16 +330,28 @@ def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str):
                   train_on_prompt=cfg.train_on_prompt, too_long=cfg.too_long)
     tok = ds.map(_tokenize_batch, batched=True, with_indices=True, fn_kwargs=kwargs, remove_columns=ds.column_names, desc="tokenizing",
                  features=_tokenized_features())
-    keep_if = lambda length, learned, truncated: learned > 0 and (cfg.too_long == "truncate" or not truncated)
-    stats = {"examples": len(tok), "too_long": int(sum(tok["truncated"]))}
-    keep = [i for i, (problem, length, learned, truncated) in enumerate(zip(tok["problem"], tok["length"], tok["learned"], tok["truncated"]))
-            if not problem and keep_if(length, learned, truncated)]
-    stats["dropped"] = len(tok) - len(keep)
-    stats["drop_reasons"] = _reasons(tok, keep_if) if stats["dropped"] else {}
-    malformed = sum(1 for p in tok["problem"] if p and not p.startswith("empty"))  # empty rows are data, not a wrong format
-    if malformed * 2 > len(tok):
-        raise HfgpuError(f"{source}: {malformed} of {len(tok)} rows do not match format {cfg.format!r} ({describe_drops({k: v for k, v in stats['drop_reasons'].items() if not k.startswith(('no learned', 'longer', 'empty'))})}): "
-                         "check data.format and data.columns")
+    # one pass over the columns: each row is kept, or dropped under the rule that names why (1-based rows)
+    why: dict[str, list[int]] = {}
+    wrong_format: set[str] = set()  # rules that mean the row is not in this format (empty rows are data)
+    keep = []
+    for i, (problem, learned, truncated, row) in enumerate(zip(tok["problem"], tok["learned"], tok["truncated"], tok["row"])):
+        if problem:
+            reason = problem
+            if not problem.startswith("empty"):
+                wrong_format.add(problem)
+        elif learned == 0:
+            reason = "no learned tokens within max_seq_len"
+        elif truncated and cfg.too_long == "drop":
+            reason = "longer than max_seq_len (data.too_long: drop)"
+        else:
+            keep.append(i)
+            continue
+        why.setdefault(reason, []).append(row + 1)
+    stats = {"examples": len(tok), "too_long": int(sum(tok["truncated"])), "dropped": len(tok) - len(keep), "drop_reasons": why}
+    malformed = {rule: why[rule] for rule in wrong_format}
+    if (n_bad := sum(map(len, malformed.values()))) * 2 > len(tok):
+        raise HfgpuError(f"{source}: {n_bad} of {len(tok)} rows do not match format {cfg.format!r} "
+                         f"({describe_drops(malformed)}): check data.format and data.columns")
     if len(keep) < len(tok):
         tok = tok.select(keep)
     if len(tok) == 0:
@@ -357,6 +359,7 @@ def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str):
     return tok.remove_columns(["truncated", "learned", "problem", "row"]), stats, cols
 
 
+@lru_cache(maxsize=8)
 def load_chat_template(value: str | None) -> str | None:
     """`data.chat_template`: a Jinja string, a .jinja file, or `hfgpu:chat_templates/NAME.jinja` (shipped)."""
     if not value or "{" in value:

@@ -6,7 +6,9 @@ and exits with `exit_code` (2 for bad input), never with a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from typing import Any, Callable
 
 
@@ -30,9 +32,6 @@ class DoesNotFit(HfgpuError):
 def run_command(body: Callable[[], int], interrupted: str = "hfgpu: interrupted") -> int:
     """Run a command-line entry point: a user error is one line on stderr and its exit code, never a traceback.
     Libraries' FutureWarnings (deprecations the user cannot act on) are hidden unless HFGPU_WARNINGS=1."""
-    import os
-    import warnings
-
     if os.environ.get("HFGPU_WARNINGS") != "1":
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:

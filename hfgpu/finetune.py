@@ -206,11 +206,12 @@ def portable_base(model: str) -> str:
     local = Path(resolve_path(model)).expanduser()
     if not local.exists():
         return model
-    parts = local.resolve().parts
+    local = local.resolve()
+    parts = local.parts
     for i, part in enumerate(parts):
         if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
             return part[len("models--"):].replace("--", "/")
-    return local.resolve().name
+    return local.name
 
 
 def portable_adapter_config(out: Path, model: str) -> None:
@@ -227,13 +228,13 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
     lock = RunLock(out)
     if int(os.environ.get("RANK", "0") or 0) == 0:
         lock.acquire()
+    failed = True
     try:
-        return _finetune(recipe, out, start, say)
-    except BaseException:
-        lock.release(failed=True)
-        raise
+        result = _finetune(recipe, out, start, say)
+        failed = False
+        return result
     finally:
-        lock.release()
+        lock.release(failed)
 
 
 def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:

@@ -21,7 +21,8 @@ from hfgpu.errors import DoesNotFit, HfgpuError
 from hfgpu.gpus import GPU, catalog, get_gpu
 from hfgpu.knobs import STRATEGIES, auto_precision, planning_cc, validate
 from hfgpu.models import ModelSpec, model_spec
-from hfgpu.throughput import CHUNKED_LOSS_COST, PCIE_BYTES_PER_S, TILED_MLP_COST, compute_tokens_per_second, tokens_per_second
+from hfgpu.throughput import (CHUNKED_LOSS_COST, PCIE_BYTES_PER_S, TILED_MLP_COST, checkpointing_cost, compute_tokens_per_second,
+                              tokens_per_second)
 
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -411,8 +412,6 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
     if k["gradient_checkpointing"] != "auto":
         r["gradient_checkpointing"] = fixed
     elif kn.gradient_checkpointing:
-        from hfgpu.throughput import checkpointing_cost
-
         cost = f"costs one extra forward pass (≈ +{checkpointing_cost(kn.strategy):.0%} step time)"
         needs = [name for name in ("activation_offloading", "tiled_mlp") if k[name] is True]
         r["gradient_checkpointing"] = (f"on: {' and '.join(needs)} (fixed) needs it; {cost}" if needs

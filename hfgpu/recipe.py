@@ -155,39 +155,31 @@ def _describe(err: dict, raw: dict) -> str:
 
 
 def _quote(value: Any, limit: int = 60) -> str:
-    """A value as an error quotes it: its repr, cut to `limit` characters (a huge or nested value never floods the line)."""
-    if isinstance(value, (list, tuple)) and len(value) > 8:
-        value = list(value[:8])
-    text = repr(value) if not isinstance(value, (list, dict)) else _short_repr(value, limit)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _short_repr(value: Any, limit: int) -> str:
-    # repr of nested aliases is exponential: build it piece by piece and stop at the limit
-    out: list[str] = []
+    """A value as an error quotes it, cut to `limit` characters. Lists are written piece by piece up
+    to the limit: the repr of nested YAML aliases would take exponential time and memory."""
+    parts: list[str] = []
     size = 0
 
-    def walk(v):
+    def emit(text: str) -> None:
         nonlocal size
-        if size > limit:
-            return
+        parts.append(text)
+        size += len(text)
+
+    def walk(v: Any) -> None:
         if isinstance(v, list):
-            out.append("[")
+            emit("[")
             for i, x in enumerate(v):
                 if size > limit:
                     break
-                if i:
-                    out.append(", ")
+                emit(", " if i else "")
                 walk(x)
-            out.append("]")
-        elif isinstance(v, dict):
-            out.append("{...}")
+            emit("]")
         else:
-            out.append(repr(v)[:limit])
-        size = sum(len(x) for x in out)
+            emit("{...}" if isinstance(v, dict) else repr(v)[: limit + 1])
 
     walk(value)
-    return "".join(out)
+    text = "".join(parts)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -234,14 +233,14 @@ def _resume(accelerator, model, optimizer, scheduler, cfg: LoopConfig, ckpt_dir:
             raise HfgpuError(f"resume={cfg.resume!r}: {problem}: use resume=auto to fall back to an earlier good checkpoint")
     saved = checkpoint.read_state(path)
     checkpoint.check_fingerprint(saved.get("fingerprint", {}), cfg.fingerprint, path, cfg.resume_force, say)
-    counters = checkpoint.load(path, accelerator, model, optimizer, scheduler, world_size=accelerator.num_processes)
-    state = TrainState(**{k: v for k, v in counters.items() if k in TrainState.__dataclass_fields__})
+    checkpoint.load(path, saved, accelerator, model, optimizer, scheduler)
+    state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
     if cfg.resume_force:  # the recipe's learning rate applies from here, on the checkpoint's schedule position
-        for group, fn in zip(optimizer.param_groups, scheduler.scheduler.lr_lambdas if hasattr(scheduler, "scheduler") else scheduler.lr_lambdas):
+        inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the LambdaLR
+        inner.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+        for group, fn in zip(optimizer.param_groups, inner.lr_lambdas):
             group["initial_lr"] = cfg.learning_rate
             group["lr"] = cfg.learning_rate * fn(state.step)
-        inner = getattr(scheduler, "scheduler", scheduler)
-        inner.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
     say(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     return state, state.step
 
