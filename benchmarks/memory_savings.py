@@ -46,7 +46,7 @@ def peaks() -> None:
             ("plain transformers + peft", simulate(p.spec.config, s, p.spec, plain_path=True).peak),
             ("hfgpu, no savers", simulate(p.spec.config, s, p.spec).peak),
             ("hfgpu + chunked loss", simulate(p.spec.config, dataclasses.replace(s, chunked_loss=True), p.spec).peak),
-            ("hfgpu + chunked loss + offloading", simulate(p.spec.config, dataclasses.replace(s, chunked_loss=True, offload=True), p.spec).peak),
+            ("hfgpu + chunked loss + offloading", simulate(p.spec.config, dataclasses.replace(s, chunked_loss=True, activation_offloading=True), p.spec).peak),
         ]
         plain = rows[0][1]
         print(f"   {strategy}:")

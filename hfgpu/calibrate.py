@@ -55,9 +55,7 @@ def measure_cuda_step(config, s: memory.Setup, steps: int = 3) -> dict:
     from hfgpu.modeling import ModelSettings, prepare_model
     from hfgpu.optim import make_optimizer
 
-    settings = ModelSettings(strategy=s.strategy, precision=s.precision, quantization=s.quantization, double_quant=s.double_quant,
-                             gradient_checkpointing=s.gradient_checkpointing, attention=s.attention, lora_r=s.lora_r,
-                             lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout, lora_targets=s.lora_targets, tiled_mlp=s.tiled_mlp)
+    settings = ModelSettings.from_knobs(s)
     torch.cuda.empty_cache()
     free_before, total = torch.cuda.mem_get_info()
     model = prepare_model(config, settings, device="cuda")
@@ -68,7 +66,7 @@ def measure_cuda_step(config, s: memory.Setup, steps: int = 3) -> dict:
     used_peak = 0
     chunk = memory.loss_chunk_tokens(config.vocab_size) if s.chunked_loss else None
     for _ in range(steps):
-        loss = forward_backward(model, ids, s.precision, chunk, offload=s.offload and s.gradient_checkpointing)
+        loss = forward_backward(model, ids, s.precision, chunk, offload=s.activation_offloading and s.gradient_checkpointing)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # keep gradients alive, as under accumulation
         torch.cuda.synchronize()

@@ -12,6 +12,7 @@ import sys
 from typing import Any, Sequence
 
 from hfgpu.errors import HfgpuError, run_command
+from hfgpu.knobs import CLI, KNOB_NAMES, Knobs, cli_flag, knob_field
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,40 +40,40 @@ def _int_or_auto(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a whole number or auto") from None
 
 
+def _bool_only(value: str) -> bool:
+    v = _on_off(value)
+    if v == "auto":
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: use on or off")
+    return v
+
+
+def _add_knob(g: Any, name: str) -> None:
+    """One flag of the knob record (hfgpu.knobs.Knobs): `seq_len` → `--seq-len`, its type, default and help."""
+    f = knob_field(name)
+    meta, flag = f.metadata, cli_flag(name)
+    help_text = meta["help"].replace("%", "%%")
+    kind = meta["kind"]
+    if kind == "choice":
+        g.add_argument(flag, default=f.default, metavar="|".join(meta["choices"]), help=help_text)
+    elif kind == "bool":
+        g.add_argument(flag, type=_on_off if meta["auto"] else _bool_only, nargs="?", const=True, default=f.default,
+                       metavar="on|off" + ("|auto" if meta["auto"] else ""), help=help_text)
+    elif kind == "int":
+        g.add_argument(flag, type=_int_or_auto, default=f.default, metavar="N", help=help_text)
+    elif kind == "float":
+        g.add_argument(flag, type=float, default=f.default, metavar="P", help=help_text)
+    else:
+        g.add_argument(flag, default=f.default, metavar="a,b,c", help=help_text)
+
+
 def _add_knobs(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan knobs (each defaults to auto: the planner chooses)")
-    g.add_argument("--strategy", default="auto", help="full | lora | qlora")
-    g.add_argument("--precision", default="auto", help="bf16 | fp16 | fp32 (compute dtype)")
-    g.add_argument("--quantization", default="auto", help="none | nf4 | fp4 | int8 (base weights)")
-    g.add_argument("--gradient-checkpointing", type=_on_off, default="auto", metavar="on|off", help="recompute activations in backward")
-    g.add_argument("--micro-batch-size", type=_int_or_auto, default="auto", metavar="N")
-    g.add_argument("--grad-accum-steps", type=_int_or_auto, default="auto", metavar="N")
-    g.add_argument("--global-batch-size", type=_int_or_auto, default="auto", metavar="N", help="sequences per optimizer step (default 16)")
-    g.add_argument("--seq-len", type=_int_or_auto, default="auto", metavar="N", help="default: min(2048, the model's maximum)")
-    g.add_argument("--optimizer", default="auto", help="adamw_torch | adamw_8bit | paged_adamw_8bit")
-    g.add_argument("--attention", default="auto", help="sdpa | eager | flash_attention_2")
-    g.add_argument("--lora-r", type=_int_or_auto, default="auto", metavar="R")
-    g.add_argument("--lora-alpha", type=_int_or_auto, default="auto", metavar="A")
-    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
-    g.add_argument("--lora-targets", default="auto", metavar="a,b,c", help="linear layer names (default: all)")
-    g.add_argument("--chunked-loss", type=_on_off, nargs="?", const=True, default="auto", metavar="on|off",
-                   help="lm_head + loss over slices: the full logits never exist (auto: on when it is needed to fit)")
-    g.add_argument("--activation-offloading", type=_on_off, nargs="?", const=True, default="auto", metavar="on|off",
-                   help="checkpointed layer inputs wait in CPU memory (auto: on when it is needed to fit)")
-    g.add_argument("--tiled-mlp", type=_on_off, nargs="?", const=True, default="auto", metavar="on|off",
-                   help="the MLP's backward over tiles of tokens (auto: on when it is needed to fit)")
-    g.add_argument("--distributed", default="auto", help="none | ddp | fsdp | zero2 | zero3 (with '2x CARD'; auto: ddp)")
+    for name in KNOB_NAMES:
+        _add_knob(g, name)
 
 
-KNOBS = (
-    "strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "grad_accum_steps",
-    "global_batch_size", "seq_len", "optimizer", "attention", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "distributed", "chunked_loss",
-    "activation_offloading", "tiled_mlp",
-)
-
-
-def _knobs(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in KNOBS}
+def _knobs(args: argparse.Namespace) -> Knobs:
+    return Knobs(**{k: getattr(args, k) for k in KNOB_NAMES if hasattr(args, k)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="offline catalog (no network needed): " + ", ".join(catalog_models()),
     )
     f.add_argument("model")
-    f.add_argument("--seq-len", type=_int_or_auto, default="auto", metavar="N")
+    _add_knob(f, "seq_len")
     f.add_argument("--tokens", type=float, default=10e6, metavar="N", help="tokens to train, for the hours column (default 10M)")
     f.add_argument("--budget", type=float, default=None, metavar="USD", help="mark the fastest card at or under this launch price")
     f.add_argument("--json", action="store_true")
@@ -106,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipe", help="write a recipe for MODEL on CARD from its plan (to stdout)")
     r.add_argument("model")
     r.add_argument("--gpu", required=True, help="the card to plan for")
-    r.add_argument("--strategy", default="auto", help="full | lora | qlora (default: the best that fits)")
-    r.add_argument("--seq-len", type=_int_or_auto, default="auto", metavar="N")
+    _add_knob(r, "strategy")
+    _add_knob(r, "seq_len")
     r.add_argument("--data", default="alpaca", choices=["alpaca", "chat"], help="alpaca: yahma/alpaca-cleaned; chat: HuggingFaceH4/ultrachat_200k")
     r.add_argument("--path", default="my_recipe.yaml", help="the file name the header's commands use")
     pu = sub.add_parser("push", help="upload a finished run (adapter + tokenizer + model card) to the Hub")
@@ -179,10 +180,10 @@ def _png(path: str) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hfgpu.planner import DoesNotFit, plan
+    from hfgpu.planner import DoesNotFit, plan_knobs
 
     try:
-        result = plan(args.model, args.gpu, verify=args.verify, **_knobs(args))
+        result = plan_knobs(args.model, args.gpu, _knobs(args), surface=CLI, verify=args.verify)
         alternatives: list[str] = []
     except DoesNotFit as e:
         result, alternatives = e.closest, e.alternatives
@@ -299,10 +300,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
-    from hfgpu.planner import plan
+    from hfgpu.planner import plan_knobs
     from hfgpu.recipe_writer import ALPACA, ULTRACHAT, recipe_yaml
 
-    p = plan(args.model, args.gpu, strategy=args.strategy, seq_len=args.seq_len)  # DoesNotFit: exit 3, no recipe
+    p = plan_knobs(args.model, args.gpu, _knobs(args), surface=CLI)  # DoesNotFit: exit 3, no recipe
     sys.stdout.write(recipe_yaml(p, ULTRACHAT if args.data == "chat" else ALPACA, path=args.path))
     return 0
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfgpu.errors import HfgpuError, run_command
-from hfgpu.recipe import Recipe, load_recipe, resolve_path
+from hfgpu.knobs import KNOB_NAMES, RECIPE, Knobs, recipe_key
+from hfgpu.recipe import Recipe, get_key, load_recipe, resolve_path, set_key
 
 RUN_FILES = ("resolved_recipe.yaml", "plan.json", "metrics.jsonl", "loss.png", "final_metrics.json", "adapter_config.json",
              "adapter_model.safetensors", "model.safetensors", "config.json", "checkpoints")
@@ -53,7 +54,7 @@ def plan_for(recipe: Recipe):
     from dataclasses import replace
 
     from hfgpu.gpus import cpu_device, get_gpu
-    from hfgpu.planner import plan
+    from hfgpu.planner import plan_knobs
 
     gpu = recipe.gpu
     if gpu.strip().lower() == "auto":
@@ -66,16 +67,10 @@ def plan_for(recipe: Recipe):
     world, mode = launch_env()
     if world > 1 and card.count == 1:
         card = replace(card, count=world)
-    return plan(
-        resolve_path(recipe.model), card,
-        strategy=recipe.strategy, precision=recipe.precision, quantization=recipe.quantization,
-        gradient_checkpointing=recipe.gradient_checkpointing, micro_batch_size=recipe.micro_batch_size,
-        global_batch_size=recipe.train.global_batch_size, seq_len=recipe.data.max_seq_len,
-        optimizer=recipe.optimizer, attention=recipe.attention, lora_r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout, lora_targets=recipe.lora.target_modules,
-        distributed=mode if recipe.distributed == "auto" else recipe.distributed,
-        chunked_loss=recipe.chunked_loss, activation_offloading=recipe.activation_offloading, tiled_mlp=recipe.tiled_mlp,
-    )
+    given = {name: get_key(recipe, recipe_key(name)) for name in KNOB_NAMES}
+    if given["distributed"] == "auto":
+        given["distributed"] = mode  # what `accelerate launch` set up
+    return plan_knobs(resolve_path(recipe.model), card, Knobs(**given), surface=RECIPE)
 
 
 def resolved(recipe: Recipe, p) -> Recipe:
@@ -85,12 +80,11 @@ def resolved(recipe: Recipe, p) -> Recipe:
     local = Path(resolve_path(recipe.model)).expanduser()
     if local.is_dir():
         r.model = str(local.resolve())  # what ran, wherever the command was started from
-    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer", "attention", "distributed",
-                 "chunked_loss", "activation_offloading", "tiled_mlp"):
-        setattr(r, knob, getattr(p, knob))
-    r.data.max_seq_len = p.seq_len
-    if p.lora:
-        r.lora.r, r.lora.alpha, r.lora.target_modules = p.lora.r, p.lora.alpha, list(p.lora.target_modules)
+    for name in KNOB_NAMES:
+        if name.startswith("lora_") and p.lora is None:
+            continue  # a full fine-tune has no adapters: its lora section stays as written
+        v = getattr(p.knobs, name)
+        set_key(r, recipe_key(name), list(v) if isinstance(v, tuple) else v)
     return r
 
 
@@ -243,7 +237,6 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from hfgpu.data import prepare_data, tokenized_fingerprint
-    from hfgpu.memory import loss_chunk_tokens, plain_logits
     from hfgpu.modeling import ModelSettings, load_tokenizer, prepare_model
     from hfgpu.train import LoopConfig, train_loop
 
@@ -292,13 +285,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
           + (f"; packed into {s['sequences']} sequences, padding {s['padding_before']:.0%} → {s['padding_after']:.0%}" if "sequences" in s else f"; padding {s['padding_before']:.0%}")
           + (f"; {s['eval_examples']} eval examples" if "eval_examples" in s else ""))
 
-    settings = ModelSettings(
-        strategy=p.strategy, precision=p.precision, quantization=p.quantization, double_quant=p.double_quant,
-        gradient_checkpointing=p.gradient_checkpointing, attention=p.attention, shard_quantized=p.distributed in ("fsdp", "zero3"),
-        tiled_mlp=p.tiled_mlp,
-        lora_r=p.lora.r if p.lora else 16, lora_alpha=p.lora.alpha if p.lora else 32,
-        lora_dropout=p.lora.dropout if p.lora else 0.0, lora_targets=tuple(p.lora.target_modules) if p.lora else (),
-    )
+    settings = ModelSettings.from_plan(p)
     model = prepare_model(model_path, settings, seed=recipe.train.seed, trust_remote_code=recipe.trust_remote_code)
     # data and model are ready: only now is an earlier run replaced
     if main and recipe.overwrite and recipe.resume == "never":
@@ -313,22 +300,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
         if recipe.report_to != "none":
             accelerator.init_trackers(out.name, config=json.loads(json.dumps(p.to_dict())))
 
-    t = recipe.train
-    loop = LoopConfig(
-        micro_batch_size=p.micro_batch_size, grad_accum_steps=p.grad_accum_steps, optimizer=p.optimizer,
-        learning_rate=t.learning_rate, schedule=t.schedule, warmup=t.warmup, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, epochs=t.epochs, max_steps=t.max_steps, seed=t.seed, eval_every=t.eval_every,
-        save_every=t.save_every, keep_last=t.keep_last, log_every=t.log_every,
-        early_stopping_patience=t.early_stopping.patience if t.early_stopping else None,
-        early_stopping_min_delta=t.early_stopping.min_delta if t.early_stopping else 0.0,
-        metrics=list(recipe.eval.metrics), max_new_tokens=recipe.eval.max_new_tokens, max_eval_examples=recipe.eval.max_examples,
-        resume=recipe.resume,
-        loss_chunk=loss_chunk_tokens(p.spec.vocab_size) if p.chunked_loss else None,
-        offload_activations=p.activation_offloading, autocast=p.precision != "fp32",
-        eval_chunk=loss_chunk_tokens(p.spec.vocab_size) if plain_logits(p.spec.config) else None,
-        fingerprint=run_fingerprint(ran, p, tokenized_fingerprint(data.train)), resume_force=recipe.resume_force,
-        plan_note=f"the plan estimated {p.memory.total / 2**30:.1f} GiB of {p.memory.budget / 2**30:.1f} GiB at micro-batch {p.micro_batch_size}, seq_len {p.seq_len}",
-    )
+    loop = LoopConfig.from_plan(p, recipe, fingerprint=run_fingerprint(ran, p, tokenized_fingerprint(data.train)))
     result = train_loop(accelerator, model, tokenizer, data, loop, out, say=speak, on_ready=write_records)
     accelerator.wait_for_everyone()
     metrics = result.metrics
@@ -361,7 +333,9 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        from hfgpu.recipe import recipe_help
+
+        print(__doc__.strip() + "\n\nRecipe keys (override any as key=value after the path):\n\n" + recipe_help())
         return 0 if args else 2
     def body() -> int:
         finetune(load_recipe(args[0], args[1:]))

@@ -1,16 +1,31 @@
-"""The knobs a plan can fix, the rules the hardware sets for them, and the check of fixed knobs.
+"""The knob record: every knob a user can fix, in one place, and the rules the hardware sets for them.
 
-Torch-free (imported by every plan): names, the card's compute capability as the planner assumes
-it, the automatic precision, and `validate`, which lists every problem with the fixed knobs at once.
+`Knobs` is the one list. Its fields are `plan()`'s keywords; the `hfgpu plan` flags (`--seq-len`)
+and the recipe keys (`data.max_seq_len`) are generated from it (hfgpu.cli, hfgpu.recipe), the Plan
+carries the resolved record (no "auto" left), and the memory model, the model builder and the loop
+read it (`memory.Setup`, `modeling.ModelSettings.from_plan`, `train.LoopConfig.from_plan`). A new
+knob is one field here, its decision in the planner, its term in the memory model and the code
+that applies it.
+
+Each surface names a knob the way the user typed it: errors say `seq_len=0` to Python, `--seq-len 0`
+on the command line and `data.max_seq_len=0` about a recipe (`Surface`).
+
+Torch-free (imported by every plan).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
 
-from hfgpu import memory
+from hfgpu._fuzzy import did_you_mean
+from hfgpu.errors import HfgpuError
 from hfgpu.gpus import GPU
 from hfgpu.models import ModelSpec
+
+Auto = Literal["auto"]
+AUTO = "auto"
 
 STRATEGIES = ("full", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -18,6 +33,138 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 DISTRIBUTED = ("none", "ddp", "fsdp", "zero2", "zero3")
+
+
+def _knob(default: Any, help: str, *, choices: tuple[str, ...] = (), kind: str = "choice", recipe: str | None = None,
+          auto: bool = True, minimum: int | None = None) -> Any:
+    """A field of the record. kind: choice | int | bool | float | names; recipe: the key in a recipe
+    (default: the field's name at the top level)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "kind": kind, "recipe": recipe, "auto": auto, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What a user may fix. Every field may be "auto" (the planner chooses) unless its type says otherwise."""
+
+    strategy: str = _knob(AUTO, "full: every weight trains · lora: adapters on a 16-bit base · qlora: adapters on a 4-bit base", choices=STRATEGIES)
+    precision: str = _knob(AUTO, "compute dtype: bf16 from cc 8.0 (RTX 30), fp16 with loss scaling on RTX 20, fp32 on GTX 10", choices=PRECISIONS)
+    quantization: str = _knob(AUTO, "base weights: nf4/fp4 (4-bit, QLoRA), int8 (LLM.int8), none (16-bit)", choices=QUANTIZATIONS)
+    double_quant: bool = _knob(True, "4-bit bases: also quantize the quantization constants (≈0.37 bits per weight saved)", kind="bool", auto=False)
+    gradient_checkpointing: Union[bool, str] = _knob(AUTO, "recompute each layer's activations in backward: far less memory, one extra forward", kind="bool")
+    micro_batch_size: Union[int, str] = _knob(AUTO, "sequences per forward pass: larger is faster and needs more activation memory", kind="int", minimum=1)
+    grad_accum_steps: Union[int, str] = _knob(AUTO, "micro-batches per optimizer step (auto: reach global_batch_size)", kind="int", minimum=1,
+                                              recipe="train.grad_accum_steps")
+    global_batch_size: Union[int, str] = _knob(AUTO, "sequences per optimizer step, across all cards (auto: 16)", kind="int", minimum=1,
+                                               recipe="train.global_batch_size")
+    seq_len: Union[int, str] = _knob(AUTO, "tokens per sequence (auto: min(2048, the model's maximum))", kind="int", minimum=1, recipe="data.max_seq_len")
+    optimizer: str = _knob(AUTO, "adamw_torch: fp32 state, 8 bytes per trained weight · adamw_8bit (bitsandbytes): 2 bytes", choices=OPTIMIZERS)
+    attention: str = _knob(AUTO, "sdpa: PyTorch's fused kernels · eager · flash_attention_2 (cc 8.0 and the flash-attn package)", choices=ATTENTIONS)
+    distributed: str = _knob(AUTO, "how several cards ('2x RTX 3090') share the run (auto: ddp, or what `accelerate launch` set up)",
+                             choices=DISTRIBUTED)
+    chunked_loss: Union[bool, str] = _knob(AUTO, "lm_head and the loss over slices of tokens: the full logits never exist", kind="bool")
+    activation_offloading: Union[bool, str] = _knob(AUTO, "checkpointed layer inputs wait in CPU memory (needs gradient checkpointing)", kind="bool")
+    tiled_mlp: Union[bool, str] = _knob(AUTO, "the MLP's backward over tiles of tokens, for long sequences (needs gradient checkpointing)", kind="bool")
+    lora_r: Union[int, str] = _knob(AUTO, "LoRA rank: higher learns more and costs more memory (auto: 16)", kind="int", minimum=1, recipe="lora.r")
+    lora_alpha: Union[int, str] = _knob(AUTO, "LoRA scaling (auto: 2 × r)", kind="int", minimum=1, recipe="lora.alpha")
+    lora_dropout: float = _knob(0.0, "dropout on each adapter's input, in [0, 1): 0 keeps no copy of it (less memory); 0.05-0.1 regularises small data",
+                                kind="float", auto=False, recipe="lora.dropout")
+    lora_targets: Union[tuple, str] = _knob(AUTO, "the linear layers that get adapters, e.g. q_proj,v_proj (auto: every linear layer but the output head)",
+                                            kind="names", recipe="lora.target_modules")
+
+    def __post_init__(self) -> None:
+        t = self.lora_targets
+        if isinstance(t, str) and t != AUTO:
+            object.__setattr__(self, "lora_targets", tuple(x.strip() for x in t.split(",") if x.strip()))
+        elif isinstance(t, list):
+            object.__setattr__(self, "lora_targets", tuple(t))
+
+    @classmethod
+    def from_kwargs(cls, given: dict[str, Any], where: str = "plan()") -> "Knobs":
+        """The record from keyword arguments; an unknown name is a typo: one line with the nearest names."""
+        for name in given:
+            if name not in KNOB_NAMES:
+                hint = did_you_mean(name, list(KNOB_NAMES), n=2, cutoff=0.5) or "known: " + ", ".join(KNOB_NAMES)
+                raise HfgpuError(f"{where} has no knob {name!r}: {hint}")
+        return cls(**given)
+
+    def fixed(self) -> dict[str, Any]:
+        """The knobs given a value (not "auto"), by name."""
+        return {f.name: getattr(self, f.name) for f in KNOB_FIELDS if getattr(self, f.name) != f.default or not f.metadata["auto"]}
+
+    def is_auto(self, name: str) -> bool:
+        return getattr(self, name) == AUTO
+
+    replace = dataclasses.replace
+
+
+KNOB_FIELDS: tuple[dataclasses.Field, ...] = tuple(dataclasses.fields(Knobs))
+KNOB_NAMES: tuple[str, ...] = tuple(f.name for f in KNOB_FIELDS)
+
+
+def knob_field(name: str) -> dataclasses.Field:
+    return next(f for f in KNOB_FIELDS if f.name == name)
+
+
+def recipe_key(name: str) -> str:
+    """The knob's key in a recipe: `seq_len` → `data.max_seq_len`."""
+    return knob_field(name).metadata["recipe"] or name
+
+
+def cli_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Surface:
+    """How errors name a knob: the way the user typed it."""
+
+    kind: Literal["python", "cli", "recipe"] = "python"
+
+    def key(self, name: str) -> str:
+        return {"python": name, "cli": cli_flag(name), "recipe": recipe_key(name)}[self.kind]
+
+    def setting(self, name: str, value: Any) -> str:
+        """`name=value` as the user would write it here: `precision='fp16'`, `--precision fp16`, `precision=fp16`."""
+        if isinstance(value, bool):
+            shown = {"python": str(value), "cli": "on" if value else "off", "recipe": "true" if value else "false"}[self.kind]
+        elif isinstance(value, tuple):
+            shown = ",".join(value) if self.kind != "python" else repr(list(value))
+        else:
+            shown = repr(value) if self.kind == "python" else str(value)
+        return f"{self.key(name)} {shown}" if self.kind == "cli" else f"{self.key(name)}={shown}"
+
+
+PYTHON, CLI, RECIPE = Surface("python"), Surface("cli"), Surface("recipe")
+
+
+# --- eligibility: which models and setups a saver applies to ------------------------------------------
+
+# model types whose decoder layers' `mlp` is dense and per token (hfgpu.patches.tile_mlps tiles them)
+TILED_MLP_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2"}
+
+
+def plain_logits(config: dict) -> bool:
+    """Logits that are plain lm_head outputs, as the chunked loss computes them: not soft-capped
+    (Gemma-2) or rescaled (Cohere's logit_scale, Granite's logits_scaling)."""
+    return not config.get("final_logit_softcapping") and config.get("logit_scale", 1) in (1, None) and config.get("logits_scaling", 1) in (1, None)
+
+
+def chunked_loss_blocker(spec: ModelSpec, distributed: str) -> str | None:
+    """Why the chunked loss cannot be used for this model and launch, or None when it can."""
+    if not plain_logits(spec.config):
+        return f"{spec.name}'s logits are soft-capped or rescaled"
+    if distributed in ("fsdp", "zero3"):
+        return f"it reads lm_head's weight outside the forward pass, which distributed={distributed} shards"
+    return None
+
+
+def tiled_mlp_blocker(spec: ModelSpec) -> str | None:
+    if spec.model_type not in TILED_MLP_MODEL_TYPES:
+        return f"not for {spec.model_type} models (dense MLPs of {', '.join(sorted(TILED_MLP_MODEL_TYPES))})"
+    return None
+
+
+# --- hardware rules ----------------------------------------------------------------------------------
 
 
 def planning_cc(gpu: GPU) -> tuple[int, int]:
@@ -37,82 +184,100 @@ def auto_precision(gpu: GPU) -> tuple[str, str]:
     return "fp32", f"fp32 compute: {where} (Pascal) runs fp16 at 1/64 rate and has no tensor cores"
 
 
-def validate(spec: ModelSpec, gpu: GPU, k: dict[str, Any]) -> list[str]:
-    """Every problem with the fixed knobs, each a sentence naming the value and the fix."""
-    errs: list[str] = []
+def _type_errors(k: Knobs, n: Surface) -> dict[str, str]:
+    """Each field against its declared kind, choices and minimum: {field: problem}."""
+    errs: dict[str, str] = {}
+    for f in KNOB_FIELDS:
+        v, meta, name = getattr(k, f.name), f.metadata, f.name
+        if v == AUTO and meta["auto"]:
+            continue
+        kind = meta["kind"]
+        or_auto = " (or auto)" if meta["auto"] else ""
+        if kind == "choice" and v not in meta["choices"]:
+            errs[name] = (f"{n.setting(name, v)} is not one of {', '.join(meta['choices'])}{or_auto}")
+        elif kind == "bool" and not isinstance(v, bool):
+            errs[name] = (f"{n.setting(name, v)} must be true, false" + (" or auto" if meta["auto"] else ""))
+        elif kind == "int" and (not isinstance(v, int) or isinstance(v, bool) or v < (meta["minimum"] or 0)):
+            errs[name] = (f"{n.setting(name, v)} must be a whole number ≥ {meta['minimum']}")
+        elif kind == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1):
+            errs[name] = (f"{n.setting(name, v)} must be a number in [0, 1)")
+        elif kind == "names" and (not isinstance(v, tuple) or not all(isinstance(x, str) for x in v)):
+            errs[name] = (f"{n.setting(name, v)} must be layer names")
+    return errs
 
-    def choice(name: str, allowed: tuple[str, ...]) -> None:
-        v = k[name]
-        if v != "auto" and v not in allowed:
-            errs.append(f"{name}={v!r} is not one of {', '.join(allowed)} (or auto)")
 
-    choice("strategy", STRATEGIES)
-    choice("precision", PRECISIONS)
-    choice("quantization", QUANTIZATIONS)
-    choice("optimizer", OPTIMIZERS)
-    choice("attention", ATTENTIONS)
-    choice("distributed", DISTRIBUTED)
-    if k["distributed"] not in ("auto", "none") and gpu.count < 2:
-        errs.append(f"distributed={k['distributed']} needs several cards: pass the count with the card, e.g. gpu '2x {gpu.name}'")
+def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[str]:
+    """Every problem with the fixed knobs, each a sentence naming the value and the fix as the user typed them."""
+    bad = _type_errors(k, n)
+    errs = list(bad.values())
+    k = k.replace(**{name: knob_field(name).default for name in bad})  # the rules below see only well-typed values
+    use = n.setting
+    if k.distributed not in (AUTO, "none") and gpu.count < 2:
+        errs.append(f"{use('distributed', k.distributed)} needs several cards: pass the count with the card, e.g. gpu '2x {gpu.name}'")
     cc = gpu.compute_capability
     ccs = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
-    if k["precision"] == "bf16" and cc is not None and cc < (8, 0):
-        errs.append(f"precision=bf16 needs compute capability ≥ 8.0 (RTX 30 series or newer); {gpu.name} is {ccs}: use precision fp16" + (" or fp32" if cc < (7, 0) else ""))
-    if k["attention"] == "flash_attention_2":
+    if k.precision == "bf16" and cc is not None and cc < (8, 0):
+        errs.append(f"{use('precision', 'bf16')} needs compute capability ≥ 8.0 (RTX 30 series or newer); {gpu.name} is {ccs}: use {use('precision', 'fp16')}"
+                    + (f" or {use('precision', 'fp32')}" if cc < (7, 0) else ""))
+    if k.attention == "flash_attention_2":
+        fa = use("attention", "flash_attention_2")
         if gpu.is_cpu:
-            errs.append("attention=flash_attention_2 needs a CUDA GPU, not the CPU: use attention sdpa")
+            errs.append(f"{fa} needs a CUDA GPU, not the CPU: use {use('attention', 'sdpa')}")
         if cc is not None and cc < (8, 0):
-            errs.append(f"attention=flash_attention_2 needs compute capability ≥ 8.0; {gpu.name} is {ccs}: use attention sdpa")
-        if k["precision"] == "fp32":
-            errs.append("attention=flash_attention_2 runs in fp16/bf16 only, not precision=fp32: use attention sdpa")
-    s, q = k["strategy"], k["quantization"]
+            errs.append(f"{fa} needs compute capability ≥ 8.0; {gpu.name} is {ccs}: use {use('attention', 'sdpa')}")
+        if k.precision == "fp32":
+            errs.append(f"{fa} runs in fp16/bf16 only, not {use('precision', 'fp32')}: use {use('attention', 'sdpa')}")
+    s, q = k.strategy, k.quantization
     if s == "qlora" and q in ("none", "int8"):
-        errs.append(f"strategy=qlora quantizes the base to 4 bits, not quantization={q}: use quantization nf4 (or fp4), or strategy lora")
-    if s == "full" and q not in ("auto", "none"):
-        errs.append(f"strategy=full trains every weight and cannot use quantization={q}: use strategy qlora, or quantization none")
+        errs.append(f"{use('strategy', 'qlora')} quantizes the base to 4 bits, not {use('quantization', q)}: use {use('quantization', 'nf4')} (or fp4), "
+                    f"or {use('strategy', 'lora')}")
+    if s == "full" and q not in (AUTO, "none"):
+        errs.append(f"{use('strategy', 'full')} trains every weight and cannot use {use('quantization', q)}: use {use('strategy', 'qlora')}, "
+                    f"or {use('quantization', 'none')}")
     if s == "lora" and q in ("nf4", "fp4"):
-        errs.append(f"LoRA on a 4-bit base is strategy=qlora: use strategy qlora with quantization={q}")
+        errs.append(f"LoRA on a 4-bit base is {use('strategy', 'qlora')}: use {use('strategy', 'qlora')} with {use('quantization', q)}")
     if q == "int8" and cc is not None and cc < (7, 5):
-        errs.append(f"quantization=int8 (LLM.int8) needs compute capability ≥ 7.5; {gpu.name} is {ccs}: use strategy qlora (nf4 works from cc 6.0)")
-    if k["optimizer"] in ("adamw_8bit", "paged_adamw_8bit") and cc is not None and cc < (6, 0):
-        errs.append(f"optimizer={k['optimizer']} (bitsandbytes) needs compute capability ≥ 6.0; {gpu.name} is {ccs}: use optimizer adamw_torch")
-    for name in ("micro_batch_size", "grad_accum_steps", "global_batch_size", "lora_r", "lora_alpha"):
-        v = k[name]
-        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            errs.append(f"{name}={v!r} must be a whole number ≥ 1")
-    v = k["seq_len"]
-    if v != "auto":
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            errs.append(f"seq_len={v!r} must be a whole number ≥ 1")
-        elif v > spec.max_seq_len:
-            errs.append(f"seq_len={v} is beyond {spec.name}'s maximum of {spec.max_seq_len} tokens (max_position_embeddings): use seq_len ≤ {spec.max_seq_len}")
-    d = k["lora_dropout"]
-    if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < 1:
-        errs.append(f"lora_dropout={d!r} must be a number in [0, 1)")
-    gc = k["gradient_checkpointing"]
-    for name in ("gradient_checkpointing", "chunked_loss", "activation_offloading", "tiled_mlp"):
-        if k[name] != "auto" and not isinstance(k[name], bool):
-            errs.append(f"{name}={k[name]!r} must be true, false or auto")
-    if k["chunked_loss"] is True:
-        if not memory.plain_logits(spec.config):
-            errs.append(f"chunked_loss is not supported for {spec.name}: its logits are soft-capped or rescaled; use chunked_loss false")
-        if k["distributed"] in ("fsdp", "zero3"):
-            errs.append(f"chunked_loss reads lm_head's weight outside the forward pass, which distributed={k['distributed']} shards: use chunked_loss false, or distributed ddp or zero2")
-    if k["activation_offloading"] is True:
+        errs.append(f"{use('quantization', 'int8')} (LLM.int8) needs compute capability ≥ 7.5; {gpu.name} is {ccs}: use {use('strategy', 'qlora')} "
+                    "(nf4 works from cc 6.0)")
+    if k.optimizer in ("adamw_8bit", "paged_adamw_8bit") and cc is not None and cc < (6, 0):
+        errs.append(f"{use('optimizer', k.optimizer)} (bitsandbytes) needs compute capability ≥ 6.0; {gpu.name} is {ccs}: use {use('optimizer', 'adamw_torch')}")
+    if k.seq_len != AUTO and k.seq_len > spec.max_seq_len:
+        errs.append(f"{use('seq_len', k.seq_len)} is beyond {spec.name}'s maximum of {spec.max_seq_len} tokens (max_position_embeddings): "
+                    f"use {n.key('seq_len')} ≤ {spec.max_seq_len}")
+    ckpt_off = k.gradient_checkpointing is False
+    if k.chunked_loss is True and (why := chunked_loss_blocker(spec, k.distributed)) is not None:
+        errs.append(f"{use('chunked_loss', True)} cannot be used: {why}; use {use('chunked_loss', False)}"
+                    + (", or distributed ddp or zero2" if k.distributed in ("fsdp", "zero3") else ""))
+    if k.activation_offloading is True:
         if gpu.is_cpu:
-            errs.append("activation_offloading moves activations from a GPU to CPU memory, and this plan is for the CPU: use activation_offloading false")
-        if gc is False:
-            errs.append("activation_offloading moves the checkpointed layer inputs, so it needs gradient checkpointing: set gradient_checkpointing true (or auto)")
-    if k["tiled_mlp"] is True:
-        if spec.model_type not in memory.TILED_MLP_MODEL_TYPES:
-            errs.append(f"tiled_mlp supports the dense MLPs of {', '.join(sorted(memory.TILED_MLP_MODEL_TYPES))}, not {spec.model_type!r}: use tiled_mlp false")
-        if gc is False:
-            errs.append("tiled_mlp recomputes the MLP inside checkpointed layers, so it needs gradient checkpointing: set gradient_checkpointing true (or auto)")
-    targets = k["lora_targets"]
-    if targets != "auto":
-        if isinstance(targets, str):
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        unknown = [t for t in targets if t not in spec.linear_names]
-        if unknown or not targets:
-            errs.append(f"lora_targets {', '.join(unknown) or '(empty)'} not among {spec.name}'s linear layers: choose from {', '.join(spec.linear_names)}")
+            errs.append(f"{use('activation_offloading', True)} moves activations from a GPU to CPU memory, and this plan is for the CPU: "
+                        f"use {use('activation_offloading', False)}")
+        if ckpt_off:
+            errs.append(f"{use('activation_offloading', True)} moves the checkpointed layer inputs, so it needs gradient checkpointing: "
+                        f"set {use('gradient_checkpointing', True)} (or auto)")
+    if k.tiled_mlp is True:
+        if (why := tiled_mlp_blocker(spec)) is not None:
+            errs.append(f"{use('tiled_mlp', True)} cannot be used: {why}; use {use('tiled_mlp', False)}")
+        if ckpt_off:
+            errs.append(f"{use('tiled_mlp', True)} recomputes the MLP inside checkpointed layers, so it needs gradient checkpointing: "
+                        f"set {use('gradient_checkpointing', True)} (or auto)")
+    if k.lora_targets != AUTO:
+        unknown = [t for t in k.lora_targets if t not in spec.linear_names]
+        if unknown or not k.lora_targets:
+            errs.append(f"{n.key('lora_targets')} {', '.join(unknown) or '(empty)'} not among {spec.name}'s linear layers: "
+                        f"choose from {', '.join(spec.linear_names)}")
     return errs
+
+
+def markdown_table() -> str:
+    """The README's knob table: each knob's Python keyword, flag, recipe key, values and meaning."""
+    rows = ["| `plan()` keyword | `hfgpu plan` flag | recipe key | values | what it does |", "|---|---|---|---|---|"]
+    for f in KNOB_FIELDS:
+        meta = f.metadata
+        values = {"choice": " \\| ".join(meta["choices"]), "bool": "on/off (true/false)", "int": "N", "float": "0 ≤ P < 1",
+                  "names": "a,b,c"}[meta["kind"]]
+        default = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+        values += " \\| auto" if meta["auto"] else f" (default {default})"
+        text = meta["help"].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{cli_flag(f.name)}` | `{recipe_key(f.name)}` | {values} | {text} |")
+    return "\n".join(rows)

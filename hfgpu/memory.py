@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from hfgpu._package import PACKAGE
 
+from hfgpu.knobs import KNOB_FIELDS, Knobs
 from hfgpu.models import ModelSpec
 
 GIB = 1024**3
@@ -49,14 +50,6 @@ def loss_chunk_tokens(vocab_size: int) -> int:
 
 
 MLP_TILE = 1024  # tiled MLP: tokens per tile (hfgpu.patches.tile_mlps)
-# model types whose decoder layers' `mlp` is dense and per token (hfgpu.patches.tile_mlps tiles them)
-TILED_MLP_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2"}
-
-
-def plain_logits(config: dict) -> bool:
-    """Logits that are plain lm_head outputs, as the chunked loss computes them: not soft-capped
-    (Gemma-2) or rescaled (Cohere's logit_scale, Granite's logits_scaling)."""
-    return not config.get("final_logit_softcapping") and config.get("logit_scale", 1) in (1, None) and config.get("logits_scaling", 1) in (1, None)
 
 
 BNB_4BIT_BLOCK = 64  # bitsandbytes 4-bit blocksize for weights (BitsAndBytesConfig default)
@@ -96,27 +89,33 @@ class MemoryBreakdown:
         }
 
 
-@dataclass(frozen=True)
-class Setup:
-    """The plan's knobs that decide memory (a subset of hfgpu.planner.Plan)."""
+_NOT_READ = {"grad_accum_steps", "global_batch_size"}  # knobs that do not change a step's memory
+_BY_HAND = {"distributed": "none", "chunked_loss": False, "activation_offloading": False, "tiled_mlp": False}
 
-    strategy: str  # full | lora | qlora
-    precision: str  # bf16 | fp16 | fp32 (compute dtype)
-    quantization: str  # none | nf4 | fp4 | int8
-    double_quant: bool
-    gradient_checkpointing: bool
-    micro_batch_size: int
-    seq_len: int
-    optimizer: str  # adamw_torch | adamw_8bit | paged_adamw_8bit
-    attention: str  # sdpa | eager | flash_attention_2
-    lora_r: int
-    lora_targets: tuple[str, ...]  # resolved names; every Linear except lm_head by default
-    distributed: str = "none"  # none | ddp | fsdp | zero2 | zero3
+
+@dataclass(frozen=True)
+class Setup(Knobs):
+    """A resolved knob record (no "auto" left) and the number of processes: what the memory model,
+    the throughput model and the simulation take. `Plan.setup()` builds it."""
+
     world_size: int = 1  # processes (one per card)
-    chunked_loss: bool = False  # lm_head + loss over slices of loss_chunk_tokens(vocab) tokens (hfgpu.loss)
-    offload: bool = False  # checkpointed layer inputs wait in CPU memory (hfgpu.offload); needs checkpointing
-    lora_dropout: float = 0.0  # > 0: every adapter keeps a dropped-out copy of its input and a mask
-    tiled_mlp: bool = False  # the MLP's backward over tiles of MLP_TILE tokens (hfgpu.patches); needs checkpointing
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # A setup built by hand (tests, benchmarks, the calibration grid) leaves what it does not name as
+        # the old defaults: one process, no saver, alpha 2r. The planner always resolves every knob.
+        for name, value in _BY_HAND.items():
+            if getattr(self, name) == "auto":
+                object.__setattr__(self, name, value)
+        if self.lora_alpha == "auto" and isinstance(self.lora_r, int):
+            object.__setattr__(self, "lora_alpha", 2 * self.lora_r)
+        left = [f.name for f in KNOB_FIELDS if getattr(self, f.name) == "auto" and f.name not in _NOT_READ]
+        if left:
+            raise ValueError(f"memory.Setup needs resolved knobs; still auto: {', '.join(left)}")
+
+    @classmethod
+    def of(cls, k: Knobs, world_size: int = 1) -> "Setup":
+        return cls(**{f.name: getattr(k, f.name) for f in KNOB_FIELDS}, world_size=world_size)
 
 
 # --- exact components --------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def offloaded_bytes(spec: ModelSpec, s: Setup) -> int:
     """Bytes one step moves to CPU memory and back with offloading (the pinned host memory it needs):
     the checkpointed layer inputs (the residual stream: fp32 in full fine-tuning and fp32 compute,
     else 16-bit), less the two on the GPU while one layer is recomputed (its input and the next's)."""
-    if not (s.offload and s.gradient_checkpointing):
+    if not (s.activation_offloading and s.gradient_checkpointing):
         return 0
     return max(spec.num_layers - 2, 0) * spec.hidden_size * s.micro_batch_size * s.seq_len * _residual_bytes(s)
 
@@ -287,7 +286,7 @@ def activation_bytes(spec: ModelSpec, s: Setup) -> int:
     if s.tiled_mlp and s.gradient_checkpointing:  # the MLP's intermediates exist for one tile of tokens only
         layer -= max(0, tokens - MLP_TILE) * row["layer"].get("inter", 0.0) * spec.intermediate_size
     constant = dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s)
-    if s.offload and s.gradient_checkpointing:
+    if s.activation_offloading and s.gradient_checkpointing:
         # on the card: two layers' inputs (exact), and one layer's recompute and backward, which
         # OFFLOAD_RECOMPUTE scales from the per-layer features (see its comment)
         on_card = min(2, spec.num_layers) * _residual_bytes(s) * spec.hidden_size * tokens

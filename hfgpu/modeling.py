@@ -35,6 +35,18 @@ class ModelSettings:
     shard_quantized: bool = False  # FSDP / ZeRO-3: store 4-bit weights in the compute dtype so they shard
     tiled_mlp: bool = False  # the MLP's backward over tiles of tokens (hfgpu.patches.tile_mlps); with checkpointing
 
+    @classmethod
+    def from_knobs(cls, k: Any) -> "ModelSettings":
+        """From a resolved knob record (a Plan's `knobs`, or a memory.Setup): every field of the same name."""
+        from dataclasses import fields
+
+        names = {f.name for f in fields(cls)} - {"shard_quantized"}
+        return cls(**{n: getattr(k, n) for n in names}, shard_quantized=k.distributed in ("fsdp", "zero3"))
+
+    @classmethod
+    def from_plan(cls, p: Any) -> "ModelSettings":
+        return cls.from_knobs(p.knobs)
+
     @property
     def storage_dtype(self) -> torch.dtype:
         # Full fine-tuning keeps fp32 master weights (autocast computes in 16-bit); LoRA stores the

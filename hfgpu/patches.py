@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from hfgpu.memory import MLP_TILE, TILED_MLP_MODEL_TYPES  # torch-free, shared with the planner
+from hfgpu.knobs import TILED_MLP_MODEL_TYPES  # torch-free, shared with the planner
+from hfgpu.memory import MLP_TILE
 
 # model type → its Llama-style RMSNorm class (tests/test_patches.py builds each and checks the swap applies
 # and changes nothing): a rename in transformers shows up there, not as a silent no-op
@@ -127,7 +128,7 @@ class _TiledMLP(torch.autograd.Function):
 
 def tile_mlps(model: torch.nn.Module, tile: int | None = None) -> int:
     """Run every decoder layer's `mlp` in tiles of `tile` tokens (see _TiledMLP) when the model type's
-    MLP is dense and per token (memory.TILED_MLP_MODEL_TYPES); returns how many. Call it after peft
+    MLP is dense and per token (knobs.TILED_MLP_MODEL_TYPES); returns how many. Call it after peft
     has wrapped the model: the tiles' parameters are those training at that point."""
     tile = tile or MLP_TILE
     if getattr(getattr(model, "config", None), "model_type", None) not in TILED_MLP_MODEL_TYPES:

@@ -3,8 +3,8 @@
 The planner is pure: a model config (never weights), a GPU spec and the knobs the user fixed. Any
 knob given is kept; the rest are searched in this order: strategy by quality (full > LoRA > QLoRA),
 then the optimizer (exact 32-bit state before 8-bit), then the memory savers by their time cost
-(none; chunked loss ≈3 %; gradient checkpointing ≈33 %; + chunked loss; + activation offloading,
-whose cost is the PCIe copy back; + tiled MLP ≈5 %), then the largest micro-batch that fits. Facts
+(none; chunked loss; gradient checkpointing; + chunked loss; + activation offloading, whose cost is
+the PCIe copy back; + tiled MLP), ordered by the throughput model's costs, then the largest micro-batch that fits. Facts
 from the hardware (bf16 from cc 8.0, fp16 on Turing, fp32 compute on Pascal, FlashAttention-2 from
 cc 8.0, LLM.int8 from cc 7.5) are rules, not choices (hfgpu.knobs); the speed estimate and the
 savers' time costs are in hfgpu.throughput.
@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+import inspect
 from typing import Any
 
 from hfgpu import memory
 from hfgpu.errors import DoesNotFit, HfgpuError
 from hfgpu.gpus import GPU, catalog, get_gpu
-from hfgpu.knobs import STRATEGIES, auto_precision, planning_cc, validate
+from hfgpu.knobs import (KNOB_FIELDS, KNOB_NAMES, PYTHON, STRATEGIES, Knobs, Surface, auto_precision, chunked_loss_blocker, planning_cc, recipe_key,
+                         tiled_mlp_blocker, validate)
 from hfgpu.models import ModelSpec, model_spec
 from hfgpu.throughput import (CHUNKED_LOSS_COST, PCIE_BYTES_PER_S, TILED_MLP_COST, checkpointing_cost, compute_tokens_per_second,
                               tokens_per_second)
 
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step
 DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_LORA_R = 16
 
 PASCAL_TORCH = "pip install 'torch<=2.14' --index-url https://download.pytorch.org/whl/cu126"
 
@@ -43,31 +46,31 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class Plan:
-    """A fine-tuning run for one model on one card: every knob, its reason, and the memory it needs."""
+    """A fine-tuning run for one model on one card: every knob resolved, its reason, and the memory it needs.
+
+    The knobs are the resolved record `knobs` (hfgpu.knobs.Knobs, no "auto" left); each is also an
+    attribute (`plan.seq_len`). `fixed` is the record as the user gave it."""
 
     model: str
     spec: ModelSpec = field(repr=False)
     gpu: GPU
-    strategy: str
-    precision: str
-    quantization: str
-    double_quant: bool
-    gradient_checkpointing: bool
-    micro_batch_size: int
-    grad_accum_steps: int
-    seq_len: int
-    optimizer: str
-    attention: str
-    lora: LoraSettings | None
+    knobs: Knobs
     memory: memory.MemoryBreakdown  # per process (one per card)
     reasons: dict[str, str]
     warnings: tuple[str, ...]
     tokens_per_second_estimate: float | None
-    distributed: str = "none"
-    chunked_loss: bool = False
-    activation_offloading: bool = False
-    tiled_mlp: bool = False
+    fixed: Knobs = field(default_factory=Knobs, repr=False)
     simulation: dict | None = None  # plan(..., verify=True): one step simulated on fake tensors (hfgpu.simulate)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in KNOB_NAMES:
+            return getattr(object.__getattribute__(self, "knobs"), name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        k = self.knobs
+        return None if k.strategy == "full" else LoraSettings(r=k.lora_r, alpha=k.lora_alpha, dropout=float(k.lora_dropout), target_modules=k.lora_targets)
 
     @property
     def fits(self) -> bool:
@@ -83,6 +86,7 @@ class Plan:
 
     @property
     def global_batch_size(self) -> int:
+        """Sequences per optimizer step as planned (micro-batch × accumulation × cards); `knobs.global_batch_size` is the target."""
         return self.micro_batch_size * self.grad_accum_steps * self.gpu.count
 
     @property
@@ -91,28 +95,25 @@ class Plan:
         return None if not t else 1e6 / t / 3600
 
     def to_dict(self) -> dict:
+        """plan.json: the model, the card, every knob (the lora_* ones as `lora`, named as in a recipe), memory and reasons."""
         cc = self.gpu.compute_capability
+        knobs: dict[str, Any] = {}
+        for f in KNOB_FIELDS:
+            v = getattr(self.knobs, f.name)
+            if f.name.startswith("lora_"):
+                knobs.setdefault("lora", {})[recipe_key(f.name).split(".")[-1]] = list(v) if isinstance(v, tuple) else v
+            else:
+                knobs[f.name] = v
+        if self.lora is None:
+            knobs["lora"] = None
+        knobs["double_quant"] = self.double_quant if self.quantization in ("nf4", "fp4") else None
+        knobs["global_batch_size"] = self.global_batch_size
         return {
             "model": self.model,
             "gpu": {"name": self.gpu.name, "count": self.gpu.count, "vram_gb": self.gpu.vram_gb, "compute_capability": None if cc is None else f"{cc[0]}.{cc[1]}"},
-            "strategy": self.strategy,
-            "precision": self.precision,
-            "quantization": self.quantization,
-            "double_quant": self.double_quant if self.quantization in ("nf4", "fp4") else None,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "micro_batch_size": self.micro_batch_size,
-            "grad_accum_steps": self.grad_accum_steps,
-            "global_batch_size": self.global_batch_size,
-            "seq_len": self.seq_len,
-            "optimizer": self.optimizer,
-            "attention": self.attention,
-            "distributed": self.distributed,
+            **knobs,
             "world_size": self.gpu.count,
-            "chunked_loss": self.chunked_loss,
-            "activation_offloading": self.activation_offloading,
             "offloaded_bytes_per_step": memory.offloaded_bytes(self.spec, self.setup()),
-            "tiled_mlp": self.tiled_mlp,
-            "lora": self.lora.to_dict() if self.lora else None,
             "params_total": self.params_total,
             "params_trainable": self.params_trainable,
             "memory": self.memory.to_dict(),
@@ -125,15 +126,8 @@ class Plan:
         }
 
     def setup(self) -> memory.Setup:
-        """The knobs that decide memory, as the memory model and the simulation take them."""
-        return memory.Setup(
-            strategy=self.strategy, precision=self.precision, quantization=self.quantization, double_quant=self.double_quant,
-            gradient_checkpointing=self.gradient_checkpointing, micro_batch_size=self.micro_batch_size, seq_len=self.seq_len,
-            optimizer=self.optimizer, attention=self.attention, lora_r=self.lora.r if self.lora else 16,
-            lora_targets=self.lora.target_modules if self.lora else (), distributed=self.distributed, world_size=self.gpu.count,
-            chunked_loss=self.chunked_loss, offload=self.activation_offloading, lora_dropout=self.lora.dropout if self.lora else 0.0,
-            tiled_mlp=self.tiled_mlp,
-        )
+        """The resolved knobs and the process count, as the memory model and the simulation take them."""
+        return memory.Setup.of(self.knobs, self.gpu.count)
 
     def __str__(self) -> str:
         from hfgpu.report import plan_text
@@ -144,175 +138,136 @@ class Plan:
 # --- the search --------------------------------------------------------------------------------------
 
 
-def _chunked_loss_allowed(spec: ModelSpec, k: dict) -> bool:
-    return memory.plain_logits(spec.config) and k["distributed_resolved"] not in ("fsdp", "zero3")
-
-
 @dataclass(frozen=True)
-class _Knobs:
-    precision: str
-    strategy: str
-    quantization: str
-    optimizer: str
-    gradient_checkpointing: bool
-    micro_batch_size: int
-    chunked_loss: bool = False
-    offload: bool = False
-    tiled: bool = False
+class _Ctx:
+    """One planning problem: the model, the card, the knobs as given and as resolved before the search."""
+
+    spec: ModelSpec
+    gpu: GPU
+    fixed: Knobs  # as the user gave them
+    base: Knobs  # attention, LoRA, batch target, seq_len, distributed resolved; the searched knobs still as given
+    correction: float
+    calibration: dict | None
+    surface: Surface
+    calibrated: bool = True
+
+    def setup(self, **searched: Any) -> memory.Setup:
+        return memory.Setup.of(self.base.replace(**searched), self.gpu.count)
+
+    def breakdown(self, s: memory.Setup) -> memory.MemoryBreakdown:
+        return memory.breakdown(self.spec, s, self.gpu.vram_bytes, self.correction)
 
 
-def _setup(k: dict, kn: _Knobs, seq_len: int, targets: tuple[str, ...]) -> memory.Setup:
-    return memory.Setup(
-        strategy=kn.strategy,
-        precision=kn.precision,
-        quantization=kn.quantization,
-        double_quant=k["double_quant"],
-        gradient_checkpointing=kn.gradient_checkpointing,
-        micro_batch_size=kn.micro_batch_size,
-        seq_len=seq_len,
-        optimizer=kn.optimizer,
-        attention=k["attention_resolved"],
-        lora_r=k["lora_r_resolved"],
-        lora_targets=targets,
-        distributed=k["distributed_resolved"],
-        world_size=k["world_size"],
-        chunked_loss=kn.chunked_loss,
-        offload=kn.offload,
-        tiled_mlp=kn.tiled,
-        lora_dropout=float(k["lora_dropout"]) if kn.strategy != "full" else 0.0,
-    )
-
-
-def _savers(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int, precision: str, strategy: str, q: str, optimizer: str) -> list[tuple[bool, bool, bool, bool]]:
+def _savers(c: _Ctx, **chosen: Any) -> list[dict[str, bool]]:
     """(checkpointing, chunked loss, offloading, tiled MLP) combinations allowed by the fixed knobs, fastest first."""
-    fixed_ckpt, fixed_chunk, fixed_off, fixed_tile = k["gradient_checkpointing"], k["chunked_loss"], k["activation_offloading"], k["tiled_mlp"]
-    ckpts = [False, True] if fixed_ckpt == "auto" else [fixed_ckpt]
-    if fixed_off is True or fixed_tile is True:
+    spec, gpu, f = c.spec, c.gpu, c.fixed
+    ckpts = [False, True] if f.gradient_checkpointing == "auto" else [f.gradient_checkpointing]
+    if f.activation_offloading is True or f.tiled_mlp is True:
         ckpts = [True]
-    chunks = ([False, True] if _chunked_loss_allowed(spec, k) else [False]) if fixed_chunk == "auto" else [fixed_chunk]
+    chunk_ok = chunked_loss_blocker(spec, c.base.distributed) is None
+    chunks = ([False, True] if chunk_ok else [False]) if f.chunked_loss == "auto" else [f.chunked_loss]
     combos = []
     for ckpt in ckpts:
-        offs = [False] if not ckpt or gpu.is_cpu else ([False, True] if fixed_off == "auto" else [fixed_off])
-        tiles = [False] if not ckpt else ([False, True] if fixed_tile == "auto" and spec.model_type in memory.TILED_MLP_MODEL_TYPES else [fixed_tile is True])
-        combos += [(ckpt, chunk, off, tile) for chunk in chunks for off in offs for tile in tiles]
+        offs = [False] if not ckpt or gpu.is_cpu else ([False, True] if f.activation_offloading == "auto" else [f.activation_offloading])
+        tile_ok = tiled_mlp_blocker(spec) is None
+        tiles = [False] if not ckpt else ([False, True] if f.tiled_mlp == "auto" and tile_ok else [f.tiled_mlp is True])
+        combos += [dict(gradient_checkpointing=ckpt, chunked_loss=chunk, activation_offloading=off, tiled_mlp=tile)
+                   for chunk in chunks for off in offs for tile in tiles]
+    timing_gpu = gpu if gpu.tensor_tflops or gpu.fp32_tflops else replace(gpu, fp32_tflops=30.0)
 
-    def seconds_per_token(combo) -> float:
-        kn = _Knobs(precision, strategy, q, optimizer, combo[0], 1, combo[1], combo[2], combo[3])
-        tps = tokens_per_second(spec, gpu if gpu.tensor_tflops or gpu.fp32_tflops else replace(gpu, fp32_tflops=30.0), _setup(k, kn, seq_len, k["targets_resolved"]))
+    def seconds_per_token(combo: dict) -> float:
+        tps = tokens_per_second(spec, timing_gpu, c.setup(**chosen, **combo, micro_batch_size=1))
         return 1 / tps if tps else 0.0
 
     return sorted(combos, key=seconds_per_token)  # stable: with equal cost, fewer savers first
 
 
-def _search(spec: ModelSpec, gpu: GPU, k: dict, seq_len: int) -> tuple[_Knobs, memory.MemoryBreakdown, bool]:
-    """The first fitting combination in preference order, else the one with the smallest peak."""
-    precision = k["precision"] if k["precision"] != "auto" else auto_precision(gpu)[0]
-    strategies = STRATEGIES if k["strategy"] == "auto" else (k["strategy"],)
-    if k["strategy"] == "auto" and k["quantization"] != "auto":
-        strategies = {"none": ("full", "lora"), "int8": ("lora",)}.get(k["quantization"], ("qlora",))
-    per_process_batch = max(1, math.ceil(k["global_batch_size_resolved"] / gpu.count))
-    if k["micro_batch_size"] != "auto":
-        batches = [k["micro_batch_size"]]
+def _search(c: _Ctx) -> tuple[memory.Setup, memory.MemoryBreakdown, bool, dict[tuple, int]]:
+    """The first fitting combination in preference order, else the one with the smallest peak; and
+    what the search rejected on the way, as the reasons quote it: the smallest peak seen per
+    (strategy,), (strategy, optimizer) and (strategy, optimizer, checkpointing)."""
+    f, gpu = c.fixed, c.gpu
+    precision = f.precision if f.precision != "auto" else auto_precision(gpu)[0]
+    strategies = STRATEGIES if f.strategy == "auto" else (f.strategy,)
+    if f.strategy == "auto" and f.quantization != "auto":
+        strategies = {"none": ("full", "lora"), "int8": ("lora",)}.get(f.quantization, ("qlora",))
+    per_process_batch = max(1, math.ceil(c.base.global_batch_size / gpu.count))
+    if f.micro_batch_size != "auto":
+        batches = [f.micro_batch_size]
     else:
         top = 1 << (per_process_batch.bit_length() - 1)
         batches = [top >> i for i in range(top.bit_length())]  # e.g. 16, 8, 4, 2, 1
-    smallest: tuple[_Knobs, memory.MemoryBreakdown] | None = None
+    smallest: tuple[memory.Setup, memory.MemoryBreakdown] | None = None
+    rejected: dict[tuple, int] = {}
+
+    def saw(s: memory.Setup, total: int) -> None:
+        for key in ((s.strategy,), (s.strategy, s.optimizer), (s.strategy, s.optimizer, s.gradient_checkpointing)):
+            rejected[key] = min(rejected.get(key, total), total)
+
     for strategy in strategies:
-        q = k["quantization"]
+        q = f.quantization
         if q == "auto":
             q = "nf4" if strategy == "qlora" else "none"
         if strategy == "lora" and q in ("nf4", "fp4"):
             continue  # only reachable with strategy auto: a 4-bit base is the qlora candidate
-        if k["optimizer"] != "auto":
-            optimizers = [k["optimizer"]]
-        else:
-            optimizers = ["adamw_torch", "adamw_8bit"]  # exact 32-bit state first; 8-bit when only it fits
+        # exact 32-bit state first; 8-bit when only it fits
+        optimizers = [f.optimizer] if f.optimizer != "auto" else ["adamw_torch", "adamw_8bit"]
         for optimizer in optimizers:
-            for ckpt, chunk, off, tile in _savers(spec, gpu, k, seq_len, precision, strategy, q, optimizer):
+            chosen = dict(precision=precision, strategy=strategy, quantization=q, optimizer=optimizer,
+                          lora_dropout=float(f.lora_dropout) if strategy != "full" else 0.0)
+            for savers in _savers(c, **chosen):
                 for mb in batches:
-                    kn = _Knobs(precision, strategy, q, optimizer, ckpt, mb, chunk, off, tile)
-                    targets = k["targets_resolved"]
-                    mem = memory.breakdown(spec, _setup(k, kn, seq_len, targets), gpu.vram_bytes, k["correction"])
+                    s = c.setup(**chosen, **savers, micro_batch_size=mb)
+                    mem = c.breakdown(s)
                     if mem.fits:
-                        return kn, mem, True
+                        return s, mem, True, rejected
+                    saw(s, mem.total)
                     if smallest is None or mem.total < smallest[1].total:
-                        smallest = (kn, mem)
+                        smallest = (s, mem)
     assert smallest is not None
-    return smallest[0], smallest[1], False
+    return smallest[0], smallest[1], False, rejected
 
 
-def _resolve(spec: ModelSpec, gpu: GPU, knobs: dict) -> dict:
-    errs = validate(spec, gpu, knobs)
+def _context(spec: ModelSpec, gpu: GPU, fixed: Knobs, surface: Surface, calibrated: bool) -> _Ctx:
+    errs = validate(spec, gpu, fixed, surface)
     if errs:
         raise HfgpuError("; ".join(errs))
-    k = dict(knobs)
-    k["attention_resolved"] = "sdpa" if k["attention"] == "auto" else k["attention"]
-    k["lora_r_resolved"] = 16 if k["lora_r"] == "auto" else k["lora_r"]
-    t = k["lora_targets"]
-    if t == "auto":
-        k["targets_resolved"] = tuple(spec.linear_names)
-    else:
-        k["targets_resolved"] = tuple(x.strip() for x in (t.split(",") if isinstance(t, str) else t) if x.strip())
-    k["global_batch_size_resolved"] = DEFAULT_GLOBAL_BATCH if k["global_batch_size"] == "auto" else k["global_batch_size"]
-    k["world_size"] = gpu.count
-    k["calibration"] = None
-    if k["calibrated"] and not gpu.is_cpu:
+    r = DEFAULT_LORA_R if fixed.lora_r == "auto" else fixed.lora_r
+    base = fixed.replace(
+        attention="sdpa" if fixed.attention == "auto" else fixed.attention,
+        lora_r=r,
+        lora_alpha=2 * r if fixed.lora_alpha == "auto" else fixed.lora_alpha,
+        lora_targets=tuple(spec.linear_names) if fixed.lora_targets == "auto" else fixed.lora_targets,
+        global_batch_size=DEFAULT_GLOBAL_BATCH if fixed.global_batch_size == "auto" else fixed.global_batch_size,
+        distributed=("ddp" if gpu.count > 1 else "none") if fixed.distributed == "auto" else fixed.distributed,
+        seq_len=min(DEFAULT_MAX_SEQ_LEN, spec.max_seq_len) if fixed.seq_len == "auto" else fixed.seq_len,
+    )
+    calibration = None
+    if calibrated and not gpu.is_cpu:
         from hfgpu.calibrate import correction_for
 
-        k["calibration"] = correction_for(gpu.name)
-    k["correction"] = k["calibration"]["factor"] if k["calibration"] else 1.0
-    if k["distributed"] == "auto":
-        k["distributed_resolved"] = "ddp" if gpu.count > 1 else "none"
-    else:
-        k["distributed_resolved"] = k["distributed"]
-    return k
+        calibration = correction_for(gpu.name)
+    return _Ctx(spec, gpu, fixed, base, calibration["factor"] if calibration else 1.0, calibration, surface, calibrated)
 
 
-def _default_seq_len(spec: ModelSpec) -> int:
-    return min(DEFAULT_MAX_SEQ_LEN, spec.max_seq_len)
-
-
-def plan(
-    model: Any,
-    gpu: Any = "auto",
-    *,
-    strategy: str = "auto",
-    precision: str = "auto",
-    quantization: str = "auto",
-    double_quant: bool = True,
-    gradient_checkpointing: bool | str = "auto",
-    micro_batch_size: int | str = "auto",
-    grad_accum_steps: int | str = "auto",
-    global_batch_size: int | str = "auto",
-    seq_len: int | str = "auto",
-    optimizer: str = "auto",
-    attention: str = "auto",
-    lora_r: int | str = "auto",
-    lora_alpha: int | str = "auto",
-    lora_dropout: float = 0.0,
-    lora_targets: str | list[str] = "auto",
-    distributed: str = "auto",
-    chunked_loss: bool | str = "auto",
-    activation_offloading: bool | str = "auto",
-    tiled_mlp: bool | str = "auto",
-    verify: bool = False,
-    calibrated: bool = True,
-    **unknown: Any,
-) -> Plan:
+def plan(model: Any, gpu: Any = "auto", *, verify: bool = False, calibrated: bool = True, **knobs: Any) -> Plan:
     """Plan a fine-tuning run of `model` on `gpu`. Knobs given are kept; "auto" ones are chosen.
 
-    `verify=True` also runs one training step of the planned model on fake tensors (about 10 s for
-    an 8B model) and attaches its tensor peak as `plan.simulation`.
+    The knobs are the fields of `hfgpu.knobs.Knobs` (strategy, precision, seq_len, lora_r, …; see the
+    signature). `verify=True` also runs one training step of the planned model on fake tensors (about
+    10 s for an 8B model) and attaches its tensor peak as `plan.simulation`.
     Raises `DoesNotFit` (carrying the closest plan and what would fit instead) when nothing fits,
     and `HfgpuError` for a bad model, card or knob.
     """
-    _check_keywords(unknown)
+    return plan_knobs(model, gpu, Knobs.from_kwargs(knobs), verify=verify, calibrated=calibrated)
+
+
+def plan_knobs(model: Any, gpu: Any, knobs: Knobs, *, surface: Surface = PYTHON, verify: bool = False, calibrated: bool = True) -> Plan:
+    """`plan` for a knob record; `surface` names knobs in errors as the user typed them (recipe key, flag, keyword)."""
     spec = model_spec(model)
-    card = get_gpu(gpu)
-    knobs = dict(locals())
-    for name in ("model", "gpu", "spec", "card", "verify", "unknown"):
-        knobs.pop(name)
-    result = _plan(spec, card, knobs)
+    card = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
+    c = _context(spec, card, knobs, surface, calibrated)
+    result = _plan(c)
     if verify:
         from hfgpu.simulate import simulate
 
@@ -325,65 +280,46 @@ def plan(
                      "trust the simulation — lower the micro-batch or seq_len, or turn on gradient checkpointing",)
         result = replace(result, simulation=sim, warnings=result.warnings + extra)
     if not result.fits:
-        raise DoesNotFit(_does_not_fit_message(result, alts := _alternatives(spec, card, knobs, result)), closest=result, alternatives=alts)
+        raise DoesNotFit(_does_not_fit_message(result, alts := _alternatives(c, result)), closest=result, alternatives=alts)
     return result
 
 
-def _check_keywords(knobs: dict) -> None:
-    """An unknown keyword is a typo: one line with the nearest knob names, never a TypeError or a silent no-op."""
-    from hfgpu._fuzzy import did_you_mean
+def _signature() -> inspect.Signature:
+    """plan()'s signature as help() and editors show it: the keywords are the record's fields."""
+    P = inspect.Parameter
+    params = [P("model", P.POSITIONAL_OR_KEYWORD), P("gpu", P.POSITIONAL_OR_KEYWORD, default="auto"),
+              P("verify", P.KEYWORD_ONLY, default=False), P("calibrated", P.KEYWORD_ONLY, default=True)]
+    params += [P(f.name, P.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in KNOB_FIELDS]
+    return inspect.Signature(params, return_annotation="Plan")
 
-    known = list(plan.__kwdefaults__)
-    for name in knobs:
-        if name not in known:
-            raise HfgpuError(f"plan() has no knob {name!r}: {did_you_mean(name, known, n=2, cutoff=0.5) or 'known: ' + ', '.join(known)}")
+
+plan.__signature__ = _signature()  # type: ignore[attr-defined]
 
 
-def plan_or_closest(model: Any, gpu: Any = "auto", **knobs: Any) -> Plan:
+def plan_or_closest(model: Any, gpu: Any = "auto", *, calibrated: bool = True, **knobs: Any) -> Plan:
     """Like `plan`, but returns the closest plan (`fits == False`) instead of raising DoesNotFit."""
-    _check_keywords(knobs)
-    defaults = {k: v for k, v in plan.__kwdefaults__.items() if k != "verify"}
-    return _plan(model_spec(model), get_gpu(gpu), {**defaults, **knobs})
+    k = Knobs.from_kwargs(knobs, "plan_or_closest()")
+    spec = model_spec(model)
+    card = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
+    return _plan(_context(spec, card, k, PYTHON, calibrated))
 
 
-def _plan(spec: ModelSpec, card: GPU, knobs: dict) -> Plan:
-    k = _resolve(spec, card, knobs)
-    seq = _default_seq_len(spec) if k["seq_len"] == "auto" else k["seq_len"]
-    kn, mem, fits = _search(spec, card, k, seq)
-    global_batch = k["global_batch_size_resolved"]
-    if k["grad_accum_steps"] != "auto":
-        accum = k["grad_accum_steps"]
-    else:
-        accum = max(1, math.ceil(global_batch / (kn.micro_batch_size * card.count)))
-    setup = _setup(k, kn, seq, k["targets_resolved"])
-    lora = None
-    if kn.strategy != "full":
-        r = k["lora_r_resolved"]
-        lora = LoraSettings(r=r, alpha=2 * r if k["lora_alpha"] == "auto" else k["lora_alpha"], dropout=float(k["lora_dropout"]), target_modules=k["targets_resolved"])
-    reasons = _reasons(spec, card, k, kn, mem, seq, accum, global_batch)
+def _plan(c: _Ctx) -> Plan:
+    s, mem, fits, rejected = _search(c)
+    f, card = c.fixed, c.gpu
+    global_batch = c.base.global_batch_size
+    accum = f.grad_accum_steps if f.grad_accum_steps != "auto" else max(1, math.ceil(global_batch / (s.micro_batch_size * card.count)))
+    resolved = Knobs(**{name: getattr(s, name) for name in KNOB_NAMES}).replace(grad_accum_steps=accum)
     return Plan(
-        model=spec.name,
-        spec=spec,
+        model=c.spec.name,
+        spec=c.spec,
         gpu=card,
-        strategy=kn.strategy,
-        precision=kn.precision,
-        quantization=kn.quantization,
-        double_quant=k["double_quant"],
-        gradient_checkpointing=kn.gradient_checkpointing,
-        micro_batch_size=kn.micro_batch_size,
-        grad_accum_steps=accum,
-        seq_len=seq,
-        optimizer=kn.optimizer,
-        attention=k["attention_resolved"],
-        lora=lora,
+        knobs=resolved,
         memory=mem,
-        reasons=reasons,
-        warnings=tuple(_warnings(spec, card, kn, mem, accum, global_batch)),
-        tokens_per_second_estimate=tokens_per_second(spec, card, setup),
-        distributed=k["distributed_resolved"],
-        chunked_loss=kn.chunked_loss,
-        activation_offloading=kn.offload,
-        tiled_mlp=kn.tiled,
+        reasons=_reasons(c, s, mem, accum, rejected),
+        warnings=tuple(_warnings(c.spec, card, s, mem, accum, global_batch)),
+        tokens_per_second_estimate=tokens_per_second(c.spec, card, s),
+        fixed=f,
     )
 
 
@@ -391,51 +327,60 @@ def _gib(n: int) -> str:
     return f"{n / memory.GIB:.1f} GiB"
 
 
-def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[str, str]:
+def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int, rejected: dict[tuple, int]) -> dict[str, str]:
+    """Each knob's reason, quoting what the search saw (`rejected`: the smallest peak of each option it passed over)."""
+    spec, card, k, seq, global_batch = c.spec, c.gpu, c.fixed, kn.seq_len, c.base.global_batch_size
     fixed = "fixed by you"
     r: dict[str, str] = {}
-    if k["strategy"] != "auto":
+
+    def least(*key) -> str:
+        return f"at least {_gib(rejected[key])}" if key in rejected else "more"
+
+    if k.strategy != "auto":
         r["strategy"] = fixed
     elif kn.strategy == "full":
         r["strategy"] = f"full fine-tuning fits ({_gib(mem.total)} of {_gib(mem.budget)}): best quality, every weight trains"
     elif kn.strategy == "lora":
-        r["strategy"] = f"LoRA: full fine-tuning does not fit in {_gib(mem.budget)}; a 16-bit frozen base with trainable adapters does"
+        r["strategy"] = (f"LoRA: full fine-tuning does not fit in {_gib(mem.budget)} (it needs {least('full')}); "
+                         "a 16-bit frozen base with trainable adapters does")
     else:
-        r["strategy"] = f"QLoRA: neither full fine-tuning nor LoRA on a 16-bit base fits in {_gib(mem.budget)}; a 4-bit base does"
-    r["precision"] = fixed if k["precision"] != "auto" else auto_precision(card)[1]
-    if k["quantization"] != "auto":
+        r["strategy"] = (f"QLoRA: neither full fine-tuning ({least('full')}) nor LoRA on a 16-bit base ({least('lora')}) fits in "
+                         f"{_gib(mem.budget)}; a 4-bit base does")
+    r["precision"] = fixed if k.precision != "auto" else auto_precision(card)[1]
+    if k.quantization != "auto":
         r["quantization"] = fixed
     elif kn.quantization == "none":
         r["quantization"] = "none: the base model stays in " + ("fp32 master weights" if kn.strategy == "full" else kn.precision)
     else:
-        r["quantization"] = "NF4 4-bit base" + (" with double quantization (≈4.13 bits/weight)" if k["double_quant"] else "") + ": the QLoRA recipe (Dettmers et al. 2023); works from cc 6.0"
-    if k["gradient_checkpointing"] != "auto":
+        r["quantization"] = "NF4 4-bit base" + (" with double quantization (≈4.13 bits/weight)" if k.double_quant else "") + ": the QLoRA recipe (Dettmers et al. 2023); works from cc 6.0"
+    if k.gradient_checkpointing != "auto":
         r["gradient_checkpointing"] = fixed
     elif kn.gradient_checkpointing:
         cost = f"costs one extra forward pass (≈ +{checkpointing_cost(kn.strategy):.0%} step time)"
-        needs = [name for name in ("activation_offloading", "tiled_mlp") if k[name] is True]
+        needs = [name for name in ("activation_offloading", "tiled_mlp") if getattr(k, name) is True]
+        without = least(kn.strategy, kn.optimizer, False)
         r["gradient_checkpointing"] = (f"on: {' and '.join(needs)} (fixed) needs it; {cost}" if needs
-                                       else f"on: without it even micro-batch 1 does not fit; {cost}")
+                                       else f"on: without it even micro-batch 1 does not fit (it needs {without}); {cost}")
     else:
         r["gradient_checkpointing"] = "off: the run fits without recomputing activations, so no speed is lost"
-    if k["micro_batch_size"] != "auto":
+    if k.micro_batch_size != "auto":
         r["micro_batch_size"] = fixed
     else:
         r["micro_batch_size"] = f"{kn.micro_batch_size}: the largest power of two ≤ the global batch that fits ({_gib(mem.activations + mem.logits)} of activations and logits)"
-    r["grad_accum_steps"] = fixed if k["grad_accum_steps"] != "auto" else f"{accum}: micro-batch {kn.micro_batch_size} × {accum}" + (f" × {card.count} GPUs" if card.count > 1 else "") + f" reaches the global batch of {global_batch} sequences"
-    r["seq_len"] = fixed if k["seq_len"] != "auto" else f"{seq}: min({DEFAULT_MAX_SEQ_LEN}, the model's maximum {spec.max_seq_len})"
-    if k["optimizer"] != "auto":
+    r["grad_accum_steps"] = fixed if k.grad_accum_steps != "auto" else f"{accum}: micro-batch {kn.micro_batch_size} × {accum}" + (f" × {card.count} GPUs" if card.count > 1 else "") + f" reaches the global batch of {global_batch} sequences"
+    r["seq_len"] = fixed if k.seq_len != "auto" else f"{seq}: min({DEFAULT_MAX_SEQ_LEN}, the model's maximum {spec.max_seq_len})"
+    if k.optimizer != "auto":
         r["optimizer"] = fixed
     elif kn.optimizer == "adamw_8bit":
-        wide = memory.breakdown(spec, _setup(k, replace(kn, optimizer="adamw_torch"), seq, k["targets_resolved"]), card.vram_bytes, k["correction"])
+        wide = c.breakdown(replace(kn, optimizer="adamw_torch"))
         r["optimizer"] = (f"8-bit AdamW (bitsandbytes): 2 bytes of state per parameter instead of 8 saves {_gib(wide.total - mem.total)}; "
-                          "32-bit state does not fit")
+                          f"32-bit state does not fit with any saver (it needs {least(kn.strategy, 'adamw_torch')})")
     elif kn.strategy == "full":
         r["optimizer"] = "AdamW with fp32 state (8 bytes/parameter): it fits, and it is the reference optimizer"
     else:
         r["optimizer"] = "AdamW with fp32 state: it fits, and it is the reference optimizer"
     cc = planning_cc(card)
-    if k["attention"] != "auto":
+    if k.attention != "auto":
         r["attention"] = fixed
     elif card.is_cpu:
         r["attention"] = "sdpa: PyTorch's fused attention, on CPU too"
@@ -443,62 +388,63 @@ def _reasons(spec, card, k, kn: _Knobs, mem, seq, accum, global_batch) -> dict[s
         r["attention"] = "sdpa: PyTorch's fused flash/memory-efficient kernels, no extra package; flash_attention_2 is an option with the flash-attn package"
     else:
         r["attention"] = f"sdpa: PyTorch's memory-efficient kernel runs from cc 5.0; FlashAttention-2 needs cc ≥ 8.0 (this card: {cc[0]}.{cc[1]})"
-    r.update(_saver_reasons(spec, card, k, kn, mem, seq))
-    c = k["calibration"]
-    if c:
-        r["memory"] = f"calibrated on this machine's {card.name} on {c['date']} ({c['rows']} measured steps of {c['model']}): activations, logits and overhead × {c['factor']} (hfgpu calibrate)"
-    mode = k["distributed_resolved"]
-    if k["distributed"] != "auto":
+    r.update(_saver_reasons(c, kn, mem))
+    if cal := c.calibration:
+        r["memory"] = (f"calibrated on this machine's {card.name} on {cal['date']} ({cal['rows']} measured steps of {cal['model']}): "
+                       f"activations, logits and overhead × {cal['factor']} (hfgpu calibrate)")
+    mode = c.base.distributed
+    if k.distributed != "auto":
         r["distributed"] = fixed
     elif mode == "ddp":
         r["distributed"] = f"ddp: each of the {card.count} cards holds a full replica and 1/{card.count} of each global batch"
     else:
         r["distributed"] = "none: one card"
     if kn.strategy != "full":
-        r["lora"] = ("r and targets fixed by you" if k["lora_r"] != "auto" or k["lora_targets"] != "auto" else "r=16 on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r")
-        if k["lora_dropout"] == 0:
+        r["lora"] = ("r and targets fixed by you" if k.lora_r != "auto" or k.lora_targets != "auto" else "r=16 on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r")
+        if k.lora_dropout == 0:
             r["lora"] += "; dropout 0: a dropout keeps a copy of every adapter's input"
     return r
 
 
-def _saver_reasons(spec, card, k, kn: _Knobs, mem, seq) -> dict[str, str]:
+def _saver_reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown) -> dict[str, str]:
     """Why the chunked loss, activation offloading and the tiled MLP are on or off, and what each saves and costs."""
+    spec, card, k, seq, setup = c.spec, c.gpu, c.fixed, kn.seq_len, kn
     r: dict[str, str] = {}
 
     def without(**change) -> memory.MemoryBreakdown:
-        return memory.breakdown(spec, _setup(k, replace(kn, **change), seq, k["targets_resolved"]), card.vram_bytes, k["correction"])
+        return c.breakdown(replace(kn, **change))
 
-    setup = _setup(k, kn, seq, k["targets_resolved"])
     if kn.chunked_loss:
         plain = without(chunked_loss=False)
         r["chunked_loss"] = (f"on: lm_head and the loss run over slices of {memory.loss_chunk_tokens(spec.vocab_size)} tokens, so the full logits never exist: "
                              f"saves {_gib(plain.logits - mem.logits)} (logits {_gib(plain.logits)} → {_gib(mem.logits)}); costs ≈{CHUNKED_LOSS_COST:.0%} of step time")
-    elif k["chunked_loss"] == "auto":
-        r["chunked_loss"] = ("off: the run fits without it" if mem.fits else "off") if _chunked_loss_allowed(spec, k) else (
-            "off: soft-capped or rescaled logits" if not memory.plain_logits(spec.config) else f"off: {k['distributed_resolved']} shards lm_head")
-    if kn.offload:
+    elif k.chunked_loss == "auto":
+        blocker = chunked_loss_blocker(spec, kn.distributed)
+        r["chunked_loss"] = ("off: the run fits without it" if mem.fits else "off") if blocker is None else f"off: {blocker}"
+    if kn.activation_offloading:
         moved = memory.offloaded_bytes(spec, setup)
         compute = compute_tokens_per_second(spec, card, setup)
         cost = (moved / PCIE_BYTES_PER_S) / (kn.micro_batch_size * seq / compute) if compute else None
-        r["activation_offloading"] = (f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory: saves {_gib(without(offload=False).total - mem.total)} "
+        r["activation_offloading"] = (f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory: saves {_gib(without(activation_offloading=False).total - mem.total)} "
                                       f"on the card; costs ≈{cost:.1%} of step time (copied back over PCIe at ~{PCIE_BYTES_PER_S / 1e9:.0f} GB/s)" if cost is not None else
                                       f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory")
-    elif k["activation_offloading"] == "auto":
+    elif k.activation_offloading == "auto":
         r["activation_offloading"] = "off: no GPU" if card.is_cpu else ("off: only with gradient checkpointing" if not kn.gradient_checkpointing else "off: the run fits without it")
-    if kn.tiled:
+    if kn.tiled_mlp:
         r["tiled_mlp"] = (f"on: in backward the MLP runs over tiles of {memory.MLP_TILE} tokens, so its intermediate tensors exist for one tile only: "
-                          f"saves {_gib(without(tiled=False).total - mem.total)}; costs ≈{TILED_MLP_COST:.0%} of step time")
-    elif k["tiled_mlp"] == "auto":
+                          f"saves {_gib(without(tiled_mlp=False).total - mem.total)}; costs ≈{TILED_MLP_COST:.0%} of step time")
+    elif k.tiled_mlp == "auto":
+        blocker = tiled_mlp_blocker(spec)
         r["tiled_mlp"] = ("off: only with gradient checkpointing" if not kn.gradient_checkpointing else
-                          "off: the run fits without it" if spec.model_type in memory.TILED_MLP_MODEL_TYPES else f"off: not for {spec.model_type} models")
+                          "off: the run fits without it" if blocker is None else f"off: {blocker}")
     for name in ("chunked_loss", "activation_offloading", "tiled_mlp"):
-        if k[name] is not True and k[name] is not False:
+        if getattr(k, name) is not True and getattr(k, name) is not False:
             continue
-        r[name] = r.get(name, "off") + " (fixed by you)" if k[name] else "off (fixed by you)"
+        r[name] = r.get(name, "off") + " (fixed by you)" if getattr(k, name) else "off (fixed by you)"
     return r
 
 
-def _warnings(spec, card, kn: _Knobs, mem, accum, global_batch) -> list[str]:
+def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int, global_batch: int) -> list[str]:
     w = [card.note] if card.note else []
     if (drift := memory.version_drift()) is not None:
         w.append(drift)
@@ -525,24 +471,34 @@ def _warnings(spec, card, kn: _Knobs, mem, accum, global_batch) -> list[str]:
 # --- when nothing fits -------------------------------------------------------------------------------
 
 
-def _alternatives(spec: ModelSpec, card: GPU, knobs: dict, closest: Plan) -> list[str]:
+def _alternatives(c: _Ctx, closest: Plan) -> list[str]:
+    """What fits instead, each named as the user would type it: another strategy, a shorter sequence, a larger card."""
     alts: list[str] = []
-    if knobs["strategy"] not in ("auto", "qlora"):
-        relaxed = {**knobs, "strategy": "qlora", "quantization": "auto"}
-        p = _plan(spec, card, relaxed)
+    spec, card, k, use = c.spec, c.gpu, c.fixed, c.surface.setting
+
+    def retry(gpu: GPU | None = None, **change: Any) -> Plan | None:
+        if gpu is None:
+            return _plan(replace(c, fixed=k.replace(**change), base=c.base.replace(**change)))
+        try:
+            return _plan(_context(spec, gpu, k, c.surface, c.calibrated))  # that card's calibration and rules
+        except HfgpuError:
+            return None
+
+    if k.strategy not in ("auto", "qlora"):
+        p = retry(strategy="qlora", quantization="auto")
         if p.fits:
-            alts.append(f"strategy qlora fits ({_gib(p.memory.total)} of {_gib(p.memory.budget)})")
+            alts.append(f"{use('strategy', 'qlora')} fits ({_gib(p.memory.total)} of {_gib(p.memory.budget)})")
     seq = closest.seq_len // 2
     while seq >= 128:
-        p = _plan(spec, card, {**knobs, "seq_len": seq})
+        p = retry(seq_len=seq)
         if p.fits:
-            alts.append(f"seq_len {seq} fits with {p.strategy} ({_gib(p.memory.total)})")
+            alts.append(f"{use('seq_len', seq)} fits with {p.strategy} ({_gib(p.memory.total)})")
             break
         seq //= 2
     consumer = sorted((g for g in catalog() if g.is_consumer and g.vram_gb > card.vram_gb), key=lambda g: (g.msrp_usd or 1e9, -g.vram_gb))
     for g in consumer:
-        p = _plan(spec, replace(g, count=card.count), knobs)
-        if p.fits:
+        p = retry(replace(g, count=card.count))
+        if p is not None and p.fits:
             alts.append(f"a {g.name} ({g.vram_gb:g} GB, launch price ${g.msrp_usd:,.0f}) fits with {p.strategy} ({_gib(p.memory.total)})")
             break
     return alts

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from hfgpu._package import PACKAGE
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from hfgpu._fuzzy import did_you_mean
 from hfgpu.errors import HfgpuError
+from hfgpu.knobs import AUTO, KNOB_FIELDS, recipe_key
 
 Auto = Literal["auto"]
 
@@ -26,95 +27,149 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
+def _annotation(meta: dict) -> Any:
+    kind = meta["kind"]
+    if kind == "choice":
+        return Literal[(AUTO, *meta["choices"]) if meta["auto"] else tuple(meta["choices"])]
+    if kind == "int":
+        base = Annotated[int, Field(ge=meta["minimum"])]
+    elif kind == "float":
+        base = Annotated[float, Field(ge=0, lt=1)]
+    elif kind == "names":
+        base = list[str]
+    else:
+        base = bool
+    return Union[base, Auto] if meta["auto"] else base
+
+
+def knob_fields(section: str) -> dict[str, Any]:
+    """The recipe fields of the knobs that live in `section` ("" for the top level), built from the
+    knob record (hfgpu.knobs.Knobs): one place says each knob's type, default and description."""
+    out = {}
+    for f in KNOB_FIELDS:
+        where, _, leaf = recipe_key(f.name).rpartition(".")
+        if where == section:
+            out[leaf] = (_annotation(f.metadata), Field(f.default, description=f.metadata["help"]))
+    return out
+
+
+def _with_knobs(base: type[BaseModel], section: str) -> Any:
+    return create_model(base.__name__.lstrip("_"), __base__=base, __module__=__name__, __doc__=base.__doc__, **knob_fields(section))
+
+
+class _DataConfig(_Strict):
+    """What to train on, and how rows become token sequences."""
+
     path: str = Field(description="local json/jsonl/csv/parquet/txt file or folder, or a Hub dataset id")
     format: Literal["text", "alpaca", "prompt_completion", "chat"] = Field("alpaca", description="how rows become prompts and completions")
     columns: dict[str, str] = Field(default_factory=dict, description="rename the format's fields, e.g. {output: answer}")
     split: str = Field("train", description="split of a Hub dataset (or of the local file) to train on")
     eval_split: str | None = Field(None, description="split to evaluate on (Hub datasets)")
     eval_path: str | None = Field(None, description="a separate local file to evaluate on")
-    max_seq_len: int | Auto = Field("auto", description="tokens per sequence; auto: the plan's seq_len")
     packing: bool = Field(False, description="several examples per sequence (position_ids keep them apart): less padding, faster")
     train_on_prompt: bool = Field(False, description="also learn the prompt tokens (instruction and chat formats)")
     too_long: Literal["truncate", "drop"] = Field("truncate", description="what to do with examples longer than max_seq_len")
     chat_template: str | None = Field(None, description="a Jinja chat template, when the tokenizer has none")
 
 
+DataConfig = _with_knobs(_DataConfig, "data")
+
+
 class EarlyStopping(_Strict):
+    """Stop when the eval loss has not improved for a while."""
+
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     min_delta: float = Field(0.0, ge=0, description="smallest eval-loss decrease that counts as improvement")
 
 
-class TrainConfig(_Strict):
+class _TrainConfig(_Strict):
+    """The optimization: length, learning rate and schedule, clipping, eval, checkpoints, logging."""
+
     epochs: float | None = Field(1, gt=0, description="passes over the data (ignored when max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule after the warm-up")
     warmup: float = Field(0.03, ge=0, description="warm-up: a fraction of the steps (< 1) or a number of steps (≥ 1)")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null to disable")
-    global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step, across all processes")
-    seed: int = 0
+    seed: int = Field(0, description="data order, initialization and dropout")
     eval_every: int | None = Field(None, ge=1, description="evaluate every N steps (and at the end); null: only at the end")
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps; null: no intermediate checkpoints")
     keep_last: int = Field(2, ge=1, description="checkpoints to keep")
-    early_stopping: EarlyStopping | None = None
+    early_stopping: EarlyStopping | None = Field(None, description="stop when the eval loss stops improving (needs eval data)")
     log_every: int = Field(10, ge=1, description="log the training loss every N steps")
 
 
-class LoraSection(_Strict):
-    r: int | Auto = Field("auto", description="rank: higher learns more, costs more memory (auto: 16)")
-    alpha: int | Auto = Field("auto", description="scaling; auto: 2r")
-    dropout: float = Field(0.0, ge=0, lt=1, description="0 keeps no copy of each adapter's input (less memory); 0.05-0.1 regularises small datasets")
-    target_modules: list[str] | Auto = Field("auto", description="linear layer names; auto: every linear layer")
+TrainConfig = _with_knobs(_TrainConfig, "train")
+
+
+class _LoraSection(_Strict):
+    """The adapters (LoRA and QLoRA runs)."""
+
+
+LoraSection = _with_knobs(_LoraSection, "lora")
 
 
 class EvalConfig(_Strict):
+    """Evaluation beyond the eval loss."""
+
     metrics: list[Literal["exact_match", "accuracy"]] = Field(default_factory=list, description="task metrics on generated answers")
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="longest generated answer, in tokens")
     max_examples: int | None = Field(200, ge=1, description="eval examples to generate for task metrics")
 
 
 class HubConfig(_Strict):
-    repo_id: str | None = None
-    private: bool = True
+    """Where the finished run is pushed."""
+
+    repo_id: str | None = Field(None, description="owner/name: push the finished run there (needs HF_TOKEN)")
+    private: bool = Field(True, description="create the repo private")
 
 
-class Recipe(_Strict):
+class _Recipe(_Strict):
+    """A fine-tuning run: the model, the card, the knobs (top level), the data, the training, the adapters, where it goes."""
+
     model: str = Field(description="Hub repo id or local folder of the base model")
     gpu: str = Field("auto", description="card to plan for: a catalog name, '12GB', 'cpu', or auto (this machine)")
-    strategy: Literal["auto", "full", "lora", "qlora"] = "auto"
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    quantization: Literal["auto", "none", "nf4", "fp4", "int8"] = "auto"
-    gradient_checkpointing: bool | Auto = "auto"
-    micro_batch_size: int | Auto = "auto"
-    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "auto"
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    chunked_loss: bool | Auto = Field("auto", description="lm_head + loss over slices: the full logits never exist (auto: on when needed to fit)")
-    activation_offloading: bool | Auto = Field("auto", description="checkpointed layer inputs wait in CPU memory (auto: on when needed to fit)")
-    tiled_mlp: bool | Auto = Field("auto", description="the MLP's backward over tiles of tokens, for long sequences (auto: on when needed to fit)")
-    distributed: Literal["auto", "none", "ddp", "fsdp", "zero2", "zero3"] = Field("auto", description="auto: what `accelerate launch` set up (ddp, fsdp, deepspeed zero2/zero3), else none")
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    lora: LoraSection = Field(default_factory=LoraSection)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataConfig = Field(description="what to train on")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the optimization")
+    lora: LoraSection = Field(default_factory=LoraSection, description="the adapters (LoRA and QLoRA)")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation beyond the eval loss")
     output_dir: str = Field("outputs/run", description="where the adapter, logs and checkpoints go")
     overwrite: bool = Field(False, description="replace an earlier run in output_dir")
     resume: Literal["never", "auto"] | str = Field("never", description="auto: continue from the newest good checkpoint (or start, when there is none yet); or a checkpoint path")
     resume_force: bool = Field(False, description="resume although the data or a training setting changed since the checkpoint (the new values apply from there)")
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="a tracker for the metrics (install its package)")
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code (off unless you trust the repo)")
-    hub: HubConfig = Field(default_factory=HubConfig)
-
-    @field_validator("micro_batch_size")
-    @classmethod
-    def _positive(cls, v: Union[int, str]) -> Union[int, str]:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be ≥ 1 or auto")
-        return v
+    hub: HubConfig = Field(default_factory=HubConfig, description="push the finished run to the Hub")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        d = self.model_dump(mode="json")
+        return yaml.safe_dump({k: d[k] for k in _top_order()}, sort_keys=False, allow_unicode=True)
+
+
+Recipe = _with_knobs(_Recipe, "")
+
+
+def _top_order() -> list[str]:
+    """The recipe's top-level keys as a reader looks for them: the model, the card, the knobs, the rest."""
+    first = ["model", "gpu", *knob_fields("")]
+    return first + [k for k in Recipe.model_fields if k not in first]
+
+
+def get_key(recipe: BaseModel, key: str) -> Any:
+    """`get_key(recipe, "data.max_seq_len")`."""
+    node: Any = recipe
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def set_key(recipe: BaseModel, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node: Any = recipe
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
 
 
 def resolve_path(path: str) -> str:
@@ -135,7 +190,7 @@ _TYPE_TAGS = {"int", "float", "str", "bool", "list[str]", "dict[str,str]", "Earl
 
 
 def _describe(err: dict, raw: dict) -> str:
-    loc = ".".join(str(x) for x in err["loc"] if str(x) not in _TYPE_TAGS and not str(x).startswith(("function-", "literal[")))
+    loc = ".".join(str(x) for x in err["loc"] if str(x) not in _TYPE_TAGS and not str(x).startswith(("function-", "literal[", "constrained-")))
     kind = err["type"]
     if kind == "extra_forbidden":
         parent: Any = Recipe
@@ -285,3 +340,23 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     _check_size(raw, f"recipe {str(path)!r}")
     raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides or []) if isinstance(raw, dict) or not raw else raw
     return validate_recipe(raw, str(path))
+
+
+def recipe_help() -> str:
+    """Every recipe key with its default and description, section by section (`python -m hfgpu.finetune --help`)."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str, depth: int) -> None:
+        for name in _top_order() if model is Recipe else model.model_fields:
+            f = model.model_fields[name]
+            sub = _submodel(f.annotation)
+            key = f"{prefix}{name}"
+            if sub is not None and name != "early_stopping":
+                lines.append(f"{'  ' * depth}{key}:  {f.description or ''}".rstrip())
+                walk(sub, key + ".", depth + 1)
+                continue
+            default = "required" if f.is_required() else "default " + (_quote(f.get_default(call_default_factory=True)) if f.default is not None or f.default_factory else "null")
+            lines.append(f"{'  ' * depth}{key} ({default}): {f.description or ''}".rstrip())
+
+    walk(Recipe, "", 0)
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hfgpu.gpus import GPU, catalog
+from hfgpu.knobs import KNOB_NAMES, RECIPE, knob_field, recipe_key
 from hfgpu.planner import Plan, plan_or_closest
 from hfgpu.throughput import checkpointing_cost
 
@@ -35,15 +36,15 @@ def _neighbours(p: Plan) -> list[GPU]:
     return ([below[-1]] if below else []) + ([above[0]] if above else [])
 
 
+# The knobs a written recipe pins to the plan's values: the top-level ones (but distributed, which the
+# launch decides) and the sequence length. The rest stay auto (accumulation follows the global batch).
+PINNED = tuple(n for n in KNOB_NAMES if "." not in recipe_key(n) and n != "distributed") + ("seq_len",)
+
+
 def _overrides(p: Plan, q: Plan) -> str:
     """The command-line overrides that turn this recipe into plan `q` (the recipe pins p's knobs)."""
     parts = [f"gpu='{q.gpu.name}'"]
-    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "optimizer", "chunked_loss", "activation_offloading", "tiled_mlp"):
-        a, b = getattr(p, knob), getattr(q, knob)
-        if a != b:
-            parts.append(f"{knob}={_bool(b) if isinstance(b, bool) else b}")
-    if q.seq_len != p.seq_len:
-        parts.append(f"data.max_seq_len={q.seq_len}")
+    parts += [RECIPE.setting(n, getattr(q, n)) for n in PINNED if getattr(p, n) != getattr(q, n)]
     return " ".join(parts)
 
 
@@ -65,8 +66,14 @@ def neighbour_lines(p: Plan) -> list[str]:
     return lines
 
 
-def _bool(v: bool) -> str:
-    return "true" if v else "false"
+def _value(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def _help(name: str, p: Plan) -> str:
+    """The record's help for a knob; checkpointing's with the throughput model's cost for this strategy."""
+    text = knob_field(name).metadata["help"]
+    return text + f" (≈ +{checkpointing_cost(p.strategy):.0%} step time)" if name == "gradient_checkpointing" else text
 
 
 def _kv(key: str, value, comment: str, width: int = 34) -> str:
@@ -105,16 +112,8 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         "",
         f"model: {p.model}",
         _kv("gpu", f'"{g.name}"', "the card to plan for; auto: the one this machine has"),
-        _kv("strategy", p.strategy, "full: every weight (most memory) · lora: adapters on a 16-bit base · qlora: 4-bit base (least)"),
-        _kv("precision", p.precision, "bf16 from RTX 30 (cc 8.0); fp16 with loss scaling on RTX 20; fp32 on GTX 10"),
-        _kv("quantization", p.quantization, "nf4: 4-bit base weights (QLoRA); none: 16-bit base"),
-        _kv("gradient_checkpointing", _bool(p.gradient_checkpointing), f"true: recompute activations (≈ +{checkpointing_cost(p.strategy):.0%} step time, far less memory)"),
-        _kv("micro_batch_size", p.micro_batch_size, "sequences per forward pass; larger: faster, more activation memory"),
-        _kv("optimizer", p.optimizer, "adamw_8bit: 2 bytes of state per trained weight instead of 8"),
-        _kv("attention", p.attention, "flash_attention_2 needs cc 8.0 and the flash-attn package"),
-        _kv("chunked_loss", _bool(p.chunked_loss), "true: lm_head + loss over slices, the full logits never exist (less memory, ≈3 % slower)"),
-        _kv("activation_offloading", _bool(p.activation_offloading), "true: checkpointed layer inputs wait in CPU memory (less GPU memory, PCIe time)"),
-        _kv("tiled_mlp", _bool(p.tiled_mlp), "true: the MLP's backward over 1024-token tiles (long sequences, ≈5 % slower)"),
+        *[_kv(n, _value(getattr(p, n)), _help(n, p)) for n in PINNED if n != "seq_len"],
+        _kv("distributed", "auto", "what `accelerate launch` sets up (ddp, fsdp, deepspeed), else none"),
         "",
         "data:",
         _kv("  path", data.path, "a Hub dataset, or a local .jsonl/.json/.csv/.parquet/.txt"),

@@ -19,26 +19,19 @@ def millions(n: int) -> str:
 
 
 def plan_rows(p: "Plan") -> list[tuple[str, str, str]]:
-    """(knob, value, reason) rows, in the order a reader needs them."""
+    """(knob, value, reason) rows in the record's order: each knob the planner gave a reason for; the
+    LoRA knobs as one row; distributed only with several cards."""
+    from hfgpu.knobs import KNOB_NAMES
+
     r = p.reasons
-    lora = p.lora
-    rows = [
-        ("strategy", p.strategy, r.get("strategy", "")),
-        ("precision", p.precision, r.get("precision", "")),
-        ("quantization", p.quantization, r.get("quantization", "")),
-        ("gradient_checkpointing", "on" if p.gradient_checkpointing else "off", r.get("gradient_checkpointing", "")),
-        ("micro_batch_size", str(p.micro_batch_size), r.get("micro_batch_size", "")),
-        ("grad_accum_steps", str(p.grad_accum_steps), r.get("grad_accum_steps", "")),
-        ("seq_len", str(p.seq_len), r.get("seq_len", "")),
-        ("optimizer", p.optimizer, r.get("optimizer", "")),
-        ("attention", p.attention, r.get("attention", "")),
-        ("chunked_loss", "on" if p.chunked_loss else "off", r.get("chunked_loss", "")),
-        ("activation_offloading", "on" if p.activation_offloading else "off", r.get("activation_offloading", "")),
-        ("tiled_mlp", "on" if p.tiled_mlp else "off", r.get("tiled_mlp", "")),
-    ]
-    if p.gpu.count > 1:
-        rows.append(("distributed", f"{p.distributed} × {p.gpu.count}", r.get("distributed", "")))
-    if lora:
+    rows = []
+    for name in KNOB_NAMES:
+        if name not in r or name.startswith("lora_") or (name == "distributed" and p.gpu.count == 1):
+            continue
+        v = getattr(p, name)
+        shown = ("on" if v else "off") if isinstance(v, bool) else f"{v} × {p.gpu.count}" if name == "distributed" else str(v)
+        rows.append((name, shown, r[name]))
+    if lora := p.lora:
         rows.append(("lora", f"r={lora.r} alpha={lora.alpha} dropout={lora.dropout} targets={','.join(lora.target_modules)}", r.get("lora", "")))
     return rows
 

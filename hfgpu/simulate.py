@@ -113,7 +113,7 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
         ids = torch.randint(0, cfg.vocab_size, (s.micro_batch_size, s.seq_len))
         chunk = memory.loss_chunk_tokens(cfg.vocab_size) if s.chunked_loss else None
-        step = tracked_step(model, optimizer, ids, s.precision, chunk, offload=s.offload and s.gradient_checkpointing, simulate=True,
+        step = tracked_step(model, optimizer, ids, s.precision, chunk, offload=s.activation_offloading and s.gradient_checkpointing, simulate=True,
                             adapters_16bit=not plain_path)
     weights, state, peak = step.weights, step.trainable_state, step.peak
     if optimizer is None:

@@ -68,11 +68,33 @@ class LoopConfig:
     resume: str  # never | auto | a checkpoint path
     plan_note: str = ""  # the plan's memory estimate, quoted when even micro-batch 1 runs out of memory
     loss_chunk: int | None = None  # chunked cross-entropy (hfgpu.loss) when set
-    offload_activations: bool = False  # checkpointed layer inputs wait in CPU memory (hfgpu.offload)
+    activation_offloading: bool = False  # checkpointed layer inputs wait in CPU memory (hfgpu.offload)
     eval_chunk: int | None = None  # evaluation computes logits over slices of this many tokens
     autocast: bool = False  # 16-bit mixed precision: adapters take 16-bit inputs (hfgpu.modeling.adapters_in_compute_dtype)
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (hfgpu.checkpoint.check_fingerprint)
     resume_force: bool = False  # resume although the fingerprint differs
+
+    @classmethod
+    def from_plan(cls, p, recipe, fingerprint: dict | None = None) -> "LoopConfig":
+        """The plan's step shape, optimizer and savers; the recipe's schedule, logging, eval and resume."""
+        from hfgpu.knobs import plain_logits
+        from hfgpu.memory import loss_chunk_tokens
+
+        t, chunk = recipe.train, loss_chunk_tokens(p.spec.vocab_size)
+        return cls(
+            micro_batch_size=p.micro_batch_size, grad_accum_steps=p.grad_accum_steps, optimizer=p.optimizer,
+            learning_rate=t.learning_rate, schedule=t.schedule, warmup=t.warmup, weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm, epochs=t.epochs, max_steps=t.max_steps, seed=t.seed, eval_every=t.eval_every,
+            save_every=t.save_every, keep_last=t.keep_last, log_every=t.log_every,
+            early_stopping_patience=t.early_stopping.patience if t.early_stopping else None,
+            early_stopping_min_delta=t.early_stopping.min_delta if t.early_stopping else 0.0,
+            metrics=list(recipe.eval.metrics), max_new_tokens=recipe.eval.max_new_tokens, max_eval_examples=recipe.eval.max_examples,
+            resume=recipe.resume, resume_force=recipe.resume_force,
+            loss_chunk=chunk if p.chunked_loss else None, activation_offloading=p.activation_offloading, autocast=p.precision != "fp32",
+            eval_chunk=chunk if plain_logits(p.spec.config) else None, fingerprint=fingerprint or {},
+            plan_note=(f"the plan estimated {p.memory.total / 2**30:.1f} GiB of {p.memory.budget / 2**30:.1f} GiB at micro-batch {p.micro_batch_size}, "
+                       f"seq_len {p.seq_len}"),
+        )
 
 
 @dataclass
@@ -157,7 +179,7 @@ def window_backward(accelerator, model, window: list[dict], split: int, cfg: Loo
         # 16-bit adapter inputs over forward and backward (a checkpointed layer recomputes in backward);
         # not around generation, which runs without accelerate's autocast wrapper
         with sync, adapters_in_compute_dtype(model, cfg.autocast):
-            with offload_activations(cfg.offload_activations):
+            with offload_activations(cfg.activation_offloading):
                 summed = model_loss(model, piece, cfg.loss_chunk, lm_head) * label_tokens(piece)
             accelerator.backward(summed * (world / tokens))
         total += summed.detach().float() / tokens

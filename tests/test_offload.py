@@ -50,7 +50,7 @@ def test_simulation_shows_the_offloaded_bytes_leave_the_card():
     p = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 4090", strategy="lora", seq_len=2048, micro_batch_size=2,
                    gradient_checkpointing=True, chunked_loss=True, activation_offloading=False)
     s = p.setup()
-    on = dataclasses.replace(s, offload=True)
+    on = dataclasses.replace(s, activation_offloading=True)
     saved = simulate(p.spec.config, s, p.spec).peak - simulate(p.spec.config, on, p.spec).peak
     offloaded = memory.offloaded_bytes(p.spec, on)  # all layer inputs but the two a recompute holds
     layers = p.spec.num_layers
@@ -110,7 +110,7 @@ def test_training_with_offloading_matches_training_without(tiny_model_dir, tmp_p
     monkeypatch.setattr(offload._Offloader, "pack", lambda self, t: packed.append(t.shape) or real_pack(self, t))
 
     def losses(offloaded: bool, name: str) -> list[float]:
-        monkeypatch.setattr(ft, "plan_for", lambda r: dataclasses.replace(real_plan_for(r), activation_offloading=offloaded))
+        monkeypatch.setattr(ft, "plan_for", lambda r: (lambda p: dataclasses.replace(p, knobs=p.knobs.replace(activation_offloading=offloaded)))(real_plan_for(r)))
         r = recipe_dict(tiny_model_dir, tmp_path / name, gradient_checkpointing=True, train={"max_steps": 4}, data={"eval_path": None})
         out = ft.finetune(validate_recipe(r), say=lambda *a, **k: None).output_dir
         assert json.loads((out / "plan.json").read_text())["activation_offloading"] is offloaded

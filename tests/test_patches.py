@@ -106,7 +106,7 @@ def _loss_and_grads(model, ids):
 
 
 from hfgpu.patches import RMSNORM_BY_MODEL_TYPE  # noqa: E402
-from hfgpu.memory import TILED_MLP_MODEL_TYPES  # noqa: E402
+from hfgpu.knobs import TILED_MLP_MODEL_TYPES  # noqa: E402
 
 
 @pytest.mark.parametrize("model_type", sorted(RMSNORM_BY_MODEL_TYPE))
