@@ -235,36 +235,6 @@ def _print_plan(p, alternatives: list[str]) -> None:
         c.print("[red]does not fit.[/] " + ("What fits instead: " + "; ".join(alternatives) if alternatives else "Nothing smaller fits: choose a smaller model."))
 
 
-def fit_table(model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: float | None = None) -> list[dict]:
-    """For each consumer card: per-strategy peaks, the best strategy that fits, speed and price."""
-    from hfgpu.gpus import catalog
-    from hfgpu.planner import STRATEGIES, plan_or_closest
-
-    rows = []
-    for g in (g for g in catalog() if g.is_consumer):
-        per = {s: plan_or_closest(model, g, strategy=s, seq_len=seq_len) for s in STRATEGIES}
-        best = next((per[s] for s in STRATEGIES if per[s].fits), None)
-        tps = best.tokens_per_second_estimate if best else None
-        rows.append({
-            "gpu": g.name, "vram_gb": g.vram_gb, "launch_price_usd": g.msrp_usd,
-            "peak_gib": {s: round(per[s].memory.total / 1024**3, 2) for s in STRATEGIES},
-            "fits": {s: per[s].fits for s in STRATEGIES},
-            "best_strategy": best.strategy if best else None,
-            "best_peak_gib": round(best.memory.total / 1024**3, 2) if best else None,
-            "tokens_per_second_estimate": round(tps, 1) if tps else None,
-            "hours_estimate": round(tokens / tps / 3600, 2) if tps else None,
-            "cheapest_for": [], "fastest_within_budget": False,
-        })
-    for s in STRATEGIES:
-        cands = [r for r in rows if r["best_strategy"] == s and r["launch_price_usd"]]
-        if cands:
-            min(cands, key=lambda r: r["launch_price_usd"])["cheapest_for"].append(s)
-    if budget is not None:
-        cands = [r for r in rows if r["tokens_per_second_estimate"] and r["launch_price_usd"] and r["launch_price_usd"] <= budget]
-        if cands:
-            max(cands, key=lambda r: r["tokens_per_second_estimate"])["fastest_within_budget"] = True
-    return rows
-
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from hfgpu.models import model_spec
@@ -274,6 +244,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.budget is not None and args.budget <= 0:
         raise HfgpuError(f"--budget {args.budget:g} must be a positive price in USD, e.g. --budget 600")
     spec = model_spec(args.model)
+    from hfgpu.planner import fit_table
+
     rows = fit_table(args.model, args.seq_len, args.tokens, args.budget)
     if args.plot:
         from hfgpu.plots import plot_fit

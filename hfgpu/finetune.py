@@ -88,18 +88,6 @@ def resolved(recipe: Recipe, p) -> Recipe:
     return r
 
 
-def packing_mask_warning(p, packing: bool) -> str | None:
-    """Packed sequences get an explicit b × s × s attention mask from transformers unless attention is
-    flash_attention_2 (which reads the restarting position ids): not in the plan, so say so when it matters."""
-    if not packing or p.attention == "flash_attention_2":
-        return None
-    mask = p.micro_batch_size * p.seq_len * p.seq_len  # at least one byte per entry (bool)
-    if mask < 0.02 * p.memory.budget:
-        return None
-    return (f"warning: packing with {p.attention} attention builds a {p.micro_batch_size} × {p.seq_len} × {p.seq_len} attention mask "
-            f"(≥ {mask / 2**30:.1f} GiB) that the plan does not count: use attention flash_attention_2, or data.packing false")
-
-
 def check_output_dir(recipe: Recipe) -> Path:
     """Refuse to overwrite an earlier run unless resume or overwrite is asked; nothing is touched when refusing."""
     out = Path(recipe.output_dir)
@@ -267,8 +255,6 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     main = accelerator.is_main_process
     speak = say if main else (lambda *a, **k: None)
     speak(str(p))
-    if (note := packing_mask_warning(p, recipe.data.packing)) is not None:
-        speak(note)
     set_seed(recipe.train.seed)
 
     model_path = resolve_path(recipe.model)

@@ -64,6 +64,8 @@ class Knobs:
     chunked_loss: Union[bool, str] = _knob(AUTO, "lm_head and the loss over slices of tokens: the full logits never exist", kind="bool")
     activation_offloading: Union[bool, str] = _knob(AUTO, "checkpointed layer inputs wait in CPU memory (needs gradient checkpointing)", kind="bool")
     tiled_mlp: Union[bool, str] = _knob(AUTO, "the MLP's backward over tiles of tokens, for long sequences (needs gradient checkpointing)", kind="bool")
+    packing: bool = _knob(False, "several examples per sequence (position_ids keep them apart): less padding, faster", kind="bool", auto=False,
+                          recipe="data.packing")
     lora_r: Union[int, str] = _knob(AUTO, "LoRA rank: higher learns more and costs more memory (auto: 16)", kind="int", minimum=1, recipe="lora.r")
     lora_alpha: Union[int, str] = _knob(AUTO, "LoRA scaling (auto: 2 × r)", kind="int", minimum=1, recipe="lora.alpha")
     lora_dropout: float = _knob(0.0, "dropout on each adapter's input, in [0, 1): 0 keeps no copy of it (less memory); 0.05-0.1 regularises small data",

@@ -463,9 +463,44 @@ def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBr
         w.append(f"mixture of experts ({spec.num_experts} experts): expert weights are counted, but LoRA targets and quantization cover only nn.Linear layers")
     if mem.fits and mem.total > 0.95 * mem.budget:
         w.append(f"tight fit: {_gib(mem.total)} of {_gib(mem.budget)}; close other programs using the GPU")
+    if kn.packing and kn.attention != "flash_attention_2" and (mask := kn.micro_batch_size * kn.seq_len * kn.seq_len) >= 0.02 * mem.budget:
+        # transformers builds an explicit b × s × s mask for packed rows unless FlashAttention-2 reads the restarting position ids
+        w.append(f"packing with {kn.attention} attention builds a {kn.micro_batch_size} × {kn.seq_len} × {kn.seq_len} attention mask "
+                 f"(≥ {mask / memory.GIB:.1f} GiB) that the plan does not count: use attention flash_attention_2, or packing off")
     if kn.micro_batch_size * accum * card.count != global_batch:
         w.append(f"global batch is {kn.micro_batch_size * accum * card.count}, not {global_batch}: it is not a multiple of the micro-batch")
     return w
+
+
+# --- which card -------------------------------------------------------------------------------------
+
+
+def fit_table(model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: float | None = None) -> list[dict]:
+    """For each consumer card: per-strategy peaks, the best strategy that fits, speed and price."""
+    rows = []
+    for g in (g for g in catalog() if g.is_consumer):
+        per = {s: plan_or_closest(model, g, strategy=s, seq_len=seq_len) for s in STRATEGIES}
+        best = next((per[s] for s in STRATEGIES if per[s].fits), None)
+        tps = best.tokens_per_second_estimate if best else None
+        rows.append({
+            "gpu": g.name, "vram_gb": g.vram_gb, "launch_price_usd": g.msrp_usd,
+            "peak_gib": {s: round(per[s].memory.total / 1024**3, 2) for s in STRATEGIES},
+            "fits": {s: per[s].fits for s in STRATEGIES},
+            "best_strategy": best.strategy if best else None,
+            "best_peak_gib": round(best.memory.total / 1024**3, 2) if best else None,
+            "tokens_per_second_estimate": round(tps, 1) if tps else None,
+            "hours_estimate": round(tokens / tps / 3600, 2) if tps else None,
+            "cheapest_for": [], "fastest_within_budget": False,
+        })
+    for s in STRATEGIES:
+        cands = [r for r in rows if r["best_strategy"] == s and r["launch_price_usd"]]
+        if cands:
+            min(cands, key=lambda r: r["launch_price_usd"])["cheapest_for"].append(s)
+    if budget is not None:
+        cands = [r for r in rows if r["tokens_per_second_estimate"] and r["launch_price_usd"] and r["launch_price_usd"] <= budget]
+        if cands:
+            max(cands, key=lambda r: r["tokens_per_second_estimate"])["fastest_within_budget"] = True
+    return rows
 
 
 # --- when nothing fits -------------------------------------------------------------------------------

@@ -66,7 +66,6 @@ class _DataConfig(_Strict):
     split: str = Field("train", description="split of a Hub dataset (or of the local file) to train on")
     eval_split: str | None = Field(None, description="split to evaluate on (Hub datasets)")
     eval_path: str | None = Field(None, description="a separate local file to evaluate on")
-    packing: bool = Field(False, description="several examples per sequence (position_ids keep them apart): less padding, faster")
     train_on_prompt: bool = Field(False, description="also learn the prompt tokens (instruction and chat formats)")
     too_long: Literal["truncate", "drop"] = Field("truncate", description="what to do with examples longer than max_seq_len")
     chat_template: str | None = Field(None, description="a Jinja chat template, when the tokenizer has none")

@@ -110,7 +110,7 @@ def render(text: str, generated: dict[str, str]) -> str:
 def images() -> None:
     import shutil
 
-    from hfgpu.cli import fit_table
+    from hfgpu.planner import fit_table
     from hfgpu.planner import plan
     from hfgpu.plots import plot_fit, plot_plan
 

@@ -164,11 +164,9 @@ def test_training_with_the_tiled_mlp_matches_training_without(strategy, tiny_mod
     assert len(plain) == 4 and tiled == pytest.approx(plain, rel=1e-5)
 
 
-def test_long_packed_sequences_with_sdpa_are_warned_about():
-    from hfgpu.finetune import packing_mask_warning
-
-    long = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060 12GB", strategy="qlora", micro_batch_size=1, seq_len=32768)
-    note = packing_mask_warning(long, packing=True)
-    assert note and "32768 × 32768" in note and "flash_attention_2" in note and "1.0 GiB" in note
-    assert packing_mask_warning(long, packing=False) is None
-    assert packing_mask_warning(hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060 12GB", strategy="qlora", seq_len=2048), packing=True) is None
+def test_long_packed_sequences_with_sdpa_are_warned_about_in_the_plan():
+    long = dict(strategy="qlora", micro_batch_size=1, seq_len=32768)
+    note = " ".join(hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060 12GB", packing=True, **long).warnings)
+    assert "32768 × 32768" in note and "flash_attention_2" in note and "1.0 GiB" in note
+    assert "packing" not in " ".join(hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060 12GB", **long).warnings)
+    assert "packing" not in " ".join(hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060 12GB", strategy="qlora", seq_len=2048, packing=True).warnings)
