@@ -246,7 +246,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     spec = model_spec(args.model)
     from hfgpu.planner import fit_table
 
-    rows = fit_table(args.model, args.seq_len, args.tokens, args.budget)
+    rows = fit_table(args.model, args.seq_len, args.tokens, args.budget, surface=CLI)
     if args.plot:
         from hfgpu.plots import plot_fit
 

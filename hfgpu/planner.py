@@ -475,11 +475,12 @@ def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBr
 # --- which card -------------------------------------------------------------------------------------
 
 
-def fit_table(model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: float | None = None) -> list[dict]:
+def fit_table(model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: float | None = None, surface: Surface = PYTHON) -> list[dict]:
     """For each consumer card: per-strategy peaks, the best strategy that fits, speed and price."""
+    spec = model_spec(model)
     rows = []
     for g in (g for g in catalog() if g.is_consumer):
-        per = {s: plan_or_closest(model, g, strategy=s, seq_len=seq_len) for s in STRATEGIES}
+        per = {s: _plan(_context(spec, g, Knobs(strategy=s, seq_len=seq_len), surface, True)) for s in STRATEGIES}
         best = next((per[s] for s in STRATEGIES if per[s].fits), None)
         tps = best.tokens_per_second_estimate if best else None
         rows.append({

@@ -132,3 +132,8 @@ def test_finetune_help_describes_every_recipe_key():
 
     for key in keys(Recipe):
         assert f"\n{key} (" in out or f" {key} (" in out or f"{key}:" in out, key
+
+
+def test_fit_names_the_flag_too(capsys):
+    assert hfgpu_main(["fit", M, "--seq-len", "100000"]) == 2
+    assert "--seq-len 100000 is beyond" in capsys.readouterr().err
