@@ -24,7 +24,6 @@ from hfgpu.errors import HfgpuError
 from hfgpu.gpus import GPU
 from hfgpu.models import ModelSpec
 
-Auto = Literal["auto"]
 AUTO = "auto"
 
 STRATEGIES = ("full", "lora", "qlora")
@@ -89,13 +88,6 @@ class Knobs:
                 raise HfgpuError(f"{where} has no knob {name!r}: {hint}")
         return cls(**given)
 
-    def fixed(self) -> dict[str, Any]:
-        """The knobs given a value (not "auto"), by name."""
-        return {f.name: getattr(self, f.name) for f in KNOB_FIELDS if getattr(self, f.name) != f.default or not f.metadata["auto"]}
-
-    def is_auto(self, name: str) -> bool:
-        return getattr(self, name) == AUTO
-
     replace = dataclasses.replace
 
 
@@ -125,15 +117,17 @@ class Surface:
     def key(self, name: str) -> str:
         return {"python": name, "cli": cli_flag(name), "recipe": recipe_key(name)}[self.kind]
 
+    def value(self, value: Any) -> str:
+        """A value as the user would write it here: `'fp16'`/`True` in Python, `on` on the command line, `true` in a recipe."""
+        if isinstance(value, bool):
+            return {"python": str(value), "cli": "on" if value else "off", "recipe": "true" if value else "false"}[self.kind]
+        if isinstance(value, tuple):
+            return ",".join(value) if self.kind != "python" else repr(list(value))
+        return repr(value) if self.kind == "python" else str(value)
+
     def setting(self, name: str, value: Any) -> str:
         """`name=value` as the user would write it here: `precision='fp16'`, `--precision fp16`, `precision=fp16`."""
-        if isinstance(value, bool):
-            shown = {"python": str(value), "cli": "on" if value else "off", "recipe": "true" if value else "false"}[self.kind]
-        elif isinstance(value, tuple):
-            shown = ",".join(value) if self.kind != "python" else repr(list(value))
-        else:
-            shown = repr(value) if self.kind == "python" else str(value)
-        return f"{self.key(name)} {shown}" if self.kind == "cli" else f"{self.key(name)}={shown}"
+        return f"{self.key(name)} {self.value(value)}" if self.kind == "cli" else f"{self.key(name)}={self.value(value)}"
 
 
 PYTHON, CLI, RECIPE = Surface("python"), Surface("cli"), Surface("recipe")

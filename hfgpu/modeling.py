@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -38,8 +38,6 @@ class ModelSettings:
     @classmethod
     def from_knobs(cls, k: Any) -> "ModelSettings":
         """From a resolved knob record (a Plan's `knobs`, or a memory.Setup): every field of the same name."""
-        from dataclasses import fields
-
         names = {f.name for f in fields(cls)} - {"shard_quantized"}
         return cls(**{n: getattr(k, n) for n in names}, shard_quantized=k.distributed in ("fsdp", "zero3"))
 

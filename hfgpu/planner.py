@@ -12,9 +12,9 @@ savers' time costs are in hfgpu.throughput.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field, replace
-import inspect
 from typing import Any
 
 from hfgpu import memory
@@ -146,10 +146,13 @@ class _Ctx:
     gpu: GPU
     fixed: Knobs  # as the user gave them
     base: Knobs  # attention, LoRA, batch target, seq_len, distributed resolved; the searched knobs still as given
-    correction: float
-    calibration: dict | None
+    calibration: dict | None  # this card's stored correction (hfgpu calibrate), when asked for and present
     surface: Surface
     calibrated: bool = True
+
+    @property
+    def correction(self) -> float:
+        return self.calibration["factor"] if self.calibration else 1.0
 
     def setup(self, **searched: Any) -> memory.Setup:
         return memory.Setup.of(self.base.replace(**searched), self.gpu.count)
@@ -166,10 +169,10 @@ def _savers(c: _Ctx, **chosen: Any) -> list[dict[str, bool]]:
         ckpts = [True]
     chunk_ok = chunked_loss_blocker(spec, c.base.distributed) is None
     chunks = ([False, True] if chunk_ok else [False]) if f.chunked_loss == "auto" else [f.chunked_loss]
+    tile_ok = tiled_mlp_blocker(spec) is None
     combos = []
     for ckpt in ckpts:
         offs = [False] if not ckpt or gpu.is_cpu else ([False, True] if f.activation_offloading == "auto" else [f.activation_offloading])
-        tile_ok = tiled_mlp_blocker(spec) is None
         tiles = [False] if not ckpt else ([False, True] if f.tiled_mlp == "auto" and tile_ok else [f.tiled_mlp is True])
         combos += [dict(gradient_checkpointing=ckpt, chunked_loss=chunk, activation_offloading=off, tiled_mlp=tile)
                    for chunk in chunks for off in offs for tile in tiles]
@@ -228,7 +231,10 @@ def _search(c: _Ctx) -> tuple[memory.Setup, memory.MemoryBreakdown, bool, dict[t
     return smallest[0], smallest[1], False, rejected
 
 
-def _context(spec: ModelSpec, gpu: GPU, fixed: Knobs, surface: Surface, calibrated: bool) -> _Ctx:
+def _context(model: Any, gpu: Any, fixed: Knobs, surface: Surface, calibrated: bool) -> _Ctx:
+    """The planning problem: the model (a name or a ModelSpec), the card (a name or a GPU), the checked knobs."""
+    spec = model if isinstance(model, ModelSpec) else model_spec(model)
+    gpu = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
     errs = validate(spec, gpu, fixed, surface)
     if errs:
         raise HfgpuError("; ".join(errs))
@@ -247,7 +253,7 @@ def _context(spec: ModelSpec, gpu: GPU, fixed: Knobs, surface: Surface, calibrat
         from hfgpu.calibrate import correction_for
 
         calibration = correction_for(gpu.name)
-    return _Ctx(spec, gpu, fixed, base, calibration["factor"] if calibration else 1.0, calibration, surface, calibrated)
+    return _Ctx(spec, gpu, fixed, base, calibration, surface, calibrated)
 
 
 def plan(model: Any, gpu: Any = "auto", *, verify: bool = False, calibrated: bool = True, **knobs: Any) -> Plan:
@@ -264,10 +270,8 @@ def plan(model: Any, gpu: Any = "auto", *, verify: bool = False, calibrated: boo
 
 def plan_knobs(model: Any, gpu: Any, knobs: Knobs, *, surface: Surface = PYTHON, verify: bool = False, calibrated: bool = True) -> Plan:
     """`plan` for a knob record; `surface` names knobs in errors as the user typed them (recipe key, flag, keyword)."""
-    spec = model_spec(model)
-    card = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
-    c = _context(spec, card, knobs, surface, calibrated)
-    result = _plan(c)
+    c = _context(model, gpu, knobs, surface, calibrated)
+    spec, result = c.spec, _plan(c)
     if verify:
         from hfgpu.simulate import simulate
 
@@ -298,10 +302,7 @@ plan.__signature__ = _signature()  # type: ignore[attr-defined]
 
 def plan_or_closest(model: Any, gpu: Any = "auto", *, calibrated: bool = True, **knobs: Any) -> Plan:
     """Like `plan`, but returns the closest plan (`fits == False`) instead of raising DoesNotFit."""
-    k = Knobs.from_kwargs(knobs, "plan_or_closest()")
-    spec = model_spec(model)
-    card = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
-    return _plan(_context(spec, card, k, PYTHON, calibrated))
+    return _plan(_context(model, gpu, Knobs.from_kwargs(knobs, "plan_or_closest()"), PYTHON, calibrated))
 
 
 def _plan(c: _Ctx) -> Plan:
@@ -400,7 +401,7 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     else:
         r["distributed"] = "none: one card"
     if kn.strategy != "full":
-        r["lora"] = ("r and targets fixed by you" if k.lora_r != "auto" or k.lora_targets != "auto" else "r=16 on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r")
+        r["lora"] = ("r and targets fixed by you" if k.lora_r != "auto" or k.lora_targets != "auto" else f"r={DEFAULT_LORA_R} on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r")
         if k.lora_dropout == 0:
             r["lora"] += "; dropout 0: a dropout keeps a copy of every adapter's input"
     return r

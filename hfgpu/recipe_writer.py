@@ -66,10 +66,6 @@ def neighbour_lines(p: Plan) -> list[str]:
     return lines
 
 
-def _value(v) -> str:
-    return ("true" if v else "false") if isinstance(v, bool) else str(v)
-
-
 def _help(name: str, p: Plan) -> str:
     """The record's help for a knob; checkpointing's with the throughput model's cost for this strategy."""
     text = knob_field(name).metadata["help"]
@@ -112,7 +108,7 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         "",
         f"model: {p.model}",
         _kv("gpu", f'"{g.name}"', "the card to plan for; auto: the one this machine has"),
-        *[_kv(n, _value(getattr(p, n)), _help(n, p)) for n in PINNED if n != "seq_len"],
+        *[_kv(n, RECIPE.value(getattr(p, n)), _help(n, p)) for n in PINNED if n != "seq_len"],
         _kv("distributed", "auto", "what `accelerate launch` sets up (ddp, fsdp, deepspeed), else none"),
         "",
         "data:",
