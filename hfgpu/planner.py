@@ -40,9 +40,6 @@ class LoraSettings:
     dropout: float
     target_modules: tuple[str, ...]
 
-    def to_dict(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(self.target_modules)}
-
 
 @dataclass(frozen=True)
 class Plan:
