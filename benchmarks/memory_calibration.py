@@ -42,14 +42,14 @@ def main() -> int:
         return 0
     warnings.filterwarnings("ignore")
     from hfgpu.calibrate import grid, measure_cuda_step
-    from hfgpu.models import _to_pretrained_config, model_spec
+    from hfgpu.models import pretrained_config, model_spec
     from hfgpu.planner import plan_or_closest
     from hfgpu.simulate import simulate
 
     rows = []
     for model in MODELS[:1] if args.quick else MODELS:
         spec = model_spec(model)
-        config = _to_pretrained_config(spec.config)
+        config = pretrained_config(spec.config)
         for knobs in grid(model, short=args.quick):
             p = plan_or_closest(model, "auto", calibrated=False, **knobs)
             if p.memory.weights + p.memory.trainable_state > 0.9 * p.memory.budget:

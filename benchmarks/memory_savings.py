@@ -23,10 +23,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from hfgpu.units import GIB, gib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GIB = 1024**3
 MODEL = "meta-llama/Llama-3.1-8B"
 TORCHTUNE_LORA = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # lora_attn_modules + apply_lora_to_mlp
 PUBLISHED = {"lora": 16.2, "qlora": 7.4}  # torchtune README, Llama-3.1-8B on 1 × RTX 4090, batch 2 × 2048 packed
@@ -57,7 +57,7 @@ def peaks() -> None:
               f"   {'≤' if best <= PUBLISHED[strategy] else '>'} target")
     p = hfgpu.plan(MODEL, "RTX 4090", strategy="lora", micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
                    chunked_loss=True, activation_offloading=True)
-    print(f"   with hfgpu's own default LoRA (r=16 on every linear layer): {simulate(p.spec.config, p.setup(), p.spec).peak / GIB:.2f} GiB simulated")
+    print(f"   with hfgpu's own default LoRA (r=16 on every linear layer): {gib(simulate(p.spec.config, p.setup(), p.spec).peak, 2)} simulated")
 
 
 def longest() -> None:
@@ -89,12 +89,12 @@ def longest() -> None:
         p = planned(card, ours)[1]
         sim = simulate(p.spec.config, p.setup(), p.spec)
         print(f"   {p.gpu.name:24s} {ours:7,d} tokens  (optimizer {p.optimizer}, chunked loss {p.chunked_loss}, offloading {p.activation_offloading}, "
-              f"tiled MLP {p.tiled_mlp}; planned {p.memory.total / GIB:.2f}, simulated {(sim.peak + p.memory.overhead) / GIB:.2f} of {p.memory.budget / GIB:.2f} GiB)")
+              f"tiled MLP {p.tiled_mlp}; planned {p.memory.total / GIB:.2f}, simulated {(sim.peak + p.memory.overhead) / GIB:.2f} of {gib(p.memory.budget, 2)})")
     fits64, (plain_plan, plain_total) = plain_fits("RTX 4060", 64)
     if fits64:
         print(f"   plain path on the RTX 4060 (simulated + the same allowances): {search(plain_fits, 'RTX 4060', 64, 4096):5d} tokens")
     else:
-        print(f"   plain path on the RTX 4060 (simulated + the same allowances): does not fit at any length — {plain_total / GIB:.2f} GiB "
+        print(f"   plain path on the RTX 4060 (simulated + the same allowances): does not fit at any length — {gib(plain_total, 2)} "
               f"of {plain_plan.memory.budget / GIB:.2f} at 64 tokens (peft upcasts embeddings and lm_head to fp32)")
     print(f"   unsloth published on 8 GB: {UNSLOTH_8GB:,d} tokens")
 

@@ -10,34 +10,15 @@ benchmarks/memory_calibration.py runs the full grid and writes a CSV.
 from __future__ import annotations
 
 import datetime
-import json
 import statistics
-from pathlib import Path
 
 from hfgpu import memory
+from hfgpu.corrections import store_correction
 from hfgpu.errors import HfgpuError
+from hfgpu.models import model_spec, pretrained_config
+from hfgpu.planner import plan_or_closest
+from hfgpu.units import GIB, gib
 
-GIB = 1024**3
-
-
-def calibration_file() -> Path:
-    from hfgpu.models import _cache_dir
-
-    return _cache_dir().parent / "calibration.json"
-
-
-def load_corrections() -> dict:
-    path = calibration_file()
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def correction_for(card_name: str) -> dict | None:
-    """{'factor', 'date', 'model', 'rows'} stored by `hfgpu calibrate` for this card, if any."""
-    entry = load_corrections().get(card_name)
-    return entry if isinstance(entry, dict) and isinstance(entry.get("factor"), (int, float)) else None
 
 
 def require_cuda() -> None:
@@ -93,11 +74,8 @@ def grid(model: str, short: bool = True) -> list[dict]:
 def calibrate(model: str, gpu: str = "auto", say=print) -> dict:
     """Measure the short grid for `model` on this machine's card; store and return the correction."""
     require_cuda()
-    from hfgpu.models import _to_pretrained_config, model_spec
-    from hfgpu.planner import plan_or_closest
-
     spec = model_spec(model)
-    config = _to_pretrained_config(spec.config)
+    config = pretrained_config(spec.config)
     ratios, card = [], None
     for knobs in grid(model):
         p = plan_or_closest(model, gpu, calibrated=False, **knobs)
@@ -109,15 +87,11 @@ def calibrate(model: str, gpu: str = "auto", say=print) -> dict:
         planned_rest = p.memory.activations + p.memory.logits + p.memory.overhead
         measured_rest = measured["device_used"] - exact
         ratios.append(measured_rest / planned_rest)
-        say(f"{knobs}: planned {p.memory.total / GIB:.2f} GiB, measured {measured['device_used'] / GIB:.2f} GiB (reserved {measured['reserved'] / GIB:.2f})")
+        say(f"{knobs}: planned {gib(p.memory.total, 2)}, measured {gib(measured['device_used'], 2)} (reserved {measured['reserved'] / GIB:.2f})")
     if not ratios:
         raise HfgpuError(f"no calibration run of {model} fits this card: calibrate with a smaller model")
     entry = {"factor": round(max(statistics.median(ratios), max(ratios) * 0.95), 3), "date": datetime.date.today().isoformat(),
              "model": model, "rows": len(ratios)}
-    table = load_corrections()
-    table[card.name] = entry
-    path = calibration_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1))
+    path = store_correction(card.name, entry)
     say(f"{card.name}: transient memory × {entry['factor']} from {len(ratios)} measured steps; stored in {path}")
     return entry

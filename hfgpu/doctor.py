@@ -11,8 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from hfgpu.planner import PASCAL_TORCH
+from hfgpu.units import gib
 
-GIB = 1024**3
 
 
 @dataclass
@@ -125,7 +125,7 @@ def diagnose(p: SystemProbe) -> Report:
         add("gpu", "warn", "no CUDA GPU visible: only CPU runs (the demo) will work", fix)
     for i, d in enumerate(p.devices):
         cc = f"{d.capability[0]}.{d.capability[1]}"
-        add(f"gpu {i}", "ok", f"{d.name}: {d.total_bytes / GIB:.1f} GiB, {d.free_bytes / GIB:.1f} GiB free now, compute capability {cc}")
+        add(f"gpu {i}", "ok", f"{d.name}: {gib(d.total_bytes)}, {gib(d.free_bytes)} free now, compute capability {cc}")
         if wheel_runs_on(p.arch_list, d.capability):
             add(f"gpu {i} kernels", "ok", f"torch's wheel has kernels for sm_{d.capability[0]}{d.capability[1]}")
         elif d.capability[0] < 7:

@@ -17,8 +17,8 @@ from typing import Callable
 
 from hfgpu._fuzzy import did_you_mean
 from hfgpu.errors import HfgpuError
+from hfgpu.units import GIB
 
-GIB = 1024**3
 
 
 @dataclass(frozen=True)

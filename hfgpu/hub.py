@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from hfgpu.errors import HfgpuError
+from hfgpu.units import gib
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -109,7 +110,6 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
     before = run.metrics.get("before", {})
     metric_rows = "\n".join(f"| {k} | {_fmt(before[k]) if k in before else '–'} | {_fmt(v)} |" for k, v in after.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     mem = plan["memory"]
-    gib = lambda n: f"{n / 1024**3:.2f} GiB"
     t = recipe["train"]
     usage = (
         f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -141,7 +141,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 | micro-batch × accumulation | {plan['micro_batch_size']} × {plan['grad_accum_steps']} |
 | sequence length | {plan['seq_len']} |
 | optimizer | {plan['optimizer']} |
-| planned peak memory | {gib(mem['total'])} of {gib(mem['budget'])} |
+| planned peak memory | {gib(mem['total'], 2)} of {gib(mem['budget'], 2)} |
 | trainable parameters | {plan['params_trainable']:,} of {plan['params_total']:,} |
 
 ## Training

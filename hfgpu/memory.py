@@ -21,8 +21,8 @@ from hfgpu._package import PACKAGE
 
 from hfgpu.knobs import KNOB_FIELDS, Knobs
 from hfgpu.models import ModelSpec
+from hfgpu.units import GIB
 
-GIB = 1024**3
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # Coefficients that are not exact, with their provenance (see DESIGN.md, "The memory model").

@@ -168,7 +168,7 @@ def load_config(model: Any) -> tuple[str, str, dict]:
 # --- counting -------------------------------------------------------------------------------------
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     base = os.environ.get("HFGPU_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hfgpu")
     return Path(base) / "specs"
 
@@ -205,7 +205,7 @@ def build_shipped_inventories() -> dict:
     return out
 
 
-def _to_pretrained_config(config: dict):
+def pretrained_config(config: dict):
     from transformers import AutoConfig
 
     model_type = config.get("model_type")
@@ -231,7 +231,7 @@ def _count_on_meta(config: dict) -> dict:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    cfg = _to_pretrained_config(config)
+    cfg = pretrained_config(config)
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
@@ -272,7 +272,7 @@ def _inventory(config: dict) -> dict:
     if shipped is not None:
         _MEMO[key] = shipped
         return shipped
-    path = _cache_dir() / f"{key}.json"
+    path = cache_dir() / f"{key}.json"
     inv = None
     if path.is_file():
         try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hfgpu import memory
+from hfgpu.corrections import correction_for
 from hfgpu.errors import DoesNotFit, HfgpuError
 from hfgpu.gpus import GPU, catalog, get_gpu
 from hfgpu.knobs import (KNOB_FIELDS, KNOB_NAMES, PYTHON, STRATEGIES, Knobs, Surface, auto_precision, chunked_loss_blocker, planning_cc, recipe_key,
@@ -25,6 +26,7 @@ from hfgpu.knobs import (KNOB_FIELDS, KNOB_NAMES, PYTHON, STRATEGIES, Knobs, Sur
 from hfgpu.models import ModelSpec, model_spec
 from hfgpu.throughput import (CHUNKED_LOSS_COST, PCIE_BYTES_PER_S, TILED_MLP_COST, checkpointing_cost, compute_tokens_per_second,
                               tokens_per_second)
+from hfgpu.units import GIB, gib
 
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -247,8 +249,6 @@ def _context(model: Any, gpu: Any, fixed: Knobs, surface: Surface, calibrated: b
     )
     calibration = None
     if calibrated and not gpu.is_cpu:
-        from hfgpu.calibrate import correction_for
-
         calibration = correction_for(gpu.name)
     return _Ctx(spec, gpu, fixed, base, calibration, surface, calibrated)
 
@@ -277,7 +277,7 @@ def plan_knobs(model: Any, gpu: Any, knobs: Knobs, *, surface: Surface = PYTHON,
         sim["fits"] = sim["total"] <= result.memory.budget
         extra = ()
         if result.fits and not sim["fits"]:
-            extra = (f"the simulated step needs {sim['total'] / memory.GIB:.1f} GiB, more than the budget of {result.memory.budget / memory.GIB:.1f} GiB: "
+            extra = (f"the simulated step needs {gib(sim['total'])}, more than the budget of {gib(result.memory.budget)}: "
                      "trust the simulation — lower the micro-batch or seq_len, or turn on gradient checkpointing",)
         result = replace(result, simulation=sim, warnings=result.warnings + extra)
     if not result.fits:
@@ -322,7 +322,7 @@ def _plan(c: _Ctx) -> Plan:
 
 
 def _gib(n: int) -> str:
-    return f"{n / memory.GIB:.1f} GiB"
+    return f"{gib(n)}"
 
 
 def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int, rejected: dict[tuple, int]) -> dict[str, str]:
@@ -464,7 +464,7 @@ def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBr
     if kn.packing and kn.attention != "flash_attention_2" and (mask := kn.micro_batch_size * kn.seq_len * kn.seq_len) >= 0.02 * mem.budget:
         # transformers builds an explicit b × s × s mask for packed rows unless FlashAttention-2 reads the restarting position ids
         w.append(f"packing with {kn.attention} attention builds a {kn.micro_batch_size} × {kn.seq_len} × {kn.seq_len} attention mask "
-                 f"(≥ {mask / memory.GIB:.1f} GiB) that the plan does not count: use attention flash_attention_2, or packing off")
+                 f"(≥ {gib(mask)}) that the plan does not count: use attention flash_attention_2, or packing off")
     if kn.micro_batch_size * accum * card.count != global_batch:
         w.append(f"global batch is {kn.micro_batch_size * accum * card.count}, not {global_batch}: it is not a multiple of the micro-batch")
     return w
@@ -483,10 +483,10 @@ def fit_table(model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: f
         tps = best.tokens_per_second_estimate if best else None
         rows.append({
             "gpu": g.name, "vram_gb": g.vram_gb, "launch_price_usd": g.msrp_usd,
-            "peak_gib": {s: round(per[s].memory.total / 1024**3, 2) for s in STRATEGIES},
+            "peak_gib": {s: round(per[s].memory.total / GIB, 2) for s in STRATEGIES},
             "fits": {s: per[s].fits for s in STRATEGIES},
             "best_strategy": best.strategy if best else None,
-            "best_peak_gib": round(best.memory.total / 1024**3, 2) if best else None,
+            "best_peak_gib": round(best.memory.total / GIB, 2) if best else None,
             "tokens_per_second_estimate": round(tps, 1) if tps else None,
             "hours_estimate": round(tokens / tps / 3600, 2) if tps else None,
             "cheapest_for": [], "fastest_within_budget": False,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from hfgpu.units import GIB, gib
 
-GIB = 1024**3
 COMPONENTS = [("weights", "#4c72b0"), ("trainable_state", "#55a868"), ("activations", "#c44e52"), ("logits", "#dd8452"), ("overhead", "#8172b3")]
 STRATEGY_COLOURS = {"full": "#4c72b0", "lora": "#55a868", "qlora": "#dd8452", None: "#bbbbbb"}
 
@@ -31,7 +31,7 @@ def plot_plan(p, path: str | Path) -> Path:
         bottom += value
     card = p.gpu.vram_gb * GIB / GIB
     ax.axhline(card, color="black", linewidth=1.5, label=f"{p.gpu.name}: {p.gpu.vram_gb:g} GB")
-    ax.axhline(m["budget"] / GIB, color="black", linestyle="--", linewidth=1, label=f"budget (headroom kept) {m['budget'] / GIB:.1f} GiB")
+    ax.axhline(m["budget"] / GIB, color="black", linestyle="--", linewidth=1, label=f"budget (headroom kept) {gib(m['budget'])}")
     ax.set_xlim(-0.6, 1.9)
     ax.set_xticks([])
     ax.set_ylabel("GiB")

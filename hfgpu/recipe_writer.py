@@ -11,8 +11,8 @@ from hfgpu.gpus import GPU, catalog
 from hfgpu.knobs import KNOB_NAMES, RECIPE, knob_field, recipe_key
 from hfgpu.planner import Plan, plan_or_closest
 from hfgpu.throughput import checkpointing_cost
+from hfgpu.units import GIB, gib
 
-GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def neighbour_lines(p: Plan) -> list[str]:
             q = plan_or_closest(p.model, g, strategy=p.strategy, seq_len=seq)
         head = f"{g.name} ({g.vram_gb:g} GB): "
         if q.fits:
-            lines.append(head + _overrides(p, q) + f" (peak {q.memory.total / GIB:.1f} of {q.memory.budget / GIB:.1f} GiB)")
+            lines.append(head + _overrides(p, q) + f" (peak {q.memory.total / GIB:.1f} of {gib(q.memory.budget)})")
         else:
             best = plan_or_closest(p.model, g, seq_len=p.seq_len)
             lines.append(head + f"{p.strategy} does not fit" + (f"; {_overrides(p, best)} does" if best.fits else "; choose a smaller model"))
@@ -102,7 +102,7 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         f"#   micro-batch {p.micro_batch_size} × {p.grad_accum_steps} accumulation = {p.global_batch_size} sequences of {p.seq_len} tokens per step,",
         f"#   optimizer {p.optimizer}, attention {p.attention}, chunked loss {'on' if p.chunked_loss else 'off'}, "
         f"activation offloading {'on' if p.activation_offloading else 'off'}, tiled MLP {'on' if p.tiled_mlp else 'off'};",
-        f"#   expected peak {p.memory.total / GIB:.1f} GiB of the card's {g.vram_gb:g} GB (budget {p.memory.budget / GIB:.1f} GiB).",
+        f"#   expected peak {gib(p.memory.total)} of the card's {g.vram_gb:g} GB (budget {gib(p.memory.budget)}).",
         "# Neighbouring cards:",
         *[f"#   {line}" for line in neighbour_lines(p)],
         "",

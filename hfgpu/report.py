@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hfgpu.units import gib
+
 if TYPE_CHECKING:
     from hfgpu.planner import Plan
-
-GIB = 1024**3
-
-
-def gib(n: int | float) -> str:
-    return f"{n / GIB:.2f} GiB"
 
 
 def millions(n: int) -> str:
@@ -39,13 +35,13 @@ def plan_rows(p: "Plan") -> list[tuple[str, str, str]]:
 def memory_rows(p: "Plan") -> list[tuple[str, str]]:
     m = p.memory
     return [
-        ("weights", gib(m.weights)),
-        ("trainable state (grads + optimizer)", gib(m.trainable_state)),
-        ("activations", gib(m.activations)),
-        ("logits + loss", gib(m.logits)),
-        ("overhead (CUDA context, workspace, fragmentation)", gib(m.overhead)),
-        ("total (peak)", gib(m.total)),
-        (f"budget ({p.gpu.vram_gb:g} GB less headroom)" + (", per card" if p.gpu.count > 1 else ""), gib(m.budget)),
+        ("weights", gib(m.weights, 2)),
+        ("trainable state (grads + optimizer)", gib(m.trainable_state, 2)),
+        ("activations", gib(m.activations, 2)),
+        ("logits + loss", gib(m.logits, 2)),
+        ("overhead (CUDA context, workspace, fragmentation)", gib(m.overhead, 2)),
+        ("total (peak)", gib(m.total, 2)),
+        (f"budget ({p.gpu.vram_gb:g} GB less headroom)" + (", per card" if p.gpu.count > 1 else ""), gib(m.budget, 2)),
     ]
 
 
@@ -54,11 +50,11 @@ def verify_rows(p: "Plan") -> list[tuple[str, str, str]]:
     m, sim = p.memory, p.simulation
     tensor_peak = m.weights + m.trainable_state + m.activations + m.logits
     return [
-        ("weights", gib(m.weights), gib(sim["weights"])),
-        ("trainable state", gib(m.trainable_state), gib(sim["trainable_state"])),
-        ("activations + logits", gib(m.activations + m.logits), gib(sim["transient"])),
-        ("tensor peak", gib(tensor_peak), gib(sim["peak"])),
-        ("+ overhead = total", gib(m.total), gib(sim["peak"] + m.overhead)),
+        ("weights", gib(m.weights, 2), gib(sim["weights"], 2)),
+        ("trainable state", gib(m.trainable_state, 2), gib(sim["trainable_state"], 2)),
+        ("activations + logits", gib(m.activations + m.logits, 2), gib(sim["transient"], 2)),
+        ("tensor peak", gib(tensor_peak, 2), gib(sim["peak"], 2)),
+        ("+ overhead = total", gib(m.total, 2), gib(sim["peak"] + m.overhead, 2)),
         ("simulated / planned tensor peak", "", f"{sim['peak'] / tensor_peak:.2f}"),
     ]
 
@@ -69,7 +65,7 @@ def plan_header(p: "Plan") -> str:
     verdict = "FITS" if p.fits else "DOES NOT FIT"
     return (
         f"{p.model} on {p.gpu.display_name} ({p.gpu.vram_gb:g} GB, {ccs}): {verdict} — "
-        f"{gib(p.memory.total)} of {gib(p.memory.budget)}; "
+        f"{gib(p.memory.total, 2)} of {gib(p.memory.budget, 2)}; "
         f"{millions(p.params_trainable)} of {millions(p.params_total)} parameters train"
     )
 

@@ -75,11 +75,11 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
-    from hfgpu.models import _to_pretrained_config, model_spec
+    from hfgpu.models import pretrained_config, model_spec
     from hfgpu.optim import make_optimizer
 
     start = time.perf_counter()
-    cfg = _to_pretrained_config(config)
+    cfg = pretrained_config(config)
     quantized = s.quantization != "none"
     storage = torch.float32 if s.strategy == "full" else DTYPES[s.precision]
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_masks():

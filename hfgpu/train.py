@@ -37,6 +37,7 @@ from hfgpu.loss import model_loss
 from hfgpu.modeling import adapters_in_compute_dtype
 from hfgpu.offload import offload_activations
 from hfgpu.optim import make_optimizer
+from hfgpu.units import GIB, gib
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
 
@@ -92,7 +93,7 @@ class LoopConfig:
             resume=recipe.resume, resume_force=recipe.resume_force,
             loss_chunk=chunk if p.chunked_loss else None, activation_offloading=p.activation_offloading, autocast=p.precision != "fp32",
             eval_chunk=chunk if plain_logits(p.spec.config) else None, fingerprint=fingerprint or {},
-            plan_note=(f"the plan estimated {p.memory.total / 2**30:.1f} GiB of {p.memory.budget / 2**30:.1f} GiB at micro-batch {p.micro_batch_size}, "
+            plan_note=(f"the plan estimated {gib(p.memory.total)} of {gib(p.memory.budget)} at micro-batch {p.micro_batch_size}, "
                        f"seq_len {p.seq_len}"),
         )
 
@@ -396,7 +397,7 @@ def train_loop(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, o
                         record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
                     log.write(record)
                     bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}",
-                                    **({"peak_GiB": f"{record['peak_memory_bytes'] / 2**30:.1f}"} if "peak_memory_bytes" in record else {}))
+                                    **({"peak_GiB": f"{record['peak_memory_bytes'] / GIB:.1f}"} if "peak_memory_bytes" in record else {}))
                     tick, tokens_since = time.perf_counter(), 0
 
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:

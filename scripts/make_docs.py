@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from hfgpu.gpus import get_gpu  # noqa: E402
 from hfgpu.planner import STRATEGIES, plan_or_closest  # noqa: E402
+from hfgpu.units import GIB
 
 MODELS = ["Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-7B",
           "meta-llama/Llama-3.1-8B", "meta-llama/Llama-2-13b-hf"]
@@ -27,7 +28,6 @@ CARDS = ["GTX 1060 6GB", "GTX 1070", "GTX 1080", "GTX 1080 Ti", "RTX 2060", "RTX
 SEQ = 1024
 TOKENS = 10e6
 PAIRS = [("RTX 4090", None), ("2x RTX 3090", "ddp"), ("2x RTX 4060 Ti 16GB", "zero3"), ("2x RTX 3060 12GB", "zero3"), ("RTX 5090", None)]
-GIB = 1024**3
 DOCS = {"en": ROOT / "docs" / "choosing-a-gpu.md", "zh": ROOT / "docs" / "choosing-a-gpu.zh-CN.md"}
 HEADERS = {
     "en": {"card": "card", "model": "model", "best": "best strategy", "peak": "peak GiB", "tps": "tokens/s", "hours": "hours / 10M tokens",

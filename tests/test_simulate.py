@@ -77,7 +77,7 @@ def test_calibration_grid_skips_cleanly_without_cuda(tmp_path):
 
 
 def test_a_stored_card_correction_changes_later_plans_and_says_so():
-    from hfgpu.calibrate import calibration_file
+    from hfgpu.corrections import calibration_file
 
     path = calibration_file()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -101,11 +101,11 @@ def test_a_plan_is_within_its_stated_accuracy_of_the_card(tmp_path):
     if DEVICE != "cuda":
         pytest.skip("device-wide memory needs CUDA")
     from hfgpu.calibrate import measure_cuda_step
-    from hfgpu.models import _to_pretrained_config, model_spec
+    from hfgpu.models import pretrained_config, model_spec
     from hfgpu.planner import plan_or_closest
 
     model = "Qwen/Qwen2.5-0.5B"
-    config = _to_pretrained_config(model_spec(model).config)
+    config = pretrained_config(model_spec(model).config)
     rows = []
     for strategy in ("lora", "qlora"):
         for seq in (512, 2048):
