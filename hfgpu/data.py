@@ -27,7 +27,7 @@ from typing import Any
 from hfgpu.errors import HfgpuError
 from hfgpu.recipe import DataConfig, resolve_path
 
-IGNORE = -100
+IGNORE = -100  # the label of a token the loss skips (prompt, padding): transformers' and torch's ignore_index
 FIELDS = {
     "text": ("text",),
     "alpaca": ("instruction", "input", "output"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from hfgpu.data import IGNORE  # the label of tokens the loss skips (transformers' ignore_index)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

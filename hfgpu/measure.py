@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hfgpu.loss import model_loss
 from hfgpu.memtrack import PeakTracker, state_tensors, storage_bytes
-from hfgpu.modeling import DTYPES, ModelSettings, adapters_in_compute_dtype, prepare_model
-from hfgpu.offload import offload_activations
+from hfgpu.modeling import DTYPES, ModelSettings, prepare_model
 from hfgpu.optim import make_optimizer
+from hfgpu.step import forward_backward as step_forward_backward
 
 
 @dataclass(frozen=True)
@@ -33,15 +32,12 @@ class StepMemory:
 
 def forward_backward(model, ids: torch.Tensor, precision: str, chunk_size: int | None = None, offload: bool = False,
                      simulate: bool = False, adapters_16bit: bool = True) -> torch.Tensor:
-    """One micro-batch's forward and backward as training runs it (hfgpu.train): autocast, the
-    chunked loss, activation offloading, 16-bit adapter inputs. `simulate`: fake tensors;
-    `adapters_16bit=False`: peft's default fp32 copies of adapter inputs (the plain path)."""
+    """One micro-batch of random `ids` through training's own step (hfgpu.step.forward_backward), under
+    the autocast accelerate gives training. `simulate`: fake tensors; `adapters_16bit=False`: peft's
+    default fp32 copies of adapter inputs (the plain path)."""
     autocast = precision != "fp32"
-    with adapters_in_compute_dtype(model, autocast and adapters_16bit):
-        with torch.autocast(ids.device.type, dtype=DTYPES[precision], enabled=autocast), offload_activations(offload, simulate=simulate):
-            loss = model_loss(model, {"input_ids": ids, "labels": ids}, chunk_size)
-        loss.backward()
-    return loss.detach()
+    return step_forward_backward(model, {"input_ids": ids, "labels": ids}, chunk=chunk_size, adapters_16bit=autocast and adapters_16bit,
+                                 offload=offload, autocast=DTYPES[precision] if autocast else None, simulate=simulate)
 
 
 def tracked_step(model, optimizer, ids: torch.Tensor, precision: str, chunk_size: int | None = None,

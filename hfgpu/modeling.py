@@ -86,9 +86,17 @@ def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_cod
         model = _load(source, s, trust_remote_code, device=device)
     if device is not None and not quantized:
         model = model.to(device)
+    return apply_settings(model, s)
+
+
+def apply_settings(model: torch.nn.Module, s: ModelSettings, plain_path: bool = False) -> torch.nn.Module:
+    """What `prepare_model` does to a loaded base: no cache, the lean RMSNorm, frozen quantized base,
+    checkpointing, LoRA, the tiled MLP. hfgpu.simulate calls it on a base built on fake tensors.
+    `plain_path`: keep transformers' RMSNorm (the plain path hfgpu is compared with)."""
     model.config.use_cache = False  # a cache in train mode wastes memory and breaks packed attention
-    lean_rmsnorm(model)  # same math, no fp32 copy of each norm's input kept for backward (hfgpu.patches)
-    if quantized:
+    if not plain_path:
+        lean_rmsnorm(model)  # same math, no fp32 copy of each norm's input kept for backward (hfgpu.patches)
+    if s.quantization != "none":
         # What peft's prepare_model_for_kbit_training does, except that the frozen parameters bitsandbytes
         # left unquantized (embeddings, lm_head, norms) stay in the compute dtype instead of fp32: as in
         # LoRA on a 16-bit base; for Llama-3.1-8B that is 2 GB less, and no 16-bit autocast copy of lm_head.

@@ -21,8 +21,7 @@ import torch
 
 from hfgpu import memory
 from hfgpu.measure import tracked_step
-from hfgpu.modeling import DTYPES
-from hfgpu.patches import lean_rmsnorm, tile_mlps
+from hfgpu.modeling import DTYPES, ModelSettings, apply_settings
 
 
 @dataclass(frozen=True)
@@ -80,33 +79,18 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
 
     start = time.perf_counter()
     cfg = pretrained_config(config)
+    settings = ModelSettings.from_knobs(s)
     quantized = s.quantization != "none"
     storage = torch.float32 if s.strategy == "full" else DTYPES[s.precision]
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_masks():
         model = AutoModelForCausalLM.from_config(cfg, dtype=storage, attn_implementation="sdpa" if s.attention == "flash_attention_2" else s.attention)
-        model.config.use_cache = False
-        if not plain_path:
-            lean_rmsnorm(model)
-        if quantized:
-            if plain_path:  # what prepare_model_for_kbit_training leaves: every non-quantized parameter in fp32
-                for module in model.modules():
-                    if not isinstance(module, torch.nn.Linear) or module is model.get_output_embeddings():
-                        for p in module.parameters(recurse=False):
-                            p.data = p.data.float()
-            for p in model.parameters():
-                p.requires_grad_(False)
-        if s.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if s.strategy != "full":
-                model.enable_input_require_grads()
-        if s.strategy != "full":
-            from peft import LoraConfig, get_peft_model
-
-            with _no_module_to():
-                model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout,
-                                                         target_modules=list(s.lora_targets), task_type="CAUSAL_LM"))
-        if s.tiled_mlp and s.gradient_checkpointing:
-            tile_mlps(model)
+        if quantized and plain_path:  # what prepare_model_for_kbit_training leaves: every non-quantized parameter in fp32
+            for module in model.modules():
+                if not isinstance(module, torch.nn.Linear) or module is model.get_output_embeddings():
+                    for p in module.parameters(recurse=False):
+                        p.data = p.data.float()
+        with _no_module_to():
+            model = apply_settings(model, settings, plain_path=plain_path)
         model.train()
         # bitsandbytes' 8-bit optimizers read tensor values (block maxima), which fake tensors lack:
         # their state is exact analytically (tests/test_memory.py), so it is added, not simulated.

@@ -33,10 +33,8 @@ from hfgpu import checkpoint
 from hfgpu.data import IGNORE, Prepared, collate
 from hfgpu.errors import HfgpuError
 from hfgpu.evaluation import eval_loss, task_metrics
-from hfgpu.loss import model_loss
-from hfgpu.modeling import adapters_in_compute_dtype
-from hfgpu.offload import offload_activations
 from hfgpu.optim import make_optimizer
+from hfgpu.step import forward_backward
 from hfgpu.units import GIB, gib
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
@@ -177,13 +175,11 @@ def window_backward(accelerator, model, window: list[dict], split: int, cfg: Loo
     total = torch.zeros((), device=accelerator.device)
     for i, piece in enumerate(pieces):
         sync = contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model)
-        # 16-bit adapter inputs over forward and backward (a checkpointed layer recomputes in backward);
-        # not around generation, which runs without accelerate's autocast wrapper
-        with sync, adapters_in_compute_dtype(model, cfg.autocast):
-            with offload_activations(cfg.activation_offloading):
-                summed = model_loss(model, piece, cfg.loss_chunk, lm_head) * label_tokens(piece)
-            accelerator.backward(summed * (world / tokens))
-        total += summed.detach().float() / tokens
+        # the step measure/simulate check the planner against (hfgpu.step); accelerate's wrapper autocasts
+        with sync:
+            summed = forward_backward(model, piece, chunk=cfg.loss_chunk, adapters_16bit=cfg.autocast, offload=cfg.activation_offloading,
+                                      lm_head=lm_head, weight=label_tokens(piece), scale=world / tokens, backward=accelerator.backward)
+        total += summed.float() / tokens
     return accelerator.reduce(total, reduction="sum") if world > 1 else total
 
 
