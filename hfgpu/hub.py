@@ -14,11 +14,11 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from hfgpu.errors import HfgpuError
+from hfgpu.knobs import Knobs
 from hfgpu.units import gib
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -28,6 +28,32 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-
 
 
 # --- runs ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's plan.json, typed: the resolved knobs, the card, the planned memory and parameter counts."""
+
+    knobs: Knobs
+    card: str
+    cards: int
+    vram_gb: float
+    peak_bytes: int
+    budget_bytes: int
+    params_total: int
+    params_trainable: int
+
+    @classmethod
+    def read(cls, path: Path) -> "RunPlan":
+        from hfgpu.planner import Plan
+
+        try:
+            d = json.loads(path.read_text())
+            return cls(knobs=Plan.knobs_of(d), card=d["gpu"]["name"], cards=d["gpu"].get("count", 1), vram_gb=d["gpu"]["vram_gb"],
+                       peak_bytes=d["memory"]["total"], budget_bytes=d["memory"]["budget"], params_total=d["params_total"],
+                       params_trainable=d["params_trainable"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise HfgpuError(f"{str(path)!r} is not a plan.json hfgpu wrote (damaged or from another tool): re-run training, or restore the file") from None
 
 
 class Run:
@@ -43,16 +69,21 @@ class Run:
         if missing or not (self.is_adapter or self.is_full):
             what = ", ".join(missing + ([] if (self.is_adapter or self.is_full) else ["adapter_model.safetensors or model.safetensors"]))
             raise HfgpuError(f"{str(path)!r} is not a finished hfgpu run (missing {what}): let training finish, or pass its output_dir")
-        self.plan = json.loads((self.path / "plan.json").read_text())
-        self.recipe = yaml.safe_load((self.path / "resolved_recipe.yaml").read_text())
-        self.metrics = json.loads((self.path / "final_metrics.json").read_text())
+        from hfgpu.recipe import load_recipe
+
+        self.plan = RunPlan.read(self.path / "plan.json")
+        self.recipe = load_recipe(self.path / "resolved_recipe.yaml")
+        try:
+            self.metrics: dict = json.loads((self.path / "final_metrics.json").read_text())  # {"before": {…}, "after": {…}}: free-form metric names
+        except json.JSONDecodeError:
+            raise HfgpuError(f"{str(self.path / 'final_metrics.json')!r} is not valid JSON: re-run training, or restore the file") from None
 
     @property
     def base_model(self) -> str:
         """The base as adapter_config.json names it (a Hub id, or a local folder's name)."""
         if self.is_adapter:
             return json.loads((self.path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return self.recipe["model"]
+        return self.recipe.model
 
     @property
     def base_model_path(self) -> str:
@@ -60,7 +91,7 @@ class Run:
         (resolved_recipe.yaml keeps its full path), else the adapter's recorded base."""
         from hfgpu.recipe import resolve_path
 
-        local = Path(resolve_path(str(self.recipe.get("model", "")))).expanduser()
+        local = Path(resolve_path(self.recipe.model)).expanduser()
         return str(local) if local.is_dir() else self.base_model
 
     def load(self, dtype=None):
@@ -69,7 +100,7 @@ class Run:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.path)
-        dtype = dtype or (torch.float32 if self.plan["precision"] == "fp32" or not torch.cuda.is_available() else torch.bfloat16)
+        dtype = dtype or (torch.float32 if self.plan.knobs.precision == "fp32" or not torch.cuda.is_available() else torch.bfloat16)
         if self.is_full:
             return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype), tokenizer
         from peft import PeftModel
@@ -92,11 +123,11 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
     """A huggingface_hub ModelCard describing the run: base model, plan, hyperparameters, metrics, usage."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    plan, recipe = run.plan, run.recipe
+    plan, recipe, k = run.plan, run.recipe, run.plan.knobs
     base = run.base_model
-    strategy = plan["strategy"]
-    family = recipe.get("model", "").split("/")[-1].split("-")[0].lower() or "llm"
-    data_path = recipe["data"]["path"]
+    strategy = k.strategy
+    family = recipe.model.split("/")[-1].split("-")[0].lower() or "llm"
+    data_path = recipe.data.path
     datasets = [data_path] if re.match(r"^[\w.-]+/[\w.-]+$", data_path) and not Path(data_path).exists() else None
     adapter = run.is_adapter and not merged
     data = ModelCardData(
@@ -109,8 +140,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
     after = run.metrics.get("after", {})
     before = run.metrics.get("before", {})
     metric_rows = "\n".join(f"| {k} | {_fmt(before[k]) if k in before else '–'} | {_fmt(v)} |" for k, v in after.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    mem = plan["memory"]
-    t = recipe["train"]
+    t = recipe.train
     usage = (
         f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{repo_id}\")\n"
@@ -133,27 +163,27 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 
 | | |
 |---|---|
-| card | {plan['gpu']['name']} ({plan['gpu']['vram_gb']:g} GB) × {plan['gpu'].get('count', 1)} |
+| card | {plan.card} ({plan.vram_gb:g} GB) × {plan.cards} |
 | strategy | {strategy} |
-| precision | {plan['precision']} |
-| quantization | {plan['quantization']} |
-| gradient checkpointing | {plan['gradient_checkpointing']} |
-| micro-batch × accumulation | {plan['micro_batch_size']} × {plan['grad_accum_steps']} |
-| sequence length | {plan['seq_len']} |
-| optimizer | {plan['optimizer']} |
-| planned peak memory | {gib(mem['total'], 2)} of {gib(mem['budget'], 2)} |
-| trainable parameters | {plan['params_trainable']:,} of {plan['params_total']:,} |
+| precision | {k.precision} |
+| quantization | {k.quantization} |
+| gradient checkpointing | {k.gradient_checkpointing} |
+| micro-batch × accumulation | {k.micro_batch_size} × {k.grad_accum_steps} |
+| sequence length | {k.seq_len} |
+| optimizer | {k.optimizer} |
+| planned peak memory | {gib(plan.peak_bytes, 2)} of {gib(plan.budget_bytes, 2)} |
+| trainable parameters | {plan.params_trainable:,} of {plan.params_total:,} |
 
 ## Training
 
 | hyperparameter | value |
 |---|---|
-| learning rate | {t['learning_rate']} ({t['schedule']}, warm-up {t['warmup']}) |
-| epochs / max steps | {t['epochs']} / {t['max_steps']} |
-| global batch | {t['global_batch_size']} sequences |
-| weight decay | {t['weight_decay']} |
-| data | {data_path} ({recipe['data']['format']}) |
-""" + (f"| LoRA | r={recipe['lora']['r']}, alpha={recipe['lora']['alpha']}, dropout={recipe['lora']['dropout']}, targets={recipe['lora']['target_modules']} |\n" if adapter or merged else "") + f"""
+| learning rate | {t.learning_rate} ({t.schedule}, warm-up {t.warmup}) |
+| epochs / max steps | {t.epochs} / {t.max_steps} |
+| global batch | {t.global_batch_size} sequences |
+| weight decay | {t.weight_decay} |
+| data | {data_path} ({recipe.data.format}) |
+""" + (f"| LoRA | r={k.lora_r}, alpha={k.lora_alpha}, dropout={k.lora_dropout}, targets={list(k.lora_targets)} |\n" if adapter or merged else "") + f"""
 ## Results
 
 | metric | before | after |
@@ -224,7 +254,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, merged: bool 
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             before = api.repo_info(repo_id, repo_type="model").sha
             info = api.upload_folder(folder_path=tmp, repo_id=repo_id, repo_type="model",
-                                     commit_message=f"hfgpu: {'merged model' if merged else run.plan['strategy'] + ' run'} from {run.path.name}")
+                                     commit_message=f"hfgpu: {'merged model' if merged else run.plan.knobs.strategy + ' run'} from {run.path.name}")
         except Exception as e:  # network, auth, server: one line, token scrubbed, local files untouched
             status = getattr(getattr(e, "response", None), "status_code", None)
             reason = {401: "the token was rejected (run `hf auth login` again)", 403: "the token may not write to this repo"}.get(status)
@@ -239,8 +269,6 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, merged: bool 
 
 def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False, say=print) -> Path:
     """Fold the LoRA adapter into the base weights (a QLoRA base is reloaded in 16-bit first)."""
-    import torch
-
     run = Run(run_dir)
     if not run.is_adapter:
         raise HfgpuError(f"{str(run_dir)!r} is a full fine-tune: its folder already holds the whole model")
@@ -249,7 +277,9 @@ def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False, say=pri
         raise HfgpuError(f"--out {str(out)!r} is a file: name a new or empty folder for the merged model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise HfgpuError(f"{str(out)!r} is not empty: choose an empty or new folder for the merged model")
-    dtype = torch.float32 if run.plan["precision"] == "fp32" else (torch.bfloat16 if run.plan["precision"] == "bf16" else torch.float16)
+    from hfgpu.modeling import DTYPES
+
+    dtype = DTYPES[run.plan.knobs.precision]
     model, tokenizer = run.load(dtype=dtype)  # the base loads unquantized: QLoRA merges into 16-bit weights
     merged = model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +293,7 @@ def prompt_for(run: Run, tokenizer, prompt: str, template: str = "auto") -> str:
     """The prompt as training rendered it: the chat template, the Alpaca template, or raw text."""
     from hfgpu.data import ALPACA
 
-    fmt = run.recipe["data"]["format"] if template == "auto" else template
+    fmt = run.recipe.data.format if template == "auto" else template
     if fmt == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise HfgpuError("this tokenizer has no chat template: use --template alpaca or --template raw")
@@ -282,7 +312,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, templa
     run = Run(run_dir)
     model, tokenizer = run.load()
     text = prompt_for(run, tokenizer, prompt, template)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=run.recipe["data"]["format"] != "chat")["input_ids"]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=run.recipe.data.format != "chat")["input_ids"]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -124,6 +124,19 @@ class Plan:
             **({"simulation": self.simulation} if self.simulation is not None else {}),
         }
 
+    @staticmethod
+    def knobs_of(record: dict) -> Knobs:
+        """The resolved knob record a plan.json holds: `to_dict`'s knob keys read back. A full run records
+        no LoRA knobs and a run without 4-bit weights no double_quant: those come back as the record's defaults;
+        global_batch_size is the batch as planned (micro-batch × accumulation × cards)."""
+        lora = record.get("lora") or {}
+        values: dict[str, Any] = {}
+        for f in KNOB_FIELDS:
+            v = lora.get(recipe_key(f.name).split(".")[-1]) if f.name.startswith("lora_") else record.get(f.name)
+            if v is not None:
+                values[f.name] = tuple(v) if isinstance(v, list) else v
+        return Knobs(**values)
+
     def setup(self) -> memory.Setup:
         """The resolved knobs and the process count, as the memory model and the simulation take them."""
         return memory.Setup.of(self.knobs, self.gpu.count)

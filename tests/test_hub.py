@@ -194,3 +194,15 @@ def test_recipe_hub_repo_id_pushes_at_the_end_of_training(hub, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "adapter_model.safetensors" in hub.repos["me/auto-push"].head[1] and hub.repos["me/auto-push"].private
     assert "pushed" in r.stdout and TOKEN not in r.stdout + r.stderr
+
+
+def test_damaged_plan_json_is_one_line(demo_run, tmp_path):
+    """A run folder whose plan.json was damaged: push/merge/generate say which file, exit 2, no traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    (run / "plan.json").write_text('{"model": "x"}')
+    r = subprocess.run([sys.executable, "-m", "hfgpu", "merge", str(run), "--out", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "plan.json" in r.stderr and "is not a plan.json hfgpu wrote" in r.stderr
+    assert not (tmp_path / "merged").exists()

@@ -144,3 +144,15 @@ def test_the_checkpointing_reason_says_why_and_quotes_the_throughput_models_cost
     on, off = (compute_tokens_per_second(spec, card, replace(s, gradient_checkpointing=c)) for c in (True, False))
     assert off / on == pytest.approx(1 + checkpointing_cost("lora")) == pytest.approx(1.5)
     assert "+50% step time" in reason
+
+
+def test_plan_json_knobs_read_back():
+    """hub.Run reads plan.json as a typed record: the knobs come back as the plan resolved them."""
+    import json
+
+    p = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 3060", strategy="qlora", seq_len=1024)
+    back = hfgpu.Plan.knobs_of(json.loads(json.dumps(p.to_dict())))
+    assert back == p.knobs.replace(global_batch_size=p.global_batch_size)
+    full = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", strategy="full")
+    back = hfgpu.Plan.knobs_of(json.loads(json.dumps(full.to_dict())))
+    assert (back.strategy, back.micro_batch_size, back.optimizer, back.lora_r) == ("full", full.micro_batch_size, full.optimizer, "auto")
