@@ -173,21 +173,45 @@ class _Ctx:
         return memory.breakdown(self.spec, s, self.gpu.vram_bytes, self.correction)
 
 
-def _savers(c: _Ctx, **chosen: Any) -> list[dict[str, bool]]:
-    """(checkpointing, chunked loss, offloading, tiled MLP) combinations allowed by the fixed knobs, fastest first."""
+SAVERS = ("gradient_checkpointing", "chunked_loss", "activation_offloading", "tiled_mlp")
+NEEDS_CHECKPOINTING = ("activation_offloading", "tiled_mlp")  # they act on checkpointed layers
+
+
+def _saver_rules(c: _Ctx) -> tuple[dict[str, tuple[bool, ...]], dict[str, str]]:
+    """The values the search may try for each saver, and, where a rule (not the search) decides, the
+    reason: written once, here, and quoted by the plan's reasons as they are."""
     spec, gpu, f = c.spec, c.gpu, c.fixed
-    ckpts = [False, True] if f.gradient_checkpointing == "auto" else [f.gradient_checkpointing]
-    if f.activation_offloading is True or f.tiled_mlp is True:
-        ckpts = [True]
-    chunk_ok = chunked_loss_blocker(spec, c.base.distributed) is None
-    chunks = ([False, True] if chunk_ok else [False]) if f.chunked_loss == "auto" else [f.chunked_loss]
-    tile_ok = tiled_mlp_blocker(spec) is None
+    allowed: dict[str, tuple[bool, ...]] = {}
+    rule: dict[str, str] = {}
+    for name in SAVERS:
+        v = getattr(f, name)
+        allowed[name] = (False, True) if v == "auto" else (v,)
+        if v != "auto":
+            rule[name] = "fixed by you" if name == "gradient_checkpointing" else ("on" if v else "off") + " (fixed by you)"
+    needs = [name for name in NEEDS_CHECKPOINTING if getattr(f, name) is True]
+    if needs and f.gradient_checkpointing == "auto":
+        allowed["gradient_checkpointing"] = (True,)
+        rule["gradient_checkpointing"] = f"on: {' and '.join(needs)} (fixed) needs it"
+    blockers = {"chunked_loss": chunked_loss_blocker(spec, c.base.distributed), "tiled_mlp": tiled_mlp_blocker(spec),
+                "activation_offloading": "no GPU" if gpu.is_cpu else None}
+    for name, blocker in blockers.items():
+        if blocker is not None and getattr(f, name) == "auto":
+            allowed[name] = (False,)
+            rule[name] = f"off: {blocker}"
+    return allowed, rule
+
+
+def _savers(c: _Ctx, **chosen: Any) -> list[dict[str, bool]]:
+    """(checkpointing, chunked loss, offloading, tiled MLP) combinations allowed by the fixed knobs and
+    the rules (`_saver_rules`), fastest first."""
+    spec, gpu = c.spec, c.gpu
+    allowed, _ = _saver_rules(c)
     combos = []
-    for ckpt in ckpts:
-        offs = [False] if not ckpt or gpu.is_cpu else ([False, True] if f.activation_offloading == "auto" else [f.activation_offloading])
-        tiles = [False] if not ckpt else ([False, True] if f.tiled_mlp == "auto" and tile_ok else [f.tiled_mlp is True])
+    for ckpt in allowed["gradient_checkpointing"]:
+        offs = allowed["activation_offloading"] if ckpt else (False,)
+        tiles = allowed["tiled_mlp"] if ckpt else (False,)
         combos += [dict(gradient_checkpointing=ckpt, chunked_loss=chunk, activation_offloading=off, tiled_mlp=tile)
-                   for chunk in chunks for off in offs for tile in tiles]
+                   for chunk in allowed["chunked_loss"] for off in offs for tile in tiles]
     timing_gpu = gpu if gpu.tensor_tflops or gpu.fp32_tflops else replace(gpu, fp32_tflops=30.0)
 
     def seconds_per_token(combo: dict) -> float:
@@ -364,14 +388,12 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
         r["quantization"] = "none: the base model stays in " + ("fp32 master weights" if kn.strategy == "full" else kn.precision)
     else:
         r["quantization"] = "NF4 4-bit base" + (" with double quantization (≈4.13 bits/weight)" if k.double_quant else "") + ": the QLoRA recipe (Dettmers et al. 2023); works from cc 6.0"
-    if k.gradient_checkpointing != "auto":
-        r["gradient_checkpointing"] = fixed
+    _, rule = _saver_rules(c)
+    cost = f"costs one extra forward pass (≈ +{checkpointing_cost(kn.strategy):.0%} step time)"
+    if "gradient_checkpointing" in rule:
+        r["gradient_checkpointing"] = rule["gradient_checkpointing"] + (f"; {cost}" if kn.gradient_checkpointing and k.gradient_checkpointing == "auto" else "")
     elif kn.gradient_checkpointing:
-        cost = f"costs one extra forward pass (≈ +{checkpointing_cost(kn.strategy):.0%} step time)"
-        needs = [name for name in ("activation_offloading", "tiled_mlp") if getattr(k, name) is True]
-        without = least(kn.strategy, kn.optimizer, False)
-        r["gradient_checkpointing"] = (f"on: {' and '.join(needs)} (fixed) needs it; {cost}" if needs
-                                       else f"on: without it even micro-batch 1 does not fit (it needs {without}); {cost}")
+        r["gradient_checkpointing"] = f"on: without it even micro-batch 1 does not fit (it needs {least(kn.strategy, kn.optimizer, False)}); {cost}"
     else:
         r["gradient_checkpointing"] = "off: the run fits without recomputing activations, so no speed is lost"
     if k.micro_batch_size != "auto":
@@ -418,40 +440,43 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
 
 
 def _saver_reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown) -> dict[str, str]:
-    """Why the chunked loss, activation offloading and the tiled MLP are on or off, and what each saves and costs."""
-    spec, card, k, seq, setup = c.spec, c.gpu, c.fixed, kn.seq_len, kn
+    """Why the chunked loss, activation offloading and the tiled MLP are on or off, and what each saves
+    and costs. A saver a rule decided gets the rule's reason (`_saver_rules`); one the search turned on
+    says what it saves, measured against the same plan without it; one it left off was not needed by
+    the fastest combination that fits."""
+    spec, card, seq = c.spec, c.gpu, kn.seq_len
+    _, rule = _saver_rules(c)
     r: dict[str, str] = {}
 
     def without(**change) -> memory.MemoryBreakdown:
         return c.breakdown(replace(kn, **change))
 
-    if kn.chunked_loss:
-        plain = without(chunked_loss=False)
-        r["chunked_loss"] = (f"on: lm_head and the loss run over slices of {memory.loss_chunk_tokens(spec.vocab_size)} tokens, so the full logits never exist: "
-                             f"saves {_gib(plain.logits - mem.logits)} (logits {_gib(plain.logits)} → {_gib(mem.logits)}); costs ≈{CHUNKED_LOSS_COST:.0%} of step time")
-    elif k.chunked_loss == "auto":
-        blocker = chunked_loss_blocker(spec, kn.distributed)
-        r["chunked_loss"] = ("off: the run fits without it" if mem.fits else "off") if blocker is None else f"off: {blocker}"
-    if kn.activation_offloading:
-        moved = memory.offloaded_bytes(spec, setup)
-        compute = compute_tokens_per_second(spec, card, setup)
-        cost = (moved / PCIE_BYTES_PER_S) / (kn.micro_batch_size * seq / compute) if compute else None
-        r["activation_offloading"] = (f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory: saves {_gib(without(activation_offloading=False).total - mem.total)} "
-                                      f"on the card; costs ≈{cost:.1%} of step time (copied back over PCIe at ~{PCIE_BYTES_PER_S / 1e9:.0f} GB/s)" if cost is not None else
-                                      f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory")
-    elif k.activation_offloading == "auto":
-        r["activation_offloading"] = "off: no GPU" if card.is_cpu else ("off: only with gradient checkpointing" if not kn.gradient_checkpointing else "off: the run fits without it")
-    if kn.tiled_mlp:
-        r["tiled_mlp"] = (f"on: in backward the MLP runs over tiles of {memory.MLP_TILE} tokens, so its intermediate tensors exist for one tile only: "
-                          f"saves {_gib(without(tiled_mlp=False).total - mem.total)}; costs ≈{TILED_MLP_COST:.0%} of step time")
-    elif k.tiled_mlp == "auto":
-        blocker = tiled_mlp_blocker(spec)
-        r["tiled_mlp"] = ("off: only with gradient checkpointing" if not kn.gradient_checkpointing else
-                          "off: the run fits without it" if blocker is None else f"off: {blocker}")
-    for name in ("chunked_loss", "activation_offloading", "tiled_mlp"):
-        if getattr(k, name) is not True and getattr(k, name) is not False:
-            continue
-        r[name] = r.get(name, "off") + " (fixed by you)" if getattr(k, name) else "off (fixed by you)"
+    for name in SAVERS[1:]:
+        on = getattr(kn, name)
+        if on and name == "chunked_loss":
+            plain = without(chunked_loss=False)
+            why = (f"on: lm_head and the loss run over slices of {memory.loss_chunk_tokens(spec.vocab_size)} tokens, so the full logits never exist: "
+                   f"saves {_gib(plain.logits - mem.logits)} (logits {_gib(plain.logits)} → {_gib(mem.logits)}); costs ≈{CHUNKED_LOSS_COST:.0%} of step time")
+        elif on and name == "activation_offloading":
+            moved = memory.offloaded_bytes(spec, kn)
+            compute = compute_tokens_per_second(spec, card, kn)
+            cost = (moved / PCIE_BYTES_PER_S) / (kn.micro_batch_size * seq / compute) if compute else None
+            why = f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory"
+            if cost is not None:
+                why += (f": saves {_gib(without(activation_offloading=False).total - mem.total)} on the card; costs ≈{cost:.1%} of step time "
+                        f"(copied back over PCIe at ~{PCIE_BYTES_PER_S / 1e9:.0f} GB/s)")
+        elif on:
+            why = (f"on: in backward the MLP runs over tiles of {memory.MLP_TILE} tokens, so its intermediate tensors exist for one tile only: "
+                   f"saves {_gib(without(tiled_mlp=False).total - mem.total)}; costs ≈{TILED_MLP_COST:.0%} of step time")
+        elif name in rule:
+            why = rule[name]
+        elif name in NEEDS_CHECKPOINTING and not kn.gradient_checkpointing:
+            why = "off: only with gradient checkpointing"
+        else:
+            why = "off: the run fits without it" if mem.fits else "off"
+        if name in rule and rule[name].endswith("(fixed by you)") and on:
+            why += " (fixed by you)"
+        r[name] = why
     return r
 
 

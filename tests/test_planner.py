@@ -156,3 +156,22 @@ def test_plan_json_knobs_read_back():
     full = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", strategy="full")
     back = hfgpu.Plan.knobs_of(json.loads(json.dumps(full.to_dict())))
     assert (back.strategy, back.micro_batch_size, back.optimizer, back.lora_r) == ("full", full.micro_batch_size, full.optimizer, "auto")
+
+
+def test_saver_reasons_quote_the_rules_the_search_used():
+    """A saver a rule decides (no GPU, a blocker, fixed by you) carries that rule's words; the search
+    never tried what the rule excluded."""
+    from hfgpu.knobs import PYTHON, Knobs
+    from hfgpu.planner import _context, _saver_rules, _savers
+
+    cpu = hfgpu.plan("Qwen/Qwen2.5-0.5B", "cpu", strategy="lora", seq_len=256)
+    assert cpu.reasons["activation_offloading"] == "off: no GPU"
+    fixed = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", strategy="lora", chunked_loss=False, tiled_mlp=True)
+    assert fixed.reasons["chunked_loss"] == "off (fixed by you)"
+    assert fixed.tiled_mlp and fixed.reasons["tiled_mlp"].startswith("on: in backward") and fixed.reasons["tiled_mlp"].endswith("(fixed by you)")
+    assert "tiled_mlp (fixed) needs it" in fixed.reasons["gradient_checkpointing"]
+
+    c = _context("Qwen/Qwen2.5-0.5B", "cpu", Knobs(strategy="lora"), PYTHON, False)
+    allowed, rule = _saver_rules(c)
+    assert allowed["activation_offloading"] == (False,) and rule["activation_offloading"] == "off: no GPU"
+    assert not any(combo["activation_offloading"] for combo in _savers(c, strategy="lora", precision="fp32", quantization="none", optimizer="adamw_torch"))
