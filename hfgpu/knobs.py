@@ -135,6 +135,12 @@ PYTHON, CLI, RECIPE = Surface("python"), Surface("cli"), Surface("recipe")
 
 # --- eligibility: which models and setups a saver applies to ------------------------------------------
 
+# model type → its Llama-style RMSNorm class, which hfgpu.patches.lean_rmsnorm swaps (always on; the plan
+# says so). tests/test_patches.py builds each and checks the swap applies and changes nothing: a rename in
+# transformers shows up there, not as a silent no-op
+RMSNORM_BY_MODEL_TYPE = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm",
+                         "qwen3_moe": "Qwen3MoeRMSNorm", "qwen2_moe": "Qwen2MoeRMSNorm", "mixtral": "MixtralRMSNorm",
+                         "phi3": "Phi3RMSNorm", "olmoe": "OlmoeRMSNorm", "granite": "GraniteRMSNorm"}
 # model types whose decoder layers' `mlp` is dense and per token (hfgpu.patches.tile_mlps tiles them)
 TILED_MLP_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2"}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from hfgpu.knobs import RMSNORM_BY_MODEL_TYPE
 from hfgpu.patches import lean_rmsnorm, tile_mlps
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -95,7 +96,15 @@ def apply_settings(model: torch.nn.Module, s: ModelSettings, plain_path: bool = 
     `plain_path`: keep transformers' RMSNorm (the plain path hfgpu is compared with)."""
     model.config.use_cache = False  # a cache in train mode wastes memory and breaks packed attention
     if not plain_path:
-        lean_rmsnorm(model)  # same math, no fp32 copy of each norm's input kept for backward (hfgpu.patches)
+        swapped = lean_rmsnorm(model)  # same math, no fp32 copy of each norm's input kept for backward (hfgpu.patches)
+        expected = RMSNORM_BY_MODEL_TYPE.get(getattr(model.config, "model_type", None))
+        if expected and not swapped:  # the plan said "lean": say loudly that it is not
+            import warnings
+
+            import transformers
+
+            warnings.warn(f"hfgpu: the plan assumed the lean RMSNorm, but this model has no {expected} (renamed in transformers "
+                          f"{transformers.__version__}?): activations will be larger than planned", stacklevel=2)
     if s.quantization != "none":
         # What peft's prepare_model_for_kbit_training does, except that the frozen parameters bitsandbytes
         # left unquantized (embeddings, lm_head, norms) stay in the compute dtype instead of fp32: as in

@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from hfgpu.knobs import TILED_MLP_MODEL_TYPES  # torch-free, shared with the planner
+from hfgpu.knobs import RMSNORM_BY_MODEL_TYPE, TILED_MLP_MODEL_TYPES  # torch-free, shared with the planner
 from hfgpu.memory import MLP_TILE
 
-# model type → its Llama-style RMSNorm class (tests/test_patches.py builds each and checks the swap applies
-# and changes nothing): a rename in transformers shows up there, not as a silent no-op
-RMSNORM_BY_MODEL_TYPE = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm",
-                         "qwen3_moe": "Qwen3MoeRMSNorm", "qwen2_moe": "Qwen2MoeRMSNorm", "mixtral": "MixtralRMSNorm",
-                         "phi3": "Phi3RMSNorm", "olmoe": "OlmoeRMSNorm", "granite": "GraniteRMSNorm"}
 RMSNORM_CLASSES = set(RMSNORM_BY_MODEL_TYPE.values())
 
 

@@ -21,7 +21,7 @@ from hfgpu import memory
 from hfgpu.corrections import correction_for
 from hfgpu.errors import DoesNotFit, HfgpuError
 from hfgpu.gpus import GPU, catalog, get_gpu
-from hfgpu.knobs import (KNOB_FIELDS, KNOB_NAMES, PYTHON, STRATEGIES, Knobs, Surface, auto_precision, chunked_loss_blocker, planning_cc, recipe_key,
+from hfgpu.knobs import (KNOB_FIELDS, RMSNORM_BY_MODEL_TYPE, KNOB_NAMES, PYTHON, STRATEGIES, Knobs, Surface, auto_precision, chunked_loss_blocker, planning_cc, recipe_key,
                          tiled_mlp_blocker, validate)
 from hfgpu.models import ModelSpec, model_spec
 from hfgpu.throughput import (CHUNKED_LOSS_COST, PCIE_BYTES_PER_S, TILED_MLP_COST, checkpointing_cost, compute_tokens_per_second,
@@ -422,6 +422,10 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     else:
         r["attention"] = f"sdpa: PyTorch's memory-efficient kernel runs from cc 5.0; FlashAttention-2 needs cc ≥ 8.0 (this card: {cc[0]}.{cc[1]})"
     r.update(_saver_reasons(c, kn, mem))
+    norm = RMSNORM_BY_MODEL_TYPE.get(spec.model_type)
+    r["rmsnorm"] = (f"lean: {norm} is swapped for hfgpu's (always on; same math), which keeps each norm's 16-bit input for backward "
+                    f"instead of an fp32 copy ({4 * kn.micro_batch_size * seq * spec.hidden_size / 2**20:,.0f} MiB per norm at this micro-batch)" if norm else
+                    f"transformers': {spec.model_type} has no Llama-style RMSNorm that hfgpu swaps (hfgpu.patches)")
     if cal := c.calibration:
         r["memory"] = (f"calibrated on this machine's {card.name} on {cal['date']} ({cal['rows']} measured steps of {cal['model']}): "
                        f"activations, logits and overhead × {cal['factor']} (hfgpu calibrate)")

@@ -29,6 +29,8 @@ def plan_rows(p: "Plan") -> list[tuple[str, str, str]]:
         rows.append((name, shown, r[name]))
     if lora := p.lora:
         rows.append(("lora", f"r={lora.r} alpha={lora.alpha} dropout={lora.dropout} targets={','.join(lora.target_modules)}", r.get("lora", "")))
+    if "rmsnorm" in r:
+        rows.append(("rmsnorm", *r["rmsnorm"].split(": ", 1)))
     return rows
 
 

@@ -135,3 +135,16 @@ def test_the_tiled_mlp_applies_to_every_claimed_model_type_and_changes_nothing(m
     torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
     for n in grads:
         torch.testing.assert_close(grads2[n], grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_a_missing_lean_norm_class_is_loud_and_the_plan_shows_the_swap(monkeypatch):
+    """The plan says which norm the run uses; if transformers renamed a claimed class, preparing the model warns."""
+    import hfgpu
+    from hfgpu import modeling
+
+    assert hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 3060").reasons["rmsnorm"].startswith("lean: Qwen2RMSNorm is swapped")
+    assert hfgpu.plan("google/gemma-2-2b", "RTX 3060").reasons["rmsnorm"].startswith("transformers': gemma2 has no")
+    model = _tiny("llama")
+    monkeypatch.setattr(modeling, "lean_rmsnorm", lambda m: 0)  # as if LlamaRMSNorm had been renamed
+    with pytest.warns(UserWarning, match="the plan assumed the lean RMSNorm, but this model has no LlamaRMSNorm"):
+        modeling.apply_settings(model, modeling.ModelSettings(strategy="full", precision="fp32"))
