@@ -2,6 +2,7 @@
 #   make demo   # makes .venv, installs hfgpu, fine-tunes the embedded tiny model on CPU (~1 minute)
 #   make test   # makes .venv, installs hfgpu with test extras, runs the whole test suite (what CI runs)
 #   make test-fast   # the fast tier only: no subprocess launches, several processes or kill/resume
+#   make lint   # ruff check and ruff format --check (make test runs it first)
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -21,8 +22,13 @@ install: $(BIN)/hfgpu
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m hfgpu.finetune recipes/demo_cpu.yaml
 
+# ruff check + ruff format --check (configured in pyproject.toml): `$(BIN)/ruff format .` fixes the format
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 # -n auto: one worker per core (pytest-xdist); --dist loadfile keeps a file's module fixtures on one worker
-test: install
+test: install lint
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-fast: install
@@ -34,4 +40,4 @@ gpu-check: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/gpu -m gpu | tee benchmarks/results/gpu_tests.txt
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/memory_calibration.py --quick | tee benchmarks/results/memory_calibration.txt
 
-.PHONY: install demo test test-fast gpu-check
+.PHONY: install demo lint test test-fast gpu-check

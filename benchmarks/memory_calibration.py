@@ -26,8 +26,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODELS = ["HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B"]
-FIELDS = ["model", "gpu", "strategy", "seq_len", "micro_batch_size", "gradient_checkpointing", "chunked_loss", "activation_offloading", "planned_total", "planned_tensor_peak",
-          "simulated_peak", "max_allocated", "max_reserved", "device_used", "planner_error", "simulation_error", "seconds"]
+FIELDS = [
+    "model",
+    "gpu",
+    "strategy",
+    "seq_len",
+    "micro_batch_size",
+    "gradient_checkpointing",
+    "chunked_loss",
+    "activation_offloading",
+    "planned_total",
+    "planned_tensor_peak",
+    "simulated_peak",
+    "max_allocated",
+    "max_reserved",
+    "device_used",
+    "planner_error",
+    "simulation_error",
+    "seconds",
+]
 
 
 def main() -> int:
@@ -42,7 +59,7 @@ def main() -> int:
         return 0
     warnings.filterwarnings("ignore")
     from hfgpu.calibrate import grid, measure_cuda_step
-    from hfgpu.models import pretrained_config, model_spec
+    from hfgpu.models import model_spec, pretrained_config
     from hfgpu.planner import plan_or_closest
     from hfgpu.simulate import simulate
 
@@ -62,14 +79,38 @@ def main() -> int:
                 torch.cuda.empty_cache()
             sim = simulate(spec.config, p.setup(), spec)
             tensor_peak = p.memory.weights + p.memory.trainable_state + p.memory.activations + p.memory.logits
-            row = {"model": model, "gpu": p.gpu.name, **knobs, "planned_total": p.memory.total, "planned_tensor_peak": tensor_peak,
-                   "simulated_peak": sim.peak, "max_allocated": measured["allocated"], "max_reserved": measured["reserved"],
-                   "device_used": measured["device_used"], "seconds": round(time.time() - start, 1)}
+            row = {
+                "model": model,
+                "gpu": p.gpu.name,
+                **knobs,
+                "planned_total": p.memory.total,
+                "planned_tensor_peak": tensor_peak,
+                "simulated_peak": sim.peak,
+                "max_allocated": measured["allocated"],
+                "max_reserved": measured["reserved"],
+                "device_used": measured["device_used"],
+                "seconds": round(time.time() - start, 1),
+            }
             row["planner_error"] = round(p.memory.total / measured["device_used"] - 1, 4) if measured["device_used"] else None
             row["simulation_error"] = round(sim.peak / measured["allocated"] - 1, 4) if measured["allocated"] else None
             rows.append(row)
-            print({k: row[k] for k in ("model", "strategy", "seq_len", "micro_batch_size", "gradient_checkpointing", "chunked_loss", "activation_offloading",
-                                       "planner_error", "simulation_error")}, flush=True)
+            print(
+                {
+                    k: row[k]
+                    for k in (
+                        "model",
+                        "strategy",
+                        "seq_len",
+                        "micro_batch_size",
+                        "gradient_checkpointing",
+                        "chunked_loss",
+                        "activation_offloading",
+                        "planner_error",
+                        "simulation_error",
+                    )
+                },
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:

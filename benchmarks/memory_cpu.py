@@ -49,11 +49,27 @@ GRID = [
     ({}, 1, 1024, None),
     ({}, 2, 256, None),
     ({}, 1, 512, ("q_proj", "v_proj")),
-    ({"hidden_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 2816, "vocab_size": 151936}, 2, 512, None),
+    (
+        {"hidden_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 2816, "vocab_size": 151936},
+        2,
+        512,
+        None,
+    ),
     ({"vocab_size": 128256, "tie_word_embeddings": True}, 1, 1024, None),
     ({"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4, "intermediate_size": 4096}, 4, 256, None),
-    ({"hidden_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 2816, "vocab_size": 151936,
-      "tie_word_embeddings": True}, 1, 2048, None),
+    (
+        {
+            "hidden_size": 1024,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "intermediate_size": 2816,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+        },
+        1,
+        2048,
+        None,
+    ),
 ]
 # held-out: real models at full depth (from the offline catalog), (model, micro_batch, seq_len)
 HELD_OUT_MODELS = [("Qwen/Qwen2.5-0.5B", 2, 512), ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1, 1024)]
@@ -125,26 +141,47 @@ def fit_mode(mode, rows, table: dict) -> dict:
     y = np.array([peak - static_bytes(spec, st) for spec, st, peak in rows], dtype=float)  # bytes
     if not ckpt:
         names = [n for n in LAYER if (n != "lora_in" or strategy != "full") and (n != "heads_seq" or attention == "eager")]
-        per_token = np.array([[spec.vocab_size, spec.hidden_size] + [spec.num_layers * memory.layer_features(spec, st)[n] for n in names] for spec, st, _ in rows], dtype=float)
+        per_token = np.array(
+            [
+                [spec.vocab_size, spec.hidden_size] + [spec.num_layers * memory.layer_features(spec, st)[n] for n in names]
+                for spec, st, _ in rows
+            ],
+            dtype=float,
+        )
         X = per_token * tokens[:, None]
         if strategy in ("full", "qlora"):  # per-step constants (see memory.vocab_transient_bytes)
             X = np.hstack([X, np.array([[spec.vocab_size * spec.hidden_size] for spec, _, _ in rows], dtype=float)])
         # relative least squares: every shape counts alike, whatever its size
         coef, *_ = np.linalg.lstsq(X / y[:, None], np.ones_like(y), rcond=None)
-        row = {"vocab": round(float(coef[0]), 4), "model_hidden": round(float(coef[1]), 4), "layer": {n: round(float(c), 4) for n, c in zip(names, coef[2:2 + len(names)])}}
+        row = {
+            "vocab": round(float(coef[0]), 4),
+            "model_hidden": round(float(coef[1]), 4),
+            "layer": {n: round(float(c), 4) for n, c in zip(names, coef[2 : 2 + len(names)])},
+        }
         if strategy in ("full", "qlora"):
             row["vocab_hidden"] = round(float(coef[-1]), 4)
         return row
     key = memory.mode_key(rows[0][1])
     table[key] = {"ckpt_input": 0.0}
     _write({"modes": table}, partial=True)
-    rest = np.array([memory.activation_bytes(spec, st) + memory.logits_bytes(spec, st) - memory.dequant_workspace_bytes(spec, st) for spec, st, _ in rows], dtype=float)
+    rest = np.array(
+        [
+            memory.activation_bytes(spec, st) + memory.logits_bytes(spec, st) - memory.dequant_workspace_bytes(spec, st)
+            for spec, st, _ in rows
+        ],
+        dtype=float,
+    )
     lh = np.array([spec.num_layers * spec.hidden_size for spec, _, _ in rows], dtype=float) * tokens
     return {"ckpt_input": round(float(np.dot((y - rest) / y, lh / y) / np.dot(lh / y, lh / y)), 4)}
 
 
 def predicted(spec, setup) -> int:
-    return memory.weight_bytes(spec, setup) + memory.trainable_state_bytes(spec, setup) + memory.activation_bytes(spec, setup) + memory.logits_bytes(spec, setup)
+    return (
+        memory.weight_bytes(spec, setup)
+        + memory.trainable_state_bytes(spec, setup)
+        + memory.activation_bytes(spec, setup)
+        + memory.logits_bytes(spec, setup)
+    )
 
 
 def main() -> int:
@@ -185,8 +222,14 @@ def _write(table: dict, partial: bool) -> None:
         "about": "Bytes per token of activations and logits, fitted by benchmarks/memory_cpu.py --refit to tensor peaks "
         "of training steps simulated on fake tensors (hfgpu.simulate: real transformers + peft modules, equal to real CPU "
         "steps); features in hfgpu.memory.layer_features().",
-        "measured": {"date": datetime.date.today().isoformat(), "device": "cpu (fake tensors)", "versions": versions, "grid": len(GRID),
-                     "shapes": "2-3 layers, hidden 1024-4096, vocab 32000-151936, seq 256-1024", "partial": partial},
+        "measured": {
+            "date": datetime.date.today().isoformat(),
+            "device": "cpu (fake tensors)",
+            "versions": versions,
+            "grid": len(GRID),
+            "shapes": "2-3 layers, hidden 1024-4096, vocab 32000-151936, seq 256-1024",
+            "partial": partial,
+        },
         **table,
     }
     OUT.write_text(json.dumps(doc, indent=1) + "\n")

@@ -23,6 +23,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
 from hfgpu.units import GIB, gib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,25 +40,52 @@ def peaks() -> None:
 
     print(f"1. {MODEL}, micro-batch 2 × 2048, checkpointing on, LoRA r=8 on q/v/o + MLP (torchtune's setup); simulated tensor peak")
     for strategy in ("lora", "qlora"):
-        p = hfgpu.plan_or_closest(MODEL, "RTX 4090", strategy=strategy, micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
-                                  lora_r=8, lora_targets=list(TORCHTUNE_LORA), chunked_loss=False, activation_offloading=False, tiled_mlp=False)
+        p = hfgpu.plan_or_closest(
+            MODEL,
+            "RTX 4090",
+            strategy=strategy,
+            micro_batch_size=2,
+            seq_len=2048,
+            gradient_checkpointing=True,
+            lora_r=8,
+            lora_targets=list(TORCHTUNE_LORA),
+            chunked_loss=False,
+            activation_offloading=False,
+            tiled_mlp=False,
+        )
         s = p.setup()
         rows = [
             ("plain transformers + peft", simulate(p.spec.config, s, p.spec, plain_path=True).peak),
             ("hfgpu, no savers", simulate(p.spec.config, s, p.spec).peak),
             ("hfgpu + chunked loss", simulate(p.spec.config, dataclasses.replace(s, chunked_loss=True), p.spec).peak),
-            ("hfgpu + chunked loss + offloading", simulate(p.spec.config, dataclasses.replace(s, chunked_loss=True, activation_offloading=True), p.spec).peak),
+            (
+                "hfgpu + chunked loss + offloading",
+                simulate(p.spec.config, dataclasses.replace(s, chunked_loss=True, activation_offloading=True), p.spec).peak,
+            ),
         ]
         plain = rows[0][1]
         print(f"   {strategy}:")
         for name, peak in rows:
             print(f"     {name:36s} {peak / GIB:6.2f} GiB   ({peak / plain:.2f} of plain)")
         best = rows[-1][1] / GIB
-        print(f"     torchtune published                  {PUBLISHED[strategy]:6.2f} GiB   hfgpu / torchtune {best / PUBLISHED[strategy]:.3f}"
-              f"   {'≤' if best <= PUBLISHED[strategy] else '>'} target")
-    p = hfgpu.plan(MODEL, "RTX 4090", strategy="lora", micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
-                   chunked_loss=True, activation_offloading=True)
-    print(f"   with hfgpu's own default LoRA (r=16 on every linear layer): {gib(simulate(p.spec.config, p.setup(), p.spec).peak, 2)} simulated")
+        print(
+            f"     torchtune published                  {PUBLISHED[strategy]:6.2f} GiB   hfgpu / torchtune {best / PUBLISHED[strategy]:.3f}"
+            f"   {'≤' if best <= PUBLISHED[strategy] else '>'} target"
+        )
+    p = hfgpu.plan(
+        MODEL,
+        "RTX 4090",
+        strategy="lora",
+        micro_batch_size=2,
+        seq_len=2048,
+        gradient_checkpointing=True,
+        chunked_loss=True,
+        activation_offloading=True,
+    )
+    print(
+        f"   with hfgpu's own default LoRA (r=16 on every linear layer): "
+        f"{gib(simulate(p.spec.config, p.setup(), p.spec).peak, 2)} simulated"
+    )
 
 
 def longest() -> None:
@@ -70,8 +98,18 @@ def longest() -> None:
         return p.fits, p
 
     def plain_fits(card: str, seq: int):
-        p = hfgpu.plan_or_closest(MODEL, card, strategy="qlora", micro_batch_size=1, seq_len=seq, gradient_checkpointing=True,
-                                  chunked_loss=False, activation_offloading=False, tiled_mlp=False, optimizer="adamw_torch")
+        p = hfgpu.plan_or_closest(
+            MODEL,
+            card,
+            strategy="qlora",
+            micro_batch_size=1,
+            seq_len=seq,
+            gradient_checkpointing=True,
+            chunked_loss=False,
+            activation_offloading=False,
+            tiled_mlp=False,
+            optimizer="adamw_torch",
+        )
         sim = simulate(p.spec.config, p.setup(), p.spec, plain_path=True)
         total = sim.peak + memory.overhead_bytes(sim.transient, 0)
         return total <= p.memory.budget, (p, total)
@@ -88,14 +126,20 @@ def longest() -> None:
         ours = search(planned, card, 256, p.spec.max_seq_len + 64)
         p = planned(card, ours)[1]
         sim = simulate(p.spec.config, p.setup(), p.spec)
-        print(f"   {p.gpu.name:24s} {ours:7,d} tokens  (optimizer {p.optimizer}, chunked loss {p.chunked_loss}, offloading {p.activation_offloading}, "
-              f"tiled MLP {p.tiled_mlp}; planned {p.memory.total / GIB:.2f}, simulated {(sim.peak + p.memory.overhead) / GIB:.2f} of {gib(p.memory.budget, 2)})")
+        print(
+            f"   {p.gpu.name:24s} {ours:7,d} tokens  (optimizer {p.optimizer}, chunked loss {p.chunked_loss}, offloading "
+            f"{p.activation_offloading}, "
+            f"tiled MLP {p.tiled_mlp}; planned {p.memory.total / GIB:.2f}, simulated "
+            f"{(sim.peak + p.memory.overhead) / GIB:.2f} of {gib(p.memory.budget, 2)})"
+        )
     fits64, (plain_plan, plain_total) = plain_fits("RTX 4060", 64)
     if fits64:
         print(f"   plain path on the RTX 4060 (simulated + the same allowances): {search(plain_fits, 'RTX 4060', 64, 4096):5d} tokens")
     else:
-        print(f"   plain path on the RTX 4060 (simulated + the same allowances): does not fit at any length — {gib(plain_total, 2)} "
-              f"of {plain_plan.memory.budget / GIB:.2f} at 64 tokens (peft upcasts embeddings and lm_head to fp32)")
+        print(
+            f"   plain path on the RTX 4060 (simulated + the same allowances): does not fit at any length — {gib(plain_total, 2)} "
+            f"of {plain_plan.memory.budget / GIB:.2f} at 64 tokens (peft upcasts embeddings and lm_head to fp32)"
+        )
     print(f"   unsloth published on 8 GB: {UNSLOTH_8GB:,d} tokens")
 
 
@@ -141,21 +185,35 @@ def step_times(reps: int = 3) -> None:
         def run():
             model_loss(model, {"input_ids": ids, "labels": ids}, c).backward()
             model.zero_grad(set_to_none=True)
+
         return run
 
     print(f"\n3. time per training step on CPU, SmolLM2-135M shape (vocab {cfg.vocab_size}), fp32, best of {reps}, interleaved")
     ids = torch.randint(0, cfg.vocab_size, (2, 512), generator=torch.Generator().manual_seed(0))
     full = AutoModelForCausalLM.from_config(cfg).train()
     lora = lora_model(ckpt=False)
-    t = _interleaved({"lora plain": step(lora, ids, None), "lora chunked": step(lora, ids, chunk),
-                      "full plain": step(full, ids, None), "full chunked": step(full, ids, chunk)}, reps)
+    t = _interleaved(
+        {
+            "lora plain": step(lora, ids, None),
+            "lora chunked": step(lora, ids, chunk),
+            "full plain": step(full, ids, None),
+            "full chunked": step(full, ids, chunk),
+        },
+        reps,
+    )
     for kind in ("lora", "full"):
-        print(f"   micro-batch 2 × 512, {kind:4s}: plain loss {t[kind + ' plain']:6.3f} s   chunked loss ({chunk}-token slices) {t[kind + ' chunked']:6.3f} s"
-              f"   chunked / plain {t[kind + ' chunked'] / t[kind + ' plain']:.3f}  (target ≤ 1.10)")
+        print(
+            f"   micro-batch 2 × 512, {kind:4s}: plain loss {t[kind + ' plain']:6.3f} s   chunked loss ({chunk}-token slices) "
+            f"{t[kind + ' chunked']:6.3f} s"
+            f"   chunked / plain {t[kind + ' chunked'] / t[kind + ' plain']:.3f}  (target ≤ 1.10)"
+        )
     ids = torch.randint(0, cfg.vocab_size, (1, 4 * MLP_TILE), generator=torch.Generator().manual_seed(0))
     t = _interleaved({"plain": step(lora_model(ckpt=True), ids, chunk), "tiled": step(lora_model(ckpt=True, tiled=True), ids, chunk)}, reps)
-    print(f"   micro-batch 1 × {4 * MLP_TILE}, LoRA, checkpointing, chunked loss: plain MLP {t['plain']:6.3f} s   tiled MLP ({MLP_TILE}-token tiles) "
-          f"{t['tiled']:6.3f} s   tiled / plain {t['tiled'] / t['plain']:.3f}")
+    print(
+        f"   micro-batch 1 × {4 * MLP_TILE}, LoRA, checkpointing, chunked loss: plain MLP {t['plain']:6.3f} s   tiled MLP "
+        f"({MLP_TILE}-token tiles) "
+        f"{t['tiled']:6.3f} s   tiled / plain {t['tiled'] / t['plain']:.3f}"
+    )
 
 
 def main() -> int:

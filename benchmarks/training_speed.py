@@ -31,8 +31,17 @@ def build_model_dir(tmp: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     tok = AutoTokenizer.from_pretrained(ROOT / "hfgpu/resources/demo/model")
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                      vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=len(tok),
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     path = tmp / "model"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
@@ -67,10 +76,29 @@ def hfgpu_loop(model_dir: Path, data_path: Path, steps: int, packing: bool, out:
     data = prepare_data(DataConfig(path=str(data_path), format="text", packing=packing), tok, 256, 8)
     model = prepare_model(str(model_dir), ModelSettings(strategy="lora", precision="fp32", lora_dropout=0.0))
     acc = Accelerator(cpu=True, mixed_precision="no", dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    cfg = LoopConfig(micro_batch_size=8, grad_accum_steps=2, optimizer="adamw_torch", learning_rate=2e-4, schedule="constant", warmup=0,
-                     weight_decay=0.0, max_grad_norm=1.0, epochs=None, max_steps=steps, seed=0, eval_every=None, save_every=None,
-                     keep_last=1, log_every=10**9, early_stopping_patience=None, early_stopping_min_delta=0.0, metrics=[],
-                     max_new_tokens=1, max_eval_examples=None, resume="never")
+    cfg = LoopConfig(
+        micro_batch_size=8,
+        grad_accum_steps=2,
+        optimizer="adamw_torch",
+        learning_rate=2e-4,
+        schedule="constant",
+        warmup=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        epochs=None,
+        max_steps=steps,
+        seed=0,
+        eval_every=None,
+        save_every=None,
+        keep_last=1,
+        log_every=10**9,
+        early_stopping_patience=None,
+        early_stopping_min_delta=0.0,
+        metrics=[],
+        max_new_tokens=1,
+        max_eval_examples=None,
+        resume="never",
+    )
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = train_loop(acc, model, tok, data, cfg, out, say=lambda *a, **k: None)
@@ -97,10 +125,24 @@ def trainer_baseline(model_dir: Path, data_path: Path, steps: int, out: Path) ->
         tokens += int(batch["attention_mask"].sum())
         return batch
 
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=steps,
-                             learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=10**9, save_strategy="no", report_to=[],
-                             use_cpu=True, optim="adamw_torch_fused", max_grad_norm=1.0, remove_unused_columns=False, disable_tqdm=True,
-                             dataloader_num_workers=0, seed=0)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        optim="adamw_torch_fused",
+        max_grad_norm=1.0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data.train.remove_columns(["length"]), data_collator=counting_collate)
     start = time.perf_counter()
     trainer.train()

@@ -37,11 +37,11 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from hfgpu.errors import DoesNotFit, HfgpuError
     from hfgpu.finetune import RunResult, finetune
-    from hfgpu.recipe import Recipe, load_recipe
     from hfgpu.gpus import GPU, get_gpu
     from hfgpu.memory import MemoryBreakdown
     from hfgpu.models import ModelSpec, model_spec
     from hfgpu.planner import Plan, plan, plan_or_closest
+    from hfgpu.recipe import Recipe, load_recipe
 
 
 def __getattr__(name: str) -> Any:

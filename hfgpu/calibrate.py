@@ -20,12 +20,13 @@ from hfgpu.planner import plan_or_closest
 from hfgpu.units import GIB, gib
 
 
-
 def require_cuda() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise HfgpuError("calibration measures real training steps on your GPU, and torch sees no CUDA device here: run it on the machine with the card")
+        raise HfgpuError(
+            "calibration measures real training steps on your GPU, and torch sees no CUDA device here: run it on the machine with the card"
+        )
 
 
 def measure_cuda_step(config, s: memory.Setup, steps: int = 3) -> dict:
@@ -63,11 +64,26 @@ def grid(model: str, short: bool = True) -> list[dict]:
     strategies = ("lora", "qlora") if short else ("full", "lora", "qlora")
     seqs = (256, 1024) if short else (256, 1024, 2048)
     batches = (1, 2) if short else (1, 4)
-    rows = [dict(strategy=st, seq_len=sq, micro_batch_size=mb, gradient_checkpointing=ck, chunked_loss=False, activation_offloading=False)
-            for st in strategies for sq in seqs for mb in batches for ck in (False, True)]
+    rows = [
+        dict(strategy=st, seq_len=sq, micro_batch_size=mb, gradient_checkpointing=ck, chunked_loss=False, activation_offloading=False)
+        for st in strategies
+        for sq in seqs
+        for mb in batches
+        for ck in (False, True)
+    ]
     # the memory savers, at the longest sequence: chunked loss, and with checkpointing + offloading
-    rows += [dict(strategy=st, seq_len=seqs[-1], micro_batch_size=batches[-1], gradient_checkpointing=True, chunked_loss=True, activation_offloading=off)
-             for st in strategies for off in (False, True)]
+    rows += [
+        dict(
+            strategy=st,
+            seq_len=seqs[-1],
+            micro_batch_size=batches[-1],
+            gradient_checkpointing=True,
+            chunked_loss=True,
+            activation_offloading=off,
+        )
+        for st in strategies
+        for off in (False, True)
+    ]
     return rows
 
 
@@ -87,11 +103,18 @@ def calibrate(model: str, gpu: str = "auto", say=print) -> dict:
         planned_rest = p.memory.activations + p.memory.logits + p.memory.overhead
         measured_rest = measured["device_used"] - exact
         ratios.append(measured_rest / planned_rest)
-        say(f"{knobs}: planned {gib(p.memory.total, 2)}, measured {gib(measured['device_used'], 2)} (reserved {measured['reserved'] / GIB:.2f})")
+        say(
+            f"{knobs}: planned {gib(p.memory.total, 2)}, measured {gib(measured['device_used'], 2)} (reserved "
+            f"{measured['reserved'] / GIB:.2f})"
+        )
     if not ratios:
         raise HfgpuError(f"no calibration run of {model} fits this card: calibrate with a smaller model")
-    entry = {"factor": round(max(statistics.median(ratios), max(ratios) * 0.95), 3), "date": datetime.date.today().isoformat(),
-             "model": model, "rows": len(ratios)}
+    entry = {
+        "factor": round(max(statistics.median(ratios), max(ratios) * 0.95), 3),
+        "date": datetime.date.today().isoformat(),
+        "model": model,
+        "rows": len(ratios),
+    }
     path = store_correction(card.name, entry)
     say(f"{card.name}: transient memory × {entry['factor']} from {len(ratios)} measured steps; stored in {path}")
     return entry

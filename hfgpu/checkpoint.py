@@ -69,8 +69,10 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     """Checkpoints with a state.json, oldest first (not yet verified: see `verify`)."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and ".tmp" not in p.name and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and ".tmp" not in p.name and (p / "state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def clean_incomplete(folder: Path) -> list[Path]:
@@ -88,7 +90,9 @@ def read_state(path: Path) -> dict:
     try:
         return json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
-        raise HfgpuError(f"checkpoint {path} has an unreadable state.json ({e}): use resume=auto to fall back to an earlier checkpoint") from None
+        raise HfgpuError(
+            f"checkpoint {path} has an unreadable state.json ({e}): use resume=auto to fall back to an earlier checkpoint"
+        ) from None
 
 
 def verify(path: Path) -> str | None:
@@ -164,7 +168,9 @@ def save(folder: Path, step: int, accelerator, model, optimizer, scheduler, coun
         previous = complete_checkpoints(folder)
         kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
         reason = getattr(e, "strerror", None) or ((str(e).strip().splitlines() or [type(e).__name__])[0][:120])
-        raise HfgpuError(f"could not write checkpoint step {step} to {folder} ({reason}): free disk space or lower train.keep_last; {kept}") from None
+        raise HfgpuError(
+            f"could not write checkpoint step {step} to {folder} ({reason}): free disk space or lower train.keep_last; {kept}"
+        ) from None
     accelerator.wait_for_everyone()
     return final
 
@@ -185,8 +191,10 @@ def check_fingerprint(saved: dict, current: dict, path: Path, force: bool, say=p
     if force:
         say(f"warning: resuming {path.name} although it was written with other settings ({text}) because resume_force=true")
         return
-    raise HfgpuError(f"checkpoint {path.name} was written with other settings ({text}): restore them, start a new run "
-                     "(another output_dir, or overwrite=true), or set resume_force=true to resume anyway")
+    raise HfgpuError(
+        f"checkpoint {path.name} was written with other settings ({text}): restore them, start a new run "
+        "(another output_dir, or overwrite=true), or set resume_force=true to resume anyway"
+    )
 
 
 def _short(v) -> str:
@@ -198,21 +206,30 @@ def load(path: Path, saved: dict, accelerator, model, optimizer, scheduler) -> N
     """Restore a checkpoint into the prepared objects; `saved` is its state.json (read_state)."""
     world_size = accelerator.num_processes
     if saved.get("world_size", world_size) != world_size:
-        raise HfgpuError(f"checkpoint {path.name} was written by {saved['world_size']} processes, this run has {world_size}: "
-                         f"launch with --num_processes {saved['world_size']} to resume exactly, or start a new run")
+        raise HfgpuError(
+            f"checkpoint {path.name} was written by {saved['world_size']} processes, this run has {world_size}: "
+            f"launch with --num_processes {saved['world_size']} to resume exactly, or start a new run"
+        )
     unwrapped = accelerator.unwrap_model(model)
     try:
         tensors = load_file(str(path / "trainable.safetensors"))
     except Exception as e:
-        raise HfgpuError(f"checkpoint {path} cannot be read ({str(e)[:120]}): use resume=auto to fall back to an earlier checkpoint") from None
+        raise HfgpuError(
+            f"checkpoint {path} cannot be read ({str(e)[:120]}): use resume=auto to fall back to an earlier checkpoint"
+        ) from None
     params = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
-        raise HfgpuError(f"checkpoint {path} was written by a different model or LoRA setup ({len(set(tensors) ^ set(params))} parameters differ): resume with the recipe that wrote it, or set overwrite=true")
+        raise HfgpuError(
+            f"checkpoint {path} was written by a different model or LoRA setup ({len(set(tensors) ^ set(params))} parameters "
+            f"differ): resume with the recipe that wrote it, or set overwrite=true"
+        )
     wrong = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in tensors.items() if tuple(t.shape) != tuple(params[n].shape)]
     if wrong:
         n, was, now = wrong[0]
-        raise HfgpuError(f"checkpoint {path.name} holds {len(wrong)} parameters of another shape ({n}: {list(was)} saved, {list(now)} now; "
-                         "lora.r or the model changed): resume with the recipe that wrote it, or start a new run")
+        raise HfgpuError(
+            f"checkpoint {path.name} holds {len(wrong)} parameters of another shape ({n}: {list(was)} saved, {list(now)} now; "
+            "lora.r or the model changed): resume with the recipe that wrote it, or start a new run"
+        )
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
@@ -220,5 +237,8 @@ def load(path: Path, saved: dict, accelerator, model, optimizer, scheduler) -> N
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = path / f"rng-{accelerator.process_index}.pt"
     if not rng.is_file():
-        raise HfgpuError(f"checkpoint {path.name} has no {rng.name}: the resumed run could not be exact; use resume=auto to fall back to an earlier checkpoint")
+        raise HfgpuError(
+            f"checkpoint {path.name} has no {rng.name}: the resumed run could not be exact; use resume=auto to fall back to "
+            f"an earlier checkpoint"
+        )
     _set_rng_state(torch.load(rng, weights_only=False))

@@ -56,8 +56,15 @@ def _add_knob(g: Any, name: str) -> None:
     if kind == "choice":
         g.add_argument(flag, default=f.default, metavar="|".join(meta["choices"]), help=help_text)
     elif kind == "bool":
-        g.add_argument(flag, type=_on_off if meta["auto"] else _bool_only, nargs="?", const=True, default=f.default,
-                       metavar="on|off" + ("|auto" if meta["auto"] else ""), help=help_text)
+        g.add_argument(
+            flag,
+            type=_on_off if meta["auto"] else _bool_only,
+            nargs="?",
+            const=True,
+            default=f.default,
+            metavar="on|off" + ("|auto" if meta["auto"] else ""),
+            help=help_text,
+        )
     elif kind == "int":
         g.add_argument(flag, type=_int_or_auto, default=f.default, metavar="N", help=help_text)
     elif kind == "float":
@@ -109,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpu", required=True, help="the card to plan for")
     _add_knob(r, "strategy")
     _add_knob(r, "seq_len")
-    r.add_argument("--data", default="alpaca", choices=["alpaca", "chat"], help="alpaca: yahma/alpaca-cleaned; chat: HuggingFaceH4/ultrachat_200k")
+    r.add_argument(
+        "--data", default="alpaca", choices=["alpaca", "chat"], help="alpaca: yahma/alpaca-cleaned; chat: HuggingFaceH4/ultrachat_200k"
+    )
     r.add_argument("--path", default="my_recipe.yaml", help="the file name the header's commands use")
     pu = sub.add_parser("push", help="upload a finished run (adapter + tokenizer + model card) to the Hub")
     pu.add_argument("run", help="the run's output_dir")
@@ -150,7 +159,11 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 
     cards = catalog()
     if args.json:
-        print(json.dumps([g.to_dict() | {"series": g.series, "bandwidth_gbps": g.bandwidth_gbps, "source": g.source} for g in cards], indent=2))
+        print(
+            json.dumps(
+                [g.to_dict() | {"series": g.series, "bandwidth_gbps": g.bandwidth_gbps, "source": g.source} for g in cards], indent=2
+            )
+        )
         return 0
     from rich.table import Table
 
@@ -160,8 +173,14 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     for g in cards:
         cc = g.compute_capability
         t.add_row(
-            g.name, g.architecture, f"{cc[0]}.{cc[1]}", f"{g.vram_gb:g}", f"{g.bandwidth_gbps or '-'}",
-            f"{g.fp32_tflops or '-'}", f"{g.tensor_tflops or '-'}", "yes" if g.bf16_supported else "no",
+            g.name,
+            g.architecture,
+            f"{cc[0]}.{cc[1]}",
+            f"{g.vram_gb:g}",
+            f"{g.bandwidth_gbps or '-'}",
+            f"{g.fp32_tflops or '-'}",
+            f"{g.tensor_tflops or '-'}",
+            "yes" if g.bf16_supported else "no",
             f"{g.msrp_usd:,.0f}" if g.msrp_usd else "-",
         )
     _console().print(t)
@@ -232,8 +251,10 @@ def _print_plan(p, alternatives: list[str]) -> None:
     for w in p.warnings:
         c.print(f"[yellow]warning:[/] {w}")
     if not p.fits:
-        c.print("[red]does not fit.[/] " + ("What fits instead: " + "; ".join(alternatives) if alternatives else "Nothing smaller fits: choose a smaller model."))
-
+        c.print(
+            "[red]does not fit.[/] "
+            + ("What fits instead: " + "; ".join(alternatives) if alternatives else "Nothing smaller fits: choose a smaller model.")
+        )
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -263,9 +284,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         marks = [f"cheapest {s}" for s in r["cheapest_for"]] + (["fastest within budget"] if r["fastest_within_budget"] else [])
         cells = [f"{r['peak_gib'][s]:.1f}{' ✓' if r['fits'][s] else ''}" for s in ("full", "lora", "qlora")]
         t.add_row(
-            r["gpu"], f"{r['vram_gb']:g}", f"{r['launch_price_usd']:,.0f}" if r["launch_price_usd"] else "-", *cells,
-            r["best_strategy"] or "does not fit", f"{r['tokens_per_second_estimate']:,.0f}" if r["tokens_per_second_estimate"] else "-",
-            f"{r['hours_estimate']:.1f}" if r["hours_estimate"] else "-", ", ".join(marks),
+            r["gpu"],
+            f"{r['vram_gb']:g}",
+            f"{r['launch_price_usd']:,.0f}" if r["launch_price_usd"] else "-",
+            *cells,
+            r["best_strategy"] or "does not fit",
+            f"{r['tokens_per_second_estimate']:,.0f}" if r["tokens_per_second_estimate"] else "-",
+            f"{r['hours_estimate']:.1f}" if r["hours_estimate"] else "-",
+            ", ".join(marks),
         )
     _console().print(t)
     return 0
@@ -330,7 +356,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"calibrate": cmd_calibrate, "doctor": cmd_doctor, "gpus": cmd_gpus, "plan": cmd_plan, "fit": cmd_fit, "recipe": cmd_recipe, "push": cmd_push, "merge": cmd_merge, "generate": cmd_generate}
+COMMANDS = {
+    "calibrate": cmd_calibrate,
+    "doctor": cmd_doctor,
+    "gpus": cmd_gpus,
+    "plan": cmd_plan,
+    "fit": cmd_fit,
+    "recipe": cmd_recipe,
+    "push": cmd_push,
+    "merge": cmd_merge,
+    "generate": cmd_generate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

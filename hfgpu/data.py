@@ -105,7 +105,8 @@ def _first_bad_line(path: Path) -> str | None:
                 try:
                     json.loads(line)
                 except ValueError as e:
-                    return f"line {number} is not valid JSON ({str(e).split(':')[0]}): fix or remove that line (JSON lines: one object per line)"
+                    reason = str(e).split(":")[0]
+                    return f"line {number} is not valid JSON ({reason}): fix or remove that line (JSON lines: one object per line)"
     return None
 
 
@@ -120,7 +121,9 @@ def check_columns(ds, cfg: DataConfig, source: str) -> dict[str, str]:
     if missing:
         have = ", ".join(ds.column_names)
         fixes = "; ".join(f"set data.columns.{f} to the right one" for f in missing)
-        raise HfgpuError(f"{source} has no column {', '.join(repr(mapping[f]) for f in missing)} for format {cfg.format!r} (columns: {have}): {fixes}")
+        raise HfgpuError(
+            f"{source} has no column {', '.join(repr(mapping[f]) for f in missing)} for format {cfg.format!r} (columns: {have}): {fixes}"
+        )
     return mapping
 
 
@@ -160,7 +163,10 @@ def _content(m: dict) -> str:
     raise BadRow(f"{type(c).__name__}-valued message content")
 
 
-TEMPLATE_FIX = "set data.chat_template to a template that renders turns incrementally (hfgpu ships one for ChatML models such as Qwen3: data.chat_template=hfgpu:chat_templates/chatml.jinja), or use format prompt_completion"
+TEMPLATE_FIX = (
+    "set data.chat_template to a template that renders turns incrementally (hfgpu ships one for ChatML models such as Qwen3: "
+    "data.chat_template=hfgpu:chat_templates/chatml.jinja), or use format prompt_completion"
+)
 
 
 def chat_messages(messages: Any, row: int) -> list[dict]:
@@ -191,16 +197,21 @@ def _chat_segments(messages: Any, tokenizer, template: str | None, row: int) -> 
         prefix = render(messages[:i], True)
         full = render(messages[: i + 1], False)
         if not prefix.startswith(done) or not full.startswith(prefix):
-            raise HfgpuError(f"chat row {row}: the chat template does not render turns incrementally (as Qwen3's does), so assistant tokens cannot be found: {TEMPLATE_FIX}")
-        segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
+            raise HfgpuError(
+                f"chat row {row}: the chat template does not render turns incrementally (as Qwen3's does), so assistant "
+                f"tokens cannot be found: {TEMPLATE_FIX}"
+            )
+        segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
         done = full
-    rest = render(messages, False)[len(done):]
+    rest = render(messages, False)[len(done) :]
     if rest:
         segments.append((rest, False))
     return segments
 
 
-def segments_of(row: dict, fmt: str, cols: dict[str, str], tokenizer=None, template: str | None = None, index: int = 0) -> list[tuple[str, bool]]:
+def segments_of(
+    row: dict, fmt: str, cols: dict[str, str], tokenizer=None, template: str | None = None, index: int = 0
+) -> list[tuple[str, bool]]:
     """(text, learned) segments of one row; the final learned segment is followed by EOS (except chat).
     Raises BadRow when the row does not match the format."""
     get = lambda f: row.get(cols[f]) if cols[f] in row else None
@@ -248,8 +259,17 @@ def _tokenized_features():
     import datasets
 
     ints = datasets.Sequence(datasets.Value("int64"))
-    return datasets.Features({"input_ids": ints, "labels": ints, "length": datasets.Value("int64"), "truncated": datasets.Value("bool"),
-                              "learned": datasets.Value("int64"), "problem": datasets.Value("string"), "row": datasets.Value("int64")})
+    return datasets.Features(
+        {
+            "input_ids": ints,
+            "labels": ints,
+            "length": datasets.Value("int64"),
+            "truncated": datasets.Value("bool"),
+            "learned": datasets.Value("int64"),
+            "problem": datasets.Value("string"),
+            "row": datasets.Value("int64"),
+        }
+    )
 
 
 def _end_of_turn(ids: list[int], special: set[int]) -> int:
@@ -325,11 +345,27 @@ def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str):
     cols = check_columns(ds, cfg, source)
     template = load_chat_template(cfg.chat_template)
     if cfg.format == "chat" and not (template or getattr(tokenizer, "chat_template", None)):
-        raise HfgpuError("format chat needs a chat template: this tokenizer has none; set data.chat_template or use format prompt_completion")
-    kwargs = dict(fmt=cfg.format, cols=cols, tokenizer=tokenizer, template=template, max_len=max_len,
-                  train_on_prompt=cfg.train_on_prompt, too_long=cfg.too_long)
-    tok = ds.map(_tokenize_batch, batched=True, with_indices=True, fn_kwargs=kwargs, remove_columns=ds.column_names, desc="tokenizing",
-                 features=_tokenized_features())
+        raise HfgpuError(
+            "format chat needs a chat template: this tokenizer has none; set data.chat_template or use format prompt_completion"
+        )
+    kwargs = dict(
+        fmt=cfg.format,
+        cols=cols,
+        tokenizer=tokenizer,
+        template=template,
+        max_len=max_len,
+        train_on_prompt=cfg.train_on_prompt,
+        too_long=cfg.too_long,
+    )
+    tok = ds.map(
+        _tokenize_batch,
+        batched=True,
+        with_indices=True,
+        fn_kwargs=kwargs,
+        remove_columns=ds.column_names,
+        desc="tokenizing",
+        features=_tokenized_features(),
+    )
     # one pass over the columns: each row is kept, or dropped under the rule that names why (1-based rows)
     why: dict[str, list[int]] = {}
     wrong_format: set[str] = set()  # rules that mean the row is not in this format (empty rows are data)
@@ -350,12 +386,17 @@ def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str):
     stats = {"examples": len(tok), "too_long": int(sum(tok["truncated"])), "dropped": len(tok) - len(keep), "drop_reasons": why}
     malformed = {rule: why[rule] for rule in wrong_format}
     if (n_bad := sum(map(len, malformed.values()))) * 2 > len(tok):
-        raise HfgpuError(f"{source}: {n_bad} of {len(tok)} rows do not match format {cfg.format!r} "
-                         f"({describe_drops(malformed)}): check data.format and data.columns")
+        raise HfgpuError(
+            f"{source}: {n_bad} of {len(tok)} rows do not match format {cfg.format!r} "
+            f"({describe_drops(malformed)}): check data.format and data.columns"
+        )
     if len(keep) < len(tok):
         tok = tok.select(keep)
     if len(tok) == 0:
-        raise HfgpuError(f"{source}: no example has tokens to learn within max_seq_len={max_len} (all too long or empty): raise data.max_seq_len or check the data")
+        raise HfgpuError(
+            f"{source}: no example has tokens to learn within max_seq_len={max_len} (all too long or empty): raise "
+            f"data.max_seq_len or check the data"
+        )
     return tok.remove_columns(["truncated", "learned", "problem", "row"]), stats, cols
 
 
@@ -366,7 +407,10 @@ def load_chat_template(value: str | None) -> str | None:
         return value
     path = Path(resolve_path(value)).expanduser()
     if not path.is_file():
-        raise HfgpuError(f"data.chat_template {value!r} is neither a Jinja template nor a file: pass the template text, a .jinja file, or hfgpu:chat_templates/chatml.jinja")
+        raise HfgpuError(
+            f"data.chat_template {value!r} is neither a Jinja template nor a file: pass the template text, a .jinja file, or "
+            f"hfgpu:chat_templates/chatml.jinja"
+        )
     return path.read_text(encoding="utf-8")
 
 

@@ -14,7 +14,6 @@ from hfgpu.planner import PASCAL_TORCH
 from hfgpu.units import gib
 
 
-
 @dataclass
 class Device:
     name: str
@@ -119,7 +118,12 @@ def wheel_runs_on(arch_list: list[str], cc: tuple[int, int]) -> bool:
 def diagnose(p: SystemProbe) -> Report:
     r = Report(p)
     add = lambda *a: r.checks.append(Check(*a))
-    add("torch", "ok", f"torch {p.torch_version}" + (f", built for CUDA {p.cuda_version} ({' '.join(p.arch_list)})" if p.cuda_version else ", a CPU build"))
+    add(
+        "torch",
+        "ok",
+        f"torch {p.torch_version}"
+        + (f", built for CUDA {p.cuda_version} ({' '.join(p.arch_list)})" if p.cuda_version else ", a CPU build"),
+    )
     if not p.devices:
         fix = "" if p.cuda_version else "install a CUDA build of torch for your card (see the README), or run the CPU demo"
         add("gpu", "warn", "no CUDA GPU visible: only CPU runs (the demo) will work", fix)
@@ -129,27 +133,60 @@ def diagnose(p: SystemProbe) -> Report:
         if wheel_runs_on(p.arch_list, d.capability):
             add(f"gpu {i} kernels", "ok", f"torch's wheel has kernels for sm_{d.capability[0]}{d.capability[1]}")
         elif d.capability[0] < 7:
-            add(f"gpu {i} kernels", "fail",
-                f"torch {p.torch_version} has no sm_{d.capability[0]}x kernels ('no kernel image is available'): only the CUDA 12.6 builds of torch ≤ 2.14 still carry Pascal",
-                PASCAL_TORCH)
+            add(
+                f"gpu {i} kernels",
+                "fail",
+                f"torch {p.torch_version} has no sm_{d.capability[0]}x kernels ('no kernel image is available'): only the "
+                f"CUDA 12.6 builds of torch ≤ 2.14 still carry Pascal",
+                PASCAL_TORCH,
+            )
         else:
-            add(f"gpu {i} kernels", "fail", f"torch {p.torch_version} was not built for sm_{d.capability[0]}{d.capability[1]}", "install a torch build whose CUDA supports this card (pytorch.org/get-started)")
-        add(f"gpu {i} bf16", "ok" if d.capability >= (8, 0) else "warn",
-            "bf16: native (cc ≥ 8.0)" if d.capability >= (8, 0) else f"bf16: not native on cc {cc} (torch.cuda.is_bf16_supported() may still say True through emulation): hfgpu uses " + ("fp16" if d.capability >= (7, 0) else "fp32"))
+            add(
+                f"gpu {i} kernels",
+                "fail",
+                f"torch {p.torch_version} was not built for sm_{d.capability[0]}{d.capability[1]}",
+                "install a torch build whose CUDA supports this card (pytorch.org/get-started)",
+            )
+        add(
+            f"gpu {i} bf16",
+            "ok" if d.capability >= (8, 0) else "warn",
+            "bf16: native (cc ≥ 8.0)"
+            if d.capability >= (8, 0)
+            else f"bf16: not native on cc {cc} (torch.cuda.is_bf16_supported() may still say True through emulation): hfgpu uses "
+            + ("fp16" if d.capability >= (7, 0) else "fp32"),
+        )
         if d.capability >= (8, 0):
-            add(f"gpu {i} flash-attn", "ok" if p.flash_attn else "warn", f"FlashAttention-2: {'flash-attn ' + p.flash_attn if p.flash_attn else 'supported by the card, package not installed'}",
-                "" if p.flash_attn else "optional: pip install flash-attn --no-build-isolation (sdpa works without it)")
+            add(
+                f"gpu {i} flash-attn",
+                "ok" if p.flash_attn else "warn",
+                f"FlashAttention-2: {'flash-attn ' + p.flash_attn if p.flash_attn else 'supported by the card, package not installed'}",
+                "" if p.flash_attn else "optional: pip install flash-attn --no-build-isolation (sdpa works without it)",
+            )
         else:
             add(f"gpu {i} flash-attn", "ok", "FlashAttention-2 needs cc ≥ 8.0: sdpa's memory-efficient kernel is used instead")
         if p.bitsandbytes:
             features = ["NF4 4-bit (QLoRA)", "8-bit optimizers"] if d.capability >= (6, 0) else []
             if d.capability >= (7, 5):
                 features.append("LLM.int8")
-            add(f"gpu {i} bitsandbytes", "ok" if features else "fail", f"bitsandbytes {p.bitsandbytes}: " + (", ".join(features) if features else "needs cc ≥ 6.0"))
+            add(
+                f"gpu {i} bitsandbytes",
+                "ok" if features else "fail",
+                f"bitsandbytes {p.bitsandbytes}: " + (", ".join(features) if features else "needs cc ≥ 6.0"),
+            )
     if p.bitsandbytes and not p.devices:
         add("bitsandbytes", "ok", f"bitsandbytes {p.bitsandbytes} imports (NF4 and 8-bit optimizers also run on CPU)")
     if not p.bitsandbytes:
         add("bitsandbytes", "warn", "bitsandbytes does not import: QLoRA and 8-bit optimizers are unavailable", "pip install bitsandbytes")
-    add("accelerate config", "ok", p.accelerate_config or "none: `accelerate launch` uses one process per run; `accelerate config` or accelerate_configs/ for several GPUs")
-    add("hub login", "ok" if p.hub_logged_in else "warn", "a Hub token is available" if p.hub_logged_in else "no Hub token: pushing needs one", "" if p.hub_logged_in else "hf auth login (or set HF_TOKEN)")
+    add(
+        "accelerate config",
+        "ok",
+        p.accelerate_config
+        or "none: `accelerate launch` uses one process per run; `accelerate config` or accelerate_configs/ for several GPUs",
+    )
+    add(
+        "hub login",
+        "ok" if p.hub_logged_in else "warn",
+        "a Hub token is available" if p.hub_logged_in else "no Hub token: pushing needs one",
+        "" if p.hub_logged_in else "hf auth login (or set HF_TOKEN)",
+    )
     return r

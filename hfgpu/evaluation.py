@@ -4,10 +4,10 @@ generated greedily, through local `evaluate` modules (hfgpu/metrics/, loaded by 
 from __future__ import annotations
 
 import math
-from hfgpu._package import PACKAGE
 
 import torch
 
+from hfgpu._package import PACKAGE
 from hfgpu.data import IGNORE
 from hfgpu.loss import chunked_token_stats, final_hidden_states
 
@@ -55,9 +55,15 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     answers = []
     for prompt in prompts:
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     model.train()
     return answers
 

@@ -24,8 +24,18 @@ from hfgpu.errors import HfgpuError, run_command
 from hfgpu.knobs import KNOB_NAMES, RECIPE, Knobs, recipe_key
 from hfgpu.recipe import Recipe, get_key, load_recipe, resolve_path, set_key
 
-RUN_FILES = ("resolved_recipe.yaml", "plan.json", "metrics.jsonl", "loss.png", "final_metrics.json", "adapter_config.json",
-             "adapter_model.safetensors", "model.safetensors", "config.json", "checkpoints")
+RUN_FILES = (
+    "resolved_recipe.yaml",
+    "plan.json",
+    "metrics.jsonl",
+    "loss.png",
+    "final_metrics.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "model.safetensors",
+    "config.json",
+    "checkpoints",
+)
 
 
 @dataclass
@@ -106,8 +116,14 @@ def check_output_dir(recipe: Recipe) -> Path:
     if recipe.resume != "never":
         if (out / "checkpoints").is_dir() or not (out / "final_metrics.json").exists():
             return out  # a checkpoint to resume, or a run stopped before its first one (it starts again)
-        raise HfgpuError(f"output_dir {str(out)!r} holds a finished run with no checkpoint to resume: set overwrite=true to replace it, or choose another output_dir")
-    raise HfgpuError(f"output_dir {str(out)!r} already holds a run ({', '.join(present[:3])}): set resume=auto to continue it, overwrite=true to replace it, or choose another output_dir")
+        raise HfgpuError(
+            f"output_dir {str(out)!r} holds a finished run with no checkpoint to resume: set overwrite=true to replace it, or "
+            f"choose another output_dir"
+        )
+    raise HfgpuError(
+        f"output_dir {str(out)!r} already holds a run ({', '.join(present[:3])}): set resume=auto to continue it, "
+        f"overwrite=true to replace it, or choose another output_dir"
+    )
 
 
 class RunLock:
@@ -140,7 +156,10 @@ class RunLock:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             self.fd = None
-            raise HfgpuError(f"output_dir {str(self.out)!r} is in use by another hfgpu run (pid {holder}): wait for it to finish, stop it, or choose another output_dir") from None
+            raise HfgpuError(
+                f"output_dir {str(self.out)!r} is in use by another hfgpu run (pid {holder}): wait for it to finish, stop it, "
+                f"or choose another output_dir"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         return self
@@ -167,9 +186,24 @@ def _clear(out: Path) -> None:
 
 # what a checkpoint must match to be resumed: the values that change what is computed. Not the
 # length of the run (max_steps/epochs may grow), evaluation, logging or the memory savers.
-FINGERPRINT_KEYS = ("model", "strategy", "precision", "quantization", "micro_batch_size", "lora.r", "lora.alpha", "lora.dropout",
-                    "lora.target_modules", "train.learning_rate", "train.schedule", "train.warmup", "train.weight_decay",
-                    "train.max_grad_norm", "train.global_batch_size", "train.seed")
+FINGERPRINT_KEYS = (
+    "model",
+    "strategy",
+    "precision",
+    "quantization",
+    "micro_batch_size",
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "train.learning_rate",
+    "train.schedule",
+    "train.warmup",
+    "train.weight_decay",
+    "train.max_grad_norm",
+    "train.global_batch_size",
+    "train.seed",
+)
 
 
 def run_fingerprint(ran: Recipe, p, data_hash: str) -> dict:
@@ -192,7 +226,7 @@ def portable_base(model: str) -> str:
     parts = local.parts
     for i, part in enumerate(parts):
         if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
-            return part[len("models--"):].replace("--", "/")
+            return part[len("models--") :].replace("--", "/")
     return local.name
 
 
@@ -244,8 +278,11 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     # hit "AcceleratorState has already been initialized"; the process group (PartialState) is kept
     AcceleratorState._reset_state()
     accelerator = Accelerator(
-        mixed_precision=mixed, cpu=p.gpu.is_cpu, log_with=None if recipe.report_to == "none" else recipe.report_to,
-        project_dir=str(out), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        mixed_precision=mixed,
+        cpu=p.gpu.is_cpu,
+        log_with=None if recipe.report_to == "none" else recipe.report_to,
+        project_dir=str(out),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     if accelerator.distributed_type.name == "DEEPSPEED" and p.grad_accum_steps > 1:
         raise HfgpuError(
@@ -266,10 +303,16 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     s = data.stats
     from hfgpu.data import describe_drops
 
-    speak(f"data: {s['examples']} examples, {s['too_long']} longer than {p.seq_len} tokens ({recipe.data.too_long}), {s['dropped']} dropped"
-          + (f" ({describe_drops(s['drop_reasons'])})" if s["dropped"] else "")
-          + (f"; packed into {s['sequences']} sequences, padding {s['padding_before']:.0%} → {s['padding_after']:.0%}" if "sequences" in s else f"; padding {s['padding_before']:.0%}")
-          + (f"; {s['eval_examples']} eval examples" if "eval_examples" in s else ""))
+    speak(
+        f"data: {s['examples']} examples, {s['too_long']} longer than {p.seq_len} tokens ({recipe.data.too_long}), {s['dropped']} dropped"
+        + (f" ({describe_drops(s['drop_reasons'])})" if s["dropped"] else "")
+        + (
+            f"; packed into {s['sequences']} sequences, padding {s['padding_before']:.0%} → {s['padding_after']:.0%}"
+            if "sequences" in s
+            else f"; padding {s['padding_before']:.0%}"
+        )
+        + (f"; {s['eval_examples']} eval examples" if "eval_examples" in s else "")
+    )
 
     settings = ModelSettings.from_plan(p)
     model = prepare_model(model_path, settings, seed=recipe.train.seed, trust_remote_code=recipe.trust_remote_code)
@@ -310,10 +353,17 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     seconds = time.time() - start
     what = "adapter (adapter_model.safetensors + adapter_config.json)" if p.lora else "model (model.safetensors + config.json)"
     before = result.initial_metrics
-    shown = ", ".join(f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    speak(f"done in {seconds:.0f} s, {metrics.get('steps')} steps" + (f"; before → after training: {shown}" if shown else " (no eval data: set data.eval_path to measure)"))
+    shown = ", ".join(
+        f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)
+    )
+    speak(
+        f"done in {seconds:.0f} s, {metrics.get('steps')} steps"
+        + (f"; before → after training: {shown}" if shown else " (no eval data: set data.eval_path to measure)")
+    )
     speak(f"{what}, tokenizer, plan.json, resolved_recipe.yaml, metrics.jsonl and loss.png are in {out}/")
-    return RunResult(output_dir=out, metrics=metrics, plan=p, seconds=seconds, initial_metrics=before, model=accelerator.unwrap_model(result.model))
+    return RunResult(
+        output_dir=out, metrics=metrics, plan=p, seconds=seconds, initial_metrics=before, model=accelerator.unwrap_model(result.model)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__doc__.strip() + "\n\nRecipe keys (override any as key=value after the path):\n\n" + recipe_help())
         return 0 if args else 2
+
     def body() -> int:
         finetune(load_recipe(args[0], args[1:]))
         return 0

@@ -12,13 +12,12 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from hfgpu._package import PACKAGE
 from typing import Callable
 
 from hfgpu._fuzzy import did_you_mean
+from hfgpu._package import PACKAGE
 from hfgpu.errors import HfgpuError
 from hfgpu.units import GIB
-
 
 
 @dataclass(frozen=True)
@@ -206,7 +205,9 @@ def detect(probe: Probe | None = None) -> GPU:
     """This machine's first CUDA GPU (through torch.cuda, or `probe` in tests)."""
     found = (probe or _torch_probe)()
     if found is None:
-        raise HfgpuError("GPU 'auto': torch sees no CUDA device on this machine; name your card instead, e.g. --gpu 'RTX 3060' or --gpu 12GB")
+        raise HfgpuError(
+            "GPU 'auto': torch sees no CUDA device on this machine; name your card instead, e.g. --gpu 'RTX 3060' or --gpu 12GB"
+        )
     name, total_bytes, cc = found
     vram_gb = round(total_bytes / GIB, 2)
     exact, _ = _index()

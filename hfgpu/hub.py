@@ -23,7 +23,14 @@ from hfgpu.units import gib
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_FILES = ("config.json", "model.safetensors")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "tokenizer.model", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -49,11 +56,20 @@ class RunPlan:
 
         try:
             d = json.loads(path.read_text())
-            return cls(knobs=Plan.knobs_of(d), card=d["gpu"]["name"], cards=d["gpu"].get("count", 1), vram_gb=d["gpu"]["vram_gb"],
-                       peak_bytes=d["memory"]["total"], budget_bytes=d["memory"]["budget"], params_total=d["params_total"],
-                       params_trainable=d["params_trainable"])
+            return cls(
+                knobs=Plan.knobs_of(d),
+                card=d["gpu"]["name"],
+                cards=d["gpu"].get("count", 1),
+                vram_gb=d["gpu"]["vram_gb"],
+                peak_bytes=d["memory"]["total"],
+                budget_bytes=d["memory"]["budget"],
+                params_total=d["params_total"],
+                params_trainable=d["params_trainable"],
+            )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise HfgpuError(f"{str(path)!r} is not a plan.json hfgpu wrote (damaged or from another tool): re-run training, or restore the file") from None
+            raise HfgpuError(
+                f"{str(path)!r} is not a plan.json hfgpu wrote (damaged or from another tool): re-run training, or restore the file"
+            ) from None
 
 
 class Run:
@@ -74,7 +90,9 @@ class Run:
         self.plan = RunPlan.read(self.path / "plan.json")
         self.recipe = load_recipe(self.path / "resolved_recipe.yaml")
         try:
-            self.metrics: dict = json.loads((self.path / "final_metrics.json").read_text())  # {"before": {…}, "after": {…}}: free-form metric names
+            self.metrics: dict = json.loads(
+                (self.path / "final_metrics.json").read_text()
+            )  # {"before": {…}, "after": {…}}: free-form metric names
         except json.JSONDecodeError:
             raise HfgpuError(f"{str(self.path / 'final_metrics.json')!r} is not valid JSON: re-run training, or restore the file") from None
 
@@ -108,7 +126,9 @@ class Run:
         try:
             base = AutoModelForCausalLM.from_pretrained(self.base_model_path, dtype=dtype)
         except OSError as e:
-            raise HfgpuError(f"cannot load the base model {self.base_model_path!r} ({str(e).splitlines()[0][:120]}): make it available locally or online") from None
+            raise HfgpuError(
+                f"cannot load the base model {self.base_model_path!r} ({str(e).splitlines()[0][:120]}): make it available locally or online"
+            ) from None
         return PeftModel.from_pretrained(base, self.path), tokenizer
 
 
@@ -139,23 +159,31 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
     )
     after = run.metrics.get("after", {})
     before = run.metrics.get("before", {})
-    metric_rows = "\n".join(f"| {k} | {_fmt(before[k]) if k in before else '–'} | {_fmt(v)} |" for k, v in after.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    metric_rows = "\n".join(
+        f"| {k} | {_fmt(before[k]) if k in before else '–'} | {_fmt(v)} |"
+        for k, v in after.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
     t = recipe.train
     usage = (
         f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{repo_id}\")\n"
-        f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")"
-        if adapter else
-        f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained(\"{repo_id}\")\n"
-        f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")"
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")\nmodel = PeftModel.from_pretrained(base, "{repo_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
+        if adapter
+        else f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
     )
-    what = (f"A {strategy.upper() if strategy != 'full' else 'full'} fine-tune of [{base}](https://huggingface.co/{base}) made with hfgpu."
-            if not merged else f"The LoRA adapter of a {strategy} fine-tune of {base}, merged into the base weights (saved as safetensors).")
-    text = f"""---
+    what = (
+        f"A {strategy.upper() if strategy != 'full' else 'full'} fine-tune of [{base}](https://huggingface.co/{base}) made with hfgpu."
+        if not merged
+        else f"The LoRA adapter of a {strategy} fine-tune of {base}, merged into the base weights (saved as safetensors)."
+    )
+    text = (
+        f"""---
 {data.to_yaml()}
 ---
 
-# {repo_id.split('/')[-1]}
+# {repo_id.split("/")[-1]}
 
 {what}
 
@@ -183,7 +211,13 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 | global batch | {t.global_batch_size} sequences |
 | weight decay | {t.weight_decay} |
 | data | {data_path} ({recipe.data.format}) |
-""" + (f"| LoRA | r={k.lora_r}, alpha={k.lora_alpha}, dropout={k.lora_dropout}, targets={list(k.lora_targets)} |\n" if adapter or merged else "") + f"""
+"""
+        + (
+            f"| LoRA | r={k.lora_r}, alpha={k.lora_alpha}, dropout={k.lora_dropout}, targets={list(k.lora_targets)} |\n"
+            if adapter or merged
+            else ""
+        )
+        + f"""
 ## Results
 
 | metric | before | after |
@@ -198,6 +232,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 {usage}
 ```
 """
+    )
     return ModelCard(text)
 
 
@@ -253,13 +288,19 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, merged: bool 
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             before = api.repo_info(repo_id, repo_type="model").sha
-            info = api.upload_folder(folder_path=tmp, repo_id=repo_id, repo_type="model",
-                                     commit_message=f"hfgpu: {'merged model' if merged else run.plan.knobs.strategy + ' run'} from {run.path.name}")
+            info = api.upload_folder(
+                folder_path=tmp,
+                repo_id=repo_id,
+                repo_type="model",
+                commit_message=f"hfgpu: {'merged model' if merged else run.plan.knobs.strategy + ' run'} from {run.path.name}",
+            )
         except Exception as e:  # network, auth, server: one line, token scrubbed, local files untouched
             status = getattr(getattr(e, "response", None), "status_code", None)
             reason = {401: "the token was rejected (run `hf auth login` again)", 403: "the token may not write to this repo"}.get(status)
             detail = reason or f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
-            raise HfgpuError(_scrub(f"push to {repo_id} failed ({detail}); {run.path} is unchanged: run the same command again to retry", token)) from None
+            raise HfgpuError(
+                _scrub(f"push to {repo_id} failed ({detail}); {run.path} is unchanged: run the same command again to retry", token)
+            ) from None
     say(f"pushed {run.path} to {url}" + (" (nothing changed: no new commit)" if getattr(info, "oid", None) == before else ""))
     return str(url)
 
@@ -308,12 +349,18 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, templa
     import torch
 
     if not prompt.strip():
-        raise HfgpuError("the prompt is empty: pass the text to complete (--prompt \"…\")")
+        raise HfgpuError('the prompt is empty: pass the text to complete (--prompt "…")')
     run = Run(run_dir)
     model, tokenizer = run.load()
     text = prompt_for(run, tokenizer, prompt, template)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=run.recipe.data.format != "chat")["input_ids"]
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

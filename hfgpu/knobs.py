@@ -34,43 +34,92 @@ ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 DISTRIBUTED = ("none", "ddp", "fsdp", "zero2", "zero3")
 
 
-def _knob(default: Any, help: str, *, choices: tuple[str, ...] = (), kind: str = "choice", recipe: str | None = None,
-          auto: bool = True, minimum: int | None = None) -> Any:
+def _knob(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] = (),
+    kind: str = "choice",
+    recipe: str | None = None,
+    auto: bool = True,
+    minimum: int | None = None,
+) -> Any:
     """A field of the record. kind: choice | int | bool | float | names; recipe: the key in a recipe
     (default: the field's name at the top level)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "kind": kind, "recipe": recipe, "auto": auto, "minimum": minimum})
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "kind": kind, "recipe": recipe, "auto": auto, "minimum": minimum}
+    )
 
 
 @dataclass(frozen=True)
 class Knobs:
     """What a user may fix. Every field may be "auto" (the planner chooses) unless its type says otherwise."""
 
-    strategy: str = _knob(AUTO, "full: every weight trains · lora: adapters on a 16-bit base · qlora: adapters on a 4-bit base", choices=STRATEGIES)
-    precision: str = _knob(AUTO, "compute dtype: bf16 from cc 8.0 (RTX 30), fp16 with loss scaling on RTX 20, fp32 on GTX 10", choices=PRECISIONS)
+    strategy: str = _knob(
+        AUTO, "full: every weight trains · lora: adapters on a 16-bit base · qlora: adapters on a 4-bit base", choices=STRATEGIES
+    )
+    precision: str = _knob(
+        AUTO, "compute dtype: bf16 from cc 8.0 (RTX 30), fp16 with loss scaling on RTX 20, fp32 on GTX 10", choices=PRECISIONS
+    )
     quantization: str = _knob(AUTO, "base weights: nf4/fp4 (4-bit, QLoRA), int8 (LLM.int8), none (16-bit)", choices=QUANTIZATIONS)
-    double_quant: bool = _knob(True, "4-bit bases: also quantize the quantization constants (≈0.37 bits per weight saved)", kind="bool", auto=False)
-    gradient_checkpointing: Union[bool, str] = _knob(AUTO, "recompute each layer's activations in backward: far less memory, one extra forward", kind="bool")
-    micro_batch_size: Union[int, str] = _knob(AUTO, "sequences per forward pass: larger is faster and needs more activation memory", kind="int", minimum=1)
-    grad_accum_steps: Union[int, str] = _knob(AUTO, "micro-batches per optimizer step (auto: reach global_batch_size)", kind="int", minimum=1,
-                                              recipe="train.grad_accum_steps")
-    global_batch_size: Union[int, str] = _knob(AUTO, "sequences per optimizer step, across all cards (auto: 16)", kind="int", minimum=1,
-                                               recipe="train.global_batch_size")
-    seq_len: Union[int, str] = _knob(AUTO, "tokens per sequence (auto: min(2048, the model's maximum))", kind="int", minimum=1, recipe="data.max_seq_len")
-    optimizer: str = _knob(AUTO, "adamw_torch: fp32 state, 8 bytes per trained weight · adamw_8bit (bitsandbytes): 2 bytes", choices=OPTIMIZERS)
-    attention: str = _knob(AUTO, "sdpa: PyTorch's fused kernels · eager · flash_attention_2 (cc 8.0 and the flash-attn package)", choices=ATTENTIONS)
-    distributed: str = _knob(AUTO, "how several cards ('2x RTX 3090') share the run (auto: ddp, or what `accelerate launch` set up)",
-                             choices=DISTRIBUTED)
+    double_quant: bool = _knob(
+        True, "4-bit bases: also quantize the quantization constants (≈0.37 bits per weight saved)", kind="bool", auto=False
+    )
+    gradient_checkpointing: Union[bool, str] = _knob(
+        AUTO, "recompute each layer's activations in backward: far less memory, one extra forward", kind="bool"
+    )
+    micro_batch_size: Union[int, str] = _knob(
+        AUTO, "sequences per forward pass: larger is faster and needs more activation memory", kind="int", minimum=1
+    )
+    grad_accum_steps: Union[int, str] = _knob(
+        AUTO, "micro-batches per optimizer step (auto: reach global_batch_size)", kind="int", minimum=1, recipe="train.grad_accum_steps"
+    )
+    global_batch_size: Union[int, str] = _knob(
+        AUTO, "sequences per optimizer step, across all cards (auto: 16)", kind="int", minimum=1, recipe="train.global_batch_size"
+    )
+    seq_len: Union[int, str] = _knob(
+        AUTO, "tokens per sequence (auto: min(2048, the model's maximum))", kind="int", minimum=1, recipe="data.max_seq_len"
+    )
+    optimizer: str = _knob(
+        AUTO, "adamw_torch: fp32 state, 8 bytes per trained weight · adamw_8bit (bitsandbytes): 2 bytes", choices=OPTIMIZERS
+    )
+    attention: str = _knob(
+        AUTO, "sdpa: PyTorch's fused kernels · eager · flash_attention_2 (cc 8.0 and the flash-attn package)", choices=ATTENTIONS
+    )
+    distributed: str = _knob(
+        AUTO, "how several cards ('2x RTX 3090') share the run (auto: ddp, or what `accelerate launch` set up)", choices=DISTRIBUTED
+    )
     chunked_loss: Union[bool, str] = _knob(AUTO, "lm_head and the loss over slices of tokens: the full logits never exist", kind="bool")
-    activation_offloading: Union[bool, str] = _knob(AUTO, "checkpointed layer inputs wait in CPU memory (needs gradient checkpointing)", kind="bool")
-    tiled_mlp: Union[bool, str] = _knob(AUTO, "the MLP's backward over tiles of tokens, for long sequences (needs gradient checkpointing)", kind="bool")
-    packing: bool = _knob(False, "several examples per sequence (position_ids keep them apart): less padding, faster", kind="bool", auto=False,
-                          recipe="data.packing")
-    lora_r: Union[int, str] = _knob(AUTO, "LoRA rank: higher learns more and costs more memory (auto: 16)", kind="int", minimum=1, recipe="lora.r")
+    activation_offloading: Union[bool, str] = _knob(
+        AUTO, "checkpointed layer inputs wait in CPU memory (needs gradient checkpointing)", kind="bool"
+    )
+    tiled_mlp: Union[bool, str] = _knob(
+        AUTO, "the MLP's backward over tiles of tokens, for long sequences (needs gradient checkpointing)", kind="bool"
+    )
+    packing: bool = _knob(
+        False,
+        "several examples per sequence (position_ids keep them apart): less padding, faster",
+        kind="bool",
+        auto=False,
+        recipe="data.packing",
+    )
+    lora_r: Union[int, str] = _knob(
+        AUTO, "LoRA rank: higher learns more and costs more memory (auto: 16)", kind="int", minimum=1, recipe="lora.r"
+    )
     lora_alpha: Union[int, str] = _knob(AUTO, "LoRA scaling (auto: 2 × r)", kind="int", minimum=1, recipe="lora.alpha")
-    lora_dropout: float = _knob(0.0, "dropout on each adapter's input, in [0, 1): 0 keeps no copy of it (less memory); 0.05-0.1 regularises small data",
-                                kind="float", auto=False, recipe="lora.dropout")
-    lora_targets: Union[tuple, str] = _knob(AUTO, "the linear layers that get adapters, e.g. q_proj,v_proj (auto: every linear layer but the output head)",
-                                            kind="names", recipe="lora.target_modules")
+    lora_dropout: float = _knob(
+        0.0,
+        "dropout on each adapter's input, in [0, 1): 0 keeps no copy of it (less memory); 0.05-0.1 regularises small data",
+        kind="float",
+        auto=False,
+        recipe="lora.dropout",
+    )
+    lora_targets: Union[tuple, str] = _knob(
+        AUTO,
+        "the linear layers that get adapters, e.g. q_proj,v_proj (auto: every linear layer but the output head)",
+        kind="names",
+        recipe="lora.target_modules",
+    )
 
     def __post_init__(self) -> None:
         t = self.lora_targets
@@ -138,9 +187,18 @@ PYTHON, CLI, RECIPE = Surface("python"), Surface("cli"), Surface("recipe")
 # model type → its Llama-style RMSNorm class, which hfgpu.patches.lean_rmsnorm swaps (always on; the plan
 # says so). tests/test_patches.py builds each and checks the swap applies and changes nothing: a rename in
 # transformers shows up there, not as a silent no-op
-RMSNORM_BY_MODEL_TYPE = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm",
-                         "qwen3_moe": "Qwen3MoeRMSNorm", "qwen2_moe": "Qwen2MoeRMSNorm", "mixtral": "MixtralRMSNorm",
-                         "phi3": "Phi3RMSNorm", "olmoe": "OlmoeRMSNorm", "granite": "GraniteRMSNorm"}
+RMSNORM_BY_MODEL_TYPE = {
+    "llama": "LlamaRMSNorm",
+    "mistral": "MistralRMSNorm",
+    "qwen2": "Qwen2RMSNorm",
+    "qwen3": "Qwen3RMSNorm",
+    "qwen3_moe": "Qwen3MoeRMSNorm",
+    "qwen2_moe": "Qwen2MoeRMSNorm",
+    "mixtral": "MixtralRMSNorm",
+    "phi3": "Phi3RMSNorm",
+    "olmoe": "OlmoeRMSNorm",
+    "granite": "GraniteRMSNorm",
+}
 # model types whose decoder layers' `mlp` is dense and per token (hfgpu.patches.tile_mlps tiles them)
 TILED_MLP_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2"}
 
@@ -148,7 +206,11 @@ TILED_MLP_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"
 def plain_logits(config: dict) -> bool:
     """Logits that are plain lm_head outputs, as the chunked loss computes them: not soft-capped
     (Gemma-2) or rescaled (Cohere's logit_scale, Granite's logits_scaling)."""
-    return not config.get("final_logit_softcapping") and config.get("logit_scale", 1) in (1, None) and config.get("logits_scaling", 1) in (1, None)
+    return (
+        not config.get("final_logit_softcapping")
+        and config.get("logit_scale", 1) in (1, None)
+        and config.get("logits_scaling", 1) in (1, None)
+    )
 
 
 def chunked_loss_blocker(spec: ModelSpec, distributed: str) -> str | None:
@@ -196,15 +258,15 @@ def _type_errors(k: Knobs, n: Surface) -> dict[str, str]:
         kind = meta["kind"]
         or_auto = " (or auto)" if meta["auto"] else ""
         if kind == "choice" and v not in meta["choices"]:
-            errs[name] = (f"{n.setting(name, v)} is not one of {', '.join(meta['choices'])}{or_auto}")
+            errs[name] = f"{n.setting(name, v)} is not one of {', '.join(meta['choices'])}{or_auto}"
         elif kind == "bool" and not isinstance(v, bool):
-            errs[name] = (f"{n.setting(name, v)} must be true, false" + (" or auto" if meta["auto"] else ""))
+            errs[name] = f"{n.setting(name, v)} must be true, false" + (" or auto" if meta["auto"] else "")
         elif kind == "int" and (not isinstance(v, int) or isinstance(v, bool) or v < (meta["minimum"] or 0)):
-            errs[name] = (f"{n.setting(name, v)} must be a whole number ≥ {meta['minimum']}")
+            errs[name] = f"{n.setting(name, v)} must be a whole number ≥ {meta['minimum']}"
         elif kind == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1):
-            errs[name] = (f"{n.setting(name, v)} must be a number in [0, 1)")
+            errs[name] = f"{n.setting(name, v)} must be a number in [0, 1)"
         elif kind == "names" and (not isinstance(v, tuple) or not all(isinstance(x, str) for x in v)):
-            errs[name] = (f"{n.setting(name, v)} must be layer names")
+            errs[name] = f"{n.setting(name, v)} must be layer names"
     return errs
 
 
@@ -219,8 +281,10 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
     cc = gpu.compute_capability
     ccs = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
     if k.precision == "bf16" and cc is not None and cc < (8, 0):
-        errs.append(f"{use('precision', 'bf16')} needs compute capability ≥ 8.0 (RTX 30 series or newer); {gpu.name} is {ccs}: use {use('precision', 'fp16')}"
-                    + (f" or {use('precision', 'fp32')}" if cc < (7, 0) else ""))
+        errs.append(
+            f"{use('precision', 'bf16')} needs compute capability ≥ 8.0 (RTX 30 series or newer); {gpu.name} is {ccs}: use "
+            f"{use('precision', 'fp16')}" + (f" or {use('precision', 'fp32')}" if cc < (7, 0) else "")
+        )
     if k.attention == "flash_attention_2":
         fa = use("attention", "flash_attention_2")
         if gpu.is_cpu:
@@ -231,43 +295,65 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
             errs.append(f"{fa} runs in fp16/bf16 only, not {use('precision', 'fp32')}: use {use('attention', 'sdpa')}")
     s, q = k.strategy, k.quantization
     if s == "qlora" and q in ("none", "int8"):
-        errs.append(f"{use('strategy', 'qlora')} quantizes the base to 4 bits, not {use('quantization', q)}: use {use('quantization', 'nf4')} (or fp4), "
-                    f"or {use('strategy', 'lora')}")
+        errs.append(
+            f"{use('strategy', 'qlora')} quantizes the base to 4 bits, not {use('quantization', q)}: use "
+            f"{use('quantization', 'nf4')} (or fp4), "
+            f"or {use('strategy', 'lora')}"
+        )
     if s == "full" and q not in (AUTO, "none"):
-        errs.append(f"{use('strategy', 'full')} trains every weight and cannot use {use('quantization', q)}: use {use('strategy', 'qlora')}, "
-                    f"or {use('quantization', 'none')}")
+        errs.append(
+            f"{use('strategy', 'full')} trains every weight and cannot use {use('quantization', q)}: use {use('strategy', 'qlora')}, "
+            f"or {use('quantization', 'none')}"
+        )
     if s == "lora" and q in ("nf4", "fp4"):
         errs.append(f"LoRA on a 4-bit base is {use('strategy', 'qlora')}: use {use('strategy', 'qlora')} with {use('quantization', q)}")
     if q == "int8" and cc is not None and cc < (7, 5):
-        errs.append(f"{use('quantization', 'int8')} (LLM.int8) needs compute capability ≥ 7.5; {gpu.name} is {ccs}: use {use('strategy', 'qlora')} "
-                    "(nf4 works from cc 6.0)")
+        errs.append(
+            f"{use('quantization', 'int8')} (LLM.int8) needs compute capability ≥ 7.5; {gpu.name} is {ccs}: use {use('strategy', 'qlora')} "
+            "(nf4 works from cc 6.0)"
+        )
     if k.optimizer in ("adamw_8bit", "paged_adamw_8bit") and cc is not None and cc < (6, 0):
-        errs.append(f"{use('optimizer', k.optimizer)} (bitsandbytes) needs compute capability ≥ 6.0; {gpu.name} is {ccs}: use {use('optimizer', 'adamw_torch')}")
+        errs.append(
+            f"{use('optimizer', k.optimizer)} (bitsandbytes) needs compute capability ≥ 6.0; {gpu.name} is {ccs}: use "
+            f"{use('optimizer', 'adamw_torch')}"
+        )
     if k.seq_len != AUTO and k.seq_len > spec.max_seq_len:
-        errs.append(f"{use('seq_len', k.seq_len)} is beyond {spec.name}'s maximum of {spec.max_seq_len} tokens (max_position_embeddings): "
-                    f"use {n.key('seq_len')} ≤ {spec.max_seq_len}")
+        errs.append(
+            f"{use('seq_len', k.seq_len)} is beyond {spec.name}'s maximum of {spec.max_seq_len} tokens (max_position_embeddings): "
+            f"use {n.key('seq_len')} ≤ {spec.max_seq_len}"
+        )
     ckpt_off = k.gradient_checkpointing is False
     if k.chunked_loss is True and (why := chunked_loss_blocker(spec, k.distributed)) is not None:
-        errs.append(f"{use('chunked_loss', True)} cannot be used: {why}; use {use('chunked_loss', False)}"
-                    + (", or distributed ddp or zero2" if k.distributed in ("fsdp", "zero3") else ""))
+        errs.append(
+            f"{use('chunked_loss', True)} cannot be used: {why}; use {use('chunked_loss', False)}"
+            + (", or distributed ddp or zero2" if k.distributed in ("fsdp", "zero3") else "")
+        )
     if k.activation_offloading is True:
         if gpu.is_cpu:
-            errs.append(f"{use('activation_offloading', True)} moves activations from a GPU to CPU memory, and this plan is for the CPU: "
-                        f"use {use('activation_offloading', False)}")
+            errs.append(
+                f"{use('activation_offloading', True)} moves activations from a GPU to CPU memory, and this plan is for the CPU: "
+                f"use {use('activation_offloading', False)}"
+            )
         if ckpt_off:
-            errs.append(f"{use('activation_offloading', True)} moves the checkpointed layer inputs, so it needs gradient checkpointing: "
-                        f"set {use('gradient_checkpointing', True)} (or auto)")
+            errs.append(
+                f"{use('activation_offloading', True)} moves the checkpointed layer inputs, so it needs gradient checkpointing: "
+                f"set {use('gradient_checkpointing', True)} (or auto)"
+            )
     if k.tiled_mlp is True:
         if (why := tiled_mlp_blocker(spec)) is not None:
             errs.append(f"{use('tiled_mlp', True)} cannot be used: {why}; use {use('tiled_mlp', False)}")
         if ckpt_off:
-            errs.append(f"{use('tiled_mlp', True)} recomputes the MLP inside checkpointed layers, so it needs gradient checkpointing: "
-                        f"set {use('gradient_checkpointing', True)} (or auto)")
+            errs.append(
+                f"{use('tiled_mlp', True)} recomputes the MLP inside checkpointed layers, so it needs gradient checkpointing: "
+                f"set {use('gradient_checkpointing', True)} (or auto)"
+            )
     if k.lora_targets != AUTO:
         unknown = [t for t in k.lora_targets if t not in spec.linear_names]
         if unknown or not k.lora_targets:
-            errs.append(f"{n.key('lora_targets')} {', '.join(unknown) or '(empty)'} not among {spec.name}'s linear layers: "
-                        f"choose from {', '.join(spec.linear_names)}")
+            errs.append(
+                f"{n.key('lora_targets')} {', '.join(unknown) or '(empty)'} not among {spec.name}'s linear layers: "
+                f"choose from {', '.join(spec.linear_names)}"
+            )
     return errs
 
 
@@ -276,8 +362,13 @@ def markdown_table() -> str:
     rows = ["| `plan()` keyword | `hfgpu plan` flag | recipe key | values | what it does |", "|---|---|---|---|---|"]
     for f in KNOB_FIELDS:
         meta = f.metadata
-        values = {"choice": " \\| ".join(meta["choices"]), "bool": "on/off (true/false)", "int": "N", "float": "0 ≤ P < 1",
-                  "names": "a,b,c"}[meta["kind"]]
+        values = {
+            "choice": " \\| ".join(meta["choices"]),
+            "bool": "on/off (true/false)",
+            "int": "N",
+            "float": "0 ≤ P < 1",
+            "names": "a,b,c",
+        }[meta["kind"]]
         default = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
         values += " \\| auto" if meta["auto"] else f" (default {default})"
         text = meta["help"].replace("|", "\\|")

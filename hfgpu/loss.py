@@ -63,8 +63,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024,
-                           dtype: torch.dtype | None = None) -> torch.Tensor:
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy of `hidden` (b, s, h) through `weight` (V, h) against `labels`
     (b, s; -100 ignored), shifted as transformers' causal LM loss does, without materialising the
     full logits. `dtype`: the matmuls' dtype (default: autocast's when it is on, else `hidden`'s)."""

@@ -30,21 +30,44 @@ class StepMemory:
         return self.peak - self.weights - self.trainable_state
 
 
-def forward_backward(model, ids: torch.Tensor, precision: str, chunk_size: int | None = None, offload: bool = False,
-                     simulate: bool = False, adapters_16bit: bool = True) -> torch.Tensor:
+def forward_backward(
+    model,
+    ids: torch.Tensor,
+    precision: str,
+    chunk_size: int | None = None,
+    offload: bool = False,
+    simulate: bool = False,
+    adapters_16bit: bool = True,
+) -> torch.Tensor:
     """One micro-batch of random `ids` through training's own step (hfgpu.step.forward_backward), under
     the autocast accelerate gives training. `simulate`: fake tensors; `adapters_16bit=False`: peft's
     default fp32 copies of adapter inputs (the plain path)."""
     autocast = precision != "fp32"
-    return step_forward_backward(model, {"input_ids": ids, "labels": ids}, chunk=chunk_size, adapters_16bit=autocast and adapters_16bit,
-                                 offload=offload, autocast=DTYPES[precision] if autocast else None, simulate=simulate)
+    return step_forward_backward(
+        model,
+        {"input_ids": ids, "labels": ids},
+        chunk=chunk_size,
+        adapters_16bit=autocast and adapters_16bit,
+        offload=offload,
+        autocast=DTYPES[precision] if autocast else None,
+        simulate=simulate,
+    )
 
 
-def tracked_step(model, optimizer, ids: torch.Tensor, precision: str, chunk_size: int | None = None,
-                 offload: bool = False, simulate: bool = False, adapters_16bit: bool = True) -> StepMemory:
+def tracked_step(
+    model,
+    optimizer,
+    ids: torch.Tensor,
+    precision: str,
+    chunk_size: int | None = None,
+    offload: bool = False,
+    simulate: bool = False,
+    adapters_16bit: bool = True,
+) -> StepMemory:
     """One warm-up step (gradients and optimizer state come to exist), then one tracked step with the
     previous gradients still alive, as under accumulation. `optimizer` may be None (state added by the caller).
     The other arguments are forward_backward's."""
+
     def step():
         forward_backward(model, ids, precision, chunk_size, offload, simulate, adapters_16bit)
 

@@ -17,8 +17,8 @@ import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from hfgpu._package import PACKAGE
 
+from hfgpu._package import PACKAGE
 from hfgpu.knobs import KNOB_FIELDS, Knobs
 from hfgpu.models import ModelSpec
 from hfgpu.units import GIB

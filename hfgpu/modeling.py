@@ -68,7 +68,9 @@ def _bnb_config(s: ModelSettings):
     )
 
 
-def prepare_model(source: Any, s: ModelSettings, seed: int = 0, trust_remote_code: bool = False, device: str | None = None) -> torch.nn.Module:
+def prepare_model(
+    source: Any, s: ModelSettings, seed: int = 0, trust_remote_code: bool = False, device: str | None = None
+) -> torch.nn.Module:
     """A causal LM from a folder/repo id (`str`) or a `PretrainedConfig` (random weights), prepared per `s`.
 
     `device="cuda"` puts it on the first GPU (calibration); training leaves placement to accelerate."""
@@ -103,8 +105,11 @@ def apply_settings(model: torch.nn.Module, s: ModelSettings, plain_path: bool = 
 
             import transformers
 
-            warnings.warn(f"hfgpu: the plan assumed the lean RMSNorm, but this model has no {expected} (renamed in transformers "
-                          f"{transformers.__version__}?): activations will be larger than planned", stacklevel=2)
+            warnings.warn(
+                f"hfgpu: the plan assumed the lean RMSNorm, but this model has no {expected} (renamed in transformers "
+                f"{transformers.__version__}?): activations will be larger than planned",
+                stacklevel=2,
+            )
     if s.quantization != "none":
         # What peft's prepare_model_for_kbit_training does, except that the frozen parameters bitsandbytes
         # left unquantized (embeddings, lm_head, norms) stay in the compute dtype instead of fp32: as in
@@ -130,7 +135,10 @@ def apply_settings(model: torch.nn.Module, s: ModelSettings, plain_path: bool = 
         if tile_mlps(model) == 0:  # after peft: the tiles' trainable parameters are the adapters
             from hfgpu.errors import HfgpuError
 
-            raise HfgpuError(f"tiled_mlp is on but no decoder-layer mlp of model_type {getattr(model.config, 'model_type', '?')!r} was found to tile: set tiled_mlp=false")
+            raise HfgpuError(
+                f"tiled_mlp is on but no decoder-layer mlp of model_type {getattr(model.config, 'model_type', '?')!r} was "
+                f"found to tile: set tiled_mlp=false"
+            )
     return model
 
 
@@ -150,8 +158,11 @@ def adapters_in_compute_dtype(model: torch.nn.Module, autocast: bool):
 def _load(path: str, s: ModelSettings, trust_remote_code: bool = False, device: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": s.storage_dtype if s.quantization == "none" else DTYPES[s.precision], "attn_implementation": s.attention,
-                              "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": s.storage_dtype if s.quantization == "none" else DTYPES[s.precision],
+        "attn_implementation": s.attention,
+        "trust_remote_code": trust_remote_code,
+    }
     if s.quantization != "none":
         kwargs["quantization_config"] = _bnb_config(s)
         if device is not None:
@@ -168,10 +179,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise HfgpuError(f"cannot load a tokenizer from {path!r} ({str(e).splitlines()[0][:140]}): pass a model folder or a Hub repo id that has one") from None
+        raise HfgpuError(
+            f"cannot load a tokenizer from {path!r} ({str(e).splitlines()[0][:140]}): pass a model folder or a Hub repo id that has one"
+        ) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise HfgpuError(f"the tokenizer of {path!r} has neither an eos_token nor a pad_token, which training needs to end and pad examples: "
-                             "set \"eos_token\" (and \"pad_token\") in its tokenizer_config.json")
+            raise HfgpuError(
+                f"the tokenizer of {path!r} has neither an eos_token nor a pad_token, which training needs to end and pad examples: "
+                'set "eos_token" (and "pad_token") in its tokenizer_config.json'
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

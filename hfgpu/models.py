@@ -19,8 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from hfgpu._package import PACKAGE
 from hfgpu._fuzzy import did_you_mean
+from hfgpu._package import PACKAGE
 from hfgpu.errors import HfgpuError
 
 INVENTORY_VERSION = 2  # bump when the inventory's fields change: old cache files are then ignored
@@ -112,7 +112,9 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise HfgpuError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): fix the file or pass another model") from None
+        raise HfgpuError(
+            f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): fix the file or pass another model"
+        ) from None
     except OSError as e:
         raise HfgpuError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(data, dict):
@@ -236,7 +238,9 @@ def _count_on_meta(config: dict) -> dict:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
     except ValueError as e:
-        raise HfgpuError(f"{config.get('model_type')!r} is not a causal language model transformers can build ({str(e).splitlines()[0][:120]})") from None
+        raise HfgpuError(
+            f"{config.get('model_type')!r} is not a causal language model transformers can build ({str(e).splitlines()[0][:120]})"
+        ) from None
     except (TypeError, AttributeError, ZeroDivisionError) as e:
         raise HfgpuError(f"config.json does not describe a buildable model ({type(e).__name__}: {str(e)[:120]}): check its sizes") from None
     embed = model.get_input_embeddings()

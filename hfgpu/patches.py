@@ -70,6 +70,7 @@ def lean_rmsnorm(model: torch.nn.Module) -> int:
 
 # --- tiled MLP ---------------------------------------------------------------------------------------
 
+
 def _rng_state(device: torch.device):
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 

@@ -21,11 +21,30 @@ from hfgpu import memory
 from hfgpu.corrections import correction_for
 from hfgpu.errors import DoesNotFit, HfgpuError
 from hfgpu.gpus import GPU, catalog, get_gpu
-from hfgpu.knobs import (KNOB_FIELDS, RMSNORM_BY_MODEL_TYPE, KNOB_NAMES, PYTHON, STRATEGIES, Knobs, Surface, auto_precision, chunked_loss_blocker, planning_cc, recipe_key,
-                         tiled_mlp_blocker, validate)
+from hfgpu.knobs import (
+    KNOB_FIELDS,
+    KNOB_NAMES,
+    PYTHON,
+    RMSNORM_BY_MODEL_TYPE,
+    STRATEGIES,
+    Knobs,
+    Surface,
+    auto_precision,
+    chunked_loss_blocker,
+    planning_cc,
+    recipe_key,
+    tiled_mlp_blocker,
+    validate,
+)
 from hfgpu.models import ModelSpec, model_spec
-from hfgpu.throughput import (CHUNKED_LOSS_COST, PCIE_BYTES_PER_S, TILED_MLP_COST, checkpointing_cost, compute_tokens_per_second,
-                              tokens_per_second)
+from hfgpu.throughput import (
+    CHUNKED_LOSS_COST,
+    PCIE_BYTES_PER_S,
+    TILED_MLP_COST,
+    checkpointing_cost,
+    compute_tokens_per_second,
+    tokens_per_second,
+)
 from hfgpu.units import GIB, gib
 
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step
@@ -69,7 +88,11 @@ class Plan:
     @property
     def lora(self) -> LoraSettings | None:
         k = self.knobs
-        return None if k.strategy == "full" else LoraSettings(r=k.lora_r, alpha=k.lora_alpha, dropout=float(k.lora_dropout), target_modules=k.lora_targets)
+        return (
+            None
+            if k.strategy == "full"
+            else LoraSettings(r=k.lora_r, alpha=k.lora_alpha, dropout=float(k.lora_dropout), target_modules=k.lora_targets)
+        )
 
     @property
     def fits(self) -> bool:
@@ -109,7 +132,12 @@ class Plan:
         knobs["global_batch_size"] = self.global_batch_size
         return {
             "model": self.model,
-            "gpu": {"name": self.gpu.name, "count": self.gpu.count, "vram_gb": self.gpu.vram_gb, "compute_capability": None if cc is None else f"{cc[0]}.{cc[1]}"},
+            "gpu": {
+                "name": self.gpu.name,
+                "count": self.gpu.count,
+                "vram_gb": self.gpu.vram_gb,
+                "compute_capability": None if cc is None else f"{cc[0]}.{cc[1]}",
+            },
             **knobs,
             "world_size": self.gpu.count,
             "offloaded_bytes_per_step": memory.offloaded_bytes(self.spec, self.setup()),
@@ -192,8 +220,11 @@ def _saver_rules(c: _Ctx) -> tuple[dict[str, tuple[bool, ...]], dict[str, str]]:
     if needs and f.gradient_checkpointing == "auto":
         allowed["gradient_checkpointing"] = (True,)
         rule["gradient_checkpointing"] = f"on: {' and '.join(needs)} (fixed) needs it"
-    blockers = {"chunked_loss": chunked_loss_blocker(spec, c.base.distributed), "tiled_mlp": tiled_mlp_blocker(spec),
-                "activation_offloading": "no GPU" if gpu.is_cpu else None}
+    blockers = {
+        "chunked_loss": chunked_loss_blocker(spec, c.base.distributed),
+        "tiled_mlp": tiled_mlp_blocker(spec),
+        "activation_offloading": "no GPU" if gpu.is_cpu else None,
+    }
     for name, blocker in blockers.items():
         if blocker is not None and getattr(f, name) == "auto":
             allowed[name] = (False,)
@@ -210,8 +241,12 @@ def _savers(c: _Ctx, **chosen: Any) -> list[dict[str, bool]]:
     for ckpt in allowed["gradient_checkpointing"]:
         offs = allowed["activation_offloading"] if ckpt else (False,)
         tiles = allowed["tiled_mlp"] if ckpt else (False,)
-        combos += [dict(gradient_checkpointing=ckpt, chunked_loss=chunk, activation_offloading=off, tiled_mlp=tile)
-                   for chunk in allowed["chunked_loss"] for off in offs for tile in tiles]
+        combos += [
+            dict(gradient_checkpointing=ckpt, chunked_loss=chunk, activation_offloading=off, tiled_mlp=tile)
+            for chunk in allowed["chunked_loss"]
+            for off in offs
+            for tile in tiles
+        ]
     timing_gpu = gpu if gpu.tensor_tflops or gpu.fp32_tflops else replace(gpu, fp32_tflops=30.0)
 
     def seconds_per_token(combo: dict) -> float:
@@ -252,8 +287,13 @@ def _search(c: _Ctx) -> tuple[memory.Setup, memory.MemoryBreakdown, bool, dict[t
         # exact 32-bit state first; 8-bit when only it fits
         optimizers = [f.optimizer] if f.optimizer != "auto" else ["adamw_torch", "adamw_8bit"]
         for optimizer in optimizers:
-            chosen = dict(precision=precision, strategy=strategy, quantization=q, optimizer=optimizer,
-                          lora_dropout=float(f.lora_dropout) if strategy != "full" else 0.0)
+            chosen = dict(
+                precision=precision,
+                strategy=strategy,
+                quantization=q,
+                optimizer=optimizer,
+                lora_dropout=float(f.lora_dropout) if strategy != "full" else 0.0,
+            )
             for savers in _savers(c, **chosen):
                 for mb in batches:
                     s = c.setup(**chosen, **savers, micro_batch_size=mb)
@@ -314,8 +354,10 @@ def plan_knobs(model: Any, gpu: Any, knobs: Knobs, *, surface: Surface = PYTHON,
         sim["fits"] = sim["total"] <= result.memory.budget
         extra = ()
         if result.fits and not sim["fits"]:
-            extra = (f"the simulated step needs {gib(sim['total'])}, more than the budget of {gib(result.memory.budget)}: "
-                     "trust the simulation — lower the micro-batch or seq_len, or turn on gradient checkpointing",)
+            extra = (
+                f"the simulated step needs {gib(sim['total'])}, more than the budget of {gib(result.memory.budget)}: "
+                "trust the simulation — lower the micro-batch or seq_len, or turn on gradient checkpointing",
+            )
         result = replace(result, simulation=sim, warnings=result.warnings + extra)
     if not result.fits:
         raise DoesNotFit(_does_not_fit_message(result, alts := _alternatives(c, result)), closest=result, alternatives=alts)
@@ -325,8 +367,12 @@ def plan_knobs(model: Any, gpu: Any, knobs: Knobs, *, surface: Surface = PYTHON,
 def _signature() -> inspect.Signature:
     """plan()'s signature as help() and editors show it: the keywords are the record's fields."""
     P = inspect.Parameter
-    params = [P("model", P.POSITIONAL_OR_KEYWORD), P("gpu", P.POSITIONAL_OR_KEYWORD, default="auto"),
-              P("verify", P.KEYWORD_ONLY, default=False), P("calibrated", P.KEYWORD_ONLY, default=True)]
+    params = [
+        P("model", P.POSITIONAL_OR_KEYWORD),
+        P("gpu", P.POSITIONAL_OR_KEYWORD, default="auto"),
+        P("verify", P.KEYWORD_ONLY, default=False),
+        P("calibrated", P.KEYWORD_ONLY, default=True),
+    ]
     params += [P(f.name, P.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in KNOB_FIELDS]
     return inspect.Signature(params, return_annotation="Plan")
 
@@ -376,38 +422,61 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     elif kn.strategy == "full":
         r["strategy"] = f"full fine-tuning fits ({_gib(mem.total)} of {_gib(mem.budget)}): best quality, every weight trains"
     elif kn.strategy == "lora":
-        r["strategy"] = (f"LoRA: full fine-tuning does not fit in {_gib(mem.budget)} (it needs {least('full')}); "
-                         "a 16-bit frozen base with trainable adapters does")
+        r["strategy"] = (
+            f"LoRA: full fine-tuning does not fit in {_gib(mem.budget)} (it needs {least('full')}); "
+            "a 16-bit frozen base with trainable adapters does"
+        )
     else:
-        r["strategy"] = (f"QLoRA: neither full fine-tuning ({least('full')}) nor LoRA on a 16-bit base ({least('lora')}) fits in "
-                         f"{_gib(mem.budget)}; a 4-bit base does")
+        r["strategy"] = (
+            f"QLoRA: neither full fine-tuning ({least('full')}) nor LoRA on a 16-bit base ({least('lora')}) fits in "
+            f"{_gib(mem.budget)}; a 4-bit base does"
+        )
     r["precision"] = fixed if k.precision != "auto" else auto_precision(card)[1]
     if k.quantization != "auto":
         r["quantization"] = fixed
     elif kn.quantization == "none":
         r["quantization"] = "none: the base model stays in " + ("fp32 master weights" if kn.strategy == "full" else kn.precision)
     else:
-        r["quantization"] = "NF4 4-bit base" + (" with double quantization (≈4.13 bits/weight)" if k.double_quant else "") + ": the QLoRA recipe (Dettmers et al. 2023); works from cc 6.0"
+        r["quantization"] = (
+            "NF4 4-bit base"
+            + (" with double quantization (≈4.13 bits/weight)" if k.double_quant else "")
+            + ": the QLoRA recipe (Dettmers et al. 2023); works from cc 6.0"
+        )
     _, rule = _saver_rules(c)
     cost = f"costs one extra forward pass (≈ +{checkpointing_cost(kn.strategy):.0%} step time)"
     if "gradient_checkpointing" in rule:
-        r["gradient_checkpointing"] = rule["gradient_checkpointing"] + (f"; {cost}" if kn.gradient_checkpointing and k.gradient_checkpointing == "auto" else "")
+        r["gradient_checkpointing"] = rule["gradient_checkpointing"] + (
+            f"; {cost}" if kn.gradient_checkpointing and k.gradient_checkpointing == "auto" else ""
+        )
     elif kn.gradient_checkpointing:
-        r["gradient_checkpointing"] = f"on: without it even micro-batch 1 does not fit (it needs {least(kn.strategy, kn.optimizer, False)}); {cost}"
+        r["gradient_checkpointing"] = (
+            f"on: without it even micro-batch 1 does not fit (it needs {least(kn.strategy, kn.optimizer, False)}); {cost}"
+        )
     else:
         r["gradient_checkpointing"] = "off: the run fits without recomputing activations, so no speed is lost"
     if k.micro_batch_size != "auto":
         r["micro_batch_size"] = fixed
     else:
-        r["micro_batch_size"] = f"{kn.micro_batch_size}: the largest power of two ≤ the global batch that fits ({_gib(mem.activations + mem.logits)} of activations and logits)"
-    r["grad_accum_steps"] = fixed if k.grad_accum_steps != "auto" else f"{accum}: micro-batch {kn.micro_batch_size} × {accum}" + (f" × {card.count} GPUs" if card.count > 1 else "") + f" reaches the global batch of {global_batch} sequences"
+        r["micro_batch_size"] = (
+            f"{kn.micro_batch_size}: the largest power of two ≤ the global batch that fits "
+            f"({_gib(mem.activations + mem.logits)} of activations and logits)"
+        )
+    r["grad_accum_steps"] = (
+        fixed
+        if k.grad_accum_steps != "auto"
+        else f"{accum}: micro-batch {kn.micro_batch_size} × {accum}"
+        + (f" × {card.count} GPUs" if card.count > 1 else "")
+        + f" reaches the global batch of {global_batch} sequences"
+    )
     r["seq_len"] = fixed if k.seq_len != "auto" else f"{seq}: min({DEFAULT_MAX_SEQ_LEN}, the model's maximum {spec.max_seq_len})"
     if k.optimizer != "auto":
         r["optimizer"] = fixed
     elif kn.optimizer == "adamw_8bit":
         wide = c.breakdown(replace(kn, optimizer="adamw_torch"))
-        r["optimizer"] = (f"8-bit AdamW (bitsandbytes): 2 bytes of state per parameter instead of 8 saves {_gib(wide.total - mem.total)}; "
-                          f"32-bit state does not fit with any saver (it needs {least(kn.strategy, 'adamw_torch')})")
+        r["optimizer"] = (
+            f"8-bit AdamW (bitsandbytes): 2 bytes of state per parameter instead of 8 saves {_gib(wide.total - mem.total)}; "
+            f"32-bit state does not fit with any saver (it needs {least(kn.strategy, 'adamw_torch')})"
+        )
     elif kn.strategy == "full":
         r["optimizer"] = "AdamW with fp32 state (8 bytes/parameter): it fits, and it is the reference optimizer"
     else:
@@ -418,17 +487,27 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     elif card.is_cpu:
         r["attention"] = "sdpa: PyTorch's fused attention, on CPU too"
     elif cc >= (8, 0):
-        r["attention"] = "sdpa: PyTorch's fused flash/memory-efficient kernels, no extra package; flash_attention_2 is an option with the flash-attn package"
+        r["attention"] = (
+            "sdpa: PyTorch's fused flash/memory-efficient kernels, no extra package; flash_attention_2 is an option with the "
+            "flash-attn package"
+        )
     else:
-        r["attention"] = f"sdpa: PyTorch's memory-efficient kernel runs from cc 5.0; FlashAttention-2 needs cc ≥ 8.0 (this card: {cc[0]}.{cc[1]})"
+        r["attention"] = (
+            f"sdpa: PyTorch's memory-efficient kernel runs from cc 5.0; FlashAttention-2 needs cc ≥ 8.0 (this card: {cc[0]}.{cc[1]})"
+        )
     r.update(_saver_reasons(c, kn, mem))
     norm = RMSNORM_BY_MODEL_TYPE.get(spec.model_type)
-    r["rmsnorm"] = (f"lean: {norm} is swapped for hfgpu's (always on; same math), which keeps each norm's 16-bit input for backward "
-                    f"instead of an fp32 copy ({4 * kn.micro_batch_size * seq * spec.hidden_size / 2**20:,.0f} MiB per norm at this micro-batch)" if norm else
-                    f"transformers': {spec.model_type} has no Llama-style RMSNorm that hfgpu swaps (hfgpu.patches)")
+    r["rmsnorm"] = (
+        f"lean: {norm} is swapped for hfgpu's (always on; same math), which keeps each norm's 16-bit input for backward "
+        f"instead of an fp32 copy ({4 * kn.micro_batch_size * seq * spec.hidden_size / 2**20:,.0f} MiB per norm at this micro-batch)"
+        if norm
+        else f"transformers': {spec.model_type} has no Llama-style RMSNorm that hfgpu swaps (hfgpu.patches)"
+    )
     if cal := c.calibration:
-        r["memory"] = (f"calibrated on this machine's {card.name} on {cal['date']} ({cal['rows']} measured steps of {cal['model']}): "
-                       f"activations, logits and overhead × {cal['factor']} (hfgpu calibrate)")
+        r["memory"] = (
+            f"calibrated on this machine's {card.name} on {cal['date']} ({cal['rows']} measured steps of {cal['model']}): "
+            f"activations, logits and overhead × {cal['factor']} (hfgpu calibrate)"
+        )
     mode = c.base.distributed
     if k.distributed != "auto":
         r["distributed"] = fixed
@@ -437,7 +516,11 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     else:
         r["distributed"] = "none: one card"
     if kn.strategy != "full":
-        r["lora"] = ("r and targets fixed by you" if k.lora_r != "auto" or k.lora_targets != "auto" else f"r={DEFAULT_LORA_R} on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r")
+        r["lora"] = (
+            "r and targets fixed by you"
+            if k.lora_r != "auto" or k.lora_targets != "auto"
+            else f"r={DEFAULT_LORA_R} on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r"
+        )
         if k.lora_dropout == 0:
             r["lora"] += "; dropout 0: a dropout keeps a copy of every adapter's input"
     return r
@@ -459,19 +542,28 @@ def _saver_reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown) -> di
         on = getattr(kn, name)
         if on and name == "chunked_loss":
             plain = without(chunked_loss=False)
-            why = (f"on: lm_head and the loss run over slices of {memory.loss_chunk_tokens(spec.vocab_size)} tokens, so the full logits never exist: "
-                   f"saves {_gib(plain.logits - mem.logits)} (logits {_gib(plain.logits)} → {_gib(mem.logits)}); costs ≈{CHUNKED_LOSS_COST:.0%} of step time")
+            why = (
+                f"on: lm_head and the loss run over slices of {memory.loss_chunk_tokens(spec.vocab_size)} tokens, so the full "
+                f"logits never exist: "
+                f"saves {_gib(plain.logits - mem.logits)} (logits {_gib(plain.logits)} → {_gib(mem.logits)}); costs "
+                f"≈{CHUNKED_LOSS_COST:.0%} of step time"
+            )
         elif on and name == "activation_offloading":
             moved = memory.offloaded_bytes(spec, kn)
             compute = compute_tokens_per_second(spec, card, kn)
             cost = (moved / PCIE_BYTES_PER_S) / (kn.micro_batch_size * seq / compute) if compute else None
             why = f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory"
             if cost is not None:
-                why += (f": saves {_gib(without(activation_offloading=False).total - mem.total)} on the card; costs ≈{cost:.1%} of step time "
-                        f"(copied back over PCIe at ~{PCIE_BYTES_PER_S / 1e9:.0f} GB/s)")
+                why += (
+                    f": saves {_gib(without(activation_offloading=False).total - mem.total)} on the card; costs ≈{cost:.1%} of step time "
+                    f"(copied back over PCIe at ~{PCIE_BYTES_PER_S / 1e9:.0f} GB/s)"
+                )
         elif on:
-            why = (f"on: in backward the MLP runs over tiles of {memory.MLP_TILE} tokens, so its intermediate tensors exist for one tile only: "
-                   f"saves {_gib(without(tiled_mlp=False).total - mem.total)}; costs ≈{TILED_MLP_COST:.0%} of step time")
+            why = (
+                f"on: in backward the MLP runs over tiles of {memory.MLP_TILE} tokens, so its intermediate tensors exist for "
+                f"one tile only: "
+                f"saves {_gib(without(tiled_mlp=False).total - mem.total)}; costs ≈{TILED_MLP_COST:.0%} of step time"
+            )
         elif name in rule:
             why = rule[name]
         elif name in NEEDS_CHECKPOINTING and not kn.gradient_checkpointing:
@@ -494,19 +586,27 @@ def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBr
     elif cc is None:
         w.append("compute capability unknown: planned as cc 8.0 (bf16); for a 20-series or older card pass precision fp16 or fp32")
     elif cc < (7, 0):
-        w.append(f"{card.architecture} (cc {cc[0]}.{cc[1]}): current torch wheels lack its kernels; use torch ≤ 2.14 built for CUDA 12.6: {PASCAL_TORCH}")
+        w.append(
+            f"{card.architecture} (cc {cc[0]}.{cc[1]}): current torch wheels lack its kernels; use torch ≤ 2.14 built for "
+            f"CUDA 12.6: {PASCAL_TORCH}"
+        )
     if kn.precision == "fp16" and cc is not None and cc < (7, 0):
         w.append("fp16 on Pascal runs at 1/64 of fp32 speed: prefer precision fp32")
     if kn.precision == "fp32" and cc is not None and cc >= (7, 0):
         w.append("fp32 compute leaves this card's tensor cores idle: bf16/fp16 is several times faster")
     if spec.num_experts:
-        w.append(f"mixture of experts ({spec.num_experts} experts): expert weights are counted, but LoRA targets and quantization cover only nn.Linear layers")
+        w.append(
+            f"mixture of experts ({spec.num_experts} experts): expert weights are counted, but LoRA targets and quantization "
+            f"cover only nn.Linear layers"
+        )
     if mem.fits and mem.total > 0.95 * mem.budget:
         w.append(f"tight fit: {_gib(mem.total)} of {_gib(mem.budget)}; close other programs using the GPU")
     if kn.packing and kn.attention != "flash_attention_2" and (mask := kn.micro_batch_size * kn.seq_len * kn.seq_len) >= 0.02 * mem.budget:
         # transformers builds an explicit b × s × s mask for packed rows unless FlashAttention-2 reads the restarting position ids
-        w.append(f"packing with {kn.attention} attention builds a {kn.micro_batch_size} × {kn.seq_len} × {kn.seq_len} attention mask "
-                 f"(≥ {gib(mask)}) that the plan does not count: use attention flash_attention_2, or packing off")
+        w.append(
+            f"packing with {kn.attention} attention builds a {kn.micro_batch_size} × {kn.seq_len} × {kn.seq_len} attention mask "
+            f"(≥ {gib(mask)}) that the plan does not count: use attention flash_attention_2, or packing off"
+        )
     if kn.micro_batch_size * accum * card.count != global_batch:
         w.append(f"global batch is {kn.micro_batch_size * accum * card.count}, not {global_batch}: it is not a multiple of the micro-batch")
     return w
@@ -515,7 +615,9 @@ def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBr
 # --- which card -------------------------------------------------------------------------------------
 
 
-def fit_table(model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: float | None = None, surface: Surface = PYTHON) -> list[dict]:
+def fit_table(
+    model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: float | None = None, surface: Surface = PYTHON
+) -> list[dict]:
     """For each consumer card: per-strategy peaks, the best strategy that fits, speed and price."""
     spec = model_spec(model)
     rows = []
@@ -523,16 +625,21 @@ def fit_table(model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: f
         per = {s: _plan(_context(spec, g, Knobs(strategy=s, seq_len=seq_len), surface, True)) for s in STRATEGIES}
         best = next((per[s] for s in STRATEGIES if per[s].fits), None)
         tps = best.tokens_per_second_estimate if best else None
-        rows.append({
-            "gpu": g.name, "vram_gb": g.vram_gb, "launch_price_usd": g.msrp_usd,
-            "peak_gib": {s: round(per[s].memory.total / GIB, 2) for s in STRATEGIES},
-            "fits": {s: per[s].fits for s in STRATEGIES},
-            "best_strategy": best.strategy if best else None,
-            "best_peak_gib": round(best.memory.total / GIB, 2) if best else None,
-            "tokens_per_second_estimate": round(tps, 1) if tps else None,
-            "hours_estimate": round(tokens / tps / 3600, 2) if tps else None,
-            "cheapest_for": [], "fastest_within_budget": False,
-        })
+        rows.append(
+            {
+                "gpu": g.name,
+                "vram_gb": g.vram_gb,
+                "launch_price_usd": g.msrp_usd,
+                "peak_gib": {s: round(per[s].memory.total / GIB, 2) for s in STRATEGIES},
+                "fits": {s: per[s].fits for s in STRATEGIES},
+                "best_strategy": best.strategy if best else None,
+                "best_peak_gib": round(best.memory.total / GIB, 2) if best else None,
+                "tokens_per_second_estimate": round(tps, 1) if tps else None,
+                "hours_estimate": round(tokens / tps / 3600, 2) if tps else None,
+                "cheapest_for": [],
+                "fastest_within_budget": False,
+            }
+        )
     for s in STRATEGIES:
         cands = [r for r in rows if r["best_strategy"] == s and r["launch_price_usd"]]
         if cands:
@@ -583,7 +690,8 @@ def _alternatives(c: _Ctx, closest: Plan) -> list[str]:
 def _does_not_fit_message(p: Plan, alts: list[str]) -> str:
     head = (
         f"{p.model} does not fit on {p.gpu.display_name} ({p.gpu.vram_gb:g} GB): the smallest plan tried "
-        f"({p.strategy}, micro-batch {p.micro_batch_size}, seq_len {p.seq_len}, checkpointing {'on' if p.gradient_checkpointing else 'off'}) "
+        f"({p.strategy}, micro-batch {p.micro_batch_size}, seq_len {p.seq_len}, checkpointing "
+        f"{'on' if p.gradient_checkpointing else 'off'}) "
         f"needs {_gib(p.memory.total)} of {_gib(p.memory.budget)}"
     )
     return head + ("; what fits instead: " + "; ".join(alts) if alts else "; nothing smaller fits: choose a smaller model")

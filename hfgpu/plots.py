@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 from hfgpu.units import GIB, gib
 
-COMPONENTS = [("weights", "#4c72b0"), ("trainable_state", "#55a868"), ("activations", "#c44e52"), ("logits", "#dd8452"), ("overhead", "#8172b3")]
+COMPONENTS = [
+    ("weights", "#4c72b0"),
+    ("trainable_state", "#55a868"),
+    ("activations", "#c44e52"),
+    ("logits", "#dd8452"),
+    ("overhead", "#8172b3"),
+]
 STRATEGY_COLOURS = {"full": "#4c72b0", "lora": "#55a868", "qlora": "#dd8452", None: "#bbbbbb"}
 
 
@@ -37,7 +44,9 @@ def plot_plan(p, path: str | Path) -> Path:
     ax.set_ylabel("GiB")
     ax.set_ylim(0, max(bottom, card) * 1.12)
     verdict = "fits" if p.fits else "does NOT fit"
-    ax.set_title(f"{p.model}: {p.strategy}, micro-batch {p.micro_batch_size} × {p.grad_accum_steps}, seq {p.seq_len} — {verdict}", fontsize=9)
+    ax.set_title(
+        f"{p.model}: {p.strategy}, micro-batch {p.micro_batch_size} × {p.grad_accum_steps}, seq {p.seq_len} — {verdict}", fontsize=9
+    )
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,7 +9,6 @@ that ships inside the package (`hfgpu:demo/model`).
 
 from __future__ import annotations
 
-from hfgpu._package import PACKAGE
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from hfgpu._fuzzy import did_you_mean
+from hfgpu._package import PACKAGE
 from hfgpu.errors import HfgpuError
 from hfgpu.knobs import AUTO, KNOB_FIELDS, recipe_key
 
@@ -135,8 +135,12 @@ class _Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation beyond the eval loss")
     output_dir: str = Field("outputs/run", description="where the adapter, logs and checkpoints go")
     overwrite: bool = Field(False, description="replace an earlier run in output_dir")
-    resume: Literal["never", "auto"] | str = Field("never", description="auto: continue from the newest good checkpoint (or start, when there is none yet); or a checkpoint path")
-    resume_force: bool = Field(False, description="resume although the data or a training setting changed since the checkpoint (the new values apply from there)")
+    resume: Literal["never", "auto"] | str = Field(
+        "never", description="auto: continue from the newest good checkpoint (or start, when there is none yet); or a checkpoint path"
+    )
+    resume_force: bool = Field(
+        False, description="resume although the data or a training setting changed since the checkpoint (the new values apply from there)"
+    )
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="a tracker for the metrics (install its package)")
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code (off unless you trust the repo)")
     hub: HubConfig = Field(default_factory=HubConfig, description="push the finished run to the Hub")
@@ -174,7 +178,7 @@ def set_key(recipe: BaseModel, key: str, value: Any) -> None:
 def resolve_path(path: str) -> str:
     """`hfgpu:demo/model` → the file inside the installed package; anything else unchanged."""
     if path.startswith("hfgpu:"):
-        return str(PACKAGE.joinpath("resources", path[len("hfgpu:"):]))
+        return str(PACKAGE.joinpath("resources", path[len("hfgpu:") :]))
     return path
 
 
@@ -189,7 +193,9 @@ _TYPE_TAGS = {"int", "float", "str", "bool", "list[str]", "dict[str,str]", "Earl
 
 
 def _describe(err: dict, raw: dict) -> str:
-    loc = ".".join(str(x) for x in err["loc"] if str(x) not in _TYPE_TAGS and not str(x).startswith(("function-", "literal[", "constrained-")))
+    loc = ".".join(
+        str(x) for x in err["loc"] if str(x) not in _TYPE_TAGS and not str(x).startswith(("function-", "literal[", "constrained-"))
+    )
     kind = err["type"]
     if kind == "extra_forbidden":
         parent: Any = Recipe
@@ -299,7 +305,9 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if isinstance(key, str) and key in seen:
-            raise HfgpuError(f"key {key[:60]!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1}): keep one, merging what each holds")
+            raise HfgpuError(
+                f"key {key[:60]!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1}): keep one, merging what each holds"
+            )
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
 
@@ -315,7 +323,10 @@ def _check_size(raw: Any, source: str) -> None:
         node = stack.pop()
         seen += 1
         if seen > MAX_NODES:
-            raise HfgpuError(f"{source} expands to more than {MAX_NODES:,} values (YAML anchors and aliases nested inside each other?): write the values out")
+            raise HfgpuError(
+                f"{source} expands to more than {MAX_NODES:,} values (YAML anchors and aliases nested inside each other?): "
+                f"write the values out"
+            )
         if isinstance(node, dict):
             stack.extend(node.values())
         elif isinstance(node, list):
@@ -354,7 +365,12 @@ def recipe_help() -> str:
                 lines.append(f"{'  ' * depth}{key}:  {f.description or ''}".rstrip())
                 walk(sub, key + ".", depth + 1)
                 continue
-            default = "required" if f.is_required() else "default " + (_quote(f.get_default(call_default_factory=True)) if f.default is not None or f.default_factory else "null")
+            default = (
+                "required"
+                if f.is_required()
+                else "default "
+                + (_quote(f.get_default(call_default_factory=True)) if f.default is not None or f.default_factory else "null")
+            )
             lines.append(f"{'  ' * depth}{key} ({default}): {f.description or ''}".rstrip())
 
     walk(Recipe, "", 0)

@@ -14,7 +14,6 @@ from hfgpu.throughput import checkpointing_cost
 from hfgpu.units import GIB, gib
 
 
-
 @dataclass(frozen=True)
 class DataChoice:
     path: str
@@ -24,8 +23,16 @@ class DataChoice:
     note: str = ""
 
 
-ALPACA = DataChoice("yahma/alpaca-cleaned", "alpaca", "train[:98%]", "train[98%:]", "52k cleaned Alpaca instructions (instruction / input / output)")
-ULTRACHAT = DataChoice("HuggingFaceH4/ultrachat_200k", "chat", "train_sft", "test_sft", "200k multi-turn chats (messages), rendered with the model's chat template")
+ALPACA = DataChoice(
+    "yahma/alpaca-cleaned", "alpaca", "train[:98%]", "train[98%:]", "52k cleaned Alpaca instructions (instruction / input / output)"
+)
+ULTRACHAT = DataChoice(
+    "HuggingFaceH4/ultrachat_200k",
+    "chat",
+    "train_sft",
+    "test_sft",
+    "200k multi-turn chats (messages), rendered with the model's chat template",
+)
 
 
 def _neighbours(p: Plan) -> list[GPU]:
@@ -62,7 +69,9 @@ def neighbour_lines(p: Plan) -> list[str]:
             lines.append(head + _overrides(p, q) + f" (peak {q.memory.total / GIB:.1f} of {gib(q.memory.budget)})")
         else:
             best = plan_or_closest(p.model, g, seq_len=p.seq_len)
-            lines.append(head + f"{p.strategy} does not fit" + (f"; {_overrides(p, best)} does" if best.fits else "; choose a smaller model"))
+            lines.append(
+                head + f"{p.strategy} does not fit" + (f"; {_overrides(p, best)} does" if best.fits else "; choose a smaller model")
+            )
     return lines
 
 
@@ -96,10 +105,11 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         f"# Model: {p.model} ({p.params_total / 1e9:.2f} B parameters, {p.params_trainable / 1e6:.1f} M trained).",
         f"# Card: {card}.",
         f"# Data: {data.path} — {data.note}.",
-        f"# Plan (hfgpu plan {p.model} --gpu \"{g.name}\" --strategy {p.strategy} --seq-len {p.seq_len}):",
+        f'# Plan (hfgpu plan {p.model} --gpu "{g.name}" --strategy {p.strategy} --seq-len {p.seq_len}):',
         f"#   strategy {p.strategy}, precision {p.precision}, quantization {p.quantization}, gradient checkpointing "
         f"{'on' if p.gradient_checkpointing else 'off'},",
-        f"#   micro-batch {p.micro_batch_size} × {p.grad_accum_steps} accumulation = {p.global_batch_size} sequences of {p.seq_len} tokens per step,",
+        f"#   micro-batch {p.micro_batch_size} × {p.grad_accum_steps} accumulation = {p.global_batch_size} sequences of "
+        f"{p.seq_len} tokens per step,",
         f"#   optimizer {p.optimizer}, attention {p.attention}, chunked loss {'on' if p.chunked_loss else 'off'}, "
         f"activation offloading {'on' if p.activation_offloading else 'off'}, tiled MLP {'on' if p.tiled_mlp else 'off'};",
         f"#   expected peak {gib(p.memory.total)} of the card's {g.vram_gb:g} GB (budget {gib(p.memory.budget)}).",
@@ -121,7 +131,11 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         "",
         "train:",
         _kv("  epochs", 1, "passes over the data; or max_steps: N"),
-        _kv("  learning_rate", f"{lr:.1e}", "full fine-tuning wants a small rate" if p.strategy == "full" else "LoRA tolerates larger rates than full fine-tuning"),
+        _kv(
+            "  learning_rate",
+            f"{lr:.1e}",
+            "full fine-tuning wants a small rate" if p.strategy == "full" else "LoRA tolerates larger rates than full fine-tuning",
+        ),
         _kv("  schedule", "cosine", "cosine | linear | constant"),
         _kv("  warmup", 0.03, "fraction of the steps (or a number of steps)"),
         _kv("  weight_decay", 0.0, "decoupled weight decay (AdamW)"),

@@ -28,7 +28,9 @@ def plan_rows(p: "Plan") -> list[tuple[str, str, str]]:
         shown = ("on" if v else "off") if isinstance(v, bool) else f"{v} × {p.gpu.count}" if name == "distributed" else str(v)
         rows.append((name, shown, r[name]))
     if lora := p.lora:
-        rows.append(("lora", f"r={lora.r} alpha={lora.alpha} dropout={lora.dropout} targets={','.join(lora.target_modules)}", r.get("lora", "")))
+        rows.append(
+            ("lora", f"r={lora.r} alpha={lora.alpha} dropout={lora.dropout} targets={','.join(lora.target_modules)}", r.get("lora", ""))
+        )
     if "rmsnorm" in r:
         rows.append(("rmsnorm", *r["rmsnorm"].split(": ", 1)))
     return rows
@@ -75,7 +77,8 @@ def plan_header(p: "Plan") -> str:
 def speed_line(p: "Plan") -> str:
     if p.tokens_per_second_estimate is None:
         return "speed: no estimate (the catalog has no TFLOPS for this card)"
-    return f"speed (estimate from peak TFLOPS × utilization): ~{p.tokens_per_second_estimate:,.0f} tokens/s, ~{p.hours_per_million_tokens:.2f} h per 1M tokens"
+    tps, hours = p.tokens_per_second_estimate, p.hours_per_million_tokens
+    return f"speed (estimate from peak TFLOPS × utilization): ~{tps:,.0f} tokens/s, ~{hours:.2f} h per 1M tokens"
 
 
 def plan_text(p: "Plan") -> str:

@@ -36,8 +36,13 @@ class Simulation:
         return self.peak - self.weights - self.trainable_state
 
     def to_dict(self) -> dict:
-        return {"weights": self.weights, "trainable_state": self.trainable_state, "transient": self.transient,
-                "peak": self.peak, "seconds": round(self.seconds, 2)}
+        return {
+            "weights": self.weights,
+            "trainable_state": self.trainable_state,
+            "transient": self.transient,
+            "peak": self.peak,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 @contextlib.contextmanager
@@ -74,7 +79,7 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
-    from hfgpu.models import pretrained_config, model_spec
+    from hfgpu.models import model_spec, pretrained_config
     from hfgpu.optim import make_optimizer
 
     start = time.perf_counter()
@@ -83,7 +88,9 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
     quantized = s.quantization != "none"
     storage = torch.float32 if s.strategy == "full" else DTYPES[s.precision]
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_masks():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=storage, attn_implementation="sdpa" if s.attention == "flash_attention_2" else s.attention)
+        model = AutoModelForCausalLM.from_config(
+            cfg, dtype=storage, attn_implementation="sdpa" if s.attention == "flash_attention_2" else s.attention
+        )
         if quantized and plain_path:  # what prepare_model_for_kbit_training leaves: every non-quantized parameter in fp32
             for module in model.modules():
                 if not isinstance(module, torch.nn.Linear) or module is model.get_output_embeddings():
@@ -94,11 +101,21 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
         model.train()
         # bitsandbytes' 8-bit optimizers read tensor values (block maxima), which fake tensors lack:
         # their state is exact analytically (tests/test_memory.py), so it is added, not simulated.
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
+        optimizer = (
+            make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
+        )
         ids = torch.randint(0, cfg.vocab_size, (s.micro_batch_size, s.seq_len))
         chunk = memory.loss_chunk_tokens(cfg.vocab_size) if s.chunked_loss else None
-        step = tracked_step(model, optimizer, ids, s.precision, chunk, offload=s.activation_offloading and s.gradient_checkpointing, simulate=True,
-                            adapters_16bit=not plain_path)
+        step = tracked_step(
+            model,
+            optimizer,
+            ids,
+            s.precision,
+            chunk,
+            offload=s.activation_offloading and s.gradient_checkpointing,
+            simulate=True,
+            adapters_16bit=not plain_path,
+        )
     weights, state, peak = step.weights, step.trainable_state, step.peak
     if optimizer is None:
         spec = spec or model_spec(config)

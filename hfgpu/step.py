@@ -17,9 +17,20 @@ from hfgpu.modeling import adapters_in_compute_dtype
 from hfgpu.offload import offload_activations
 
 
-def forward_backward(model, batch: dict, *, chunk: int | None, adapters_16bit: bool, offload: bool, lm_head=None,
-                     autocast: torch.dtype | None = None, weight: torch.Tensor | None = None, scale: torch.Tensor | float | None = None,
-                     backward: Callable[[torch.Tensor], None] | None = None, simulate: bool = False) -> torch.Tensor:
+def forward_backward(
+    model,
+    batch: dict,
+    *,
+    chunk: int | None,
+    adapters_16bit: bool,
+    offload: bool,
+    lm_head=None,
+    autocast: torch.dtype | None = None,
+    weight: torch.Tensor | None = None,
+    scale: torch.Tensor | float | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    simulate: bool = False,
+) -> torch.Tensor:
     """The loss of `batch` (× `weight`, e.g. its label-token count), backpropagated × `scale`; returns it detached.
 
     `chunk`: the chunked loss's slice (None: full logits). `adapters_16bit`: LoRA layers take 16-bit

@@ -81,18 +81,37 @@ class LoopConfig:
 
         t, chunk = recipe.train, loss_chunk_tokens(p.spec.vocab_size)
         return cls(
-            micro_batch_size=p.micro_batch_size, grad_accum_steps=p.grad_accum_steps, optimizer=p.optimizer,
-            learning_rate=t.learning_rate, schedule=t.schedule, warmup=t.warmup, weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm, epochs=t.epochs, max_steps=t.max_steps, seed=t.seed, eval_every=t.eval_every,
-            save_every=t.save_every, keep_last=t.keep_last, log_every=t.log_every,
+            micro_batch_size=p.micro_batch_size,
+            grad_accum_steps=p.grad_accum_steps,
+            optimizer=p.optimizer,
+            learning_rate=t.learning_rate,
+            schedule=t.schedule,
+            warmup=t.warmup,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            epochs=t.epochs,
+            max_steps=t.max_steps,
+            seed=t.seed,
+            eval_every=t.eval_every,
+            save_every=t.save_every,
+            keep_last=t.keep_last,
+            log_every=t.log_every,
             early_stopping_patience=t.early_stopping.patience if t.early_stopping else None,
             early_stopping_min_delta=t.early_stopping.min_delta if t.early_stopping else 0.0,
-            metrics=list(recipe.eval.metrics), max_new_tokens=recipe.eval.max_new_tokens, max_eval_examples=recipe.eval.max_examples,
-            resume=recipe.resume, resume_force=recipe.resume_force,
-            loss_chunk=chunk if p.chunked_loss else None, activation_offloading=p.activation_offloading, autocast=p.precision != "fp32",
-            eval_chunk=chunk if plain_logits(p.spec.config) else None, fingerprint=fingerprint or {},
-            plan_note=(f"the plan estimated {gib(p.memory.total)} of {gib(p.memory.budget)} at micro-batch {p.micro_batch_size}, "
-                       f"seq_len {p.seq_len}"),
+            metrics=list(recipe.eval.metrics),
+            max_new_tokens=recipe.eval.max_new_tokens,
+            max_eval_examples=recipe.eval.max_examples,
+            resume=recipe.resume,
+            resume_force=recipe.resume_force,
+            loss_chunk=chunk if p.chunked_loss else None,
+            activation_offloading=p.activation_offloading,
+            autocast=p.precision != "fp32",
+            eval_chunk=chunk if plain_logits(p.spec.config) else None,
+            fingerprint=fingerprint or {},
+            plan_note=(
+                f"the plan estimated {gib(p.memory.total)} of {gib(p.memory.budget)} at micro-batch {p.micro_batch_size}, "
+                f"seq_len {p.seq_len}"
+            ),
         )
 
 
@@ -177,8 +196,17 @@ def window_backward(accelerator, model, window: list[dict], split: int, cfg: Loo
         sync = contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model)
         # the step measure/simulate check the planner against (hfgpu.step); accelerate's wrapper autocasts
         with sync:
-            summed = forward_backward(model, piece, chunk=cfg.loss_chunk, adapters_16bit=cfg.autocast, offload=cfg.activation_offloading,
-                                      lm_head=lm_head, weight=label_tokens(piece), scale=world / tokens, backward=accelerator.backward)
+            summed = forward_backward(
+                model,
+                piece,
+                chunk=cfg.loss_chunk,
+                adapters_16bit=cfg.autocast,
+                offload=cfg.activation_offloading,
+                lm_head=lm_head,
+                weight=label_tokens(piece),
+                scale=world / tokens,
+                backward=accelerator.backward,
+            )
         total += summed.float() / tokens
     return accelerator.reduce(total, reduction="sum") if world > 1 else total
 
@@ -210,7 +238,9 @@ class StopSignals:
 def _build(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader_gen = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG: exact resume
-    train_dl = DataLoader(data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=partial(collate, pad_id=pad_id), generator=loader_gen)
+    train_dl = DataLoader(
+        data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=partial(collate, pad_id=pad_id), generator=loader_gen
+    )
     eval_dl = None
     if data.eval is not None:
         eval_dl = DataLoader(data.eval, batch_size=cfg.micro_batch_size, shuffle=False, collate_fn=partial(collate, pad_id=pad_id))
@@ -246,7 +276,9 @@ def _resume(accelerator, model, optimizer, scheduler, cfg: LoopConfig, ckpt_dir:
     else:
         path = Path(cfg.resume)
         if not (path / "state.json").is_file():
-            raise HfgpuError(f"resume={cfg.resume!r} is not a complete checkpoint folder (no state.json): use resume=auto or a folder under {ckpt_dir}")
+            raise HfgpuError(
+                f"resume={cfg.resume!r} is not a complete checkpoint folder (no state.json): use resume=auto or a folder under {ckpt_dir}"
+            )
         problem = checkpoint.verify(path)
         if problem:
             raise HfgpuError(f"resume={cfg.resume!r}: {problem}: use resume=auto to fall back to an earlier good checkpoint")
@@ -268,9 +300,11 @@ def _check_finite(loss: float, grad_norm: float | None, step: int, cfg: LoopConf
     bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm) and not scaled)
     if bad:
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-        raise HfgpuError(f"training diverged at step {step}: {what} is not finite; no step was taken with it and no final model "
-                         f"was written: lower train.learning_rate (now {cfg.learning_rate:g}) or set train.max_grad_norm (now {cfg.max_grad_norm}), "
-                         "then resume=auto from the last checkpoint or start again")
+        raise HfgpuError(
+            f"training diverged at step {step}: {what} is not finite; no step was taken with it and no final model "
+            f"was written: lower train.learning_rate (now {cfg.learning_rate:g}) or set train.max_grad_norm (now {cfg.max_grad_norm}), "
+            "then resume=auto from the last checkpoint or start again"
+        )
 
 
 def _no_improvement(state: TrainState, eval_loss_value: float, cfg: LoopConfig) -> bool:
@@ -284,7 +318,9 @@ def _no_improvement(state: TrainState, eval_loss_value: float, cfg: LoopConfig) 
 
 def _interrupted(saved: Path, signum: int | None, step: int, total: int) -> Interrupted:
     name = signal.Signals(signum).name if signum else "a stop signal to another process"
-    err = Interrupted(f"interrupted at step {step} of {total} ({name}): checkpoint saved to {saved}; run the same command with resume=auto to continue")
+    err = Interrupted(
+        f"interrupted at step {step} of {total} ({name}): checkpoint saved to {saved}; run the same command with resume=auto to continue"
+    )
     err.exit_code = 128 + int(signum or signal.SIGTERM)
     return err
 
@@ -301,8 +337,10 @@ def _backward_with_backoff(accelerator, model, optimizer, window, state: TrainSt
                 raise
             optimizer.zero_grad(set_to_none=True)
             if max(p["input_ids"].shape[0] for b in window for p in _split(b, state.split)) == 1:
-                raise HfgpuError(f"CUDA out of memory at micro-batch 1 ({cfg.plan_note or 'no plan estimate'}): "
-                                 "set gradient_checkpointing=true, lower data.max_seq_len, or use strategy=qlora") from None
+                raise HfgpuError(
+                    f"CUDA out of memory at micro-batch 1 ({cfg.plan_note or 'no plan estimate'}): "
+                    "set gradient_checkpointing=true, lower data.max_seq_len, or use strategy=qlora"
+                ) from None
             state.split *= 2
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -320,8 +358,9 @@ class LoopResult:
     initial_metrics: dict  # eval metrics before the first step (empty when resumed or without eval data)
 
 
-def train_loop(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Path, say=print,
-               on_ready: Callable[[], None] = lambda: None) -> LoopResult:
+def train_loop(
+    accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Path, say=print, on_ready: Callable[[], None] = lambda: None
+) -> LoopResult:
     """Train `model` on `data`. Writes checkpoints and metrics.jsonl under `out`; `on_ready` runs once a
     checkpoint to resume (if any) has loaded and before the first step (the caller writes its records then)."""
     model, optimizer, scheduler, train_dl, eval_dl, total_steps, pad_id = _build(accelerator, model, tokenizer, data, cfg)
@@ -335,14 +374,23 @@ def train_loop(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, o
     def evaluate() -> dict:
         scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk) if eval_dl is not None else {}
         if cfg.metrics and accelerator.is_main_process:
-            scores.update(task_metrics(accelerator.unwrap_model(model), tokenizer, data.eval_prompts[: cfg.max_eval_examples],
-                                       cfg.metrics, cfg.max_new_tokens, accelerator.device))
+            scores.update(
+                task_metrics(
+                    accelerator.unwrap_model(model),
+                    tokenizer,
+                    data.eval_prompts[: cfg.max_eval_examples],
+                    cfg.metrics,
+                    cfg.max_new_tokens,
+                    accelerator.device,
+                )
+            )
         accelerator.wait_for_everyone()
         return scores
 
     def save() -> Path:
-        return checkpoint.save(ckpt_dir, state.step, accelerator, model, optimizer, scheduler,
-                               {**asdict(state), "fingerprint": cfg.fingerprint}, cfg.keep_last)
+        return checkpoint.save(
+            ckpt_dir, state.step, accelerator, model, optimizer, scheduler, {**asdict(state), "fingerprint": cfg.fingerprint}, cfg.keep_last
+        )
 
     from tqdm.auto import tqdm
 
@@ -353,8 +401,12 @@ def train_loop(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, o
     stopped_early = False
     model.train()
     tick, tokens_since = time.perf_counter(), 0
-    with StopSignals() as stop, tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-                                     desc="training", dynamic_ncols=True) as bar:
+    with (
+        StopSignals() as stop,
+        tqdm(
+            total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="training", dynamic_ncols=True
+        ) as bar,
+    ):
         while state.step < total_steps and not stopped_early:
             train_dl.set_epoch(state.epoch)
             batches = iter(accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl)
@@ -371,7 +423,9 @@ def train_loop(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, o
                 if accelerator.num_processes > 1:
                     summed = accelerator.reduce(summed, reduction="sum")
                 norm = grad_norm.detach().float().reshape(1) if grad_norm is not None else torch.zeros(1)
-                seen_n, stop_n, loss_v, norm_v = torch.cat([summed, loss.detach().float().reshape(1).to(summed.device), norm.to(summed.device)]).tolist()
+                seen_n, stop_n, loss_v, norm_v = torch.cat(
+                    [summed, loss.detach().float().reshape(1).to(summed.device), norm.to(summed.device)]
+                ).tolist()
                 norm_v = norm_v if grad_norm is not None else None
                 _check_finite(loss_v, norm_v, state.step + 1, cfg, scaled)
                 optimizer.step()
@@ -385,15 +439,25 @@ def train_loop(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, o
 
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - tick
-                    record = {"step": state.step, "epoch": state.epoch, "loss": loss_v, "lr": scheduler.get_last_lr()[0],
-                              "tokens_per_second": tokens_since / elapsed if elapsed > 0 else None, "tokens": state.tokens}
+                    record = {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "loss": loss_v,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_second": tokens_since / elapsed if elapsed > 0 else None,
+                        "tokens": state.tokens,
+                    }
                     if norm_v is not None:
                         record["grad_norm"] = norm_v
                     if torch.cuda.is_available():
                         record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
                     log.write(record)
-                    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second'] or 0:,.0f}",
-                                    **({"peak_GiB": f"{record['peak_memory_bytes'] / GIB:.1f}"} if "peak_memory_bytes" in record else {}))
+                    bar.set_postfix(
+                        loss=f"{loss_v:.4f}",
+                        lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_second'] or 0:,.0f}",
+                        **({"peak_GiB": f"{record['peak_memory_bytes'] / GIB:.1f}"} if "peak_memory_bytes" in record else {}),
+                    )
                     tick, tokens_since = time.perf_counter(), 0
 
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:

@@ -20,14 +20,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 OUT = Path(__file__).resolve().parents[1] / "hfgpu" / "resources" / "demo"
 
 CAPITALS = [
-    ("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
-    ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Cuba", "Havana"),
-    ("Greece", "Athens"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Austria", "Vienna"),
-    ("Ireland", "Dublin"), ("Portugal", "Lisbon"), ("Russia", "Moscow"), ("China", "Beijing"), ("India", "New Delhi"),
-    ("Canada", "Ottawa"), ("Mexico", "Mexico City"), ("Brazil", "Brasilia"), ("Turkey", "Ankara"), ("Iran", "Tehran"),
-    ("Iraq", "Baghdad"), ("Nepal", "Kathmandu"), ("Ghana", "Accra"), ("Mali", "Bamako"), ("Fiji", "Suva"),
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Germany", "Berlin"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Chile", "Santiago"),
+    ("Cuba", "Havana"),
+    ("Greece", "Athens"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Portugal", "Lisbon"),
+    ("Russia", "Moscow"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Brazil", "Brasilia"),
+    ("Turkey", "Ankara"),
+    ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"),
+    ("Nepal", "Kathmandu"),
+    ("Ghana", "Accra"),
+    ("Mali", "Bamako"),
+    ("Fiji", "Suva"),
 ]
-TRAIN_PHRASINGS = ["What is the capital of {}?", "Name the capital city of {}.", "Which city is the capital of {}?", "{} has its capital in which city?"]
+TRAIN_PHRASINGS = [
+    "What is the capital of {}?",
+    "Name the capital city of {}.",
+    "Which city is the capital of {}?",
+    "{} has its capital in which city?",
+]
 EVAL_PHRASINGS = ["Tell me the capital of {}."]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -60,7 +89,9 @@ def main() -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512)
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -68,17 +99,27 @@ def main() -> None:
     tokenizer.save_pretrained(model_dir)
 
     config = LlamaConfig(
-        hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     import torch
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(model_dir)
-    print(f"wrote {OUT}: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tokenizer)}, "
-          f"{len(train)} train / {len(evals)} eval examples")
+    print(
+        f"wrote {OUT}: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tokenizer)}, "
+        f"{len(train)} train / {len(evals)} eval examples"
+    )
 
 
 if __name__ == "__main__":

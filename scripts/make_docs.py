@@ -19,21 +19,73 @@ sys.path.insert(0, str(ROOT))
 
 from hfgpu.gpus import get_gpu  # noqa: E402
 from hfgpu.planner import STRATEGIES, plan_or_closest  # noqa: E402
-from hfgpu.units import GIB
+from hfgpu.units import GIB  # noqa: E402
 
-MODELS = ["Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-7B",
-          "meta-llama/Llama-3.1-8B", "meta-llama/Llama-2-13b-hf"]
-CARDS = ["GTX 1060 6GB", "GTX 1070", "GTX 1080", "GTX 1080 Ti", "RTX 2060", "RTX 2070", "RTX 2080 Ti", "RTX 3060 12GB", "RTX 3070",
-         "RTX 3080 10GB", "RTX 3090", "RTX 4060 Ti 16GB", "RTX 4070", "RTX 4080", "RTX 4090", "RTX 5060 Ti 16GB", "RTX 5070", "RTX 5080", "RTX 5090"]
+MODELS = [
+    "Qwen/Qwen2.5-0.5B",
+    "meta-llama/Llama-3.2-1B",
+    "Qwen/Qwen2.5-1.5B",
+    "meta-llama/Llama-3.2-3B",
+    "Qwen/Qwen2.5-7B",
+    "meta-llama/Llama-3.1-8B",
+    "meta-llama/Llama-2-13b-hf",
+]
+CARDS = [
+    "GTX 1060 6GB",
+    "GTX 1070",
+    "GTX 1080",
+    "GTX 1080 Ti",
+    "RTX 2060",
+    "RTX 2070",
+    "RTX 2080 Ti",
+    "RTX 3060 12GB",
+    "RTX 3070",
+    "RTX 3080 10GB",
+    "RTX 3090",
+    "RTX 4060 Ti 16GB",
+    "RTX 4070",
+    "RTX 4080",
+    "RTX 4090",
+    "RTX 5060 Ti 16GB",
+    "RTX 5070",
+    "RTX 5080",
+    "RTX 5090",
+]
 SEQ = 1024
 TOKENS = 10e6
 PAIRS = [("RTX 4090", None), ("2x RTX 3090", "ddp"), ("2x RTX 4060 Ti 16GB", "zero3"), ("2x RTX 3060 12GB", "zero3"), ("RTX 5090", None)]
 DOCS = {"en": ROOT / "docs" / "choosing-a-gpu.md", "zh": ROOT / "docs" / "choosing-a-gpu.zh-CN.md"}
 HEADERS = {
-    "en": {"card": "card", "model": "model", "best": "best strategy", "peak": "peak GiB", "tps": "tokens/s", "hours": "hours / 10M tokens",
-           "price": "launch $", "none": "does not fit", "setup": "setup", "fits": "fits", "yes": "yes", "no": "no", "total": "total launch $"},
-    "zh": {"card": "显卡", "model": "模型", "best": "最佳策略", "peak": "峰值 GiB", "tps": "tokens/s", "hours": "每 1000 万 token 小时数",
-           "price": "首发价 $", "none": "放不下", "setup": "配置", "fits": "能否放下", "yes": "能", "no": "否", "total": "首发总价 $"},
+    "en": {
+        "card": "card",
+        "model": "model",
+        "best": "best strategy",
+        "peak": "peak GiB",
+        "tps": "tokens/s",
+        "hours": "hours / 10M tokens",
+        "price": "launch $",
+        "none": "does not fit",
+        "setup": "setup",
+        "fits": "fits",
+        "yes": "yes",
+        "no": "no",
+        "total": "total launch $",
+    },
+    "zh": {
+        "card": "显卡",
+        "model": "模型",
+        "best": "最佳策略",
+        "peak": "峰值 GiB",
+        "tps": "tokens/s",
+        "hours": "每 1000 万 token 小时数",
+        "price": "首发价 $",
+        "none": "放不下",
+        "setup": "配置",
+        "fits": "能否放下",
+        "yes": "能",
+        "no": "否",
+        "total": "首发总价 $",
+    },
 }
 
 
@@ -70,7 +122,10 @@ def per_model(lang: str, model: str) -> str:
             lines.append(f"| {g.name.replace('GeForce ', '')} | {h['none']} | – | – | – | {price} |")
             continue
         tps = p.tokens_per_second_estimate
-        lines.append(f"| {g.name.replace('GeForce ', '')} | {p.strategy} | {p.memory.total / GIB:.1f} | {tps:,.0f} | {TOKENS / tps / 3600:.1f} | {price} |")
+        lines.append(
+            f"| {g.name.replace('GeForce ', '')} | {p.strategy} | {p.memory.total / GIB:.1f} | {tps:,.0f} | "
+            f"{TOKENS / tps / 3600:.1f} | {price} |"
+        )
     return "\n".join(lines)
 
 
@@ -89,7 +144,10 @@ def pairs(lang: str) -> str:
                 break
         label = f"{card}" + (f" ({mode})" if mode else "")
         tps = f"{chosen.tokens_per_second_estimate:,.0f}" if chosen.fits and chosen.tokens_per_second_estimate else "–"
-        lines.append(f"| {label} | {chosen.strategy} | {chosen.memory.total / GIB:.1f} | {h['yes'] if chosen.fits else h['no']} | {tps} | {g.msrp_usd * g.count:,.0f} |")
+        lines.append(
+            f"| {label} | {chosen.strategy} | {chosen.memory.total / GIB:.1f} | {h['yes'] if chosen.fits else h['no']} | "
+            f"{tps} | {g.msrp_usd * g.count:,.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,8 +168,7 @@ def render(text: str, generated: dict[str, str]) -> str:
 def images() -> None:
     import shutil
 
-    from hfgpu.planner import fit_table
-    from hfgpu.planner import plan
+    from hfgpu.planner import fit_table, plan
     from hfgpu.plots import plot_fit, plot_plan
 
     out = ROOT / "docs" / "images"

@@ -19,8 +19,15 @@ def tiny_llama(**overrides):
     """A small Llama config (2 layers, hidden 64 unless overridden)."""
     from transformers import LlamaConfig
 
-    base = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
+    base = dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=512,
+    )
     return LlamaConfig(**{**base, **overrides})
 
 
@@ -32,13 +39,18 @@ DEMO = ROOT / "hfgpu" / "resources" / "demo"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer, hidden-64 Llama with the demo's tokenizer (which has a chat template), saved to disk."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
-    cfg = tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = tiny_llama(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -55,9 +67,24 @@ def write_jsonl(path, rows):
 def recipe_dict(model_dir, out_dir, **over):
     """A small CPU recipe over the demo data; `over` replaces top-level keys or merges into sections."""
     r = {
-        "model": str(model_dir), "gpu": "cpu", "strategy": "lora",
-        "data": {"path": str(DEMO / "capitals_train.jsonl"), "eval_path": str(DEMO / "capitals_eval.jsonl"), "format": "alpaca", "max_seq_len": 64},
-        "train": {"max_steps": 8, "learning_rate": 3e-3, "global_batch_size": 8, "log_every": 1, "seed": 0, "schedule": "constant", "warmup": 0},
+        "model": str(model_dir),
+        "gpu": "cpu",
+        "strategy": "lora",
+        "data": {
+            "path": str(DEMO / "capitals_train.jsonl"),
+            "eval_path": str(DEMO / "capitals_eval.jsonl"),
+            "format": "alpaca",
+            "max_seq_len": 64,
+        },
+        "train": {
+            "max_steps": 8,
+            "learning_rate": 3e-3,
+            "global_batch_size": 8,
+            "log_every": 1,
+            "seed": 0,
+            "schedule": "constant",
+            "warmup": 0,
+        },
         "lora": {"r": 8, "dropout": 0.0},
         "output_dir": str(out_dir),
     }

@@ -135,8 +135,10 @@ class HubServer:
                     for o in req["objects"]:
                         item = {"oid": o["oid"], "size": o["size"]}
                         if o["oid"] not in server.lfs:
-                            item["actions"] = {"upload": {"href": f"{server.url}/lfs-upload/{o['oid']}"},
-                                               "verify": {"href": f"{server.url}/lfs-verify"}}
+                            item["actions"] = {
+                                "upload": {"href": f"{server.url}/lfs-upload/{o['oid']}"},
+                                "verify": {"href": f"{server.url}/lfs-verify"},
+                            }
                         objs.append(item)
                     return self.send(200, {"transfer": "basic", "objects": objs})
                 if path == "/lfs-verify":
@@ -164,7 +166,9 @@ class HubServer:
                             files[value["path"]] = server.lfs[value["oid"]]
                         elif key == "deletedFile":
                             files.pop(value["path"], None)
-                    sha = hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode() + repo.head[0].encode()).hexdigest()
+                    sha = hashlib.sha1(
+                        json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode() + repo.head[0].encode()
+                    ).hexdigest()
                     repo.commits.append((sha, files))
                     return self.send(200, {"commitUrl": f"{server.url}/{m.group(1)}/commit/{sha}", "commitOid": sha})
                 self.not_found("EntryNotFound")
@@ -181,7 +185,13 @@ class HubServer:
 
             def _info(self, repo_id: str, repo: Repo):
                 sha, files = repo.head
-                return {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private, "siblings": [{"rfilename": p} for p in sorted(files)]}
+                return {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": sha,
+                    "private": repo.private,
+                    "siblings": [{"rfilename": p} for p in sorted(files)],
+                }
 
             def do_GET(self, head: bool = False):
                 url = urlparse(self.path)

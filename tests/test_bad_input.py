@@ -10,14 +10,14 @@ import shutil
 
 import pytest
 import yaml
+from conftest import DEMO, recipe_dict, tiny_llama, write_jsonl
 
 import hfgpu
 from hfgpu.cli import main as hfgpu_main
 from hfgpu.errors import HfgpuError
-from hfgpu.finetune import finetune, main as finetune_main
-from hfgpu.finetune import RunLock
+from hfgpu.finetune import RunLock, finetune
+from hfgpu.finetune import main as finetune_main
 from hfgpu.recipe import load_recipe, validate_recipe
-from conftest import DEMO, recipe_dict, tiny_llama, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,10 @@ def world(tmp_path_factory, tiny_model_dir):
 
     # a run stopped after its last checkpoint (steps 2 and 4 saved), and a copy whose newest checkpoint is damaged
     stopped = root / "stopped-run"
-    finetune(validate_recipe(recipe_dict(tiny_model_dir, stopped, train={"max_steps": 4, "save_every": 2, "keep_last": 3})), say=lambda *a, **k: None)
+    finetune(
+        validate_recipe(recipe_dict(tiny_model_dir, stopped, train={"max_steps": 4, "save_every": 2, "keep_last": 3})),
+        say=lambda *a, **k: None,
+    )
     for name in ("final_metrics.json", "adapter_model.safetensors", "adapter_config.json", "loss.png"):
         (stopped / name).unlink()
     damaged = root / "damaged-run"
@@ -46,14 +49,39 @@ def world(tmp_path_factory, tiny_model_dir):
     opt = damaged / "checkpoints" / "step-0000002" / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:100])
     (root / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n{"instruction": "e\n')
-    (root / "latin1.jsonl").write_bytes('{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "d"}\n'.encode("latin-1"))
-    write_jsonl(root / "pc-rows.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)] + [{"instruction": "x", "output": "y"}])
+    (root / "latin1.jsonl").write_bytes(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "d"}\n'.encode("latin-1")
+    )
+    write_jsonl(
+        root / "pc-rows.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)] + [{"instruction": "x", "output": "y"}]
+    )
     write_jsonl(root / "list-completions.jsonl", [{"prompt": f"q{i}", "completion": [f"a{i}"]} for i in range(3)])
-    write_jsonl(root / "image-chat.jsonl", [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
-                                                          {"role": "assistant", "content": "a cat"}]}] * 3)
+    write_jsonl(
+        root / "image-chat.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                    {"role": "assistant", "content": "a cat"},
+                ]
+            }
+        ]
+        * 3,
+    )
     write_jsonl(root / "empty-completions.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(3)])
-    write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"},
-                                                    {"role": "user", "content": "And Chile?"}, {"role": "assistant", "content": "Santiago"}]}])
+    write_jsonl(
+        root / "chat.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "Capital of Peru?"},
+                    {"role": "assistant", "content": "Lima"},
+                    {"role": "user", "content": "And Chile?"},
+                    {"role": "assistant", "content": "Santiago"},
+                ]
+            }
+        ],
+    )
     edited = [json.loads(line) for line in (DEMO / "capitals_train.jsonl").read_text().splitlines()]
     edited[0]["output"] = "Somewhere else"
     write_jsonl(root / "edited.jsonl", edited)
@@ -67,9 +95,11 @@ def world(tmp_path_factory, tiny_model_dir):
     heads.mkdir()
     (heads / "config.json").write_text(json.dumps({**tiny_llama().to_dict(), "hidden_size": 65}))
     (root / "dup.yaml").write_text(f"model: {tiny_model_dir}\ndata: {{path: x.jsonl}}\ntrain: {{epochs: 1}}\ntrain: {{max_steps: 3}}\n")
-    (root / "bomb.yaml").write_text('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
-                                    + "".join(f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
-                                    + "model: *i\ndata: {path: x.jsonl}\n")
+    (root / "bomb.yaml").write_text(
+        'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+        + "".join(f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+        + "model: *i\ndata: {path: x.jsonl}\n"
+    )
     (root / "huge-value.yaml").write_text(f"model: {tiny_model_dir}\ndata: {{path: x.jsonl}}\nmicro_batch_size: {'x' * 5000}\n")
     (root / "recipe-latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
     locked = root / "locked-run"
@@ -84,9 +114,12 @@ def world(tmp_path_factory, tiny_model_dir):
     lock.release()
 
 
-QWEN3_LIKE = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
-              "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN3_LIKE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _resume_stopped(w, name, *overrides):
@@ -101,90 +134,525 @@ M = "Qwen/Qwen2.5-0.5B"
 
 # (id, command, argv builder, words the one line must contain, Python API call or None)
 CASES = [
-    ("unknown-gpu", "hfgpu", lambda w: ["plan", M, "--gpu", "RTX 9999"], ["'RTX 9999'", "did you mean"], lambda w: hfgpu.plan(M, "RTX 9999")),
+    (
+        "unknown-gpu",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "RTX 9999"],
+        ["'RTX 9999'", "did you mean"],
+        lambda w: hfgpu.plan(M, "RTX 9999"),
+    ),
     ("zero-memory-gpu", "hfgpu", lambda w: ["plan", M, "--gpu", "0GB"], ["'0GB'", "must be positive"], lambda w: hfgpu.plan(M, "0GB")),
     ("empty-gpu", "hfgpu", lambda w: ["plan", M, "--gpu", " "], ["' '", "'RTX 3060', '12GB' or 'auto'"], lambda w: hfgpu.plan(M, " ")),
-    ("gpu-auto-without-cuda", "hfgpu", lambda w: ["plan", M, "--gpu", "auto"], ["'auto'", "name your card"], lambda w: hfgpu.plan(M, "auto")),
-    ("model-not-in-catalog-offline", "hfgpu", lambda w: ["plan", "nobody/nothing", "--gpu", "4090"], ["'nobody/nothing'", "pass that folder"], lambda w: hfgpu.plan("nobody/nothing", "4090")),
-    ("model-path-missing", "hfgpu", lambda w: ["plan", "./no-such-model", "--gpu", "4090"], ["'./no-such-model'", "existing folder"], lambda w: hfgpu.plan("./no-such-model", "4090")),
-    ("model-name-typo", "hfgpu", lambda w: ["plan", "qwen2.5-7", "--gpu", "4090"], ["'qwen2.5-7'", "did you mean 'Qwen/Qwen2.5-7B'"], lambda w: hfgpu.plan("qwen2.5-7", "4090")),
-    ("malformed-config", "hfgpu", lambda w: ["plan", str(w["root"] / "broken-model"), "--gpu", "4090"], ["config.json", "not valid JSON"], lambda w: hfgpu.plan(str(w["root"] / "broken-model"), "4090")),
-    ("seq-len-zero", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--seq-len", "0"], ["--seq-len 0", "≥ 1"], lambda w: hfgpu.plan(M, "4090", seq_len=0)),
-    ("seq-len-too-long", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--seq-len", "100000"], ["--seq-len 100000", "use --seq-len ≤ 32768"], lambda w: hfgpu.plan(M, "4090", seq_len=100000)),
-    ("seq-len-not-a-number", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--seq-len", "long"], ["'long'", "whole number or auto"], None),
-    ("micro-batch-zero", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--micro-batch-size", "0"], ["--micro-batch-size 0", "≥ 1"], lambda w: hfgpu.plan(M, "4090", micro_batch_size=0)),
-    ("strategy-typo", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--strategy", "lorra"], ["--strategy lorra", "full, lora, qlora"], lambda w: hfgpu.plan(M, "4090", strategy="lorra")),
-    ("bf16-on-turing", "hfgpu", lambda w: ["plan", M, "--gpu", "2080 Ti", "--precision", "bf16"], ["--precision bf16", "use --precision fp16"], lambda w: hfgpu.plan(M, "2080 Ti", precision="bf16")),
-    ("fa2-on-pascal", "hfgpu", lambda w: ["plan", M, "--gpu", "1080", "--attention", "flash_attention_2"], ["--attention flash_attention_2", "use --attention sdpa"], lambda w: hfgpu.plan(M, "1080", attention="flash_attention_2")),
-    ("qlora-full-precision", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--strategy", "qlora", "--quantization", "none"], ["--quantization none", "use --quantization nf4"], lambda w: hfgpu.plan(M, "4090", strategy="qlora", quantization="none")),
-    ("int8-on-pascal", "hfgpu", lambda w: ["plan", M, "--gpu", "1080", "--strategy", "lora", "--quantization", "int8"], ["--quantization int8", "use --strategy qlora"], lambda w: hfgpu.plan(M, "1080", strategy="lora", quantization="int8")),
-    ("unknown-lora-target", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--lora-targets", "q_proj,zz_proj"], ["--lora-targets zz_proj", "choose from"], lambda w: hfgpu.plan(M, "4090", lora_targets="q_proj,zz_proj")),
-    ("lora-dropout-out-of-range", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--lora-dropout", "1.5"], ["--lora-dropout 1.5", "[0, 1)"], lambda w: hfgpu.plan(M, "4090", lora_dropout=1.5)),
-    ("sharding-on-one-card", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--distributed", "fsdp"], ["--distributed fsdp", "2x"], lambda w: hfgpu.plan(M, "4090", distributed="fsdp")),
-    ("offloading-on-cpu", "hfgpu", lambda w: ["plan", M, "--gpu", "cpu", "--activation-offloading"], ["--activation-offloading on", "use --activation-offloading off"], lambda w: hfgpu.plan(M, "cpu", activation_offloading=True)),
-    ("offloading-without-checkpointing", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--activation-offloading", "on", "--gradient-checkpointing", "off"], ["--activation-offloading on", "set --gradient-checkpointing on"], lambda w: hfgpu.plan(M, "4090", activation_offloading=True, gradient_checkpointing=False)),
-    ("chunked-loss-maybe", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--chunked-loss", "maybe"], ["'maybe'", "on, off or auto"], None),
-    ("checkpointing-maybe", "hfgpu", lambda w: ["plan", M, "--gpu", "4090", "--gradient-checkpointing", "maybe"], ["'maybe'", "on, off or auto"], None),
+    (
+        "gpu-auto-without-cuda",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "auto"],
+        ["'auto'", "name your card"],
+        lambda w: hfgpu.plan(M, "auto"),
+    ),
+    (
+        "model-not-in-catalog-offline",
+        "hfgpu",
+        lambda w: ["plan", "nobody/nothing", "--gpu", "4090"],
+        ["'nobody/nothing'", "pass that folder"],
+        lambda w: hfgpu.plan("nobody/nothing", "4090"),
+    ),
+    (
+        "model-path-missing",
+        "hfgpu",
+        lambda w: ["plan", "./no-such-model", "--gpu", "4090"],
+        ["'./no-such-model'", "existing folder"],
+        lambda w: hfgpu.plan("./no-such-model", "4090"),
+    ),
+    (
+        "model-name-typo",
+        "hfgpu",
+        lambda w: ["plan", "qwen2.5-7", "--gpu", "4090"],
+        ["'qwen2.5-7'", "did you mean 'Qwen/Qwen2.5-7B'"],
+        lambda w: hfgpu.plan("qwen2.5-7", "4090"),
+    ),
+    (
+        "malformed-config",
+        "hfgpu",
+        lambda w: ["plan", str(w["root"] / "broken-model"), "--gpu", "4090"],
+        ["config.json", "not valid JSON"],
+        lambda w: hfgpu.plan(str(w["root"] / "broken-model"), "4090"),
+    ),
+    (
+        "seq-len-zero",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--seq-len", "0"],
+        ["--seq-len 0", "≥ 1"],
+        lambda w: hfgpu.plan(M, "4090", seq_len=0),
+    ),
+    (
+        "seq-len-too-long",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--seq-len", "100000"],
+        ["--seq-len 100000", "use --seq-len ≤ 32768"],
+        lambda w: hfgpu.plan(M, "4090", seq_len=100000),
+    ),
+    (
+        "seq-len-not-a-number",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--seq-len", "long"],
+        ["'long'", "whole number or auto"],
+        None,
+    ),
+    (
+        "micro-batch-zero",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--micro-batch-size", "0"],
+        ["--micro-batch-size 0", "≥ 1"],
+        lambda w: hfgpu.plan(M, "4090", micro_batch_size=0),
+    ),
+    (
+        "strategy-typo",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--strategy", "lorra"],
+        ["--strategy lorra", "full, lora, qlora"],
+        lambda w: hfgpu.plan(M, "4090", strategy="lorra"),
+    ),
+    (
+        "bf16-on-turing",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "2080 Ti", "--precision", "bf16"],
+        ["--precision bf16", "use --precision fp16"],
+        lambda w: hfgpu.plan(M, "2080 Ti", precision="bf16"),
+    ),
+    (
+        "fa2-on-pascal",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "1080", "--attention", "flash_attention_2"],
+        ["--attention flash_attention_2", "use --attention sdpa"],
+        lambda w: hfgpu.plan(M, "1080", attention="flash_attention_2"),
+    ),
+    (
+        "qlora-full-precision",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--strategy", "qlora", "--quantization", "none"],
+        ["--quantization none", "use --quantization nf4"],
+        lambda w: hfgpu.plan(M, "4090", strategy="qlora", quantization="none"),
+    ),
+    (
+        "int8-on-pascal",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "1080", "--strategy", "lora", "--quantization", "int8"],
+        ["--quantization int8", "use --strategy qlora"],
+        lambda w: hfgpu.plan(M, "1080", strategy="lora", quantization="int8"),
+    ),
+    (
+        "unknown-lora-target",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--lora-targets", "q_proj,zz_proj"],
+        ["--lora-targets zz_proj", "choose from"],
+        lambda w: hfgpu.plan(M, "4090", lora_targets="q_proj,zz_proj"),
+    ),
+    (
+        "lora-dropout-out-of-range",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--lora-dropout", "1.5"],
+        ["--lora-dropout 1.5", "[0, 1)"],
+        lambda w: hfgpu.plan(M, "4090", lora_dropout=1.5),
+    ),
+    (
+        "sharding-on-one-card",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--distributed", "fsdp"],
+        ["--distributed fsdp", "2x"],
+        lambda w: hfgpu.plan(M, "4090", distributed="fsdp"),
+    ),
+    (
+        "offloading-on-cpu",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "cpu", "--activation-offloading"],
+        ["--activation-offloading on", "use --activation-offloading off"],
+        lambda w: hfgpu.plan(M, "cpu", activation_offloading=True),
+    ),
+    (
+        "offloading-without-checkpointing",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--activation-offloading", "on", "--gradient-checkpointing", "off"],
+        ["--activation-offloading on", "set --gradient-checkpointing on"],
+        lambda w: hfgpu.plan(M, "4090", activation_offloading=True, gradient_checkpointing=False),
+    ),
+    (
+        "chunked-loss-maybe",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--chunked-loss", "maybe"],
+        ["'maybe'", "on, off or auto"],
+        None,
+    ),
+    (
+        "checkpointing-maybe",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--gradient-checkpointing", "maybe"],
+        ["'maybe'", "on, off or auto"],
+        None,
+    ),
     ("unknown-command", "hfgpu", lambda w: ["plna", M], ["'plna'", "choose from"], None),
     ("fit-negative-tokens", "hfgpu", lambda w: ["fit", M, "--tokens", "-5"], ["--tokens -5", "positive"], None),
     ("fit-zero-budget", "hfgpu", lambda w: ["fit", M, "--budget", "0"], ["--budget 0", "positive price"], None),
-    ("recipe-missing", "finetune", lambda w: [str(w["root"] / "nope.yaml")], ["nope.yaml", "not found"], lambda w: load_recipe(w["root"] / "nope.yaml")),
-    ("recipe-invalid-yaml", "finetune", lambda w: [str(w["root"] / "broken.yaml")], ["broken.yaml", "not valid YAML (line"], lambda w: load_recipe(w["root"] / "broken.yaml")),
-    ("override-typo", "finetune", lambda w: [w["recipe"]("typo"), "train.epoch=2"], ["train.epoch", "did you mean 'epochs'"], lambda w: load_recipe(w["recipe"]("typo"), ["train.epoch=2"])),
-    ("override-wrong-type", "finetune", lambda w: [w["recipe"]("type"), "train.learning_rate=fast"], ["train.learning_rate='fast'", "valid number"], lambda w: load_recipe(w["recipe"]("type"), ["train.learning_rate=fast"])),
-    ("override-not-key-value", "finetune", lambda w: [w["recipe"]("kv"), "train.epochs"], ["'train.epochs'", "key=value"], lambda w: load_recipe(w["recipe"]("kv"), ["train.epochs"])),
+    (
+        "recipe-missing",
+        "finetune",
+        lambda w: [str(w["root"] / "nope.yaml")],
+        ["nope.yaml", "not found"],
+        lambda w: load_recipe(w["root"] / "nope.yaml"),
+    ),
+    (
+        "recipe-invalid-yaml",
+        "finetune",
+        lambda w: [str(w["root"] / "broken.yaml")],
+        ["broken.yaml", "not valid YAML (line"],
+        lambda w: load_recipe(w["root"] / "broken.yaml"),
+    ),
+    (
+        "override-typo",
+        "finetune",
+        lambda w: [w["recipe"]("typo"), "train.epoch=2"],
+        ["train.epoch", "did you mean 'epochs'"],
+        lambda w: load_recipe(w["recipe"]("typo"), ["train.epoch=2"]),
+    ),
+    (
+        "override-wrong-type",
+        "finetune",
+        lambda w: [w["recipe"]("type"), "train.learning_rate=fast"],
+        ["train.learning_rate='fast'", "valid number"],
+        lambda w: load_recipe(w["recipe"]("type"), ["train.learning_rate=fast"]),
+    ),
+    (
+        "override-not-key-value",
+        "finetune",
+        lambda w: [w["recipe"]("kv"), "train.epochs"],
+        ["'train.epochs'", "key=value"],
+        lambda w: load_recipe(w["recipe"]("kv"), ["train.epochs"]),
+    ),
     ("override-bad-choice", "finetune", lambda w: [w["recipe"]("choice"), "data.format=csv"], ["data.format='csv'", "'alpaca'"], None),
-    ("data-missing", "finetune", lambda w: [w["recipe"]("nodata", data={"path": "nowhere.jsonl"})], ["'nowhere.jsonl'", "check data.path"], None),
-    ("data-empty", "finetune", lambda w: [w["recipe"]("empty", data={"path": str(w["root"] / "empty.jsonl")})], ["empty.jsonl", "no rows"], None),
+    (
+        "data-missing",
+        "finetune",
+        lambda w: [w["recipe"]("nodata", data={"path": "nowhere.jsonl"})],
+        ["'nowhere.jsonl'", "check data.path"],
+        None,
+    ),
+    (
+        "data-empty",
+        "finetune",
+        lambda w: [w["recipe"]("empty", data={"path": str(w["root"] / "empty.jsonl")})],
+        ["empty.jsonl", "no rows"],
+        None,
+    ),
     ("data-extension", "finetune", lambda w: [w["recipe"]("xml", data={"path": str(w["root"] / "data.xml")})], ["'.xml'", ".jsonl"], None),
-    ("data-misnamed-columns", "finetune", lambda w: [w["recipe"]("cols", data={"format": "prompt_completion"})], ["'prompt'", "data.columns.prompt"], None),
-    ("data-unknown-columns-key", "finetune", lambda w: [w["recipe"]("colkey", data={"columns": {"answer": "output"}})], ["answer", "instruction, input, output"], None),
-    ("chat-unknown-role", "finetune", lambda w: [w["recipe"]("robot", data={"path": str(w["root"] / "robot.jsonl"), "format": "chat", "eval_path": None})], ["'robot'", "assistant, system, tool, user"], None),
-    ("output-dir-holds-a-run", "finetune", lambda w: [w["recipe"]("again"), f"output_dir={w['earlier']}"], ["already holds a run", "resume=auto", "overwrite=true"], None),
-    ("output-dir-is-a-file", "finetune", lambda w: [w["recipe"]("file"), f"output_dir={w['root'] / 'a-file'}"], ["a-file", "is a file"], None),
-    ("resume-without-checkpoints", "finetune", lambda w: [w["recipe"]("resume"), f"output_dir={w['earlier']}", "resume=auto"], ["no checkpoint to resume", "overwrite=true"], None),
+    (
+        "data-misnamed-columns",
+        "finetune",
+        lambda w: [w["recipe"]("cols", data={"format": "prompt_completion"})],
+        ["'prompt'", "data.columns.prompt"],
+        None,
+    ),
+    (
+        "data-unknown-columns-key",
+        "finetune",
+        lambda w: [w["recipe"]("colkey", data={"columns": {"answer": "output"}})],
+        ["answer", "instruction, input, output"],
+        None,
+    ),
+    (
+        "chat-unknown-role",
+        "finetune",
+        lambda w: [w["recipe"]("robot", data={"path": str(w["root"] / "robot.jsonl"), "format": "chat", "eval_path": None})],
+        ["'robot'", "assistant, system, tool, user"],
+        None,
+    ),
+    (
+        "output-dir-holds-a-run",
+        "finetune",
+        lambda w: [w["recipe"]("again"), f"output_dir={w['earlier']}"],
+        ["already holds a run", "resume=auto", "overwrite=true"],
+        None,
+    ),
+    (
+        "output-dir-is-a-file",
+        "finetune",
+        lambda w: [w["recipe"]("file"), f"output_dir={w['root'] / 'a-file'}"],
+        ["a-file", "is a file"],
+        None,
+    ),
+    (
+        "resume-without-checkpoints",
+        "finetune",
+        lambda w: [w["recipe"]("resume"), f"output_dir={w['earlier']}", "resume=auto"],
+        ["no checkpoint to resume", "overwrite=true"],
+        None,
+    ),
     ("hub-repo-id-malformed", "finetune", lambda w: [w["recipe"]("hub"), "hub.repo_id=bad id"], ["'bad id'", "owner/name"], None),
     ("gpu-recipe-without-cuda", "finetune", lambda w: [w["recipe"]("gpu", gpu="RTX 4090")], ["GeForce RTX 4090", "gpu=cpu"], None),
-    ("push-malformed-repo", "hfgpu", lambda w: ["push", str(w["earlier"]), "--repo-id", "not a repo"], ["'not a repo'", "owner/name"], lambda w: hfgpu_push(w["earlier"], "not a repo")),
-    ("push-unfinished-run", "hfgpu", lambda w: ["push", str(w["root"]), "--repo-id", "me/x"], ["is not a finished hfgpu run", "output_dir"], lambda w: hfgpu_push(w["root"], "me/x")),
-    ("push-without-token", "hfgpu", lambda w: ["push", str(w["earlier"]), "--repo-id", "me/x"], ["no Hugging Face token", "HF_TOKEN"], lambda w: hfgpu_push(w["earlier"], "me/x")),
-    ("merge-into-non-empty", "hfgpu", lambda w: ["merge", str(w["earlier"]), "--out", str(w["root"] / "full-folder")], ["full-folder", "empty or new folder"], None),
-    ("generate-zero-tokens", "hfgpu", lambda w: ["generate", str(w["earlier"]), "--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens 0", "at least 1"], None),
+    (
+        "push-malformed-repo",
+        "hfgpu",
+        lambda w: ["push", str(w["earlier"]), "--repo-id", "not a repo"],
+        ["'not a repo'", "owner/name"],
+        lambda w: hfgpu_push(w["earlier"], "not a repo"),
+    ),
+    (
+        "push-unfinished-run",
+        "hfgpu",
+        lambda w: ["push", str(w["root"]), "--repo-id", "me/x"],
+        ["is not a finished hfgpu run", "output_dir"],
+        lambda w: hfgpu_push(w["root"], "me/x"),
+    ),
+    (
+        "push-without-token",
+        "hfgpu",
+        lambda w: ["push", str(w["earlier"]), "--repo-id", "me/x"],
+        ["no Hugging Face token", "HF_TOKEN"],
+        lambda w: hfgpu_push(w["earlier"], "me/x"),
+    ),
+    (
+        "merge-into-non-empty",
+        "hfgpu",
+        lambda w: ["merge", str(w["earlier"]), "--out", str(w["root"] / "full-folder")],
+        ["full-folder", "empty or new folder"],
+        None,
+    ),
+    (
+        "generate-zero-tokens",
+        "hfgpu",
+        lambda w: ["generate", str(w["earlier"]), "--prompt", "hi", "--max-new-tokens", "0"],
+        ["--max-new-tokens 0", "at least 1"],
+        None,
+    ),
     # --- faults, drift, locks, malformed rows (issue 13) ---
-    ("data-broken-json-line", "finetune", lambda w: [w["recipe"]("broken", data={"path": str(w["root"] / "broken.jsonl")})], ["broken.jsonl' line 3", "not valid JSON", "fix or remove that line"], None),
-    ("eval-data-broken-json-line", "finetune", lambda w: [w["recipe"]("evalbroken", data={"eval_path": str(w["root"] / "broken.jsonl")})], ["broken.jsonl' line 3", "not valid JSON"], None),
-    ("data-not-utf8", "finetune", lambda w: [w["recipe"]("latin1", data={"path": str(w["root"] / "latin1.jsonl")})], ["latin1.jsonl' line 2", "not UTF-8", "save the file as UTF-8"], None),
-    ("data-mostly-another-format", "finetune", lambda w: [w["recipe"]("pcrows", data={"path": str(w["root"] / "pc-rows.jsonl")})], ["4 of 5 rows do not match format 'alpaca'", "missing 'instruction'", "check data.format"], None),
-    ("data-list-valued-completions", "finetune", lambda w: [w["recipe"]("lists", data={"path": str(w["root"] / "list-completions.jsonl"), "format": "prompt_completion", "eval_path": None})], ["list-valued 'completion'", "rows 1, 2, 3"], None),
-    ("data-image-content", "finetune", lambda w: [w["recipe"]("image", data={"path": str(w["root"] / "image-chat.jsonl"), "format": "chat", "eval_path": None})], ["non-text message content", "check data.format"], None),
-    ("data-all-empty-completions", "finetune", lambda w: [w["recipe"]("emptyc", data={"path": str(w["root"] / "empty-completions.jsonl"), "format": "prompt_completion", "eval_path": None})], ["no example has tokens to learn", "check the data"], None),
-    ("chat-template-not-incremental", "finetune", lambda w: [w["recipe"]("qwen3", data={"path": str(w["root"] / "chat.jsonl"), "format": "chat", "eval_path": None, "chat_template": QWEN3_LIKE})], ["does not render turns incrementally", "data.chat_template=hfgpu:chat_templates/chatml.jinja"], None),
-    ("chat-template-file-missing", "finetune", lambda w: [w["recipe"]("tplfile", data={"path": str(w["root"] / "chat.jsonl"), "format": "chat", "eval_path": None, "chat_template": "nofile.jinja"})], ["'nofile.jinja'", "neither a Jinja template nor a file"], None),
-    ("tokenizer-without-eos-or-pad", "finetune", lambda w: [w["recipe"]("noeos", model=str(w["root"] / "no-eos-model"))], ["neither an eos_token nor a pad_token", "tokenizer_config.json"], None),
-    ("output-dir-parent-is-a-file", "finetune", lambda w: [w["recipe"]("parentfile"), f"output_dir={w['root'] / 'a-file' / 'run'}"], ["a-file", "which is a file"], None),
-    ("output-dir-not-writable", "finetune", lambda w: [w["recipe"]("sys"), "output_dir=/sys/hfgpu-run"], ["/sys/hfgpu-run", "not writable"], None),
-    ("output-dir-in-use", "finetune", lambda w: [w["recipe"]("locked"), f"output_dir={w['root'] / 'locked-run'}"], ["in use by another hfgpu run (pid", "choose another output_dir"], None),
-    ("resume-changed-learning-rate", "finetune", lambda w: _resume_stopped(w, "lr", "train.learning_rate=0.01"), ["written with other settings", "train.learning_rate 0.003 → 0.01", "resume_force=true"], None),
+    (
+        "data-broken-json-line",
+        "finetune",
+        lambda w: [w["recipe"]("broken", data={"path": str(w["root"] / "broken.jsonl")})],
+        ["broken.jsonl' line 3", "not valid JSON", "fix or remove that line"],
+        None,
+    ),
+    (
+        "eval-data-broken-json-line",
+        "finetune",
+        lambda w: [w["recipe"]("evalbroken", data={"eval_path": str(w["root"] / "broken.jsonl")})],
+        ["broken.jsonl' line 3", "not valid JSON"],
+        None,
+    ),
+    (
+        "data-not-utf8",
+        "finetune",
+        lambda w: [w["recipe"]("latin1", data={"path": str(w["root"] / "latin1.jsonl")})],
+        ["latin1.jsonl' line 2", "not UTF-8", "save the file as UTF-8"],
+        None,
+    ),
+    (
+        "data-mostly-another-format",
+        "finetune",
+        lambda w: [w["recipe"]("pcrows", data={"path": str(w["root"] / "pc-rows.jsonl")})],
+        ["4 of 5 rows do not match format 'alpaca'", "missing 'instruction'", "check data.format"],
+        None,
+    ),
+    (
+        "data-list-valued-completions",
+        "finetune",
+        lambda w: [
+            w["recipe"]("lists", data={"path": str(w["root"] / "list-completions.jsonl"), "format": "prompt_completion", "eval_path": None})
+        ],
+        ["list-valued 'completion'", "rows 1, 2, 3"],
+        None,
+    ),
+    (
+        "data-image-content",
+        "finetune",
+        lambda w: [w["recipe"]("image", data={"path": str(w["root"] / "image-chat.jsonl"), "format": "chat", "eval_path": None})],
+        ["non-text message content", "check data.format"],
+        None,
+    ),
+    (
+        "data-all-empty-completions",
+        "finetune",
+        lambda w: [
+            w["recipe"](
+                "emptyc", data={"path": str(w["root"] / "empty-completions.jsonl"), "format": "prompt_completion", "eval_path": None}
+            )
+        ],
+        ["no example has tokens to learn", "check the data"],
+        None,
+    ),
+    (
+        "chat-template-not-incremental",
+        "finetune",
+        lambda w: [
+            w["recipe"](
+                "qwen3", data={"path": str(w["root"] / "chat.jsonl"), "format": "chat", "eval_path": None, "chat_template": QWEN3_LIKE}
+            )
+        ],
+        ["does not render turns incrementally", "data.chat_template=hfgpu:chat_templates/chatml.jinja"],
+        None,
+    ),
+    (
+        "chat-template-file-missing",
+        "finetune",
+        lambda w: [
+            w["recipe"](
+                "tplfile",
+                data={"path": str(w["root"] / "chat.jsonl"), "format": "chat", "eval_path": None, "chat_template": "nofile.jinja"},
+            )
+        ],
+        ["'nofile.jinja'", "neither a Jinja template nor a file"],
+        None,
+    ),
+    (
+        "tokenizer-without-eos-or-pad",
+        "finetune",
+        lambda w: [w["recipe"]("noeos", model=str(w["root"] / "no-eos-model"))],
+        ["neither an eos_token nor a pad_token", "tokenizer_config.json"],
+        None,
+    ),
+    (
+        "output-dir-parent-is-a-file",
+        "finetune",
+        lambda w: [w["recipe"]("parentfile"), f"output_dir={w['root'] / 'a-file' / 'run'}"],
+        ["a-file", "which is a file"],
+        None,
+    ),
+    (
+        "output-dir-not-writable",
+        "finetune",
+        lambda w: [w["recipe"]("sys"), "output_dir=/sys/hfgpu-run"],
+        ["/sys/hfgpu-run", "not writable"],
+        None,
+    ),
+    (
+        "output-dir-in-use",
+        "finetune",
+        lambda w: [w["recipe"]("locked"), f"output_dir={w['root'] / 'locked-run'}"],
+        ["in use by another hfgpu run (pid", "choose another output_dir"],
+        None,
+    ),
+    (
+        "resume-changed-learning-rate",
+        "finetune",
+        lambda w: _resume_stopped(w, "lr", "train.learning_rate=0.01"),
+        ["written with other settings", "train.learning_rate 0.003 → 0.01", "resume_force=true"],
+        None,
+    ),
     ("resume-changed-lora-rank", "finetune", lambda w: _resume_stopped(w, "rank", "lora.r=4"), ["lora.r 8 → 4", "resume_force=true"], None),
-    ("resume-changed-data", "finetune", lambda w: _resume_stopped(w, "edited", f"data.path={w['root'] / 'edited.jsonl'}"), ["the tokenized training data changed"], None),
+    (
+        "resume-changed-data",
+        "finetune",
+        lambda w: _resume_stopped(w, "edited", f"data.path={w['root'] / 'edited.jsonl'}"),
+        ["the tokenized training data changed"],
+        None,
+    ),
     ("resume-changed-seed", "finetune", lambda w: _resume_stopped(w, "seed", "train.seed=1"), ["train.seed 0 → 1"], None),
-    ("resume-changed-global-batch", "finetune", lambda w: _resume_stopped(w, "gbs", "train.global_batch_size=4"), ["train.global_batch_size 8 → 4"], None),
-    ("resume-changed-precision", "finetune", lambda w: _resume_stopped(w, "prec", "precision=bf16"), ["precision \"fp32\" → \"bf16\""], None),
-    ("resume-forced-other-rank", "finetune", lambda w: _resume_stopped(w, "forced", "lora.r=4", "resume_force=true"), ["parameters of another shape", "lora.r or the model changed"], None),
-    ("resume-damaged-checkpoint-path", "finetune", lambda w: [w["recipe"]("dmg"), f"output_dir={w['damaged']}", f"resume={w['damaged'] / 'checkpoints' / 'step-0000002'}"], ["optimizer.pt is 100 bytes", "use resume=auto to fall back"], None),
-    ("resume-path-not-a-checkpoint", "finetune", lambda w: [w["recipe"]("notckpt"), f"output_dir={w['stopped']}", f"resume={w['root']}"], ["is not a complete checkpoint folder", "resume=auto"], None),
-    ("diverged-learning-rate", "finetune", lambda w: [w["recipe"]("nan", train={"learning_rate": 1e30, "max_grad_norm": None})], ["training diverged at step", "not finite", "train.learning_rate (now 1e+30)"], None),
-    ("recipe-duplicate-section", "finetune", lambda w: [str(w["root"] / "dup.yaml")], ["key 'train' appears twice (lines 3 and 4)", "keep one"], lambda w: load_recipe(w["root"] / "dup.yaml")),
-    ("recipe-alias-bomb", "finetune", lambda w: [str(w["root"] / "bomb.yaml")], ["expands to more than 100,000 values", "aliases"], lambda w: load_recipe(w["root"] / "bomb.yaml")),
-    ("recipe-huge-value-is-quoted-short", "finetune", lambda w: [str(w["root"] / "huge-value.yaml")], ["micro_batch_size='xxxx", "...'"[:3]], lambda w: load_recipe(w["root"] / "huge-value.yaml")),
-    ("recipe-not-utf8", "finetune", lambda w: [str(w["root"] / "recipe-latin1.yaml")], ["recipe-latin1.yaml", "not UTF-8"], lambda w: load_recipe(w["root"] / "recipe-latin1.yaml")),
-    ("override-resume-force-typo", "finetune", lambda w: [w["recipe"]("rf"), "resume_forc=true"], ["resume_forc", "did you mean 'resume_force'"], None),
-    ("recipe-seq-len-beyond-the-model", "finetune", lambda w: [w["recipe"]("longseq", data={"max_seq_len": 100000})], ["data.max_seq_len=100000", "use data.max_seq_len ≤"], None),
+    (
+        "resume-changed-global-batch",
+        "finetune",
+        lambda w: _resume_stopped(w, "gbs", "train.global_batch_size=4"),
+        ["train.global_batch_size 8 → 4"],
+        None,
+    ),
+    ("resume-changed-precision", "finetune", lambda w: _resume_stopped(w, "prec", "precision=bf16"), ['precision "fp32" → "bf16"'], None),
+    (
+        "resume-forced-other-rank",
+        "finetune",
+        lambda w: _resume_stopped(w, "forced", "lora.r=4", "resume_force=true"),
+        ["parameters of another shape", "lora.r or the model changed"],
+        None,
+    ),
+    (
+        "resume-damaged-checkpoint-path",
+        "finetune",
+        lambda w: [w["recipe"]("dmg"), f"output_dir={w['damaged']}", f"resume={w['damaged'] / 'checkpoints' / 'step-0000002'}"],
+        ["optimizer.pt is 100 bytes", "use resume=auto to fall back"],
+        None,
+    ),
+    (
+        "resume-path-not-a-checkpoint",
+        "finetune",
+        lambda w: [w["recipe"]("notckpt"), f"output_dir={w['stopped']}", f"resume={w['root']}"],
+        ["is not a complete checkpoint folder", "resume=auto"],
+        None,
+    ),
+    (
+        "diverged-learning-rate",
+        "finetune",
+        lambda w: [w["recipe"]("nan", train={"learning_rate": 1e30, "max_grad_norm": None})],
+        ["training diverged at step", "not finite", "train.learning_rate (now 1e+30)"],
+        None,
+    ),
+    (
+        "recipe-duplicate-section",
+        "finetune",
+        lambda w: [str(w["root"] / "dup.yaml")],
+        ["key 'train' appears twice (lines 3 and 4)", "keep one"],
+        lambda w: load_recipe(w["root"] / "dup.yaml"),
+    ),
+    (
+        "recipe-alias-bomb",
+        "finetune",
+        lambda w: [str(w["root"] / "bomb.yaml")],
+        ["expands to more than 100,000 values", "aliases"],
+        lambda w: load_recipe(w["root"] / "bomb.yaml"),
+    ),
+    (
+        "recipe-huge-value-is-quoted-short",
+        "finetune",
+        lambda w: [str(w["root"] / "huge-value.yaml")],
+        ["micro_batch_size='xxxx", "...'"[:3]],
+        lambda w: load_recipe(w["root"] / "huge-value.yaml"),
+    ),
+    (
+        "recipe-not-utf8",
+        "finetune",
+        lambda w: [str(w["root"] / "recipe-latin1.yaml")],
+        ["recipe-latin1.yaml", "not UTF-8"],
+        lambda w: load_recipe(w["root"] / "recipe-latin1.yaml"),
+    ),
+    (
+        "override-resume-force-typo",
+        "finetune",
+        lambda w: [w["recipe"]("rf"), "resume_forc=true"],
+        ["resume_forc", "did you mean 'resume_force'"],
+        None,
+    ),
+    (
+        "recipe-seq-len-beyond-the-model",
+        "finetune",
+        lambda w: [w["recipe"]("longseq", data={"max_seq_len": 100000})],
+        ["data.max_seq_len=100000", "use data.max_seq_len ≤"],
+        None,
+    ),
     ("recipe-lora-rank-zero", "finetune", lambda w: [w["recipe"]("rank0"), "lora.r=0"], ["lora.r=0", "greater than or equal to 1"], None),
-    ("recipe-bf16-on-turing", "finetune", lambda w: [w["recipe"]("bf16t", gpu="2080 Ti", precision="bf16")], ["precision=bf16", "use precision=fp16"], None),
-    ("merge-out-is-a-file", "hfgpu", lambda w: ["merge", str(w["earlier"]), "--out", str(w["root"] / "a-file")], ["a-file", "is a file"], None),
-    ("generate-empty-prompt", "hfgpu", lambda w: ["generate", str(w["earlier"]), "--prompt", "  "], ["the prompt is empty"], lambda w: hfgpu_generate(w["earlier"], "  ")),
-    ("config-heads-not-divisible", "hfgpu", lambda w: ["plan", str(w["root"] / "bad-heads"), "--gpu", "4090"], ["not a multiple of the number of attention heads", "fix the config"], lambda w: hfgpu.plan(str(w["root"] / "bad-heads"), "4090")),
+    (
+        "recipe-bf16-on-turing",
+        "finetune",
+        lambda w: [w["recipe"]("bf16t", gpu="2080 Ti", precision="bf16")],
+        ["precision=bf16", "use precision=fp16"],
+        None,
+    ),
+    (
+        "merge-out-is-a-file",
+        "hfgpu",
+        lambda w: ["merge", str(w["earlier"]), "--out", str(w["root"] / "a-file")],
+        ["a-file", "is a file"],
+        None,
+    ),
+    (
+        "generate-empty-prompt",
+        "hfgpu",
+        lambda w: ["generate", str(w["earlier"]), "--prompt", "  "],
+        ["the prompt is empty"],
+        lambda w: hfgpu_generate(w["earlier"], "  "),
+    ),
+    (
+        "config-heads-not-divisible",
+        "hfgpu",
+        lambda w: ["plan", str(w["root"] / "bad-heads"), "--gpu", "4090"],
+        ["not a multiple of the number of attention heads", "fix the config"],
+        lambda w: hfgpu.plan(str(w["root"] / "bad-heads"), "4090"),
+    ),
 ]
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -26,16 +25,53 @@ def test_plan_json_prints_exactly_one_object_and_exit_0_when_it_fits():
 def test_plan_flags_mirror_the_knobs(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=4000,
-                max_position_embeddings=2048).save_pretrained(tmp_path)
-    r = hfgpu("plan", str(tmp_path), "--gpu", "1080", "--strategy", "lora", "--seq-len", "1024", "--gradient-checkpointing", "on",
-              "--micro-batch-size", "4", "--optimizer", "adamw_8bit", "--attention", "eager", "--lora-r", "8",
-              "--lora-targets", "q_proj,v_proj", "--precision", "fp32", "--quantization", "none", "--lora-dropout", "0.05",
-              "--chunked-loss", "--activation-offloading", "off", "--json")
+    LlamaConfig(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=4000, max_position_embeddings=2048
+    ).save_pretrained(tmp_path)
+    r = hfgpu(
+        "plan",
+        str(tmp_path),
+        "--gpu",
+        "1080",
+        "--strategy",
+        "lora",
+        "--seq-len",
+        "1024",
+        "--gradient-checkpointing",
+        "on",
+        "--micro-batch-size",
+        "4",
+        "--optimizer",
+        "adamw_8bit",
+        "--attention",
+        "eager",
+        "--lora-r",
+        "8",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--precision",
+        "fp32",
+        "--quantization",
+        "none",
+        "--lora-dropout",
+        "0.05",
+        "--chunked-loss",
+        "--activation-offloading",
+        "off",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert (d["strategy"], d["seq_len"], d["gradient_checkpointing"], d["micro_batch_size"], d["grad_accum_steps"], d["optimizer"], d["attention"], d["precision"]) == \
-        ("lora", 1024, True, 4, 4, "adamw_8bit", "eager", "fp32")
+    assert (
+        d["strategy"],
+        d["seq_len"],
+        d["gradient_checkpointing"],
+        d["micro_batch_size"],
+        d["grad_accum_steps"],
+        d["optimizer"],
+        d["attention"],
+        d["precision"],
+    ) == ("lora", 1024, True, 4, 4, "adamw_8bit", "eager", "fp32")
     assert d["lora"] == {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
     assert (d["chunked_loss"], d["activation_offloading"]) == (True, False)
     assert "fixed by you" in d["reasons"]["chunked_loss"] and "fixed by you" in d["reasons"]["activation_offloading"]
@@ -57,19 +93,22 @@ def test_plan_table_explains_every_knob():
         assert word in r.stdout
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "RTX 9999"], "unknown GPU 'RTX 9999'"),
-    (["plan", "nobody/nothing", "--gpu", "4090"], "not in hfgpu's offline catalog"),
-    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--seq-len", "0"], "--seq-len 0 must be"),
-    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--micro-batch-size", "0"], "--micro-batch-size 0"),
-    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "1080", "--attention", "flash_attention_2"], "flash_attention_2 needs compute capability"),
-    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "2080 Ti", "--precision", "bf16"], "use --precision fp16"),
-    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--strategy", "qlora", "--quantization", "none"], "--strategy qlora quantizes"),
-    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--gradient-checkpointing", "maybe"], "use on, off or auto"),
-    (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--seq-len", "long"], "whole number"),
-    (["fit", "Qwen/Qwen2.5-0.5B", "--tokens", "-5"], "--tokens -5 must be positive"),
-    (["plna", "x"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "RTX 9999"], "unknown GPU 'RTX 9999'"),
+        (["plan", "nobody/nothing", "--gpu", "4090"], "not in hfgpu's offline catalog"),
+        (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--seq-len", "0"], "--seq-len 0 must be"),
+        (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--micro-batch-size", "0"], "--micro-batch-size 0"),
+        (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "1080", "--attention", "flash_attention_2"], "flash_attention_2 needs compute capability"),
+        (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "2080 Ti", "--precision", "bf16"], "use --precision fp16"),
+        (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--strategy", "qlora", "--quantization", "none"], "--strategy qlora quantizes"),
+        (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--gradient-checkpointing", "maybe"], "use on, off or auto"),
+        (["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--seq-len", "long"], "whole number"),
+        (["fit", "Qwen/Qwen2.5-0.5B", "--tokens", "-5"], "--tokens -5 must be positive"),
+        (["plna", "x"], "invalid choice"),
+    ],
+)
 def test_user_errors_are_one_line_exit_2_no_traceback(args, needle):
     r = hfgpu(*args)
     assert r.returncode == 2
@@ -115,8 +154,23 @@ def test_runs_from_a_folder_that_holds_a_directory_named_hfgpu(tmp_path):
     (tmp_path / "hfgpu").mkdir()
     (tmp_path / "hfgpu" / "notes.txt").write_text("mine")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    r = subprocess.run([sys.executable, "-m", "hfgpu.finetune", str(ROOT / "recipes" / "demo_cpu.yaml"), f"output_dir={tmp_path / 'out'}",
-                        "train.max_steps=1", "train.eval_every=null", "data.eval_path=null", "eval.metrics=[]"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hfgpu.finetune",
+            str(ROOT / "recipes" / "demo_cpu.yaml"),
+            f"output_dir={tmp_path / 'out'}",
+            "train.max_steps=1",
+            "train.eval_every=null",
+            "data.eval_path=null",
+            "eval.metrics=[]",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()  # the recipe's hfgpu: paths resolved to the package

@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import ROOT, recipe_dict
 from safetensors.torch import load_file
 
 from hfgpu.errors import HfgpuError
 from hfgpu.finetune import finetune
 from hfgpu.recipe import validate_recipe
-from conftest import ROOT, recipe_dict
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -28,12 +28,20 @@ def write(tmp_path, name, model_dir, out, **over):
 
 
 def start(recipe, *overrides):
-    return subprocess.Popen([sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(recipe, *overrides):
-    r = subprocess.run([sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
@@ -128,9 +136,13 @@ def test_oom_even_at_micro_batch_1_names_the_fix_and_the_estimate(tiny_model_dir
     monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", always_oom)
     said = []
     with pytest.raises(HfgpuError) as e:
-        finetune(validate_recipe(recipe_dict(tiny_model_dir, tmp_path / "oom", micro_batch_size=4, data={"eval_path": None})), say=said.append)
+        finetune(
+            validate_recipe(recipe_dict(tiny_model_dir, tmp_path / "oom", micro_batch_size=4, data={"eval_path": None})), say=said.append
+        )
     msg = str(e.value)
-    assert "out of memory at micro-batch 1" in msg and "the plan estimated" in msg and "gradient_checkpointing=true" in msg and "qlora" in msg
+    assert (
+        "out of memory at micro-batch 1" in msg and "the plan estimated" in msg and "gradient_checkpointing=true" in msg and "qlora" in msg
+    )
     assert [s for s in said if "out of memory" in s] == [
         "CUDA out of memory: micro-batch 2, accumulation ×2 (same global batch); going on",
         "CUDA out of memory: micro-batch 1, accumulation ×4 (same global batch); going on",
@@ -142,8 +154,14 @@ def test_a_sentinel_token_never_reaches_outputs_or_logs(tiny_model_dir, tmp_path
     sentinel = "hf_SENTINEL_do_not_leak_42"
     out = tmp_path / "secret"
     recipe = write(tmp_path, "secret", tiny_model_dir, out, train={"max_steps": 3, "save_every": 2})
-    r = subprocess.run([sys.executable, "-m", "hfgpu.finetune", str(recipe)], cwd=ROOT, env={**ENV, "HF_TOKEN": sentinel},
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "hfgpu.finetune", str(recipe)],
+        cwd=ROOT,
+        env={**ENV, "HF_TOKEN": sentinel},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert sentinel not in r.stdout + r.stderr
     written = [f for f in out.rglob("*") if f.is_file()]
@@ -155,5 +173,7 @@ def test_trust_remote_code_is_off_unless_asked_and_then_warns(tiny_model_dir, tm
 
     assert Recipe.model_fields["trust_remote_code"].default is False
     said = []
-    finetune(validate_recipe(recipe_dict(tiny_model_dir, tmp_path / "trc", trust_remote_code=True, train={"max_steps": 1})), say=said.append)
+    finetune(
+        validate_recipe(recipe_dict(tiny_model_dir, tmp_path / "trc", trust_remote_code=True, train={"max_steps": 1})), say=said.append
+    )
     assert any("trust_remote_code is on" in s and str(tiny_model_dir) in s for s in said)

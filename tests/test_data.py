@@ -1,14 +1,13 @@
 """Data formats, label masks (decoded), packing without cross-example attention, caching, bad data."""
 
-
 import pytest
 import torch
+from conftest import DEMO, write_jsonl
 
 from hfgpu.data import IGNORE, collate, load_rows, pack, padding_fraction, prepare_data, tokenize
 from hfgpu.errors import HfgpuError
 from hfgpu.modeling import load_tokenizer
 from hfgpu.recipe import DataConfig
-from conftest import DEMO, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,13 @@ def test_alpaca_learns_only_the_output(tok, tmp_path):
 
 
 def test_alpaca_with_input_and_renamed_columns(tok, tmp_path):
-    ds, _ = one(tok, tmp_path, [{"q": "Capital?", "ctx": "Peru", "a": "Lima"}], format="alpaca", columns={"instruction": "q", "input": "ctx", "output": "a"})
+    ds, _ = one(
+        tok,
+        tmp_path,
+        [{"q": "Capital?", "ctx": "Peru", "a": "Lima"}],
+        format="alpaca",
+        columns={"instruction": "q", "input": "ctx", "output": "a"},
+    )
     text = tok.decode(ds[0]["input_ids"])
     assert "### Input:\nPeru" in text and learned_text(tok, ds[0]) == "Lima</s>"
 
@@ -54,8 +59,13 @@ def test_text_learns_every_token(tok, tmp_path):
 
 
 def test_chat_learns_only_assistant_turns(tok, tmp_path):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
-            {"role": "assistant", "content": "Lima"}, {"role": "user", "content": "And Chile?"}, {"role": "assistant", "content": "Santiago"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Peru?"},
+        {"role": "assistant", "content": "Lima"},
+        {"role": "user", "content": "And Chile?"},
+        {"role": "assistant", "content": "Santiago"},
+    ]
     ds, _ = one(tok, tmp_path, [{"messages": msgs}], format="chat")
     learned = learned_text(tok, ds[0])
     assert learned == "Lima</s>Santiago</s>"  # up to and including the end of turn, not the "\n" the template prints after it
@@ -111,7 +121,10 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tok, tmp_pa
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
     model.config.use_cache = False
-    rows = [{"instruction": f"Name the capital city of {c}.", "input": "", "output": a} for c, a in [("Peru", "Lima"), ("Fiji", "Suva"), ("Mali", "Bamako")]]
+    rows = [
+        {"instruction": f"Name the capital city of {c}.", "input": "", "output": a}
+        for c, a in [("Peru", "Lima"), ("Fiji", "Suva"), ("Mali", "Bamako")]
+    ]
     ds, _ = one(tok, tmp_path, rows, format="alpaca")
     packed = pack(ds, 512)
     assert len(packed) == 1 and packed[0]["position_ids"].count(0) == 3
@@ -166,12 +179,18 @@ def test_prompt_completion_masks_and_eos_equal_trls(tok, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    rows = [{"prompt": "Capital of Peru:\n", "completion": "Lima"}, {"prompt": "Capital of Fiji:\n", "completion": "Suva</s>"},
-            {"prompt": "Say it twice:\n", "completion": "yes yes"}]
+    rows = [
+        {"prompt": "Capital of Peru:\n", "completion": "Lima"},
+        {"prompt": "Capital of Fiji:\n", "completion": "Suva</s>"},
+        {"prompt": "Say it twice:\n", "completion": "yes yes"},
+    ]
     ours, _ = one(tok, tmp_path, rows, format="prompt_completion")
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(DEMO / "model"),
-                         args=SFTConfig(output_dir=str(tmp_path / "trl"), completion_only_loss=True, report_to=[], max_length=64, use_cpu=True),
-                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(DEMO / "model"),
+        args=SFTConfig(output_dir=str(tmp_path / "trl"), completion_only_loss=True, report_to=[], max_length=64, use_cpu=True),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+    )
     theirs = list(trainer.train_dataset)
     assert [ex["input_ids"] for ex in ours] == [ex["input_ids"] for ex in theirs]
     assert [ex["labels"] for ex in ours] == [ex["labels"] for ex in theirs]
@@ -184,8 +203,10 @@ def test_text_that_already_ends_with_eos_gets_no_second_one(tok, tmp_path):
 
 
 def test_openai_style_content_parts_are_joined_text(tok, tmp_path):
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "Capital of "}, {"type": "text", "text": "Peru?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "Lima"}]}]
+    msgs = [
+        {"role": "user", "content": [{"type": "text", "text": "Capital of "}, {"type": "text", "text": "Peru?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Lima"}]},
+    ]
     ds, _ = one(tok, tmp_path, [{"messages": msgs}], format="chat")
     text = tok.decode(ds[0]["input_ids"])
     assert "Capital of Peru?" in text and "[{" not in text and learned_text(tok, ds[0]) == "Lima</s>"
@@ -213,25 +234,37 @@ def test_empty_completions_teach_nothing(tok, tmp_path):
     rows = [{"prompt": "q", "completion": ""}, {"prompt": "q", "completion": "  "}, {"prompt": "Capital of Peru?", "completion": "Lima"}]
     ds, stats = one(tok, tmp_path, rows, format="prompt_completion")
     assert len(ds) == 1 and stats["drop_reasons"] == {"empty completion": [1, 2]}
-    chat = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}]
+    chat = [
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]},
+    ]
     ds, stats = one(tok, tmp_path, chat, format="chat")
     assert len(ds) == 1 and stats["drop_reasons"] == {"no assistant turn": [1]}
 
 
-QWEN3_LIKE = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
-              "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN3_LIKE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_a_template_that_does_not_render_incrementally_names_the_fix_and_the_shipped_one_works(tmp_path):
     tok = load_tokenizer(str(DEMO / "model"))
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    msgs = [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"},
-            {"role": "user", "content": "And Chile?"}, {"role": "assistant", "content": "Santiago"}]
+    msgs = [
+        {"role": "user", "content": "Capital of Peru?"},
+        {"role": "assistant", "content": "Lima"},
+        {"role": "user", "content": "And Chile?"},
+        {"role": "assistant", "content": "Santiago"},
+    ]
     path = write_jsonl(tmp_path / "q.jsonl", [{"messages": msgs}])
     with pytest.raises(HfgpuError, match=r"does not render turns incrementally.*data.chat_template=hfgpu:chat_templates/chatml.jinja"):
         tokenize(load_rows(str(path)), DataConfig(path=str(path), format="chat", chat_template=QWEN3_LIKE), tok, 128, "q")
-    ds, _, _ = tokenize(load_rows(str(path)), DataConfig(path=str(path), format="chat", chat_template="hfgpu:chat_templates/chatml.jinja"), tok, 128, "q")
+    ds, _, _ = tokenize(
+        load_rows(str(path)), DataConfig(path=str(path), format="chat", chat_template="hfgpu:chat_templates/chatml.jinja"), tok, 128, "q"
+    )
     assert learned_text(tok, ds[0]) == "Lima<|im_end|>Santiago<|im_end|>"
     assert tok.decode(ds[0]["input_ids"]).startswith("<|im_start|>user\nCapital of Peru?<|im_end|>\n<|im_start|>assistant\nLima")
 
@@ -243,8 +276,11 @@ def test_eval_prompts_are_tokenized_exactly_as_training_tokenizes_them(tmp_path,
     tok = load_tokenizer(str(DEMO / "model"))
     tok.add_bos_token = True
     assert tok("x")["input_ids"][0] == tok.bos_token_id
-    row = ({"instruction": "Capital of Peru?", "output": "Lima"} if fmt == "alpaca"
-           else {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"}]})
+    row = (
+        {"instruction": "Capital of Peru?", "output": "Lima"}
+        if fmt == "alpaca"
+        else {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"}]}
+    )
     path = write_jsonl(tmp_path / "e.jsonl", [row])
     prepared = prepare_data(DataConfig(path=str(path), eval_path=str(path), format=fmt), tok, 128, 1)
     ids, reference = prepared.eval_prompts[0]
@@ -276,7 +312,7 @@ sys.path.insert(0, {str(DEMO.parents[2])!r})
 from hfgpu.data import load_rows, tokenize
 from hfgpu.modeling import load_tokenizer
 from hfgpu.recipe import DataConfig
-tok = load_tokenizer({str(DEMO / 'model')!r})
+tok = load_tokenizer({str(DEMO / "model")!r})
 rows = load_rows({str(path)!r})
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ds, stats, _ = tokenize(rows, DataConfig(path={str(path)!r}, format="text"), tok, 64, "huge")
@@ -291,8 +327,10 @@ print(grew, stats["too_long"], max(ds["length"]))
 
 
 def test_a_chat_eval_row_without_an_assistant_turn_is_skipped_not_a_crash(tok, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "hi"}]},
-            {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima"}]},
+    ]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     prepared = prepare_data(DataConfig(path=str(path), eval_path=str(path), format="chat"), tok, 128, 1)
     assert [ref for _, ref in prepared.eval_prompts] == ["Lima"] and len(prepared.eval) == 1

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, recipe_dict, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -40,8 +39,12 @@ def _reference(model_dir, batch):
     model = prepare_model(str(model_dir), ModelSettings(strategy="full", precision="fp32"), seed=0)
     model.train()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                                             ignore_index=-100, reduction="sum") / (batch["labels"][:, 1:] != -100).sum()
+    loss = (
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        / (batch["labels"][:, 1:] != -100).sum()
+    )
     loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -52,9 +55,24 @@ def test_two_process_gradients_equal_one_full_batch(tiny_model_dir, tmp_path):
     batch = _uneven_batch(AutoConfig.from_pretrained(tiny_model_dir).vocab_size)
     torch.save(batch, tmp_path / "batch.pt")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(ROOT / "tests" / "ddp_grad_check.py"),
-                        str(tiny_model_dir), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(ROOT / "tests" / "ddp_grad_check.py"),
+            str(tiny_model_dir),
+            str(tmp_path / "batch.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     ref_loss, ref_grads = _reference(tiny_model_dir, batch)
@@ -77,10 +95,36 @@ def test_two_process_eval_counts_each_row_once(tiny_model_dir, tmp_path):
         recipe = tmp_path / f"r{n}.yaml"
         import yaml
 
-        recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, out, micro_batch_size=4, data={"eval_path": str(evalfile)},
-                                                     train={"max_steps": 1, "global_batch_size": 8, "learning_rate": 1e-12})))
-        launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", "--main_process_port", "0"] if n == 2 else [sys.executable]
+        recipe.write_text(
+            yaml.safe_dump(
+                recipe_dict(
+                    tiny_model_dir,
+                    out,
+                    micro_batch_size=4,
+                    data={"eval_path": str(evalfile)},
+                    train={"max_steps": 1, "global_batch_size": 8, "learning_rate": 1e-12},
+                )
+            )
+        )
+        launch = (
+            [
+                accelerate,
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "--main_process_port",
+                "0",
+            ]
+            if n == 2
+            else [sys.executable]
+        )
         r = subprocess.run([*launch, "-m", "hfgpu.finetune", str(recipe)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         results[n] = json.loads((out / "final_metrics.json").read_text())["before"]

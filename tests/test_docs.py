@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "README.zh-CN.md"]
@@ -101,11 +100,19 @@ def test_every_documented_command_runs(tmp_path):
 def test_plots_are_written(tmp_path, kind):
     png = tmp_path / f"{kind}.png"
     args = ["plan", "Qwen/Qwen2.5-0.5B", "--gpu", "4090"] if kind == "plan" else ["fit", "Qwen/Qwen2.5-0.5B", "--seq-len", "512"]
-    r = subprocess.run([sys.executable, "-m", "hfgpu", *args, "--plot", str(png)], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "hfgpu", *args, "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-1500:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    bad = subprocess.run([sys.executable, "-m", "hfgpu", *args, "--plot", str(tmp_path / "x.jpg")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "hfgpu", *args, "--plot", str(tmp_path / "x.jpg")], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert bad.returncode == 2 and "must end in .png" in bad.stderr
 
 

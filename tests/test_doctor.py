@@ -10,8 +10,16 @@ CU128 = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 
 
 def probe(devices, arch=CU128, bnb="0.50.2", fa=None, logged_in=True, cuda="12.8"):
-    return SystemProbe(torch_version="2.13.0", cuda_version=cuda, arch_list=arch, devices=devices, bitsandbytes=bnb,
-                       flash_attn=fa, accelerate_config=None, hub_logged_in=logged_in)
+    return SystemProbe(
+        torch_version="2.13.0",
+        cuda_version=cuda,
+        arch_list=arch,
+        devices=devices,
+        bitsandbytes=bnb,
+        flash_attn=fa,
+        accelerate_config=None,
+        hub_logged_in=logged_in,
+    )
 
 
 def by_name(report):

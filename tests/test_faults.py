@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import DEMO, ROOT, recipe_dict, write_jsonl
 from safetensors.torch import load_file
+from test_crash import ENV, start, wait_for, write
 
 from hfgpu.errors import HfgpuError
 from hfgpu.finetune import finetune
 from hfgpu.recipe import validate_recipe
-from conftest import DEMO, ROOT, recipe_dict, write_jsonl
-from test_crash import ENV, start, wait_for, write
 
 QUIET = lambda *a, **k: None
 
@@ -28,8 +28,9 @@ def _recipe(tmp_path, model_dir, out, name="r", **over):
 
 
 def _run(recipe, *overrides):
-    return subprocess.run([sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 def _steps(out):
@@ -161,11 +162,14 @@ def test_a_missing_rng_file_makes_a_checkpoint_unusable(tiny_model_dir, stopped_
     assert any("resumed from" in s and "step-0000002" in s for s in said)
 
 
-@pytest.mark.parametrize("change,words", [
-    ({"train": {"learning_rate": 0.01}}, ["train.learning_rate 0.003 → 0.01"]),
-    ({"lora": {"r": 4, "dropout": 0.0}}, ["lora.r 8 → 4"]),
-    ({"data": {"path": "EDITED", "eval_path": None}}, ["the tokenized training data changed"]),
-])
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        ({"train": {"learning_rate": 0.01}}, ["train.learning_rate 0.003 → 0.01"]),
+        ({"lora": {"r": 4, "dropout": 0.0}}, ["lora.r 8 → 4"]),
+        ({"data": {"path": "EDITED", "eval_path": None}}, ["the tokenized training data changed"]),
+    ],
+)
 def test_resume_refuses_a_changed_setting_and_rewrites_nothing(tiny_model_dir, stopped_run, tmp_path, change, words):
     out, _ = stopped_run
     if change.get("data", {}).get("path") == "EDITED":
@@ -199,12 +203,22 @@ def test_resume_force_with_another_lora_rank_is_refused_by_shape(tiny_model_dir,
 
 def test_divergence_stops_at_the_first_non_finite_loss_and_writes_no_final_model(tiny_model_dir, tmp_path):
     out = tmp_path / "nan"
-    recipe = _recipe(tmp_path, tiny_model_dir, out, train={"max_steps": 8, "save_every": 1, "learning_rate": 1e30, "max_grad_norm": None},
-                     data={"eval_path": None})
+    recipe = _recipe(
+        tmp_path,
+        tiny_model_dir,
+        out,
+        train={"max_steps": 8, "save_every": 1, "learning_rate": 1e30, "max_grad_norm": None},
+        data={"eval_path": None},
+    )
     r = _run(recipe)
     assert r.returncode == 2
     line = _one_error_line(r.stderr)
-    assert "training diverged at step" in line and "not finite" in line and "train.learning_rate (now 1e+30)" in line and "train.max_grad_norm" in line
+    assert (
+        "training diverged at step" in line
+        and "not finite" in line
+        and "train.learning_rate (now 1e+30)" in line
+        and "train.max_grad_norm" in line
+    )
     assert not (out / "adapter_model.safetensors").exists() and not (out / "final_metrics.json").exists()
     step = int(line.split("diverged at step ")[1].split(":")[0])
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -222,7 +236,9 @@ def test_a_full_disk_in_torch_save_is_the_same_clean_error(tiny_model_dir, tmp_p
     def full(obj, f, *a, **k):
         calls["n"] += 1
         if str(f).endswith("optimizer.pt") and calls["n"] > 3:
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
+            )
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(checkpoint.torch, "save", full)

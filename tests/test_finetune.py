@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
+from conftest import DEMO, ROOT, recipe_dict
 from safetensors.torch import load_file
 
 from hfgpu.finetune import finetune
 from hfgpu.recipe import validate_recipe
-from conftest import DEMO, ROOT, recipe_dict
 
 
 def run(model_dir, out, **over):
@@ -24,7 +24,15 @@ def test_lora_run_lowers_eval_loss_and_the_adapter_loads_with_plain_peft(tiny_mo
     res = run(tiny_model_dir, tmp_path / "lora", train={"max_steps": 20})
     out = res.output_dir
     assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"] - 0.2
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "resolved_recipe.yaml", "plan.json", "metrics.jsonl", "loss.png"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "resolved_recipe.yaml",
+        "plan.json",
+        "metrics.jsonl",
+        "loss.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 21))
@@ -106,7 +114,12 @@ def test_incomplete_checkpoints_are_ignored_and_removed(tiny_model_dir, tmp_path
     shutil.copytree(ckpts / "step-0000004", ckpts / "step-0000005")
     (ckpts / "step-0000005" / "state.json").unlink()
     said = []
-    finetune(validate_recipe(recipe_dict(tiny_model_dir, first.output_dir, resume="auto", train={"max_steps": 6, "save_every": 2, "keep_last": 3})), say=said.append)
+    finetune(
+        validate_recipe(
+            recipe_dict(tiny_model_dir, first.output_dir, resume="auto", train={"max_steps": 6, "save_every": 2, "keep_last": 3})
+        ),
+        say=said.append,
+    )
     assert any("resumed from" in s and "step-0000004" in s for s in said)
     assert not (ckpts / "step-0000006.tmp").exists() and not (ckpts / "step-0000005").exists()
 
@@ -123,8 +136,12 @@ def test_oom_halves_the_micro_batch_and_goes_on(tiny_model_dir, tmp_path, monkey
 
     monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", small_batches_only)
     said = []
-    res = finetune(validate_recipe(recipe_dict(tiny_model_dir, tmp_path / "oom", micro_batch_size=8, data={"eval_path": None},
-                                               train={"max_steps": 4})), say=said.append)
+    res = finetune(
+        validate_recipe(
+            recipe_dict(tiny_model_dir, tmp_path / "oom", micro_batch_size=8, data={"eval_path": None}, train={"max_steps": 4})
+        ),
+        say=said.append,
+    )
     assert res.metrics["steps"] == 4
     assert [s for s in said if "out of memory" in s] == [
         "CUDA out of memory: micro-batch 4, accumulation ×2 (same global batch); going on",
@@ -151,7 +168,10 @@ def _write_recipe(path, model_dir, out, **over):
 def test_accelerate_launch_runs_the_module(tiny_model_dir, tmp_path):
     recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "out", train={"max_steps": 3})
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    r = _cli([str(recipe), "train.max_steps=4"], launcher=[accelerate, "launch", "--cpu", "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+    r = _cli(
+        [str(recipe), "train.max_steps=4"],
+        launcher=[accelerate, "launch", "--cpu", "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert "adapter" in r.stdout and str(tmp_path / "out") in r.stdout
@@ -163,15 +183,37 @@ def test_two_process_data_parallel_run_of_the_demo(tmp_path):
     """gloo DDP on CPU through accelerate launch: both ranks train one model, rank 0 saves one adapter."""
     out = tmp_path / "ddp"
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    r = _cli(["recipes/demo_cpu.yaml", f"output_dir={out}", "train.epochs=8", "train.save_every=20", "train.eval_every=null"],
-             launcher=[accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"])
+    r = _cli(
+        ["recipes/demo_cpu.yaml", f"output_dir={out}", "train.epochs=8", "train.save_every=20", "train.eval_every=null"],
+        launcher=[
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+        ],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["distributed"] == "ddp" and plan["world_size"] == 2
     assert plan["micro_batch_size"] * plan["grad_accum_steps"] * 2 == 16  # the global batch is split across the ranks
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
-    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.pt", "rng-0.pt", "rng-1.pt", "scheduler.pt", "state.json", "trainable.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "optimizer.pt",
+        "rng-0.pt",
+        "rng-1.pt",
+        "scheduler.pt",
+        "state.json",
+        "trainable.safetensors",
+    ]
     assert sorted(p.name for p in out.glob("adapter_model*")) == ["adapter_model.safetensors"]
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"] - 0.5
@@ -190,10 +232,33 @@ def test_two_process_run_with_the_memory_savers(tmp_path):
     gradients through a custom Function) inside checkpointed layers: both ranks train and agree."""
     out = tmp_path / "ddp-savers"
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    r = _cli(["recipes/demo_cpu.yaml", f"output_dir={out}", "train.max_steps=4", "train.log_every=1", "train.eval_every=null", "gradient_checkpointing=true",
-              "chunked_loss=true", "tiled_mlp=true"],
-             launcher=[accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"])
+    r = _cli(
+        [
+            "recipes/demo_cpu.yaml",
+            f"output_dir={out}",
+            "train.max_steps=4",
+            "train.log_every=1",
+            "train.eval_every=null",
+            "gradient_checkpointing=true",
+            "chunked_loss=true",
+            "tiled_mlp=true",
+        ],
+        launcher=[
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+        ],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads((out / "plan.json").read_text())
     assert (plan["distributed"], plan["chunked_loss"], plan["tiled_mlp"], plan["gradient_checkpointing"]) == ("ddp", True, True, True)
@@ -201,11 +266,14 @@ def test_two_process_run_with_the_memory_savers(tmp_path):
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
 
 
-@pytest.mark.parametrize("over,needle", [
-    ({"data": {"path": "nowhere.jsonl"}}, "data file 'nowhere.jsonl' not found"),
-    ({"data": {"format": "prompt_completion"}}, "has no column 'prompt', 'completion'"),
-    ({"model": "/no/such/model"}, "model path '/no/such/model' not found"),
-])
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"data": {"path": "nowhere.jsonl"}}, "data file 'nowhere.jsonl' not found"),
+        ({"data": {"format": "prompt_completion"}}, "has no column 'prompt', 'completion'"),
+        ({"model": "/no/such/model"}, "model path '/no/such/model' not found"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, over, needle):
     recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "bad", **over)
     r = _cli([str(recipe)])
@@ -238,14 +306,20 @@ def test_python_api_works_after_the_module_is_imported(tmp_path):
     import hfgpu
     import hfgpu.finetune  # binds hfgpu.finetune to the module: it must stay callable
 
-    r = hfgpu.finetune(hfgpu.load_recipe(ROOT / "recipes/demo_cpu.yaml", [f"output_dir={tmp_path / 'api'}", "train.max_steps=3", "eval.metrics=[]"]), say=lambda *a, **k: None)
+    r = hfgpu.finetune(
+        hfgpu.load_recipe(ROOT / "recipes/demo_cpu.yaml", [f"output_dir={tmp_path / 'api'}", "train.max_steps=3", "eval.metrics=[]"]),
+        say=lambda *a, **k: None,
+    )
     assert r.metrics["steps"] == 3 and (r.output_dir / "adapter_model.safetensors").is_file() and r.plan.strategy == "lora"
 
 
 def test_early_stopping_on_eval_loss(tiny_model_dir, tmp_path):
     said = []
-    r = recipe_dict(tiny_model_dir, tmp_path / "early", train={"max_steps": 20, "eval_every": 1, "learning_rate": 1e-9,
-                                                              "early_stopping": {"patience": 2, "min_delta": 1.0}})
+    r = recipe_dict(
+        tiny_model_dir,
+        tmp_path / "early",
+        train={"max_steps": 20, "eval_every": 1, "learning_rate": 1e-9, "early_stopping": {"patience": 2, "min_delta": 1.0}},
+    )
     res = finetune(validate_recipe(r), say=said.append)
     assert res.metrics["stopped_early"] is True and res.metrics["steps"] == 3
     assert any("early stopping at step 3" in s for s in said)
@@ -254,8 +328,15 @@ def test_early_stopping_on_eval_loss(tiny_model_dir, tmp_path):
 def test_bf16_lora_with_generated_metrics(tiny_model_dir, tmp_path):
     """16-bit autocast: adapters take 16-bit inputs in training (and the recompute), and generation for
     the task metrics, which runs outside accelerate's autocast wrapper, still works."""
-    res = run(tiny_model_dir, tmp_path / "bf16", precision="bf16", gradient_checkpointing=True, chunked_loss=True,
-              train={"max_steps": 6}, eval={"metrics": ["exact_match"], "max_examples": 3, "max_new_tokens": 4})
+    res = run(
+        tiny_model_dir,
+        tmp_path / "bf16",
+        precision="bf16",
+        gradient_checkpointing=True,
+        chunked_loss=True,
+        train={"max_steps": 6},
+        eval={"metrics": ["exact_match"], "max_examples": 3, "max_new_tokens": 4},
+    )
     assert res.plan.precision == "bf16"
     assert "eval_exact_match" in res.metrics and "eval_exact_match" in res.initial_metrics
     assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"]

@@ -1,10 +1,10 @@
 import csv
 
 import pytest
+from conftest import ROOT
 
 from hfgpu.errors import HfgpuError
 from hfgpu.gpus import GPU, catalog, detect, get_gpu
-from conftest import ROOT
 
 
 def test_catalog_has_every_reference_card_with_facts_and_sources():
@@ -22,17 +22,29 @@ def test_forgiving_names(name):
     assert get_gpu(name).name == "GeForce RTX 4090"
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("1080ti", "GeForce GTX 1080 Ti"), ("GTX 1080", "GeForce GTX 1080"), ("3060 12GB", "GeForce RTX 3060 12GB"),
-    ("rtx 3060 8gb", "GeForce RTX 3060 8GB"), ("2080 Ti", "GeForce RTX 2080 Ti"), ("3060 ti", "GeForce RTX 3060 Ti"),
-    ("T4", "NVIDIA T4"), ("h100", "NVIDIA H100 80GB (SXM5)"), ("titan xp", "NVIDIA TITAN Xp"),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("1080ti", "GeForce GTX 1080 Ti"),
+        ("GTX 1080", "GeForce GTX 1080"),
+        ("3060 12GB", "GeForce RTX 3060 12GB"),
+        ("rtx 3060 8gb", "GeForce RTX 3060 8GB"),
+        ("2080 Ti", "GeForce RTX 2080 Ti"),
+        ("3060 ti", "GeForce RTX 3060 Ti"),
+        ("T4", "NVIDIA T4"),
+        ("h100", "NVIDIA H100 80GB (SXM5)"),
+        ("titan xp", "NVIDIA TITAN Xp"),
+    ],
+)
 def test_names_and_aliases(name, expected):
     g = get_gpu(name)
     assert g.name == expected and g.note == ""
 
 
-@pytest.mark.parametrize("name,default,other", [("3060", "GeForce RTX 3060 12GB", "8GB"), ("1060", "GeForce GTX 1060 6GB", "3GB"), ("3080", "GeForce RTX 3080 10GB", "12GB")])
+@pytest.mark.parametrize(
+    "name,default,other",
+    [("3060", "GeForce RTX 3060 12GB", "8GB"), ("1060", "GeForce GTX 1060 6GB", "3GB"), ("3080", "GeForce RTX 3080 10GB", "12GB")],
+)
 def test_ambiguous_names_pick_the_documented_default_and_say_so(name, default, other):
     g = get_gpu(name)
     assert g.name == default

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import DEMO, ROOT, recipe_dict
 from hub_server import HubServer
 
@@ -19,8 +18,14 @@ TOKEN = "hf_hfgpuTestToken0123456789"
 def demo_run(tmp_path_factory):
     """The demo, trained once (fewer epochs) for every Hub test."""
     out = tmp_path_factory.mktemp("runs") / "demo"
-    r = subprocess.run([sys.executable, "-m", "hfgpu.finetune", "recipes/demo_cpu.yaml", f"output_dir={out}", "train.epochs=12", "train.eval_every=null"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "hfgpu.finetune", "recipes/demo_cpu.yaml", f"output_dir={out}", "train.epochs=12", "train.eval_every=null"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 
@@ -93,8 +98,16 @@ def test_model_card_describes_the_run(demo_run, tmp_path):
     assert loaded.data.base_model == "Qwen/Qwen2.5-0.5B" and loaded.data.library_name == "peft"
     assert {"hfgpu", "lora"} <= set(loaded.data.tags)
     text = loaded.text
-    for needle in ("| strategy | lora |", "micro-batch × accumulation", "planned peak memory", "eval_loss", "eval_exact_match",
-                   "![loss](loss.png)", 'PeftModel.from_pretrained(base, "me/qwen-capitals")', "learning rate"):
+    for needle in (
+        "| strategy | lora |",
+        "micro-batch × accumulation",
+        "planned peak memory",
+        "eval_loss",
+        "eval_exact_match",
+        "![loss](loss.png)",
+        'PeftModel.from_pretrained(base, "me/qwen-capitals")',
+        "learning rate",
+    ):
         assert needle in text, needle
 
 
@@ -131,18 +144,25 @@ def test_merged_push_and_merge_give_the_adapters_logits(demo_run, hub, tmp_path)
     r = hfgpu(["push", str(demo_run), "--repo-id", "me/capitals-merged", "--merged", "--private"], env_for(hub))
     assert r.returncode == 0, r.stderr[-2000:]
     repo = hub.repos["me/capitals-merged"]
-    assert repo.private and {"config.json", "model.safetensors", "README.md"} <= set(repo.head[1]) and "adapter_config.json" not in repo.head[1]
+    assert (
+        repo.private
+        and {"config.json", "model.safetensors", "README.md"} <= set(repo.head[1])
+        and "adapter_config.json" not in repo.head[1]
+    )
     card = repo.head[1]["README.md"].decode()
     assert "merged into the base weights" in card and "library_name: transformers" in card
 
 
 def test_qlora_merge_reloads_the_base_unquantized(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
     from hfgpu.finetune import finetune
     from hfgpu.hub import merge
     from hfgpu.recipe import validate_recipe
-    from safetensors.torch import load_file
 
-    res = finetune(validate_recipe(recipe_dict(tiny_model_dir, tmp_path / "q", strategy="qlora", train={"max_steps": 3})), say=lambda *a, **k: None)
+    res = finetune(
+        validate_recipe(recipe_dict(tiny_model_dir, tmp_path / "q", strategy="qlora", train={"max_steps": 3})), say=lambda *a, **k: None
+    )
     out = merge(res.output_dir, tmp_path / "q-merged", say=lambda *a, **k: None)
     weights = load_file(str(out / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 on CPU (16-bit on a GPU plan), never uint8
@@ -150,7 +170,10 @@ def test_qlora_merge_reloads_the_base_unquantized(tiny_model_dir, tmp_path):
 
 
 def test_generate_uses_the_runs_template(demo_run):
-    r = hfgpu(["generate", str(demo_run), "--prompt", "Tell me the capital of Peru.", "--max-new-tokens", "6"], {**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = hfgpu(
+        ["generate", str(demo_run), "--prompt", "Tell me the capital of Peru.", "--max-new-tokens", "6"],
+        {**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     # the same greedy answer from plain transformers + peft, with the prompt rendered as training rendered it
     from peft import PeftModel
@@ -162,18 +185,27 @@ def test_generate_uses_the_runs_template(demo_run):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), demo_run).eval()
     ids = tok(ALPACA.format(instruction="Tell me the capital of Peru."), return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert expected and r.stdout.strip() == expected
 
 
-@pytest.mark.parametrize("args,token,needle", [
-    (["--repo-id", "me/x"], None, "no Hugging Face token"),
-    (["--repo-id", "not a repo"], TOKEN, "is not owner/name"),
-    (["--repo-id", "noslash"], TOKEN, "is not owner/name"),
-    (["--repo-id", "me/x"], "hf_wrong_token", "the token was rejected"),
-])
+@pytest.mark.parametrize(
+    "args,token,needle",
+    [
+        (["--repo-id", "me/x"], None, "no Hugging Face token"),
+        (["--repo-id", "not a repo"], TOKEN, "is not owner/name"),
+        (["--repo-id", "noslash"], TOKEN, "is not owner/name"),
+        (["--repo-id", "me/x"], "hf_wrong_token", "the token was rejected"),
+    ],
+)
 def test_push_errors_are_one_line_exit_2(demo_run, hub, args, token, needle, tmp_path):
     r = hfgpu(["push", str(demo_run), *args], env_for(hub, token=token, home=tmp_path / "empty-home"))
     assert r.returncode == 2 and needle in r.stderr
@@ -189,8 +221,23 @@ def test_push_refuses_an_unfinished_run(hub, tmp_path):
 
 
 def test_recipe_hub_repo_id_pushes_at_the_end_of_training(hub, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "hfgpu.finetune", "recipes/demo_cpu.yaml", f"output_dir={tmp_path / 'auto'}", "train.max_steps=5",
-                        "hub.repo_id=me/auto-push", "eval.metrics=[]"], capture_output=True, text=True, cwd=ROOT, env=env_for(hub), timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hfgpu.finetune",
+            "recipes/demo_cpu.yaml",
+            f"output_dir={tmp_path / 'auto'}",
+            "train.max_steps=5",
+            "hub.repo_id=me/auto-push",
+            "eval.metrics=[]",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env_for(hub),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "adapter_model.safetensors" in hub.repos["me/auto-push"].head[1] and hub.repos["me/auto-push"].private
     assert "pushed" in r.stdout and TOKEN not in r.stdout + r.stderr
@@ -201,8 +248,14 @@ def test_damaged_plan_json_is_one_line(demo_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
     (run / "plan.json").write_text('{"model": "x"}')
-    r = subprocess.run([sys.executable, "-m", "hfgpu", "merge", str(run), "--out", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "hfgpu", "merge", str(run), "--out", str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "plan.json" in r.stderr and "is not a plan.json hfgpu wrote" in r.stderr
     assert not (tmp_path / "merged").exists()

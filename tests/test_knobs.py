@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import hfgpu
-from hfgpu.cli import build_parser, main as hfgpu_main
+from hfgpu.cli import build_parser
+from hfgpu.cli import main as hfgpu_main
 from hfgpu.errors import HfgpuError
 from hfgpu.knobs import KNOB_FIELDS, KNOB_NAMES, Knobs, cli_flag, markdown_table, recipe_key
 from hfgpu.recipe import Recipe, get_key, validate_recipe
@@ -61,10 +62,20 @@ def test_model_settings_and_the_loop_config_are_derived_from_the_plan():
     p = hfgpu.plan(M, "RTX 4060", strategy="qlora", seq_len=4096, gradient_checkpointing=True, activation_offloading=True, lora_r=8)
     s = ModelSettings.from_plan(p)
     assert (s.strategy, s.quantization, s.gradient_checkpointing, s.lora_r, s.lora_alpha, s.tiled_mlp) == (
-        "qlora", p.quantization, True, 8, 16, p.tiled_mlp)
+        "qlora",
+        p.quantization,
+        True,
+        8,
+        16,
+        p.tiled_mlp,
+    )
     loop = LoopConfig.from_plan(p, _recipe(train={"learning_rate": 1e-4, "max_steps": 3}))
     assert (loop.micro_batch_size, loop.grad_accum_steps, loop.optimizer, loop.activation_offloading) == (
-        p.micro_batch_size, p.grad_accum_steps, p.optimizer, True)
+        p.micro_batch_size,
+        p.grad_accum_steps,
+        p.optimizer,
+        True,
+    )
     assert loop.learning_rate == 1e-4 and loop.max_steps == 3 and (loop.loss_chunk is not None) == p.chunked_loss
 
 
@@ -78,11 +89,14 @@ def test_a_resolved_recipe_plans_to_the_same_knobs():
     assert get_key(resolved(r, p), "train.grad_accum_steps") == p.grad_accum_steps
 
 
-@pytest.mark.parametrize("surface,expected", [
-    ("python", "seq_len=100000 is beyond"),
-    ("cli", "--seq-len 100000 is beyond"),
-    ("recipe", "data.max_seq_len=100000 is beyond"),
-])
+@pytest.mark.parametrize(
+    "surface,expected",
+    [
+        ("python", "seq_len=100000 is beyond"),
+        ("cli", "--seq-len 100000 is beyond"),
+        ("recipe", "data.max_seq_len=100000 is beyond"),
+    ],
+)
 def test_an_error_names_the_knob_as_the_user_typed_it(surface, expected, capsys):
     if surface == "python":
         with pytest.raises(HfgpuError) as e:

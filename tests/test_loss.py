@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama
 
 from hfgpu.loss import chunked_causal_lm_loss
 from hfgpu.memtrack import PeakTracker
-from conftest import tiny_llama
 
 
 def plain(hidden, weight, labels):
@@ -50,11 +50,13 @@ def test_a_real_model_gets_the_same_loss():
 
 def test_the_full_logits_never_exist():
     b, s, h, v = 1, 2048, 16, 8000  # logits alone: 2048 × 8000 × 4 bytes = 62.5 MiB
+
     def peak(fn):
         hidden, weight, labels = inputs(torch.float32, b, s, h, v)
         with PeakTracker(baseline=[hidden, weight, labels]) as t:
             fn(hidden, weight, labels).backward()
         return t.peak_bytes - t.baseline_bytes
+
     plain_peak = peak(plain)
     chunked_peak = peak(lambda hd, w, y: chunked_causal_lm_loss(hd, w, y, chunk_size=128))
     assert plain_peak > 2 * s * v * 4  # logits, their fp32 softmax, their gradient
@@ -84,9 +86,10 @@ def test_soft_capped_logits_refuse_the_chunked_loss():
 def test_training_with_the_chunked_loss_matches_the_plain_loss(tiny_model_dir, tmp_path):
     import json
 
+    from conftest import recipe_dict
+
     from hfgpu.finetune import finetune
     from hfgpu.recipe import validate_recipe
-    from conftest import recipe_dict
 
     def losses(chunked, name):
         r = recipe_dict(tiny_model_dir, tmp_path / name, chunked_loss=chunked, train={"max_steps": 5}, data={"eval_path": None})
@@ -112,5 +115,9 @@ def test_evaluation_in_slices_equals_the_full_logits():
         target = labels[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, 1000), target.reshape(-1), ignore_index=-100, reduction="sum")
         correct = ((logits.argmax(-1) == target) & (target != -100)).sum()
-        stats = chunked_token_stats(final_hidden_states(model, {"input_ids": ids}), model.get_output_embeddings().weight, labels, chunk_size=7).sum(0)
-    torch.testing.assert_close(stats, torch.tensor([loss.item(), float((target != -100).sum()), float(correct)], dtype=torch.float64), rtol=1e-5, atol=1e-4)
+        stats = chunked_token_stats(
+            final_hidden_states(model, {"input_ids": ids}), model.get_output_embeddings().weight, labels, chunk_size=7
+        ).sum(0)
+    torch.testing.assert_close(
+        stats, torch.tensor([loss.item(), float((target != -100).sum()), float(correct)], dtype=torch.float64), rtol=1e-5, atol=1e-4
+    )

@@ -3,12 +3,12 @@
 import dataclasses
 
 import pytest
+from conftest import tiny_llama
 
 from hfgpu import memory
 from hfgpu.measure import measure_step
 from hfgpu.modeling import ModelSettings, prepare_model
 from hfgpu.models import model_spec
-from conftest import tiny_llama
 
 SHAPES = {
     "llama": dict(),
@@ -16,19 +16,44 @@ SHAPES = {
 }
 
 
-def setup(spec, strategy, precision="bf16", quantization=None, double_quant=True, ckpt=False, optimizer="adamw_torch",
-          b=2, s=64, attention="sdpa", targets=None):
+def setup(
+    spec,
+    strategy,
+    precision="bf16",
+    quantization=None,
+    double_quant=True,
+    ckpt=False,
+    optimizer="adamw_torch",
+    b=2,
+    s=64,
+    attention="sdpa",
+    targets=None,
+):
     return memory.Setup(
-        strategy=strategy, precision=precision,
-        quantization=quantization or ("nf4" if strategy == "qlora" else "none"), double_quant=double_quant,
-        gradient_checkpointing=ckpt, micro_batch_size=b, seq_len=s, optimizer=optimizer, attention=attention,
-        lora_r=16, lora_targets=tuple(targets or spec.linear_names),
+        strategy=strategy,
+        precision=precision,
+        quantization=quantization or ("nf4" if strategy == "qlora" else "none"),
+        double_quant=double_quant,
+        gradient_checkpointing=ckpt,
+        micro_batch_size=b,
+        seq_len=s,
+        optimizer=optimizer,
+        attention=attention,
+        lora_r=16,
+        lora_targets=tuple(targets or spec.linear_names),
     )
 
 
 def settings_of(st, targets=None):
-    return ModelSettings(strategy=st.strategy, precision=st.precision, quantization=st.quantization, double_quant=st.double_quant,
-                         gradient_checkpointing=st.gradient_checkpointing, attention=st.attention, lora_targets=tuple(targets or ()))
+    return ModelSettings(
+        strategy=st.strategy,
+        precision=st.precision,
+        quantization=st.quantization,
+        double_quant=st.double_quant,
+        gradient_checkpointing=st.gradient_checkpointing,
+        attention=st.attention,
+        lora_targets=tuple(targets or ()),
+    )
 
 
 EXACT = [
@@ -71,22 +96,29 @@ def test_lora_trainable_parameters_match_peft(targets):
 HELD_OUT = dict(hidden_size=160, num_attention_heads=5, num_key_value_heads=1, intermediate_size=432, num_hidden_layers=3, vocab_size=2500)
 
 
-@pytest.mark.parametrize("strategy,precision,ckpt,attention,tolerance", [
-    ("lora", "bf16", False, "sdpa", 0.05),
-    ("lora", "fp32", False, "eager", 0.05),
-    ("full", "bf16", False, "sdpa", 0.05),
-    ("full", "fp32", True, "sdpa", 0.08),
-    ("lora", "bf16", True, "sdpa", 0.15),
-    ("qlora", "bf16", False, "sdpa", 0.08),
-    ("qlora", "bf16", True, "sdpa", 0.15),
-])
+@pytest.mark.parametrize(
+    "strategy,precision,ckpt,attention,tolerance",
+    [
+        ("lora", "bf16", False, "sdpa", 0.05),
+        ("lora", "fp32", False, "eager", 0.05),
+        ("full", "bf16", False, "sdpa", 0.05),
+        ("full", "fp32", True, "sdpa", 0.08),
+        ("lora", "bf16", True, "sdpa", 0.15),
+        ("qlora", "bf16", False, "sdpa", 0.08),
+        ("qlora", "bf16", True, "sdpa", 0.15),
+    ],
+)
 def test_step_peak_is_predicted_on_a_held_out_shape(strategy, precision, ckpt, attention, tolerance):
     cfg = tiny_llama(**HELD_OUT)
     spec = model_spec(cfg)
     st = setup(spec, strategy, precision, ckpt=ckpt, b=2, s=96, attention=attention)
     measured = measure_step(cfg, settings_of(st), 2, 96)
-    predicted = (memory.weight_bytes(spec, st) + memory.trainable_state_bytes(spec, st)
-                 + memory.activation_bytes(spec, st) + memory.logits_bytes(spec, st))
+    predicted = (
+        memory.weight_bytes(spec, st)
+        + memory.trainable_state_bytes(spec, st)
+        + memory.activation_bytes(spec, st)
+        + memory.logits_bytes(spec, st)
+    )
     assert predicted == pytest.approx(measured.peak, rel=tolerance)
 
 

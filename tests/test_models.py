@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, tiny_llama
 
 from hfgpu.errors import HfgpuError
 from hfgpu.models import _config_key, _count_on_meta, catalog_models, load_config, model_spec, shipped_inventories
-from conftest import ROOT, tiny_llama
 
 PUBLISHED = list(csv.DictReader((ROOT / "tests/published_params.csv").open()))
 
@@ -27,7 +27,15 @@ def test_parameter_counts_match_published_exactly(row):
 
 def test_inventory_of_llama_8b():
     s = model_spec("meta-llama/Llama-3.1-8B")
-    assert (s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, s.vocab_size) == (4096, 32, 32, 8, 128, 14336, 128256)
+    assert (s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, s.vocab_size) == (
+        4096,
+        32,
+        32,
+        8,
+        128,
+        14336,
+        128256,
+    )
     groups = {g.name: g for g in s.linears}
     assert set(groups) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (groups["k_proj"].in_features, groups["k_proj"].out_features, groups["k_proj"].count) == (4096, 1024, 32)
@@ -51,7 +59,7 @@ def test_bad_model_inputs(tmp_path):
     with pytest.raises(HfgpuError, match="not valid JSON"):
         model_spec(str(tmp_path))
     with pytest.raises(HfgpuError, match="has no config.json"):
-        model_spec(str(tmp_path / ".." ))
+        model_spec(str(tmp_path / ".."))
     with pytest.raises(HfgpuError, match="not in hfgpu's offline catalog.*pass that folder"):
         model_spec("someone/unknown-model-123")
     with pytest.raises(HfgpuError, match="did you mean 'Qwen/Qwen2.5-7B'"):

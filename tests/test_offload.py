@@ -5,12 +5,12 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 import hfgpu
 from hfgpu import memory
 from hfgpu.loss import model_loss
 from hfgpu.offload import offload_activations
-from conftest import tiny_llama
 
 
 def step(offload: bool, peft: bool):
@@ -47,8 +47,16 @@ def test_gradients_equal_and_every_layer_input_moves(peft):
 def test_simulation_shows_the_offloaded_bytes_leave_the_card():
     from hfgpu.simulate import simulate
 
-    p = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 4090", strategy="lora", seq_len=2048, micro_batch_size=2,
-                   gradient_checkpointing=True, chunked_loss=True, activation_offloading=False)
+    p = hfgpu.plan(
+        "HuggingFaceTB/SmolLM2-135M",
+        "RTX 4090",
+        strategy="lora",
+        seq_len=2048,
+        micro_batch_size=2,
+        gradient_checkpointing=True,
+        chunked_loss=True,
+        activation_offloading=False,
+    )
     s = p.setup()
     on = dataclasses.replace(s, activation_offloading=True)
     saved = simulate(p.spec.config, s, p.spec).peak - simulate(p.spec.config, on, p.spec).peak
@@ -69,12 +77,23 @@ def test_the_planner_turns_savers_on_only_when_needed_and_says_what_they_save():
     assert "pinned CPU memory" in tight.reasons["activation_offloading"]
     # each saver is needed: without either one the same run does not fit
     for knob in ("chunked_loss", "activation_offloading"):
-        without = hfgpu.plan_or_closest("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=2048, **{knob: False})
+        without = hfgpu.plan_or_closest(
+            "meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=2048, **{knob: False}
+        )
         assert not without.fits or without.optimizer == "adamw_8bit", knob
     # the savers' time costs are in the throughput estimate
-    assert tight.tokens_per_second_estimate < hfgpu.plan_or_closest(
-        "meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=2048, chunked_loss=False, activation_offloading=False
-    ).tokens_per_second_estimate
+    assert (
+        tight.tokens_per_second_estimate
+        < hfgpu.plan_or_closest(
+            "meta-llama/Llama-3.1-8B",
+            "RTX 4060",
+            strategy="qlora",
+            micro_batch_size=1,
+            seq_len=2048,
+            chunked_loss=False,
+            activation_offloading=False,
+        ).tokens_per_second_estimate
+    )
 
 
 def test_no_offloading_on_the_cpu_and_no_chunked_loss_for_soft_capped_logits():
@@ -98,10 +117,11 @@ def test_training_with_offloading_matches_training_without(tiny_model_dir, tmp_p
     are then copied (not moved) by the same hooks a GPU run uses."""
     import json
 
+    from conftest import recipe_dict
+
     import hfgpu.finetune as ft
     from hfgpu import offload
     from hfgpu.recipe import validate_recipe
-    from conftest import recipe_dict
 
     real_plan_for = ft.plan_for
     packed = []
@@ -110,7 +130,11 @@ def test_training_with_offloading_matches_training_without(tiny_model_dir, tmp_p
     monkeypatch.setattr(offload._Offloader, "pack", lambda self, t: packed.append(t.shape) or real_pack(self, t))
 
     def losses(offloaded: bool, name: str) -> list[float]:
-        monkeypatch.setattr(ft, "plan_for", lambda r: (lambda p: dataclasses.replace(p, knobs=p.knobs.replace(activation_offloading=offloaded)))(real_plan_for(r)))
+        monkeypatch.setattr(
+            ft,
+            "plan_for",
+            lambda r: (lambda p: dataclasses.replace(p, knobs=p.knobs.replace(activation_offloading=offloaded)))(real_plan_for(r)),
+        )
         r = recipe_dict(tiny_model_dir, tmp_path / name, gradient_checkpointing=True, train={"max_steps": 4}, data={"eval_path": None})
         out = ft.finetune(validate_recipe(r), say=lambda *a, **k: None).output_dir
         assert json.loads((out / "plan.json").read_text())["activation_offloading"] is offloaded
@@ -123,12 +147,23 @@ def test_training_with_offloading_matches_training_without(tiny_model_dir, tmp_p
     assert len(packed) >= 4 * 2  # at least every layer input of every micro-batch
 
 
-@pytest.mark.parametrize("model,seq,tiled", [("Qwen/Qwen2.5-0.5B", 8192, False), ("Qwen/Qwen2.5-0.5B", 8192, True), ("meta-llama/Llama-3.2-1B", 4096, True)])
+@pytest.mark.parametrize(
+    "model,seq,tiled", [("Qwen/Qwen2.5-0.5B", 8192, False), ("Qwen/Qwen2.5-0.5B", 8192, True), ("meta-llama/Llama-3.2-1B", 4096, True)]
+)
 def test_offloaded_and_tiled_plans_agree_with_the_simulation(model, seq, tiled):
     from hfgpu.simulate import simulate
 
-    p = hfgpu.plan_or_closest(model, "RTX 4090", strategy="lora", seq_len=seq, micro_batch_size=1, gradient_checkpointing=True,
-                              chunked_loss=True, activation_offloading=True, tiled_mlp=tiled)
+    p = hfgpu.plan_or_closest(
+        model,
+        "RTX 4090",
+        strategy="lora",
+        seq_len=seq,
+        micro_batch_size=1,
+        gradient_checkpointing=True,
+        chunked_loss=True,
+        activation_offloading=True,
+        tiled_mlp=tiled,
+    )
     m = p.memory
     sim = simulate(p.spec.config, p.setup(), p.spec)
     assert sim.peak == pytest.approx(m.weights + m.trainable_state + m.activations + m.logits, rel=0.05)
@@ -139,7 +174,9 @@ def test_the_tiled_mlp_goes_on_only_for_long_sequences():
     long = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=6144)
     assert not short.tiled_mlp and "fits without it" in short.reasons["tiled_mlp"]
     assert long.tiled_mlp and long.activation_offloading and long.chunked_loss and "saves" in long.reasons["tiled_mlp"]
-    assert not hfgpu.plan_or_closest("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=6144, tiled_mlp=False).fits
+    assert not hfgpu.plan_or_closest(
+        "meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=6144, tiled_mlp=False
+    ).fits
 
 
 @pytest.mark.parametrize("strategy", ["lora", "qlora"])
@@ -150,12 +187,20 @@ def test_training_with_the_tiled_mlp_matches_training_without(strategy, tiny_mod
     from hfgpu.finetune import finetune
 
     monkeypatch.setattr(patches, "MLP_TILE", 48)  # several tiles per micro-batch of the tiny model
-    from hfgpu.recipe import validate_recipe
     from conftest import recipe_dict
 
+    from hfgpu.recipe import validate_recipe
+
     def losses(tiled: bool, name: str) -> list[float]:
-        r = recipe_dict(tiny_model_dir, tmp_path / name, strategy=strategy, gradient_checkpointing=True, tiled_mlp=tiled, data={"eval_path": None, "max_seq_len": 64},
-                        train={"max_steps": 4})
+        r = recipe_dict(
+            tiny_model_dir,
+            tmp_path / name,
+            strategy=strategy,
+            gradient_checkpointing=True,
+            tiled_mlp=tiled,
+            data={"eval_path": None, "max_seq_len": 64},
+            train={"max_steps": 4},
+        )
         res = finetune(validate_recipe(r), say=lambda *a, **k: None)
         assert res.plan.tiled_mlp is tiled and "tiled_mlp" in res.plan.reasons
         return [x["loss"] for x in map(json.loads, (res.output_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
@@ -169,4 +214,6 @@ def test_long_packed_sequences_with_sdpa_are_warned_about_in_the_plan():
     note = " ".join(hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060 12GB", packing=True, **long).warnings)
     assert "32768 × 32768" in note and "flash_attention_2" in note and "1.0 GiB" in note
     assert "packing" not in " ".join(hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060 12GB", **long).warnings)
-    assert "packing" not in " ".join(hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060 12GB", strategy="qlora", seq_len=2048, packing=True).warnings)
+    assert "packing" not in " ".join(
+        hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060 12GB", strategy="qlora", seq_len=2048, packing=True).warnings
+    )

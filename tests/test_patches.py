@@ -43,6 +43,7 @@ def test_keeps_less_for_backward():
         with PeakTracker(baseline=[x]) as t:
             y = norm(x)
         return t.current_bytes - t.baseline_bytes - y.numel() * y.element_size()
+
     ref, lean = pair(torch.bfloat16, False)
     assert kept(ref) >= 4 * 1024 * 256 * 4  # an fp32 copy of the input
     assert kept(lean) < 4 * 1024 * 16  # only 1/rms per token
@@ -52,10 +53,10 @@ def test_keeps_less_for_backward():
 def test_tiled_mlp_gives_the_same_loss_and_gradients_under_checkpointing(strategy, tile):
     """With dropout, one tile covers the batch, so the masks equal the untiled run's: backward must
     replay forward's random state (more tiles draw other, equally valid masks)."""
+    from conftest import tiny_llama
     from transformers import AutoModelForCausalLM
 
     from hfgpu.patches import tile_mlps
-    from conftest import tiny_llama
 
     def run(tiled: bool):
         torch.manual_seed(0)
@@ -85,15 +86,34 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients_under_checkpointing(strateg
 
 # --- every model type the patches claim: the swap applies, and changes nothing ------------------------
 
-MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-           decoder_sparse_step=1, mlp_only_layers=[])
+MOE = dict(
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
 
 
 def _tiny(model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, **MOE)
+    cfg = AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **MOE,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).float()
 
@@ -105,8 +125,8 @@ def _loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-from hfgpu.patches import RMSNORM_BY_MODEL_TYPE  # noqa: E402
 from hfgpu.knobs import TILED_MLP_MODEL_TYPES  # noqa: E402
+from hfgpu.patches import RMSNORM_BY_MODEL_TYPE  # noqa: E402
 
 
 @pytest.mark.parametrize("model_type", sorted(RMSNORM_BY_MODEL_TYPE))

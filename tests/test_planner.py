@@ -4,9 +4,27 @@ import hfgpu
 from hfgpu.errors import DoesNotFit, HfgpuError
 from hfgpu.gpus import GPU
 
-KEYS = {"model", "gpu", "strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "grad_accum_steps",
-        "seq_len", "optimizer", "attention", "lora", "params_total", "params_trainable", "memory", "fits", "reasons", "warnings",
-        "tokens_per_second_estimate"}
+KEYS = {
+    "model",
+    "gpu",
+    "strategy",
+    "precision",
+    "quantization",
+    "gradient_checkpointing",
+    "micro_batch_size",
+    "grad_accum_steps",
+    "seq_len",
+    "optimizer",
+    "attention",
+    "lora",
+    "params_total",
+    "params_trainable",
+    "memory",
+    "fits",
+    "reasons",
+    "warnings",
+    "tokens_per_second_estimate",
+}
 
 
 def test_small_model_on_a_4090_is_full_fine_tuned_and_explained():
@@ -18,14 +36,26 @@ def test_small_model_on_a_4090_is_full_fine_tuned_and_explained():
     assert KEYS <= set(d) and d["gpu"] == {"name": "GeForce RTX 4090", "count": 1, "vram_gb": 24.0, "compute_capability": "8.9"}
     assert set(d["memory"]) == {"weights", "trainable_state", "activations", "logits", "overhead", "total", "budget"}
     assert d["memory"]["total"] <= d["memory"]["budget"] < 24 * 1024**3
-    for knob in ("strategy", "precision", "quantization", "gradient_checkpointing", "micro_batch_size", "grad_accum_steps", "seq_len", "optimizer", "attention"):
+    for knob in (
+        "strategy",
+        "precision",
+        "quantization",
+        "gradient_checkpointing",
+        "micro_batch_size",
+        "grad_accum_steps",
+        "seq_len",
+        "optimizer",
+        "attention",
+    ):
         assert d["reasons"][knob]
     assert d["tokens_per_second_estimate"] > 0
     text = str(p)
     assert "FITS" in text and "bf16" in text and "total (peak)" in text
 
 
-@pytest.mark.parametrize("gpu,precision", [("RTX 4090", "bf16"), ("RTX 3060", "bf16"), ("2080 Ti", "fp16"), ("GTX 1080", "fp32"), ("T4", "fp16")])
+@pytest.mark.parametrize(
+    "gpu,precision", [("RTX 4090", "bf16"), ("RTX 3060", "bf16"), ("2080 Ti", "fp16"), ("GTX 1080", "fp32"), ("T4", "fp16")]
+)
 def test_precision_follows_the_card(gpu, precision):
     p = hfgpu.plan_or_closest("HuggingFaceTB/SmolLM2-135M", gpu)
     assert p.precision == precision and p.attention == "sdpa"
@@ -51,10 +81,27 @@ def test_checkpointing_only_when_needed_and_the_largest_micro_batch():
 
 
 def test_fixed_knobs_are_kept():
-    p = hfgpu.plan("Qwen/Qwen2.5-0.5B", "4090", strategy="lora", micro_batch_size=2, seq_len=512, optimizer="adamw_8bit",
-                   gradient_checkpointing=True, lora_r=8, lora_targets="q_proj,v_proj", attention="eager")
-    assert (p.strategy, p.micro_batch_size, p.grad_accum_steps, p.seq_len, p.optimizer, p.gradient_checkpointing, p.attention) == \
-        ("lora", 2, 8, 512, "adamw_8bit", True, "eager")
+    p = hfgpu.plan(
+        "Qwen/Qwen2.5-0.5B",
+        "4090",
+        strategy="lora",
+        micro_batch_size=2,
+        seq_len=512,
+        optimizer="adamw_8bit",
+        gradient_checkpointing=True,
+        lora_r=8,
+        lora_targets="q_proj,v_proj",
+        attention="eager",
+    )
+    assert (p.strategy, p.micro_batch_size, p.grad_accum_steps, p.seq_len, p.optimizer, p.gradient_checkpointing, p.attention) == (
+        "lora",
+        2,
+        8,
+        512,
+        "adamw_8bit",
+        True,
+        "eager",
+    )
     assert p.lora.r == 8 and p.lora.alpha == 16 and p.lora.target_modules == ("q_proj", "v_proj")
     assert p.reasons["strategy"] == "fixed by you"
 
@@ -92,19 +139,22 @@ def test_does_not_fit_carries_the_closest_plan_and_alternatives():
     assert any("strategy='qlora' fits" in a or "seq_len" in a for a in e.value.alternatives)
 
 
-@pytest.mark.parametrize("knobs,needle", [
-    (dict(gpu="1080", attention="flash_attention_2"), "attention='flash_attention_2' needs compute capability ≥ 8.0"),
-    (dict(gpu="2080 Ti", precision="bf16"), "use precision='fp16'"),
-    (dict(gpu="4090", strategy="qlora", quantization="none"), "strategy='qlora' quantizes"),
-    (dict(gpu="4090", strategy="full", quantization="nf4"), "strategy='full' trains every weight"),
-    (dict(gpu="1080", strategy="lora", quantization="int8"), "LLM.int8"),
-    (dict(gpu="4090", seq_len=0), "seq_len=0 must be"),
-    (dict(gpu="4090", seq_len=10**6), "beyond Qwen/Qwen2.5-0.5B's maximum of 32768"),
-    (dict(gpu="4090", micro_batch_size=0), "micro_batch_size=0"),
-    (dict(gpu="4090", strategy="lorra"), "strategy='lorra' is not one of"),
-    (dict(gpu="4090", lora_targets="q_proj,qq_proj"), "qq_proj not among"),
-    (dict(gpu="4090", lora_dropout=1.5), "lora_dropout=1.5"),
-])
+@pytest.mark.parametrize(
+    "knobs,needle",
+    [
+        (dict(gpu="1080", attention="flash_attention_2"), "attention='flash_attention_2' needs compute capability ≥ 8.0"),
+        (dict(gpu="2080 Ti", precision="bf16"), "use precision='fp16'"),
+        (dict(gpu="4090", strategy="qlora", quantization="none"), "strategy='qlora' quantizes"),
+        (dict(gpu="4090", strategy="full", quantization="nf4"), "strategy='full' trains every weight"),
+        (dict(gpu="1080", strategy="lora", quantization="int8"), "LLM.int8"),
+        (dict(gpu="4090", seq_len=0), "seq_len=0 must be"),
+        (dict(gpu="4090", seq_len=10**6), "beyond Qwen/Qwen2.5-0.5B's maximum of 32768"),
+        (dict(gpu="4090", micro_batch_size=0), "micro_batch_size=0"),
+        (dict(gpu="4090", strategy="lorra"), "strategy='lorra' is not one of"),
+        (dict(gpu="4090", lora_targets="q_proj,qq_proj"), "qq_proj not among"),
+        (dict(gpu="4090", lora_dropout=1.5), "lora_dropout=1.5"),
+    ],
+)
 def test_contradictory_or_bad_knobs_name_the_value_and_the_fix(knobs, needle):
     gpu = knobs.pop("gpu")
     with pytest.raises(HfgpuError) as e:
@@ -119,10 +169,13 @@ def test_all_problems_are_reported_at_once():
     assert "precision='bf16'" in msg and "flash_attention_2" in msg and "micro_batch_size=0" in msg
 
 
-@pytest.mark.parametrize("call", [
-    lambda: hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", seq_length=512),
-    lambda: hfgpu.plan_or_closest("Qwen/Qwen2.5-0.5B", "RTX 4090", seq_length=512),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", seq_length=512),
+        lambda: hfgpu.plan_or_closest("Qwen/Qwen2.5-0.5B", "RTX 4090", seq_length=512),
+    ],
+)
 def test_an_unknown_keyword_is_a_did_you_mean_not_a_type_error_or_a_no_op(call):
     with pytest.raises(HfgpuError, match=r"plan(_or_closest)?\(\) has no knob 'seq_length': did you mean 'seq_len'\?"):
         call()
@@ -168,10 +221,17 @@ def test_saver_reasons_quote_the_rules_the_search_used():
     assert cpu.reasons["activation_offloading"] == "off: no GPU"
     fixed = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", strategy="lora", chunked_loss=False, tiled_mlp=True)
     assert fixed.reasons["chunked_loss"] == "off (fixed by you)"
-    assert fixed.tiled_mlp and fixed.reasons["tiled_mlp"].startswith("on: in backward") and fixed.reasons["tiled_mlp"].endswith("(fixed by you)")
+    assert (
+        fixed.tiled_mlp
+        and fixed.reasons["tiled_mlp"].startswith("on: in backward")
+        and fixed.reasons["tiled_mlp"].endswith("(fixed by you)")
+    )
     assert "tiled_mlp (fixed) needs it" in fixed.reasons["gradient_checkpointing"]
 
     c = _context("Qwen/Qwen2.5-0.5B", "cpu", Knobs(strategy="lora"), PYTHON, False)
     allowed, rule = _saver_rules(c)
     assert allowed["activation_offloading"] == (False,) and rule["activation_offloading"] == "off: no GPU"
-    assert not any(combo["activation_offloading"] for combo in _savers(c, strategy="lora", precision="fp32", quantization="none", optimizer="adamw_torch"))
+    assert not any(
+        combo["activation_offloading"]
+        for combo in _savers(c, strategy="lora", precision="fp32", quantization="none", optimizer="adamw_torch")
+    )

@@ -1,9 +1,8 @@
-
 import pytest
+from conftest import ROOT
 
 from hfgpu.errors import HfgpuError
 from hfgpu.recipe import load_recipe, validate_recipe
-from conftest import ROOT
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -15,8 +14,13 @@ def test_every_shipped_recipe_validates(path):
 
 
 def test_overrides_are_type_checked_and_applied():
-    r = load_recipe(ROOT / "recipes/demo_cpu.yaml", ["train.epochs=2", "data.packing=true", "train.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]"])
-    assert r.train.epochs == 2 and r.data.packing is True and r.train.learning_rate == 1e-4 and r.lora.target_modules == ["q_proj", "v_proj"]
+    r = load_recipe(
+        ROOT / "recipes/demo_cpu.yaml",
+        ["train.epochs=2", "data.packing=true", "train.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]"],
+    )
+    assert (
+        r.train.epochs == 2 and r.data.packing is True and r.train.learning_rate == 1e-4 and r.lora.target_modules == ["q_proj", "v_proj"]
+    )
 
 
 def test_all_problems_at_once_with_did_you_mean():

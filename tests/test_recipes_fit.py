@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from hfgpu.finetune import plan_for
 from hfgpu.recipe import load_recipe
-from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_recipes  # noqa: E402
@@ -42,15 +42,26 @@ def test_every_recipe_file_starts_with_how_to_run_it():
 
 
 def test_recipe_command_writes_a_valid_recipe(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "hfgpu", "recipe", "Qwen/Qwen2.5-1.5B", "--gpu", "RTX 3060 12GB", "--data", "chat", "--path", "my.yaml"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "hfgpu", "recipe", "Qwen/Qwen2.5-1.5B", "--gpu", "RTX 3060 12GB", "--data", "chat", "--path", "my.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "my.yaml"
     out.write_text(r.stdout)
     recipe = load_recipe(out)
     assert recipe.gpu == "GeForce RTX 3060 12GB" and recipe.data.format == "chat" and "-m hfgpu.finetune my.yaml" in r.stdout
     assert plan_for(recipe).fits
-    bad = subprocess.run([sys.executable, "-m", "hfgpu", "recipe", "meta-llama/Llama-3.1-8B", "--gpu", "1050ti"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "hfgpu", "recipe", "meta-llama/Llama-3.1-8B", "--gpu", "1050ti"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert bad.returncode == 3 and bad.stdout == "" and "does not fit" in bad.stderr
 
 
@@ -85,10 +96,14 @@ def test_accelerate_configs_parse_and_name_their_fields(name):
 
 
 def test_sharded_quant_storage_for_fsdp_qlora():
-    from hfgpu.modeling import ModelSettings, _bnb_config
     import torch
 
-    assert _bnb_config(ModelSettings(strategy="qlora", precision="bf16", quantization="nf4", shard_quantized=True)).bnb_4bit_quant_storage == torch.bfloat16
+    from hfgpu.modeling import ModelSettings, _bnb_config
+
+    assert (
+        _bnb_config(ModelSettings(strategy="qlora", precision="bf16", quantization="nf4", shard_quantized=True)).bnb_4bit_quant_storage
+        == torch.bfloat16
+    )
     assert _bnb_config(ModelSettings(strategy="qlora", precision="bf16", quantization="nf4")).bnb_4bit_quant_storage == torch.uint8
 
 
@@ -101,19 +116,31 @@ W = 4 * P + BUFFERS  # fp32 weights
 S = 4 * P + 8 * P + 4 * TENSORS  # fp32 gradients + AdamW (exp_avg, exp_avg_sq) + a step counter per tensor
 
 
-@pytest.mark.parametrize("mode,weights,state", [
-    ("none", W, S),
-    ("ddp", W, S + 4 * P),  # DDP's gradient buckets: a second copy of the gradients
-    ("zero2", W, -(-S // 2)),
-    ("zero3", -(-W // 2) + W // LAYERS, -(-S // 2)),  # half the weights + one layer gathered
-    ("fsdp", -(-W // 2) + W // LAYERS, -(-S // 2)),
-])
+@pytest.mark.parametrize(
+    "mode,weights,state",
+    [
+        ("none", W, S),
+        ("ddp", W, S + 4 * P),  # DDP's gradient buckets: a second copy of the gradients
+        ("zero2", W, -(-S // 2)),
+        ("zero3", -(-W // 2) + W // LAYERS, -(-S // 2)),  # half the weights + one layer gathered
+        ("fsdp", -(-W // 2) + W // LAYERS, -(-S // 2)),
+    ],
+)
 def test_two_card_per_process_memory_by_hand(mode, weights, state):
     import hfgpu
 
     gpu = "2x A100 80GB" if mode != "none" else "A100 80GB"
-    p = hfgpu.plan("Qwen/Qwen2.5-0.5B", gpu, strategy="full", precision="fp32", optimizer="adamw_torch", micro_batch_size=1,
-                   seq_len=512, gradient_checkpointing=False, distributed=mode if mode != "none" else "auto")
+    p = hfgpu.plan(
+        "Qwen/Qwen2.5-0.5B",
+        gpu,
+        strategy="full",
+        precision="fp32",
+        optimizer="adamw_torch",
+        micro_batch_size=1,
+        seq_len=512,
+        gradient_checkpointing=False,
+        distributed=mode if mode != "none" else "auto",
+    )
     assert p.memory.weights == weights and p.memory.trainable_state == state
     d = p.to_dict()
     assert d["distributed"] == mode and d["world_size"] == (1 if mode == "none" else 2)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, tiny_llama
 
 import hfgpu
 from hfgpu import memory
@@ -13,29 +14,48 @@ from hfgpu.measure import measure_step
 from hfgpu.modeling import ModelSettings
 from hfgpu.models import model_spec
 from hfgpu.simulate import simulate
-from conftest import ROOT, tiny_llama
 
 MID = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=4000)
 
 
 @pytest.mark.parametrize("shape", ["tiny", "mid"])
-@pytest.mark.parametrize("strategy,precision,ckpt,attention,optimizer", [
-    ("lora", "bf16", False, "sdpa", "adamw_torch"),
-    ("lora", "bf16", True, "sdpa", "adamw_torch"),
-    ("lora", "fp32", False, "eager", "adamw_torch"),
-    ("full", "bf16", False, "sdpa", "adamw_torch"),
-    ("full", "fp32", True, "sdpa", "adamw_8bit"),
-    ("qlora", "bf16", True, "sdpa", "adamw_torch"),
-    ("qlora", "fp32", False, "sdpa", "adamw_torch"),
-])
+@pytest.mark.parametrize(
+    "strategy,precision,ckpt,attention,optimizer",
+    [
+        ("lora", "bf16", False, "sdpa", "adamw_torch"),
+        ("lora", "bf16", True, "sdpa", "adamw_torch"),
+        ("lora", "fp32", False, "eager", "adamw_torch"),
+        ("full", "bf16", False, "sdpa", "adamw_torch"),
+        ("full", "fp32", True, "sdpa", "adamw_8bit"),
+        ("qlora", "bf16", True, "sdpa", "adamw_torch"),
+        ("qlora", "fp32", False, "sdpa", "adamw_torch"),
+    ],
+)
 def test_simulated_peak_equals_the_real_step_within_2_percent(shape, strategy, precision, ckpt, attention, optimizer):
     cfg = tiny_llama() if shape == "tiny" else tiny_llama(**MID)
     spec = model_spec(cfg)
-    s = memory.Setup(strategy=strategy, precision=precision, quantization="nf4" if strategy == "qlora" else "none", double_quant=True,
-                     gradient_checkpointing=ckpt, micro_batch_size=2, seq_len=96, optimizer=optimizer, attention=attention,
-                     lora_r=16, lora_targets=tuple(spec.linear_names))
-    real = measure_step(cfg, ModelSettings(strategy=strategy, precision=precision, quantization=s.quantization,
-                                            gradient_checkpointing=ckpt, attention=attention), 2, 96, optimizer=optimizer)
+    s = memory.Setup(
+        strategy=strategy,
+        precision=precision,
+        quantization="nf4" if strategy == "qlora" else "none",
+        double_quant=True,
+        gradient_checkpointing=ckpt,
+        micro_batch_size=2,
+        seq_len=96,
+        optimizer=optimizer,
+        attention=attention,
+        lora_r=16,
+        lora_targets=tuple(spec.linear_names),
+    )
+    real = measure_step(
+        cfg,
+        ModelSettings(
+            strategy=strategy, precision=precision, quantization=s.quantization, gradient_checkpointing=ckpt, attention=attention
+        ),
+        2,
+        96,
+        optimizer=optimizer,
+    )
     sim = simulate(cfg.to_dict(), s, spec)
     gpu_only = memory.dequant_workspace_bytes(spec, s)  # bitsandbytes on CUDA dequantizes a whole weight; its CPU path does not
     assert sim.weights == real.weights and sim.trainable_state == real.trainable_state
@@ -54,25 +74,57 @@ def test_plan_verify_attaches_the_simulation():
 
 def test_cli_verify_prints_both_side_by_side():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "hfgpu", "plan", "HuggingFaceTB/SmolLM2-135M", "--gpu", "RTX 3060 12GB", "--seq-len", "256", "--verify"],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "hfgpu", "plan", "HuggingFaceTB/SmolLM2-135M", "--gpu", "RTX 3060 12GB", "--seq-len", "256", "--verify"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     for needle in ("verified", "simulated", "activations + logits", "tensor peak", "simulated / planned"):
         assert needle in r.stdout
-    j = subprocess.run([sys.executable, "-m", "hfgpu", "plan", "HuggingFaceTB/SmolLM2-135M", "--gpu", "RTX 3060 12GB", "--seq-len", "256", "--verify", "--json"],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    j = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hfgpu",
+            "plan",
+            "HuggingFaceTB/SmolLM2-135M",
+            "--gpu",
+            "RTX 3060 12GB",
+            "--seq-len",
+            "256",
+            "--verify",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert json.loads(j.stdout)["simulation"]["peak"] > 0
 
 
 def test_calibration_grid_skips_cleanly_without_cuda(tmp_path):
     out = tmp_path / "cal.csv"
-    r = subprocess.run([sys.executable, "benchmarks/memory_calibration.py", "--quick", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "benchmarks/memory_calibration.py", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: the grid would run for real")
     assert r.returncode == 0 and "no CUDA GPU" in r.stdout and not out.exists()
-    c = subprocess.run([sys.executable, "-m", "hfgpu", "calibrate", "Qwen/Qwen2.5-0.5B"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    c = subprocess.run(
+        [sys.executable, "-m", "hfgpu", "calibrate", "Qwen/Qwen2.5-0.5B"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert c.returncode == 2 and "torch sees no CUDA device" in c.stderr and len(c.stderr.strip().splitlines()) == 1
 
 

@@ -32,8 +32,12 @@ def _model(strategy="lora", precision="bf16", checkpointing=True, quantization="
     from hfgpu.modeling import ModelSettings, prepare_model
 
     settings = ModelSettings(strategy=strategy, precision=precision, quantization=quantization, gradient_checkpointing=checkpointing)
-    model = prepare_model(tiny_llama(hidden_size=256, intermediate_size=768, num_hidden_layers=4, vocab_size=2048), settings, seed=0,
-                          device=DEVICE if DEVICE == "cuda" else None)
+    model = prepare_model(
+        tiny_llama(hidden_size=256, intermediate_size=768, num_hidden_layers=4, vocab_size=2048),
+        settings,
+        seed=0,
+        device=DEVICE if DEVICE == "cuda" else None,
+    )
     model.train()
     return model
 
@@ -90,7 +94,9 @@ def test_fp16_with_loss_scaling_trains(tmp_path):
     AutoModelForCausalLM.from_config(tiny_llama(vocab_size=len(tok))).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = tmp_path / "fp16"
-    result = finetune(validate_recipe(recipe_dict(model_dir, out, gpu="auto", precision="fp16", train={"max_steps": 20})), say=lambda *a, **k: None)
+    result = finetune(
+        validate_recipe(recipe_dict(model_dir, out, gpu="auto", precision="fp16", train={"max_steps": 20})), say=lambda *a, **k: None
+    )
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     _record("fp16_loss_scaling", {"first": losses[0], "last": losses[-1], "eval_loss": result.metrics.get("eval_loss")})
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
@@ -101,7 +107,7 @@ def test_a_plan_is_within_its_stated_accuracy_of_the_card(tmp_path):
     if DEVICE != "cuda":
         pytest.skip("device-wide memory needs CUDA")
     from hfgpu.calibrate import measure_cuda_step
-    from hfgpu.models import pretrained_config, model_spec
+    from hfgpu.models import model_spec, pretrained_config
     from hfgpu.planner import plan_or_closest
 
     model = "Qwen/Qwen2.5-0.5B"
@@ -109,9 +115,19 @@ def test_a_plan_is_within_its_stated_accuracy_of_the_card(tmp_path):
     rows = []
     for strategy in ("lora", "qlora"):
         for seq in (512, 2048):
-            p = plan_or_closest(model, "auto", calibrated=False, strategy=strategy, seq_len=seq, micro_batch_size=2, gradient_checkpointing=True)
+            p = plan_or_closest(
+                model, "auto", calibrated=False, strategy=strategy, seq_len=seq, micro_batch_size=2, gradient_checkpointing=True
+            )
             measured = measure_cuda_step(config, p.setup())
-            rows.append({"strategy": strategy, "seq_len": seq, "planned": p.memory.total, "device_used": measured["device_used"],
-                         "allocated": measured["allocated"], "error": p.memory.total / measured["device_used"] - 1})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "seq_len": seq,
+                    "planned": p.memory.total,
+                    "device_used": measured["device_used"],
+                    "allocated": measured["allocated"],
+                    "error": p.memory.total / measured["device_used"] - 1,
+                }
+            )
     _record("plan_vs_card", {"rows": rows})
     assert all(-0.10 < r["error"] < 0.25 for r in rows), rows  # the README's stated accuracy for LoRA/QLoRA, with room: a regression alarm
