@@ -78,7 +78,7 @@ def main() -> int:
                 measured = {"allocated": None, "reserved": None, "device_used": None}
                 torch.cuda.empty_cache()
             sim = simulate(spec.config, p.setup(), spec)
-            tensor_peak = p.memory.weights + p.memory.trainable_state + p.memory.activations + p.memory.logits
+            tensor_peak = p.memory.tensor_peak
             row = {
                 "model": model,
                 "gpu": p.gpu.name,

@@ -127,7 +127,12 @@ def measure_model(mode, entry):
 
 def static_bytes(spec, setup) -> int:
     """The exact part of the model, plus the per-step constants (dequantization workspace, embedding gradient)."""
-    return memory.weight_bytes(spec, setup) + memory.trainable_state_bytes(spec, setup) + memory.dequant_workspace_bytes(spec, setup)
+    return (
+        memory.weight_bytes(spec, setup)
+        + memory.trainable_state_bytes(spec, setup)
+        + memory.autocast_copy_bytes(spec, setup)
+        + memory.dequant_workspace_bytes(spec, setup)
+    )
 
 
 LAYER = ["hidden", "inter", "qkv", "lora_in", "heads_seq"]
@@ -166,7 +171,7 @@ def fit_mode(mode, rows, table: dict) -> dict:
     _write({"modes": table}, partial=True)
     rest = np.array(
         [
-            memory.activation_bytes(spec, st) + memory.logits_bytes(spec, st) - memory.dequant_workspace_bytes(spec, st)
+            memory.activation_bytes(spec, st) + memory.logits_bytes(spec, st) + memory.vocab_transient_bytes(spec, st)
             for spec, st, _ in rows
         ],
         dtype=float,
@@ -176,12 +181,7 @@ def fit_mode(mode, rows, table: dict) -> dict:
 
 
 def predicted(spec, setup) -> int:
-    return (
-        memory.weight_bytes(spec, setup)
-        + memory.trainable_state_bytes(spec, setup)
-        + memory.activation_bytes(spec, setup)
-        + memory.logits_bytes(spec, setup)
-    )
+    return memory.breakdown(spec, setup, 80 * 2**30).tensor_peak
 
 
 def main() -> int:

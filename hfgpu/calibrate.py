@@ -100,7 +100,7 @@ def calibrate(model: str, gpu: str = "auto", say=print) -> dict:
             continue
         measured = measure_cuda_step(config, p.setup())
         exact = p.memory.weights + p.memory.trainable_state
-        planned_rest = p.memory.activations + p.memory.logits + p.memory.overhead
+        planned_rest = p.memory.activations + p.memory.logits + p.memory.transient + p.memory.overhead
         measured_rest = measured["device_used"] - exact
         ratios.append(measured_rest / planned_rest)
         say(

@@ -6,9 +6,13 @@ per-token coefficients fitted to the tensor peaks of real training steps measure
 (`python benchmarks/memory_cpu.py --refit` writes resources/activation_coefficients.json, with the
 versions and grid it was measured on). Everything that is not exact is named in `COEFFICIENTS`.
 
-The peak is modelled as weights + gradients + optimizer state + activations + logits + overhead:
-under gradient accumulation the previous micro-batch's gradients are alive during the next forward,
-so nothing here is freed before the activations peak.
+The peak is modelled as weights + gradients + optimizer state + activations + logits + transient +
+overhead: under gradient accumulation the previous micro-batch's gradients are alive during the next
+forward, so nothing here is freed before the activations peak. `transient` is what a step allocates
+that does not scale with its tokens (autocast's 16-bit weight copies, bitsandbytes' dequantization
+workspace, the embedding's dense gradient); `peak_phase` says which moment sets the peak: the loss
+(the end of the forward, every kept activation and the logits alive) or, with checkpointing, the
+recompute of one layer in backward.
 """
 
 from __future__ import annotations
@@ -62,16 +66,23 @@ BNB_OPT_MIN_8BIT = 4096  # tensors smaller than this keep 32-bit optimizer state
 class MemoryBreakdown:
     """Peak memory of one training step on one GPU, by component, in bytes."""
 
-    weights: int  # parameters as stored (+ quantization constants, + autocast copies for full fine-tuning)
+    weights: int  # parameters as stored (+ quantization constants)
     trainable_state: int  # gradients + optimizer state
     activations: int  # tensors saved for backward by the decoder layers
     logits: int  # lm_head output and the cross-entropy loss, forward and backward
     overhead: int  # CUDA context, workspaces, allocator fragmentation
     budget: int  # what the plan may use: the card's memory less the planner's headroom
+    transient: int = 0  # per step, not per token: autocast's weight copies, dequantization workspace, embedding gradient
+    peak_phase: str = "loss"  # "loss" (end of the forward) or "recompute" (one checkpointed layer in backward)
+
+    @property
+    def tensor_peak(self) -> int:
+        """The tensors alive at the peak: everything but the CUDA context, workspaces and fragmentation."""
+        return self.weights + self.trainable_state + self.activations + self.logits + self.transient
 
     @property
     def total(self) -> int:
-        return self.weights + self.trainable_state + self.activations + self.logits + self.overhead
+        return self.tensor_peak + self.overhead
 
     @property
     def fits(self) -> bool:
@@ -83,9 +94,11 @@ class MemoryBreakdown:
             "trainable_state": self.trainable_state,
             "activations": self.activations,
             "logits": self.logits,
+            "transient": self.transient,
             "overhead": self.overhead,
             "total": self.total,
             "budget": self.budget,
+            "peak_phase": self.peak_phase,
         }
 
 
@@ -156,18 +169,21 @@ def weight_bytes(spec: ModelSpec, s: Setup) -> int:
     adapters = 4 * trainable_params(spec, s) if s.strategy != "full" else 0  # peft keeps adapters in fp32
     if s.quantization == "none":
         per_param = 4 if s.strategy == "full" else BYTES[s.precision]
-        stored = per_param * spec.params_total
-        if s.strategy == "full" and s.precision != "fp32":
-            # autocast keeps a 16-bit copy of every weight it casts (the cache lives until the
-            # forward/backward ends): linear weights only; embeddings are read in fp32.
-            stored += 2 * (spec.linear_params + spec.lm_head_params)
-        return stored + adapters + spec.buffer_bytes
+        return per_param * spec.params_total + adapters + spec.buffer_bytes
     quantized = sum(g.count * _quantized_linear_bytes(g.in_features * g.out_features, g.out_features, s) for g in spec.linears)
     biases = sum(g.count * g.out_features for g in spec.linears if g.bias)
     # everything not quantized (embeddings, lm_head, norms, biases) stays frozen in the compute dtype
     # (hfgpu.modeling; peft's prepare_model_for_kbit_training would upcast it to fp32)
     rest = BYTES[s.precision] * (spec.params_total - spec.linear_params + biases)
     return quantized + rest + adapters + spec.buffer_bytes
+
+
+def autocast_copy_bytes(spec: ModelSpec, s: Setup) -> int:
+    """Full fine-tuning under 16-bit autocast: autocast keeps a 16-bit copy of every weight it casts
+    (its cache lives until the forward/backward ends): linear weights and lm_head; embeddings are read in fp32."""
+    if s.strategy != "full" or s.precision == "fp32" or s.quantization != "none":
+        return 0
+    return 2 * (spec.linear_params + spec.lm_head_params)
 
 
 def _adam_state_bytes(numel: int, optimizer: str) -> int:
@@ -285,15 +301,36 @@ def activation_bytes(spec: ModelSpec, s: Setup) -> int:
     layer = tokens * one_layer
     if s.tiled_mlp and s.gradient_checkpointing:  # the MLP's intermediates exist for one tile of tokens only
         layer -= max(0, tokens - MLP_TILE) * row["layer"].get("inter", 0.0) * spec.intermediate_size
-    constant = dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s)
     if s.activation_offloading and s.gradient_checkpointing:
         # on the card: two layers' inputs (exact), and one layer's recompute and backward, which
         # OFFLOAD_RECOMPUTE scales from the per-layer features (see its comment)
         on_card = min(2, spec.num_layers) * _residual_bytes(s) * spec.hidden_size * tokens
         recompute = max(0.0, OFFLOAD_RECOMPUTE[s.tiled_mlp] * layer - logits_bytes(spec, s))
-        return int(on_card + max(row["model_hidden"] * spec.hidden_size * tokens, 0.0) + recompute) + constant
+        return int(on_card + max(row["model_hidden"] * spec.hidden_size * tokens, 0.0) + recompute)
     recompute = max(0.0, layer - logits_bytes(spec, s))
-    return int(max(tokens * kept, 0.0) + recompute) + constant
+    return int(max(tokens * kept, 0.0) + recompute)
+
+
+def peak_phase(spec: ModelSpec, s: Setup) -> str:
+    """The moment of the step that sets the peak: "recompute" when one checkpointed layer's recompute and
+    backward outgrow the loss (logits), else "loss" (the end of the forward)."""
+    if not s.gradient_checkpointing:
+        return "loss"
+    tokens = s.micro_batch_size * s.seq_len
+    _, one_layer, _ = transient_per_token(spec, s)
+    row = activation_coefficients()["modes"][mode_key(s, checkpointing=False)]
+    layer = tokens * one_layer
+    if s.tiled_mlp:
+        layer -= max(0, tokens - MLP_TILE) * row["layer"].get("inter", 0.0) * spec.intermediate_size
+    if s.activation_offloading:
+        layer *= OFFLOAD_RECOMPUTE[s.tiled_mlp]
+    return "recompute" if layer > logits_bytes(spec, s) else "loss"
+
+
+def transient_bytes(spec: ModelSpec, s: Setup) -> tuple[int, int]:
+    """(autocast weight copies, the fitted and exact per-step constants: dequantization workspace and
+    the embedding's dense gradient / lm_head copy)."""
+    return autocast_copy_bytes(spec, s), dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s)
 
 
 # With offloading the checkpointed inputs leave the card, and what stays is the recompute and backward of
@@ -377,11 +414,18 @@ def breakdown(spec: ModelSpec, s: Setup, vram_bytes: int, correction: float = 1.
     act = int(activation_bytes(spec, s) * correction)
     logits = int(logits_bytes(spec, s) * correction)
     weights, state = per_process(spec, s)
+    copies, constants = transient_bytes(spec, s)
+    n = max(1, s.world_size)
+    if s.distributed in SHARDED_WEIGHTS and n > 1:  # copies of the shard, and of the layer gathered whole
+        copies = math.ceil(copies / n) + copies // max(spec.num_layers, 1)
+    constants = int(constants * correction)
     return MemoryBreakdown(
         weights=weights,
         trainable_state=state,
         activations=act,
         logits=logits,
-        overhead=int(overhead_bytes(act, logits) * correction),
+        overhead=int(overhead_bytes(act + constants, logits) * correction),
         budget=budget_bytes(vram_bytes),
+        transient=copies + constants,
+        peak_phase=peak_phase(spec, s),
     )

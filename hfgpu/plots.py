@@ -12,6 +12,7 @@ COMPONENTS = [
     ("trainable_state", "#55a868"),
     ("activations", "#c44e52"),
     ("logits", "#dd8452"),
+    ("transient", "#937860"),
     ("overhead", "#8172b3"),
 ]
 STRATEGY_COLOURS = {"full": "#4c72b0", "lora": "#55a868", "qlora": "#dd8452", None: "#bbbbbb"}

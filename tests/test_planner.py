@@ -34,7 +34,17 @@ def test_small_model_on_a_4090_is_full_fine_tuned_and_explained():
     assert p.micro_batch_size * p.grad_accum_steps == 16
     d = p.to_dict()
     assert KEYS <= set(d) and d["gpu"] == {"name": "GeForce RTX 4090", "count": 1, "vram_gb": 24.0, "compute_capability": "8.9"}
-    assert set(d["memory"]) == {"weights", "trainable_state", "activations", "logits", "overhead", "total", "budget"}
+    assert set(d["memory"]) == {
+        "weights",
+        "trainable_state",
+        "activations",
+        "logits",
+        "transient",
+        "overhead",
+        "total",
+        "budget",
+        "peak_phase",
+    }
     assert d["memory"]["total"] <= d["memory"]["budget"] < 24 * 1024**3
     for knob in (
         "strategy",
