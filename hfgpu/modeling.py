@@ -117,7 +117,10 @@ def apply_settings(model: torch.nn.Module, s: ModelSettings, plain_path: bool = 
         for p in model.parameters():
             p.requires_grad_(False)
     if s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if s.strategy != "full":
             model.enable_input_require_grads()
     if s.strategy in ("lora", "qlora"):
