@@ -116,7 +116,7 @@ class Knobs:
     )
     lora_targets: Union[tuple, str] = _knob(
         AUTO,
-        "the linear layers that get adapters, e.g. q_proj,v_proj (auto: every linear layer but the output head)",
+        "the linear layers that get adapters (e.g. q_proj,v_proj); all-linear (peft's word) or auto: all but the output head",
         kind="names",
         recipe="lora.target_modules",
     )
@@ -180,6 +180,7 @@ class Surface:
 
 
 PYTHON, CLI, RECIPE = Surface("python"), Surface("cli"), Surface("recipe")
+ALL_LINEAR = "all-linear"  # peft's keyword for lora_targets: every linear layer but the output head, as auto resolves it
 
 
 # --- eligibility: which models and setups a saver applies to ------------------------------------------
@@ -347,7 +348,7 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
                 f"{use('tiled_mlp', True)} recomputes the MLP inside checkpointed layers, so it needs gradient checkpointing: "
                 f"set {use('gradient_checkpointing', True)} (or auto)"
             )
-    if k.lora_targets != AUTO:
+    if k.lora_targets not in (AUTO, (ALL_LINEAR,)):
         unknown = [t for t in k.lora_targets if t not in spec.linear_names]
         if unknown or not k.lora_targets:
             errs.append(

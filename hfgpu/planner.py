@@ -22,6 +22,7 @@ from hfgpu.corrections import correction_for
 from hfgpu.errors import DoesNotFit, HfgpuError
 from hfgpu.gpus import GPU, catalog, get_gpu
 from hfgpu.knobs import (
+    ALL_LINEAR,
     KNOB_FIELDS,
     KNOB_NAMES,
     PYTHON,
@@ -319,7 +320,7 @@ def _context(model: Any, gpu: Any, fixed: Knobs, surface: Surface, calibrated: b
         attention="sdpa" if fixed.attention == "auto" else fixed.attention,
         lora_r=r,
         lora_alpha=2 * r if fixed.lora_alpha == "auto" else fixed.lora_alpha,
-        lora_targets=tuple(spec.linear_names) if fixed.lora_targets == "auto" else fixed.lora_targets,
+        lora_targets=tuple(spec.linear_names) if fixed.lora_targets in ("auto", (ALL_LINEAR,)) else fixed.lora_targets,
         global_batch_size=DEFAULT_GLOBAL_BATCH if fixed.global_batch_size == "auto" else fixed.global_batch_size,
         distributed=("ddp" if gpu.count > 1 else "none") if fixed.distributed == "auto" else fixed.distributed,
         seq_len=min(DEFAULT_MAX_SEQ_LEN, spec.max_seq_len) if fixed.seq_len == "auto" else fixed.seq_len,
@@ -516,10 +517,11 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     else:
         r["distributed"] = "none: one card"
     if kn.strategy != "full":
+        every = "every linear layer" + (" (all-linear, as you asked)" if k.lora_targets == (ALL_LINEAR,) else "")
         r["lora"] = (
-            "r and targets fixed by you"
-            if k.lora_r != "auto" or k.lora_targets != "auto"
-            else f"r={DEFAULT_LORA_R} on every linear layer (QLoRA paper: all layers matter more than rank), alpha = 2r"
+            f"r={DEFAULT_LORA_R} on {every} (QLoRA paper: all layers matter more than rank), alpha = 2r"
+            if k.lora_r == "auto" and k.lora_targets in ("auto", (ALL_LINEAR,))
+            else "r and targets fixed by you"
         )
         if k.lora_dropout == 0:
             r["lora"] += "; dropout 0: a dropout keeps a copy of every adapter's input"

@@ -36,7 +36,7 @@ def _annotation(meta: dict) -> Any:
     elif kind == "float":
         base = Annotated[float, Field(ge=0, lt=1)]
     elif kind == "names":
-        base = list[str]
+        base = Union[list[str], Literal["all-linear"]]
     else:
         base = bool
     return Union[base, Auto] if meta["auto"] else base

@@ -245,3 +245,54 @@ def test_saver_reasons_quote_the_rules_the_search_used():
         combo["activation_offloading"]
         for combo in _savers(c, strategy="lora", precision="fp32", quantization="none", optimizer="adamw_torch")
     )
+
+
+def test_all_linear_targets_are_peft_s_keyword_everywhere(tmp_path):
+    """`all-linear` (what peft's docs tell users to type) means every linear layer but the output head,
+    in plan(), on the CLI and in a recipe."""
+    import subprocess
+    import sys
+
+    from hfgpu.finetune import plan_for
+    from hfgpu.recipe import validate_recipe
+
+    auto = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 3060", strategy="lora")
+    given = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 3060", strategy="lora", lora_targets="all-linear")
+    assert given.lora_targets == auto.lora_targets and "lm_head" not in given.lora_targets and given.memory.total == auto.memory.total
+    assert "(all-linear, as you asked)" in given.reasons["lora"]
+    recipe = validate_recipe(
+        {
+            "model": "Qwen/Qwen2.5-0.5B",
+            "gpu": "RTX 3060",
+            "data": {"path": "x.jsonl"},
+            "strategy": "lora",
+            "lora": {"target_modules": "all-linear"},
+        }
+    )
+    assert plan_for(recipe).lora_targets == auto.lora_targets
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hfgpu",
+            "plan",
+            "Qwen/Qwen2.5-0.5B",
+            "--gpu",
+            "RTX 3060",
+            "--strategy",
+            "lora",
+            "--lora-targets",
+            "all-linear",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert json.loads(r.stdout)["lora"]["target_modules"] == list(auto.lora_targets)
+    bad = hfgpu.plan_or_closest  # a typo next to it is still refused, naming the layers
+    with pytest.raises(HfgpuError, match="all_linear not among"):
+        bad("Qwen/Qwen2.5-0.5B", "RTX 3060", strategy="lora", lora_targets="all_linear")
