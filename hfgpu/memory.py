@@ -371,7 +371,7 @@ def dequant_workspace_bytes(spec: ModelSpec, s: Setup) -> int:
     """bitsandbytes dequantizes one weight at a time to the compute dtype (and its gradient input in backward)."""
     if s.quantization == "none":
         return 0
-    largest = max(g.in_features * g.out_features for g in spec.linears)
+    largest = max((g.in_features * g.out_features for g in spec.linears), default=0)
     return 2 * largest * BYTES[s.precision]
 
 

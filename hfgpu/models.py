@@ -23,7 +23,7 @@ from hfgpu._fuzzy import did_you_mean
 from hfgpu._package import PACKAGE
 from hfgpu.errors import HfgpuError
 
-INVENTORY_VERSION = 2  # bump when the inventory's fields change: old cache files are then ignored
+INVENTORY_VERSION = 3  # bump when the inventory's fields or counting change: old cache files are then ignored (3: Conv1D counted)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class ModelSpec:
     params_total: int  # unique parameters (a tied lm_head counts once)
     embedding_params: int  # input embeddings
     lm_head_params: int  # 0 when tied to the input embeddings
-    linears: tuple[LinearGroup, ...]  # every nn.Linear except lm_head
+    linears: tuple[LinearGroup, ...]  # every nn.Linear (and transformers Conv1D, GPT-2's) except lm_head
     param_numels: tuple[tuple[int, int], ...]  # (numel, how many tensors): for per-tensor optimizer rules
     buffer_bytes: int = 0  # non-parameter tensors (rotary inv_freq …), at their config dtype
     num_experts: int = 0
@@ -137,13 +137,16 @@ def _hub_config(repo_id: str) -> dict:
 
 
 def load_config(model: Any) -> tuple[str, str, dict]:
-    """(display name, source, config dict) for a repo id, a folder, a config.json path or a PretrainedConfig."""
+    """(display name, source, config dict) for a repo id, a folder, a config.json path, a PretrainedConfig or a config dict."""
     if hasattr(model, "to_dict") and hasattr(model, "model_type"):
         d = model.to_dict()
         d.setdefault("model_type", model.model_type)
         return getattr(model, "name_or_path", "") or d["model_type"], "config", d
+    if isinstance(model, dict) and isinstance(model.get("model_type"), str):  # a config.json's contents
+        return model.get("_name_or_path") or model["model_type"], "config", dict(model)
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-        raise HfgpuError(f"model {model!r} is not a model: pass a Hub repo id, a folder with config.json, or a PretrainedConfig")
+        shown = repr(model) if len(repr(model)) <= 80 else repr(model)[:77] + "..."
+        raise HfgpuError(f"model {shown} is not a model: pass a Hub repo id, a folder with config.json, a PretrainedConfig or a config dict")
     text = str(model).strip()
     path = Path(text).expanduser()
     if path.is_dir():
@@ -246,11 +249,20 @@ def _count_on_meta(config: dict) -> dict:
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
+    from transformers.pytorch_utils import Conv1D
+
     groups: dict[tuple, int] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head:
-            key = (name.rsplit(".", 1)[-1], module.in_features, module.out_features, module.bias is not None)
-            groups[key] = groups.get(key, 0) + 1
+        if module is head:
+            continue
+        if isinstance(module, nn.Linear):
+            shape = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2's linear layers, weight stored (in, out): peft and bitsandbytes treat them as linear
+            shape = tuple(module.weight.shape)
+        else:
+            continue
+        key = (name.rsplit(".", 1)[-1], *shape, module.bias is not None)
+        groups[key] = groups.get(key, 0) + 1
     numels: dict[int, int] = {}
     for p in model.parameters():  # parameters() yields a tied tensor once
         numels[p.numel()] = numels.get(p.numel(), 0) + 1
