@@ -146,7 +146,7 @@ def load_config(model: Any) -> tuple[str, str, dict]:
         return model.get("_name_or_path") or model["model_type"], "config", dict(model)
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
         shown = repr(model) if len(repr(model)) <= 80 else repr(model)[:77] + "..."
-        raise HfgpuError(f"model {shown} is not a model: pass a Hub repo id, a folder with config.json, a PretrainedConfig or a config dict")
+        raise HfgpuError(f"model {shown} is not a model: pass a Hub repo id, a folder with config.json, a PretrainedConfig or config dict")
     text = str(model).strip()
     path = Path(text).expanduser()
     if path.is_dir():
