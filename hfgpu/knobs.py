@@ -200,6 +200,17 @@ RMSNORM_BY_MODEL_TYPE = {
     "olmoe": "OlmoeRMSNorm",
     "granite": "GraniteRMSNorm",
 }
+# model types transformers builds without an sdpa attention path (it raises "does not support an attention
+# implementation through torch.nn.functional.scaled_dot_product_attention"): Gemma-2's soft-capped scores.
+# tests/test_model_families.py builds every catalog family with the planner's default and checks this table.
+NO_SDPA_MODEL_TYPES = {"gemma2": "Gemma-2's soft-capped attention scores"}
+
+
+def default_attention(spec: Any) -> str:
+    """sdpa, unless transformers has no sdpa path for the model: then eager."""
+    return "eager" if spec.model_type in NO_SDPA_MODEL_TYPES else "sdpa"
+
+
 # model types whose decoder layers' `mlp` is dense and per token (hfgpu.patches.tile_mlps tiles them)
 TILED_MLP_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2"}
 
@@ -286,14 +297,19 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
             f"{use('precision', 'bf16')} needs compute capability ≥ 8.0 (RTX 30 series or newer); {gpu.name} is {ccs}: use "
             f"{use('precision', 'fp16')}" + (f" or {use('precision', 'fp32')}" if cc < (7, 0) else "")
         )
+    if k.attention == "sdpa" and spec.model_type in NO_SDPA_MODEL_TYPES:
+        errs.append(
+            f"{use('attention', 'sdpa')}: transformers has no sdpa path for {spec.model_type} ({NO_SDPA_MODEL_TYPES[spec.model_type]}): "
+            f"use {use('attention', 'eager')} (or auto)"
+        )
     if k.attention == "flash_attention_2":
         fa = use("attention", "flash_attention_2")
         if gpu.is_cpu:
-            errs.append(f"{fa} needs a CUDA GPU, not the CPU: use {use('attention', 'sdpa')}")
+            errs.append(f"{fa} needs a CUDA GPU, not the CPU: use {use('attention', default_attention(spec))}")
         if cc is not None and cc < (8, 0):
-            errs.append(f"{fa} needs compute capability ≥ 8.0; {gpu.name} is {ccs}: use {use('attention', 'sdpa')}")
+            errs.append(f"{fa} needs compute capability ≥ 8.0; {gpu.name} is {ccs}: use {use('attention', default_attention(spec))}")
         if k.precision == "fp32":
-            errs.append(f"{fa} runs in fp16/bf16 only, not {use('precision', 'fp32')}: use {use('attention', 'sdpa')}")
+            errs.append(f"{fa} runs in fp16/bf16 only, not {use('precision', 'fp32')}: use {use('attention', default_attention(spec))}")
     s, q = k.strategy, k.quantization
     if s == "qlora" and q in ("none", "int8"):
         errs.append(

@@ -25,6 +25,7 @@ from hfgpu.knobs import (
     ALL_LINEAR,
     KNOB_FIELDS,
     KNOB_NAMES,
+    NO_SDPA_MODEL_TYPES,
     PYTHON,
     RMSNORM_BY_MODEL_TYPE,
     STRATEGIES,
@@ -32,6 +33,7 @@ from hfgpu.knobs import (
     Surface,
     auto_precision,
     chunked_loss_blocker,
+    default_attention,
     planning_cc,
     recipe_key,
     tiled_mlp_blocker,
@@ -317,7 +319,7 @@ def _context(model: Any, gpu: Any, fixed: Knobs, surface: Surface, calibrated: b
         raise HfgpuError("; ".join(errs))
     r = DEFAULT_LORA_R if fixed.lora_r == "auto" else fixed.lora_r
     base = fixed.replace(
-        attention="sdpa" if fixed.attention == "auto" else fixed.attention,
+        attention=default_attention(spec) if fixed.attention == "auto" else fixed.attention,
         lora_r=r,
         lora_alpha=2 * r if fixed.lora_alpha == "auto" else fixed.lora_alpha,
         lora_targets=tuple(spec.linear_names) if fixed.lora_targets in ("auto", (ALL_LINEAR,)) else fixed.lora_targets,
@@ -485,6 +487,12 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     cc = planning_cc(card)
     if k.attention != "auto":
         r["attention"] = fixed
+    elif spec.model_type in NO_SDPA_MODEL_TYPES:
+        r["attention"] = (
+            f"eager: transformers has no sdpa path for {spec.model_type} ({NO_SDPA_MODEL_TYPES[spec.model_type]}); eager keeps each "
+            "layer's s × s scores, which the plan counts"
+            + ("; flash_attention_2 (flash-attn ≥ 2.6) avoids them" if cc >= (8, 0) and not card.is_cpu else "")
+        )
     elif card.is_cpu:
         r["attention"] = "sdpa: PyTorch's fused attention, on CPU too"
     elif cc >= (8, 0):
