@@ -237,9 +237,42 @@ def portable_adapter_config(out: Path, model: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # report_to → importable packages
+
+
+def check_tracker(report_to: str) -> None:
+    """A tracker whose package is missing is refused before anything loads (accelerate would warn once and log nothing)."""
+    import importlib.util
+
+    packages = TRACKER_PACKAGES.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise HfgpuError(
+            f"report_to: {report_to} needs the {packages[0]} package, which is not installed: "
+            f"pip install {packages[0]}, or set report_to: none"
+        )
+
+
+def tracker_hparams(d: dict, prefix: str = "") -> dict:
+    """plan.json flattened to the scalar hyper-parameters trackers accept (TensorBoard takes int, float, str, bool):
+    nested keys joined with "/", lists joined with ",", None as "none"."""
+    flat: dict = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(tracker_hparams(value, name + "/"))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = ",".join(str(v) for v in value)
+        elif value is None:
+            flat[name] = "none"
+        else:
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
 def finetune(recipe: Recipe, say=print) -> RunResult:
     """Run the recipe; returns the output folder, final metrics and the plan."""
     start = time.time()
+    check_tracker(recipe.report_to)
     out = check_output_dir(recipe)
     lock = RunLock(out)
     if int(os.environ.get("RANK", "0") or 0) == 0:
@@ -327,7 +360,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
             (out / "plan.json").write_text(json.dumps(p.to_dict(), indent=2))
             (out / "resolved_recipe.yaml").write_text(ran.to_yaml())
         if recipe.report_to != "none":
-            accelerator.init_trackers(out.name, config=json.loads(json.dumps(p.to_dict())))
+            accelerator.init_trackers(out.name, config=tracker_hparams(json.loads(json.dumps(p.to_dict()))))
 
     loop = LoopConfig.from_plan(p, recipe, fingerprint=run_fingerprint(ran, p, tokenized_fingerprint(data.train)))
     result = train_loop(accelerator, model, tokenizer, data, loop, out, say=speak, on_ready=write_records)

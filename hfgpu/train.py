@@ -138,8 +138,8 @@ class MetricsLog:
     """metrics.jsonl, one JSON object per logged step or evaluation; main process only. On resume the
     records past the resumed step (written after that checkpoint, before a crash) are dropped."""
 
-    def __init__(self, path: Path, enabled: bool, resumed_step: int | None):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resumed_step: int | None, tracker: Callable[[dict, int], None] | None = None):
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         if not enabled:
             return
         kept = ""
@@ -152,6 +152,9 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if self.tracker is not None and numbers:
+                self.tracker(numbers, int(record.get("step", 0)))
 
 
 def _step_of(line: str) -> int:
@@ -366,7 +369,9 @@ def train_loop(
     model, optimizer, scheduler, train_dl, eval_dl, total_steps, pad_id = _build(accelerator, model, tokenizer, data, cfg)
     ckpt_dir = out / "checkpoints"
     state, resumed = _resume(accelerator, model, optimizer, scheduler, cfg, ckpt_dir, say)
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, resumed)
+    # the tracker (report_to) gets every numeric record too; its trackers exist once on_ready has run
+    to_tracker = lambda values, step: accelerator.log(values, step=step) if accelerator.trackers else None
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, resumed, tracker=to_tracker)
     on_ready()
     lm_head = accelerator.unwrap_model(model).get_output_embeddings().weight if cfg.loss_chunk else None
     scaled = getattr(accelerator, "scaler", None) is not None  # fp16: inf gradients make the scaler skip a step

@@ -340,3 +340,44 @@ def test_bf16_lora_with_generated_metrics(tiny_model_dir, tmp_path):
     assert res.plan.precision == "bf16"
     assert "eval_exact_match" in res.metrics and "eval_exact_match" in res.initial_metrics
     assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"]
+
+
+def test_tensorboard_gets_the_metrics_and_the_plan(tiny_model_dir, tmp_path):
+    """report_to: tensorboard logs every numeric metric per step and the plan as scalar hparams (read back from
+    the event file); a tracker whose package is missing is one line before anything loads."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    run(tiny_model_dir, out, report_to="tensorboard", train={"max_steps": 6, "log_every": 2})
+    events = sorted(out.rglob("events.out.tfevents.*"))
+    assert events, list(out.rglob("*"))
+    scalars: dict = {}
+    for e in events:
+        acc = EventAccumulator(str(e.parent))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [ev.step for ev in acc.Scalars(tag)]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [r["step"] for r in logged if "loss" in r]
+    assert scalars.get("loss") == loss_steps and len(loss_steps) >= 3, scalars
+    assert "eval_loss" in scalars
+
+
+def test_a_missing_tracker_package_is_one_line_before_anything_loads(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "hfgpu.finetune", "recipes/demo_cpu.yaml", "report_to=wandb", f"output_dir={out}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "report_to: wandb needs the wandb package" in r.stderr and "pip install wandb" in r.stderr
+    assert not out.exists()
