@@ -164,3 +164,15 @@ def test_every_tier_recipe_also_fits_by_simulation(entry):
     name, card, strategy, model, seq, _, _, *fixed = entry
     p = plan(model, card, strategy=strategy, seq_len=seq, verify=True, **(fixed[0] if fixed else {}))
     assert p.simulation["fits"], f"{name}: simulated {p.simulation['total'] / 2**30:.1f} GiB > budget {p.memory.budget / 2**30:.1f} GiB"
+
+
+def test_the_recipes_page_lists_every_recipe_with_its_model():
+    import yaml
+
+    page = (ROOT / "recipes" / "README.md").read_text()
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        row = next((line for line in page.splitlines() if line.startswith(f"| `{path.name}` |")), None)
+        assert row, f"add {path.name} to recipes/README.md"
+        model = yaml.safe_load(path.read_text())["model"]
+        if not model.startswith("hfgpu:"):
+            assert model.split("/")[-1].split("-hf")[0].replace("-v0.3", "") in row, (path.name, model, row)
