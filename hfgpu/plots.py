@@ -70,9 +70,10 @@ def plot_fit(model: str, rows: list[dict], path: str | Path, tokens: float) -> P
     ax.set_yticks(range(len(rows)), [r["gpu"].replace("GeForce ", "") for r in reversed(rows)], fontsize=7)
     ax.set_xlabel("GB (grey: the card; colour: peak of the best strategy that fits)")
     ax.set_title(f"{model}: which card fits, at what price, in how many hours for {tokens:,.0f} tokens (estimates)", fontsize=9)
-    for strategy in ("full", "lora", "qlora"):
-        ax.barh([], [], color=STRATEGY_COLOURS[strategy], label=strategy)
-    ax.legend(loc="lower right", fontsize=8)
+    from matplotlib.patches import Patch
+
+    # explicit swatches: empty bars make legend entries in the default colour, whatever colour they were given
+    ax.legend(handles=[Patch(color=STRATEGY_COLOURS[s], label=s) for s in ("full", "lora", "qlora")], loc="lower right", fontsize=8)
     ax.set_xlim(0, max(r["vram_gb"] for r in rows) * 1.35)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

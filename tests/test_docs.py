@@ -121,3 +121,23 @@ def test_the_architecture_page_lists_every_module():
     page = (ROOT / "docs" / "architecture.md").read_text()
     missing = [p.name for p in sorted((ROOT / "hfgpu").glob("*.py")) if f"`hfgpu/{p.name}`" not in page]
     assert not missing, f"add to docs/architecture.md: {missing}"
+
+
+def test_the_fit_picture_legend_shows_each_strategys_colour(tmp_path, monkeypatch):
+    """fit.png colours bars by strategy; its legend must show those colours (it showed three default blues)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hfgpu.plots import STRATEGY_COLOURS, plot_fit
+
+    captured = {}
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: captured.setdefault("fig", fig))
+    rows = [dict(gpu="GeForce RTX 4090", vram_gb=24, best_strategy="lora", best_peak_gib=20.0, launch_price_usd=1599, hours_estimate=1.0)]
+    plot_fit("m", rows, tmp_path / "fit.png", 1e6)
+    legend = captured["fig"].axes[0].get_legend()
+    shown = {t.get_text(): matplotlib.colors.to_hex(h.get_facecolor()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    assert shown == {s: STRATEGY_COLOURS[s] for s in ("full", "lora", "qlora")}
+    real_close(captured["fig"])
