@@ -88,10 +88,21 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
+    if train:  # a short run logs a few points: draw them, a line through one point is invisible
+        ax.plot(*zip(*train), "." if len(train) < 30 else "", linestyle="-", label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    if not train:
+        ax.text(
+            0.5,
+            0.5,
+            "no training loss logged yet: the run was shorter than train.log_every",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="#666666",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

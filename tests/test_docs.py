@@ -141,3 +141,30 @@ def test_the_fit_picture_legend_shows_each_strategys_colour(tmp_path, monkeypatc
     shown = {t.get_text(): matplotlib.colors.to_hex(h.get_facecolor()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
     assert shown == {s: STRATEGY_COLOURS[s] for s in ("full", "lora", "qlora")}
     real_close(captured["fig"])
+
+
+def test_loss_png_of_a_short_run_shows_its_points(tmp_path, monkeypatch):
+    """A run shorter than a few log intervals logs one or two training points: they are drawn as markers."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hfgpu.plots import plot_losses
+
+    captured = {}
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: captured.setdefault("fig", fig))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        "\n".join(json.dumps(r) for r in [{"step": 0, "eval_loss": 3.0}, {"step": 5, "loss": 2.5}, {"step": 5, "eval_loss": 2.4}])
+    )
+    plot_losses(metrics, tmp_path / "loss.png")
+    lines = captured["fig"].axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["train loss", "eval loss"] and all(
+        ln.get_marker() not in ("", "None", None) for ln in lines
+    )
+    real_close(captured["fig"])
+    assert (tmp_path / "loss.png").stat().st_size > 5000
