@@ -68,14 +68,24 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     return answers
 
 
-def task_metrics(model, tokenizer, examples: list[tuple[str, str]], metrics: list[str], max_new_tokens: int, device) -> dict[str, float]:
-    """Generate an answer for each (prompt, reference) and score it with each named local metric."""
+def task_metrics(
+    model, tokenizer, examples: list[tuple[str, str]], metrics: list[str], max_new_tokens: int, device, max_len: int | None = None
+) -> dict[str, float]:
+    """Generate an answer for each (prompt, reference) and score it with each named local metric.
+
+    A prompt that leaves no room for `max_new_tokens` within `max_len` (the planned sequence length: what the
+    memory plan covers and the model's positions allow) is skipped and counted in `eval_generation_skipped`."""
     if not metrics or not examples:
         return {}
+    fitting = [(p, r) for p, r in examples if max_len is None or len(p) + max_new_tokens <= max_len]
+    skipped = {"eval_generation_skipped": float(len(examples) - len(fitting))} if len(fitting) < len(examples) else {}
+    examples = fitting
+    if not examples:
+        return skipped
     predictions = generate_answers(model, tokenizer, [p for p, _ in examples], max_new_tokens, device)
     references = [r for _, r in examples]
     scores = {}
     for name in metrics:
         for key, value in load_metric(name).compute(predictions=predictions, references=references).items():
             scores[f"eval_{key}"] = float(value)
-    return scores
+    return {**scores, **skipped}

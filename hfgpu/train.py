@@ -72,6 +72,7 @@ class LoopConfig:
     autocast: bool = False  # 16-bit mixed precision: adapters take 16-bit inputs (hfgpu.modeling.adapters_in_compute_dtype)
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (hfgpu.checkpoint.check_fingerprint)
     resume_force: bool = False  # resume although the fingerprint differs
+    generation_max_len: int | None = None  # prompt + answer tokens generation may reach (the planned seq_len)
 
     @classmethod
     def from_plan(cls, p, recipe, fingerprint: dict | None = None) -> "LoopConfig":
@@ -108,6 +109,7 @@ class LoopConfig:
             autocast=p.precision != "fp32",
             eval_chunk=chunk if plain_logits(p.spec.config) else None,
             fingerprint=fingerprint or {},
+            generation_max_len=p.seq_len,
             plan_note=(
                 f"the plan estimated {gib(p.memory.total)} of {gib(p.memory.budget)} at micro-batch {p.micro_batch_size}, "
                 f"seq_len {p.seq_len}"
@@ -387,6 +389,7 @@ def train_loop(
                     cfg.metrics,
                     cfg.max_new_tokens,
                     accelerator.device,
+                    max_len=cfg.generation_max_len,
                 )
             )
         accelerator.wait_for_everyone()

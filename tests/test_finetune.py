@@ -381,3 +381,20 @@ def test_a_missing_tracker_package_is_one_line_before_anything_loads(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "report_to: wandb needs the wandb package" in r.stderr and "pip install wandb" in r.stderr
     assert not out.exists()
+
+
+def test_generation_for_metrics_skips_prompts_with_no_room_and_counts_them():
+    """An eval prompt longer than the planned sequence length less max_new_tokens is skipped (a GPT-2-style
+    model would index past its positions), counted in eval_generation_skipped; the others are scored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfgpu.evaluation import task_metrics
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO / "model")
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
+    short, long = tokenizer("Capital of Peru?")["input_ids"], tokenizer("Capital of Peru? " * 20)["input_ids"]
+    assert len(short) + 8 <= 32 < len(long) + 8
+    scores = task_metrics(model, tokenizer, [(short, "Lima"), (long, "Lima")], ["exact_match"], 8, "cpu", max_len=32)
+    assert scores["eval_generation_skipped"] == 1.0 and "eval_exact_match" in scores
+    assert task_metrics(model, tokenizer, [(long, "Lima")], ["exact_match"], 8, "cpu", max_len=32) == {"eval_generation_skipped": 1.0}
+    assert "eval_generation_skipped" not in task_metrics(model, tokenizer, [(short, "Lima")], ["exact_match"], 8, "cpu", max_len=32)
