@@ -80,7 +80,9 @@ def speed_line(p: "Plan") -> str:
     if p.tokens_per_second_estimate is None:
         return "speed: no estimate (the catalog has no TFLOPS for this card)"
     tps, hours = p.tokens_per_second_estimate, p.hours_per_million_tokens
-    return f"speed (estimate from peak TFLOPS × utilization): ~{tps:,.0f} tokens/s, ~{hours:.2f} h per 1M tokens"
+    n = p.gpu.count
+    rate = f"~{tps:,.0f} tokens/s" if n == 1 else f"~{tps:,.0f} tokens/s in total over {n} cards (~{tps / n:,.0f} per card)"
+    return f"speed (estimate from peak TFLOPS × utilization): {rate}, ~{hours:.2f} h per 1M tokens"
 
 
 def plan_text(p: "Plan") -> str:

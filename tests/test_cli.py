@@ -174,3 +174,13 @@ def test_runs_from_a_folder_that_holds_a_directory_named_hfgpu(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()  # the recipe's hfgpu: paths resolved to the package
+
+
+def test_the_speed_of_several_cards_says_total_and_per_card():
+    import hfgpu
+    from hfgpu.report import speed_line
+
+    one, two = hfgpu.plan("Qwen/Qwen2.5-3B", "RTX 3090"), hfgpu.plan("Qwen/Qwen2.5-3B", "2x RTX 3090")
+    assert "per card" not in speed_line(one)
+    total = two.tokens_per_second_estimate
+    assert f"~{total:,.0f} tokens/s in total over 2 cards (~{total / 2:,.0f} per card)" in speed_line(two)
