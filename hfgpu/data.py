@@ -469,8 +469,24 @@ def padding_fraction(lengths: list[int], batch_size: int) -> float:
     return pad / total if total else 0.0
 
 
+EVAL_FRACTION_SEED = 0  # data.eval_fraction: the same held-out rows on every run and every resume
+
+
 def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int) -> Prepared:
     train_rows = load_rows(cfg.path, cfg.split)
+    held_out = None
+    if cfg.eval_fraction:
+        if cfg.eval_path or cfg.eval_split:
+            other = f"data.eval_path={cfg.eval_path}" if cfg.eval_path else f"data.eval_split={cfg.eval_split}"
+            raise HfgpuError(f"data.eval_fraction={cfg.eval_fraction} and {other} both choose the eval rows: keep one")
+        n_eval = round(len(train_rows) * cfg.eval_fraction)
+        if n_eval < 1 or n_eval >= len(train_rows):
+            raise HfgpuError(
+                f"data.eval_fraction={cfg.eval_fraction} of {len(train_rows)} rows holds out {n_eval}: "
+                "choose a fraction that leaves at least one row on each side"
+            )
+        parts = train_rows.train_test_split(test_size=n_eval, seed=EVAL_FRACTION_SEED, shuffle=True)
+        train_rows, held_out = parts["train"], parts["test"]
     tok, stats, cols = tokenize(train_rows, cfg, tokenizer, max_len, f"data {cfg.path!r}")
     stats["padding_before"] = padding_fraction(tok["length"], micro_batch_size)
     if cfg.packing:
@@ -478,10 +494,12 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int
         stats["padding_after"] = padding_fraction(tok["length"], micro_batch_size)
         stats["sequences"] = len(tok)
     eval_ds, prompts = None, []
-    if cfg.eval_path or cfg.eval_split:
-        eval_rows = load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train")
+    if cfg.eval_path or cfg.eval_split or held_out is not None:
+        eval_rows = held_out if held_out is not None else load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train")
         eval_ds, eval_stats, eval_cols = tokenize(eval_rows, cfg, tokenizer, max_len, f"eval data {(cfg.eval_path or cfg.path)!r}")
         stats["eval_examples"] = len(eval_ds)
+        if held_out is not None:
+            stats["eval_held_out"] = cfg.eval_fraction
         template = load_chat_template(cfg.chat_template)
         for r in eval_rows:
             try:

@@ -345,6 +345,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
             else f"; padding {s['padding_before']:.0%}"
         )
         + (f"; {s['eval_examples']} eval examples" if "eval_examples" in s else "")
+        + (f" (data.eval_fraction {s['eval_held_out']:g} of the training rows, held out)" if "eval_held_out" in s else "")
     )
 
     settings = ModelSettings.from_plan(p)

@@ -66,6 +66,9 @@ class _DataConfig(_Strict):
     split: str = Field("train", description="split of a Hub dataset (or of the local file) to train on")
     eval_split: str | None = Field(None, description="split to evaluate on (Hub datasets)")
     eval_path: str | None = Field(None, description="a separate local file to evaluate on")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="hold out this fraction of the training rows (seeded, the same every run) when there is no eval file"
+    )
     train_on_prompt: bool = Field(False, description="also learn the prompt tokens (instruction and chat formats)")
     too_long: Literal["truncate", "drop"] = Field("truncate", description="what to do with examples longer than max_seq_len")
     chat_template: str | None = Field(None, description="a Jinja chat template, when the tokenizer has none")

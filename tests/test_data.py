@@ -334,3 +334,27 @@ def test_a_chat_eval_row_without_an_assistant_turn_is_skipped_not_a_crash(tok, t
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     prepared = prepare_data(DataConfig(path=str(path), eval_path=str(path), format="chat"), tok, 128, 1)
     assert [ref for _, ref in prepared.eval_prompts] == ["Lima"] and len(prepared.eval) == 1
+
+
+def test_eval_fraction_holds_out_seeded_rows_that_never_train(tok, tmp_path):
+    """data.eval_fraction: a seeded share of the training file becomes the eval set, disjoint from the training
+    rows, the same on every run; it cannot be combined with another eval source."""
+    rows = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(path=str(path), eval_fraction=0.25)
+    a, b = prepare_data(cfg, tok, 64, 2), prepare_data(cfg, tok, 64, 2)
+    train, held = {tuple(x) for x in a.train["input_ids"]}, {tuple(x) for x in a.eval["input_ids"]}
+    assert len(held) == 10 and len(train) == 30 and not train & held
+    assert a.eval["input_ids"] == b.eval["input_ids"] and a.train["input_ids"] == b.train["input_ids"]
+    assert len(a.eval_prompts) == 10 and a.stats["eval_held_out"] == 0.25
+    with pytest.raises(HfgpuError, match="both choose the eval rows"):
+        prepare_data(DataConfig(path=str(path), eval_fraction=0.25, eval_path=str(path)), tok, 64, 2)
+    with pytest.raises(HfgpuError, match="leaves at least one row"):
+        prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "one.jsonl", rows[:1])), eval_fraction=0.5), tok, 64, 2)
+
+
+def test_eval_fraction_out_of_range_names_the_key():
+    from hfgpu.recipe import validate_recipe
+
+    with pytest.raises(HfgpuError, match="data.eval_fraction"):
+        validate_recipe({"model": "m", "data": {"path": "x.jsonl", "eval_fraction": 1.5}})
