@@ -346,7 +346,6 @@ def prompt_for(run: Run, tokenizer, prompt: str, template: str = "auto") -> str:
 
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, template: str = "auto") -> str:
     """Greedy completion of `prompt` by the fine-tuned model."""
-    import torch
 
     if not prompt.strip():
         raise HfgpuError('the prompt is empty: pass the text to complete (--prompt "…")')
@@ -354,13 +353,6 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, templa
     model, tokenizer = run.load()
     text = prompt_for(run, tokenizer, prompt, template)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=run.recipe.data.format != "chat")["input_ids"]
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    from hfgpu.evaluation import generate_answers  # the greedy decoding the eval metrics use
+
+    return generate_answers(model, tokenizer, [ids[0].tolist()], max_new_tokens, model.device)[0]

@@ -292,39 +292,39 @@ def offloaded_bytes(spec: ModelSpec, s: Setup) -> int:
     return max(spec.num_layers - 2, 0) * spec.hidden_size * s.micro_batch_size * s.seq_len * _residual_bytes(s)
 
 
+def recompute_bytes(spec: ModelSpec, s: Setup) -> float:
+    """With checkpointing: what one layer's recompute and backward hold (0 without checkpointing). The
+    tiled MLP keeps its intermediates for one tile of tokens; with offloading OFFLOAD_RECOMPUTE scales the
+    per-layer features (see its comment)."""
+    if not s.gradient_checkpointing:
+        return 0.0
+    tokens = s.micro_batch_size * s.seq_len
+    _, one_layer, _ = transient_per_token(spec, s)
+    layer = tokens * one_layer
+    if s.tiled_mlp:
+        row = activation_coefficients()["modes"][mode_key(s, checkpointing=False)]
+        layer -= max(0, tokens - MLP_TILE) * row["layer"].get("inter", 0.0) * spec.intermediate_size
+    return OFFLOAD_RECOMPUTE[s.tiled_mlp] * layer if s.activation_offloading else layer
+
+
 def activation_bytes(spec: ModelSpec, s: Setup) -> int:
     """What the decoder layers hold at the step's peak; with checkpointing the recompute of one layer
     counts as far as it exceeds the loss phase (logits_bytes), which happens at another moment."""
     tokens = s.micro_batch_size * s.seq_len
-    kept, one_layer, _ = transient_per_token(spec, s)
-    row = activation_coefficients()["modes"][mode_key(s, checkpointing=False)]
-    layer = tokens * one_layer
-    if s.tiled_mlp and s.gradient_checkpointing:  # the MLP's intermediates exist for one tile of tokens only
-        layer -= max(0, tokens - MLP_TILE) * row["layer"].get("inter", 0.0) * spec.intermediate_size
+    kept, _, _ = transient_per_token(spec, s)
+    recompute = max(0.0, recompute_bytes(spec, s) - logits_bytes(spec, s))
     if s.activation_offloading and s.gradient_checkpointing:
-        # on the card: two layers' inputs (exact), and one layer's recompute and backward, which
-        # OFFLOAD_RECOMPUTE scales from the per-layer features (see its comment)
+        # on the card: two layers' inputs (exact), and one layer's recompute and backward
+        row = activation_coefficients()["modes"][mode_key(s, checkpointing=False)]
         on_card = min(2, spec.num_layers) * _residual_bytes(s) * spec.hidden_size * tokens
-        recompute = max(0.0, OFFLOAD_RECOMPUTE[s.tiled_mlp] * layer - logits_bytes(spec, s))
         return int(on_card + max(row["model_hidden"] * spec.hidden_size * tokens, 0.0) + recompute)
-    recompute = max(0.0, layer - logits_bytes(spec, s))
     return int(max(tokens * kept, 0.0) + recompute)
 
 
 def peak_phase(spec: ModelSpec, s: Setup) -> str:
     """The moment of the step that sets the peak: "recompute" when one checkpointed layer's recompute and
     backward outgrow the loss (logits), else "loss" (the end of the forward)."""
-    if not s.gradient_checkpointing:
-        return "loss"
-    tokens = s.micro_batch_size * s.seq_len
-    _, one_layer, _ = transient_per_token(spec, s)
-    row = activation_coefficients()["modes"][mode_key(s, checkpointing=False)]
-    layer = tokens * one_layer
-    if s.tiled_mlp:
-        layer -= max(0, tokens - MLP_TILE) * row["layer"].get("inter", 0.0) * spec.intermediate_size
-    if s.activation_offloading:
-        layer *= OFFLOAD_RECOMPUTE[s.tiled_mlp]
-    return "recompute" if layer > logits_bytes(spec, s) else "loss"
+    return "recompute" if recompute_bytes(spec, s) > logits_bytes(spec, s) else "loss"
 
 
 def transient_bytes(spec: ModelSpec, s: Setup) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from hfgpu import memory
@@ -197,6 +198,11 @@ class _Ctx:
     def correction(self) -> float:
         return self.calibration["factor"] if self.calibration else 1.0
 
+    @cached_property
+    def saver_rules(self) -> tuple[dict[str, tuple[bool, ...]], dict[str, str]]:
+        """`_saver_rules` of this problem, decided once for the search and the reasons."""
+        return _saver_rules(self)
+
     def setup(self, **searched: Any) -> memory.Setup:
         return memory.Setup.of(self.base.replace(**searched), self.gpu.count)
 
@@ -239,7 +245,7 @@ def _savers(c: _Ctx, **chosen: Any) -> list[dict[str, bool]]:
     """(checkpointing, chunked loss, offloading, tiled MLP) combinations allowed by the fixed knobs and
     the rules (`_saver_rules`), fastest first."""
     spec, gpu = c.spec, c.gpu
-    allowed, _ = _saver_rules(c)
+    allowed, _ = c.saver_rules
     combos = []
     for ckpt in allowed["gradient_checkpointing"]:
         offs = allowed["activation_offloading"] if ckpt else (False,)
@@ -407,10 +413,6 @@ def _plan(c: _Ctx) -> Plan:
     )
 
 
-def _gib(n: int) -> str:
-    return f"{gib(n)}"
-
-
 def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int, rejected: dict[tuple, int]) -> dict[str, str]:
     """Each knob's reason, quoting what the search saw (`rejected`: the smallest peak of each option it passed over)."""
     spec, card, k, seq, global_batch = c.spec, c.gpu, c.fixed, kn.seq_len, c.base.global_batch_size
@@ -418,21 +420,21 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     r: dict[str, str] = {}
 
     def least(*key) -> str:
-        return f"at least {_gib(rejected[key])}" if key in rejected else "more"
+        return f"at least {gib(rejected[key])}" if key in rejected else "more"
 
     if k.strategy != "auto":
         r["strategy"] = fixed
     elif kn.strategy == "full":
-        r["strategy"] = f"full fine-tuning fits ({_gib(mem.total)} of {_gib(mem.budget)}): best quality, every weight trains"
+        r["strategy"] = f"full fine-tuning fits ({gib(mem.total)} of {gib(mem.budget)}): best quality, every weight trains"
     elif kn.strategy == "lora":
         r["strategy"] = (
-            f"LoRA: full fine-tuning does not fit in {_gib(mem.budget)} (it needs {least('full')}); "
+            f"LoRA: full fine-tuning does not fit in {gib(mem.budget)} (it needs {least('full')}); "
             "a 16-bit frozen base with trainable adapters does"
         )
     else:
         r["strategy"] = (
             f"QLoRA: neither full fine-tuning ({least('full')}) nor LoRA on a 16-bit base ({least('lora')}) fits in "
-            f"{_gib(mem.budget)}; a 4-bit base does"
+            f"{gib(mem.budget)}; a 4-bit base does"
         )
     r["precision"] = fixed if k.precision != "auto" else auto_precision(card)[1]
     if k.quantization != "auto":
@@ -445,7 +447,7 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
             + (" with double quantization (≈4.13 bits/weight)" if k.double_quant else "")
             + ": the QLoRA recipe (Dettmers et al. 2023); works from cc 6.0"
         )
-    _, rule = _saver_rules(c)
+    _, rule = c.saver_rules
     cost = f"costs one extra forward pass (≈ +{checkpointing_cost(kn.strategy):.0%} step time)"
     if "gradient_checkpointing" in rule:
         r["gradient_checkpointing"] = rule["gradient_checkpointing"] + (
@@ -462,7 +464,7 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     else:
         r["micro_batch_size"] = (
             f"{kn.micro_batch_size}: the largest power of two ≤ the global batch that fits "
-            f"({_gib(mem.activations + mem.logits)} of activations and logits)"
+            f"({gib(mem.activations + mem.logits)} of activations and logits)"
         )
     r["grad_accum_steps"] = (
         fixed
@@ -477,7 +479,7 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
     elif kn.optimizer == "adamw_8bit":
         wide = c.breakdown(replace(kn, optimizer="adamw_torch"))
         r["optimizer"] = (
-            f"8-bit AdamW (bitsandbytes): 2 bytes of state per parameter instead of 8 saves {_gib(wide.total - mem.total)}; "
+            f"8-bit AdamW (bitsandbytes): 2 bytes of state per parameter instead of 8 saves {gib(wide.total - mem.total)}; "
             f"32-bit state does not fit with any saver (it needs {least(kn.strategy, 'adamw_torch')})"
         )
     elif kn.strategy == "full":
@@ -542,7 +544,7 @@ def _saver_reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown) -> di
     says what it saves, measured against the same plan without it; one it left off was not needed by
     the fastest combination that fits."""
     spec, card, seq = c.spec, c.gpu, kn.seq_len
-    _, rule = _saver_rules(c)
+    _, rule = c.saver_rules
     r: dict[str, str] = {}
 
     def without(**change) -> memory.MemoryBreakdown:
@@ -555,24 +557,24 @@ def _saver_reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown) -> di
             why = (
                 f"on: lm_head and the loss run over slices of {memory.loss_chunk_tokens(spec.vocab_size)} tokens, so the full "
                 f"logits never exist: "
-                f"saves {_gib(plain.logits - mem.logits)} (logits {_gib(plain.logits)} → {_gib(mem.logits)}); costs "
+                f"saves {gib(plain.logits - mem.logits)} (logits {gib(plain.logits)} → {gib(mem.logits)}); costs "
                 f"≈{CHUNKED_LOSS_COST:.0%} of step time"
             )
         elif on and name == "activation_offloading":
             moved = memory.offloaded_bytes(spec, kn)
             compute = compute_tokens_per_second(spec, card, kn)
             cost = (moved / PCIE_BYTES_PER_S) / (kn.micro_batch_size * seq / compute) if compute else None
-            why = f"on: the checkpointed layer inputs ({_gib(moved)} per micro-batch) wait in pinned CPU memory"
+            why = f"on: the checkpointed layer inputs ({gib(moved)} per micro-batch) wait in pinned CPU memory"
             if cost is not None:
                 why += (
-                    f": saves {_gib(without(activation_offloading=False).total - mem.total)} on the card; costs ≈{cost:.1%} of step time "
+                    f": saves {gib(without(activation_offloading=False).total - mem.total)} on the card; costs ≈{cost:.1%} of step time "
                     f"(copied back over PCIe at ~{PCIE_BYTES_PER_S / 1e9:.0f} GB/s)"
                 )
         elif on:
             why = (
                 f"on: in backward the MLP runs over tiles of {memory.MLP_TILE} tokens, so its intermediate tensors exist for "
                 f"one tile only: "
-                f"saves {_gib(without(tiled_mlp=False).total - mem.total)}; costs ≈{TILED_MLP_COST:.0%} of step time"
+                f"saves {gib(without(tiled_mlp=False).total - mem.total)}; costs ≈{TILED_MLP_COST:.0%} of step time"
             )
         elif name in rule:
             why = rule[name]
@@ -610,7 +612,7 @@ def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBr
             f"cover only nn.Linear layers"
         )
     if mem.fits and mem.total > 0.95 * mem.budget:
-        w.append(f"tight fit: {_gib(mem.total)} of {_gib(mem.budget)}; close other programs using the GPU")
+        w.append(f"tight fit: {gib(mem.total)} of {gib(mem.budget)}; close other programs using the GPU")
     if kn.packing and kn.attention != "flash_attention_2" and (mask := kn.micro_batch_size * kn.seq_len * kn.seq_len) >= 0.02 * mem.budget:
         # transformers builds an explicit b × s × s mask for packed rows unless FlashAttention-2 reads the restarting position ids
         w.append(
@@ -680,19 +682,19 @@ def _alternatives(c: _Ctx, closest: Plan) -> list[str]:
     if k.strategy not in ("auto", "qlora"):
         p = retry(strategy="qlora", quantization="auto")
         if p.fits:
-            alts.append(f"{use('strategy', 'qlora')} fits ({_gib(p.memory.total)} of {_gib(p.memory.budget)})")
+            alts.append(f"{use('strategy', 'qlora')} fits ({gib(p.memory.total)} of {gib(p.memory.budget)})")
     seq = closest.seq_len // 2
     while seq >= 128:
         p = retry(seq_len=seq)
         if p.fits:
-            alts.append(f"{use('seq_len', seq)} fits with {p.strategy} ({_gib(p.memory.total)})")
+            alts.append(f"{use('seq_len', seq)} fits with {p.strategy} ({gib(p.memory.total)})")
             break
         seq //= 2
     consumer = sorted((g for g in catalog() if g.is_consumer and g.vram_gb > card.vram_gb), key=lambda g: (g.msrp_usd or 1e9, -g.vram_gb))
     for g in consumer:
         p = retry(replace(g, count=card.count))
         if p is not None and p.fits:
-            alts.append(f"a {g.name} ({g.vram_gb:g} GB, launch price ${g.msrp_usd:,.0f}) fits with {p.strategy} ({_gib(p.memory.total)})")
+            alts.append(f"a {g.name} ({g.vram_gb:g} GB, launch price ${g.msrp_usd:,.0f}) fits with {p.strategy} ({gib(p.memory.total)})")
             break
     return alts
 
@@ -702,6 +704,6 @@ def _does_not_fit_message(p: Plan, alts: list[str]) -> str:
         f"{p.model} does not fit on {p.gpu.display_name} ({p.gpu.vram_gb:g} GB): the smallest plan tried "
         f"({p.strategy}, micro-batch {p.micro_batch_size}, seq_len {p.seq_len}, checkpointing "
         f"{'on' if p.gradient_checkpointing else 'off'}) "
-        f"needs {_gib(p.memory.total)} of {_gib(p.memory.budget)}"
+        f"needs {gib(p.memory.total)} of {gib(p.memory.budget)}"
     )
     return head + ("; what fits instead: " + "; ".join(alts) if alts else "; nothing smaller fits: choose a smaller model")
