@@ -51,8 +51,48 @@ EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "par
 # --- loading ------------------------------------------------------------------------------------
 
 
-def load_rows(path: str, split: str = "train"):
-    """A `datasets.Dataset` from a local file/folder or a Hub dataset id."""
+def _local_split(path: str, split: str, key: str) -> str:
+    """A local file has one split, `train`; `split` may slice it (train[:80%], train[-100:], train[:10]+train[-10:])."""
+    import datasets
+
+    try:
+        names = {i.splitname for i in datasets.ReadInstruction.from_spec(split)._relative_instructions}
+    except (ValueError, AttributeError):
+        names = {split}
+    if names != {"train"}:
+        raise HfgpuError(
+            f"{key}={split!r}: a local file such as {path!r} has one split, 'train'; slice it (e.g. train[:90%] and "
+            "train[90%:]), or use data.eval_path or data.eval_fraction"
+        )
+    return split
+
+
+def split_overlap(path: str, train_split: str, eval_split: str, rows: int) -> int:
+    """How many of the rows `eval_split` selects `train_split` selects too, in a source of `rows` rows per split
+    (0 when they name different splits)."""
+    import datasets
+
+    def indices(spec: str) -> set[tuple[str, int]]:
+        out = set()
+        for a in datasets.ReadInstruction.from_spec(spec).to_absolute({_base(spec): rows}):
+            out.update((a.splitname, i) for i in range(a.from_, a.to))
+        return out
+
+    try:
+        if _base(train_split) != _base(eval_split):
+            return 0
+        return len(indices(train_split) & indices(eval_split))
+    except (ValueError, AttributeError, KeyError):
+        return 0
+
+
+def _base(spec: str) -> str:
+    return spec.split("[", 1)[0].split("+", 1)[0].strip()
+
+
+def load_rows(path: str, split: str = "train", key: str = "data.split"):
+    """A `datasets.Dataset` from a local file/folder or a Hub dataset id; `split` as datasets takes it
+    (slices too: train[:90%]); `key`: the recipe key that set it, for errors."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -66,7 +106,7 @@ def load_rows(path: str, split: str = "train"):
                 raise HfgpuError(f"data file {path!r} has extension {local.suffix!r}: use one of {', '.join(EXTENSIONS)}")
             if local.stat().st_size == 0:
                 raise HfgpuError(f"data {path!r} has no rows: add examples or point data.path at another file")
-            ds = datasets.load_dataset(builder, data_files={"train": str(local)}, split="train")
+            ds = datasets.load_dataset(builder, data_files={"train": str(local)}, split=_local_split(path, split, key))
             ds.data.table.validate(full=True)  # pyarrow loads bytes that are not UTF-8 and fails only when a row is read
         elif local.is_dir():
             ds = datasets.load_dataset(str(local), split=split)
@@ -473,7 +513,7 @@ EVAL_FRACTION_SEED = 0  # data.eval_fraction: the same held-out rows on every ru
 
 
 def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int) -> Prepared:
-    train_rows = load_rows(cfg.path, cfg.split)
+    train_rows = load_rows(cfg.path, cfg.split, "data.split")
     held_out = None
     if cfg.eval_fraction:
         if cfg.eval_path or cfg.eval_split:
@@ -495,7 +535,17 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int
         stats["sequences"] = len(tok)
     eval_ds, prompts = None, []
     if cfg.eval_path or cfg.eval_split or held_out is not None:
-        eval_rows = held_out if held_out is not None else load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train")
+        eval_key = "data.eval_split" if cfg.eval_split else "data.eval_path"
+        eval_rows = held_out if held_out is not None else load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train", eval_key)
+        same_source = held_out is None and resolve_path(cfg.eval_path or cfg.path) == resolve_path(cfg.path)
+        if same_source and _base(cfg.split) == _base(cfg.eval_split or "train"):
+            # the same rows to draw from: say so when the eval rows are training rows (never silently)
+            whole = len(load_rows(cfg.path, _base(cfg.split), "data.split"))
+            shared = split_overlap(cfg.path, cfg.split, cfg.eval_split or "train", whole)
+            if shared:
+                stats["eval_overlap"] = shared
+                stats["eval_overlap_of"] = len(eval_rows)
+                stats["eval_overlap_keys"] = f"{eval_key}={cfg.eval_split or cfg.eval_path} and data.split={cfg.split}"
         eval_ds, eval_stats, eval_cols = tokenize(eval_rows, cfg, tokenizer, max_len, f"eval data {(cfg.eval_path or cfg.path)!r}")
         stats["eval_examples"] = len(eval_ds)
         if held_out is not None:

@@ -4,6 +4,7 @@ generated greedily, through local `evaluate` modules (hfgpu/metrics/, loaded by 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -49,11 +50,21 @@ def load_metric(name: str):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device) -> list[str]:
-    """Greedy answers to prompts given as token ids (tokenized as training tokenized them: hfgpu.data.prompt_ids)."""
+def generate_answers(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, max_seconds: float | None = None, progress: bool = False
+) -> list[str]:
+    """Greedy answers to prompts given as token ids (tokenized as training tokenized them: hfgpu.data.prompt_ids).
+
+    `max_seconds`: stop starting new answers after that long (the answers made so far are returned, so the
+    list may be shorter than `prompts`). `progress`: a progress bar on stderr."""
+    from tqdm.auto import tqdm
+
     model.eval()
     answers = []
-    for prompt in prompts:
+    start = time.perf_counter()
+    for prompt in tqdm(prompts, desc="generating eval answers", disable=not progress, leave=False, dynamic_ncols=True):
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
         out = model.generate(
             input_ids=ids,
@@ -69,23 +80,35 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
 
 
 def task_metrics(
-    model, tokenizer, examples: list[tuple[str, str]], metrics: list[str], max_new_tokens: int, device, max_len: int | None = None
+    model,
+    tokenizer,
+    examples: list[tuple[str, str]],
+    metrics: list[str],
+    max_new_tokens: int,
+    device,
+    max_len: int | None = None,
+    max_seconds: float | None = None,
 ) -> dict[str, float]:
     """Generate an answer for each (prompt, reference) and score it with each named local metric.
 
     A prompt that leaves no room for `max_new_tokens` within `max_len` (the planned sequence length: what the
-    memory plan covers and the model's positions allow) is skipped and counted in `eval_generation_skipped`."""
+    memory plan covers and the model's positions allow) is skipped and counted in `eval_generation_skipped`.
+    After `max_seconds` no new answer is started: the scores cover the answers made, and the prompts left are
+    counted in `eval_generation_timed_out`."""
     if not metrics or not examples:
         return {}
     fitting = [(p, r) for p, r in examples if max_len is None or len(p) + max_new_tokens <= max_len]
-    skipped = {"eval_generation_skipped": float(len(examples) - len(fitting))} if len(fitting) < len(examples) else {}
-    examples = fitting
-    if not examples:
-        return skipped
-    predictions = generate_answers(model, tokenizer, [p for p, _ in examples], max_new_tokens, device)
-    references = [r for _, r in examples]
+    counts = {"eval_generation_skipped": float(len(examples) - len(fitting))} if len(fitting) < len(examples) else {}
+    if not fitting:
+        return counts
+    predictions = generate_answers(model, tokenizer, [p for p, _ in fitting], max_new_tokens, device, max_seconds, progress=True)
+    if len(predictions) < len(fitting):
+        counts["eval_generation_timed_out"] = float(len(fitting) - len(predictions))
+    if not predictions:
+        return counts
+    references = [r for _, r in fitting[: len(predictions)]]
     scores = {}
     for name in metrics:
         for key, value in load_metric(name).compute(predictions=predictions, references=references).items():
             scores[f"eval_{key}"] = float(value)
-    return {**scores, **skipped}
+    return {**scores, **counts}

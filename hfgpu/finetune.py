@@ -347,6 +347,12 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
         + (f"; {s['eval_examples']} eval examples" if "eval_examples" in s else "")
         + (f" (data.eval_fraction {s['eval_held_out']:g} of the training rows, held out)" if "eval_held_out" in s else "")
     )
+    if s.get("eval_overlap"):
+        speak(
+            f"warning: {s['eval_overlap']} of the {s['eval_overlap_of']} eval rows are training rows ({s['eval_overlap_keys']}): "
+            "the eval loss will not show overfitting; slice the two apart (data.split=train[:90%], data.eval_split=train[90%:]) "
+            "or use data.eval_fraction"
+        )
 
     settings = ModelSettings.from_plan(p)
     model = prepare_model(model_path, settings, seed=recipe.train.seed, trust_remote_code=recipe.trust_remote_code)

@@ -118,6 +118,9 @@ class EvalConfig(_Strict):
     metrics: list[Literal["exact_match", "accuracy"]] = Field(default_factory=list, description="task metrics on generated answers")
     max_new_tokens: int = Field(32, ge=1, description="longest generated answer, in tokens")
     max_examples: int | None = Field(200, ge=1, description="eval examples to generate for task metrics")
+    max_generation_seconds: float | None = Field(
+        300, gt=0, description="stop generating answers after this long per evaluation (scores cover the answers made); null: no limit"
+    )
 
 
 class HubConfig(_Strict):

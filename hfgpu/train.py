@@ -64,6 +64,7 @@ class LoopConfig:
     metrics: list[str]
     max_new_tokens: int
     max_eval_examples: int | None
+    max_generation_seconds: float | None
     resume: str  # never | auto | a checkpoint path
     plan_note: str = ""  # the plan's memory estimate, quoted when even micro-batch 1 runs out of memory
     loss_chunk: int | None = None  # chunked cross-entropy (hfgpu.loss) when set
@@ -102,6 +103,7 @@ class LoopConfig:
             metrics=list(recipe.eval.metrics),
             max_new_tokens=recipe.eval.max_new_tokens,
             max_eval_examples=recipe.eval.max_examples,
+            max_generation_seconds=recipe.eval.max_generation_seconds,
             resume=recipe.resume,
             resume_force=recipe.resume_force,
             loss_chunk=chunk if p.chunked_loss else None,
@@ -390,6 +392,7 @@ def train_loop(
                     cfg.max_new_tokens,
                     accelerator.device,
                     max_len=cfg.generation_max_len,
+                    max_seconds=cfg.max_generation_seconds,
                 )
             )
         accelerator.wait_for_everyone()

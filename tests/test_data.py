@@ -358,3 +358,20 @@ def test_eval_fraction_out_of_range_names_the_key():
 
     with pytest.raises(HfgpuError, match="data.eval_fraction"):
         validate_recipe({"model": "m", "data": {"path": "x.jsonl", "eval_fraction": 1.5}})
+
+
+def test_splits_slice_a_local_file_and_eval_on_training_rows_is_said(tok, tmp_path):
+    """data.split / data.eval_split apply to a local file (its one split, 'train', sliced); a split the file does
+    not have is refused naming the key; eval rows that are training rows are counted, never silent."""
+    rows = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(10)]
+    path = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    apart = prepare_data(DataConfig(path=path, split="train[:80%]", eval_split="train[80%:]"), tok, 64, 2)
+    train, held = {tuple(x) for x in apart.train["input_ids"]}, {tuple(x) for x in apart.eval["input_ids"]}
+    assert len(train) == 8 and len(held) == 2 and not train & held and "eval_overlap" not in apart.stats
+    assert [ref for _, ref in apart.eval_prompts] == ["8", "9"]
+    shared = prepare_data(DataConfig(path=path, eval_split="train[80%:]"), tok, 64, 2)
+    assert len(shared.train) == 10 and shared.stats["eval_overlap"] == 2 and shared.stats["eval_overlap_of"] == 2
+    assert "data.eval_split=train[80%:] and data.split=train" in shared.stats["eval_overlap_keys"]
+    for key, value in (("eval_split", "test_sft"), ("split", "validation[:10%]")):
+        with pytest.raises(HfgpuError, match=rf"data\.{key}='{value[:8]}.*one split, 'train'"):
+            prepare_data(DataConfig(path=path, **{key: value}), tok, 64, 2)

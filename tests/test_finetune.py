@@ -398,3 +398,22 @@ def test_generation_for_metrics_skips_prompts_with_no_room_and_counts_them():
     assert scores["eval_generation_skipped"] == 1.0 and "eval_exact_match" in scores
     assert task_metrics(model, tokenizer, [(long, "Lima")], ["exact_match"], 8, "cpu", max_len=32) == {"eval_generation_skipped": 1.0}
     assert "eval_generation_skipped" not in task_metrics(model, tokenizer, [(short, "Lima")], ["exact_match"], 8, "cpu", max_len=32)
+
+
+def test_generation_for_metrics_stops_after_its_time_limit_and_counts_the_rest():
+    """eval.max_generation_seconds: no new answer starts after the limit; the scores cover the answers made and
+    the prompts left are counted in eval_generation_timed_out (a slowed generate makes the limit certain)."""
+    import time as clock
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfgpu.evaluation import task_metrics
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO / "model")
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
+    real = model.generate
+    model.generate = lambda **kw: (clock.sleep(0.3), real(**kw))[1]
+    prompt = tokenizer("Capital of Peru?")["input_ids"]
+    scores = task_metrics(model, tokenizer, [(prompt, "Lima")] * 3, ["exact_match"], 4, "cpu", max_seconds=0.2)
+    assert scores["eval_generation_timed_out"] == 2.0 and "eval_exact_match" in scores
+    assert "eval_generation_timed_out" not in task_metrics(model, tokenizer, [(prompt, "Lima")] * 2, ["exact_match"], 4, "cpu")
