@@ -59,7 +59,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out.float()).to(ctx.weight_dtype) if grad_w is not None else None
+        # in place: a second lm_head-sized fp32 tensor here would sit on top of every activation (the loss's
+        # backward runs first); the saved gradient is not read again (no retain_graph in training)
+        gw = grad_w.mul_(grad_out.float()).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None
 
 
@@ -104,12 +106,15 @@ def final_hidden_states(model, inputs: dict) -> torch.Tensor:
     return captured[-1]
 
 
-def model_loss(model, batch: dict, chunk_size: int | None = None, lm_head_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The batch's mean next-token loss: transformers' own path, or the chunked one."""
+def model_loss(
+    model, batch: dict, chunk_size: int | None = None, lm_head_weight: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The batch's mean next-token loss: transformers' own path, or the chunked one (its matmuls in `dtype`:
+    the compute dtype in mixed precision, as lm_head runs under autocast on the plain path)."""
     if not chunk_size:
         return model(**batch).loss
     weight = lm_head_weight if lm_head_weight is not None else getattr(model, "module", model).get_output_embeddings().weight
-    return chunked_causal_lm_loss(final_hidden_states(model, batch), weight, batch["labels"], chunk_size)
+    return chunked_causal_lm_loss(final_hidden_states(model, batch), weight, batch["labels"], chunk_size, dtype=dtype)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ class StepMemory:
     weights: int  # parameters and quantization constants
     trainable_state: int  # gradients + optimizer state
     peak: int  # the most tensor bytes alive at once during forward, backward and optimizer step (512-byte blocks)
+    peak_phase: str = "forward"  # where that peak was: forward (the loss), backward (a recompute) or optimizer
 
     @property
     def transient(self) -> int:
@@ -80,8 +81,9 @@ def tracked_step(
     with PeakTracker(baseline=state_tensors(model, optimizer)) as tracker:
         step()
         if optimizer is not None:
+            tracker.phase = "optimizer"
             optimizer.step()
-    return StepMemory(weights=weights, trainable_state=trainable_state, peak=tracker.peak_bytes)
+    return StepMemory(weights=weights, trainable_state=trainable_state, peak=tracker.peak_bytes, peak_phase=tracker.peak_phase)
 
 
 def measure_step(config, settings: ModelSettings, micro_batch_size: int, seq_len: int, optimizer: str = "adamw_torch") -> StepMemory:

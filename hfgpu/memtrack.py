@@ -38,6 +38,8 @@ class PeakTracker(TorchDispatchMode):
             self._add(t, is_baseline=True)
         self.current_bytes = self.baseline_bytes
         self.peak_bytes = self.baseline_bytes
+        self.phase = "forward"  # the caller names the phase it runs ("optimizer"); backward is detected
+        self.peak_phase = "forward"  # where the peak was set: forward, backward or the caller's phase
 
     def _add(self, t: torch.Tensor, is_baseline: bool = False) -> None:
         if t.device.type == "meta":
@@ -52,7 +54,9 @@ class PeakTracker(TorchDispatchMode):
             self.baseline_bytes += size
         else:
             self.current_bytes += size
-            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+            if self.current_bytes > self.peak_bytes:
+                self.peak_bytes = self.current_bytes
+                self.peak_phase = "backward" if torch._C._current_graph_task_id() != -1 else self.phase
         weakref.finalize(st, self._free, key)
 
     def _free(self, key: int) -> None:

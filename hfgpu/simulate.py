@@ -30,6 +30,7 @@ class Simulation:
     trainable_state: int
     peak: int  # tensor peak of one step: weights + state + activations + logits
     seconds: float
+    peak_phase: str = "forward"  # where the peak was set: forward (the loss), backward or optimizer
 
     @property
     def transient(self) -> int:
@@ -41,6 +42,7 @@ class Simulation:
             "trainable_state": self.trainable_state,
             "transient": self.transient,
             "peak": self.peak,
+            "peak_phase": self.peak_phase,
             "seconds": round(self.seconds, 2),
         }
 
@@ -130,7 +132,7 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
         correction = (exact - exact_rest) - simulated_linear  # NF4 bytes replace the compute-dtype linear weights
         weights += correction
         peak += correction + memory.dequant_workspace_bytes(spec, s)
-    return Simulation(weights=weights, trainable_state=state, peak=peak, seconds=time.perf_counter() - start)
+    return Simulation(weights=weights, trainable_state=state, peak=peak, seconds=time.perf_counter() - start, peak_phase=step.peak_phase)
 
 
 BYTES_OF = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}

@@ -17,6 +17,27 @@ from hfgpu.modeling import adapters_in_compute_dtype
 from hfgpu.offload import offload_activations
 
 
+@contextlib.contextmanager
+def accelerate_autocast(model, dtype: torch.dtype | None, device_type: str):
+    """The model's forward as accelerate's `prepare` leaves it in mixed precision: autocast over the forward
+    only (its weight-cast cache ends with the forward) and the outputs converted to fp32. `dtype=None`: unchanged."""
+    if dtype is None:
+        yield
+        return
+    from accelerate.utils import convert_outputs_to_fp32
+
+    had = "forward" in vars(model)
+    original = model.forward
+    model.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=dtype)(original))
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = original
+        else:
+            del model.forward
+
+
 def forward_backward(
     model,
     batch: dict,
@@ -26,6 +47,7 @@ def forward_backward(
     offload: bool,
     lm_head=None,
     autocast: torch.dtype | None = None,
+    loss_dtype: torch.dtype | None = None,
     weight: torch.Tensor | None = None,
     scale: torch.Tensor | float | None = None,
     backward: Callable[[torch.Tensor], None] | None = None,
@@ -36,12 +58,14 @@ def forward_backward(
     `chunk`: the chunked loss's slice (None: full logits). `adapters_16bit`: LoRA layers take 16-bit
     inputs under autocast (hfgpu.modeling.adapters_in_compute_dtype), over forward and backward both,
     since a checkpointed layer recomputes in backward. `offload`: activation offloading. `autocast`:
-    the compute dtype when the caller has no autocast of its own (accelerate wraps the model's forward
-    in training). `backward`: accelerate's (loss scaling, DeepSpeed); torch's by default. `simulate`: fake tensors."""
-    cast = torch.autocast(batch["input_ids"].device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    the compute dtype when the caller has no accelerate wrapper (measurement, simulation): the model's
+    forward is wrapped as accelerate wraps it in training (accelerate_autocast), so both hold the same
+    tensors. `loss_dtype`: the chunked loss's matmul dtype (the compute dtype in mixed precision; it runs
+    outside the forward's autocast; default `autocast`). `backward`: accelerate's (loss scaling,
+    DeepSpeed); torch's by default. `simulate`: fake tensors."""
     with adapters_in_compute_dtype(model, adapters_16bit):
-        with cast, offload_activations(offload, simulate=simulate):
-            loss = model_loss(model, batch, chunk, lm_head)
+        with accelerate_autocast(model, autocast, batch["input_ids"].device.type), offload_activations(offload, simulate=simulate):
+            loss = model_loss(model, batch, chunk, lm_head, dtype=loss_dtype or autocast)
             if weight is not None:
                 loss = loss * weight
         (backward or torch.Tensor.backward)(loss if scale is None else loss * scale)

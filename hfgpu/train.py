@@ -33,6 +33,7 @@ from hfgpu import checkpoint
 from hfgpu.data import IGNORE, Prepared, collate
 from hfgpu.errors import HfgpuError
 from hfgpu.evaluation import eval_loss, task_metrics
+from hfgpu.modeling import DTYPES
 from hfgpu.optim import make_optimizer
 from hfgpu.step import forward_backward
 from hfgpu.units import GIB, gib
@@ -71,6 +72,7 @@ class LoopConfig:
     activation_offloading: bool = False  # checkpointed layer inputs wait in CPU memory (hfgpu.offload)
     eval_chunk: int | None = None  # evaluation computes logits over slices of this many tokens
     autocast: bool = False  # 16-bit mixed precision: adapters take 16-bit inputs (hfgpu.modeling.adapters_in_compute_dtype)
+    precision: str = "fp32"  # the compute dtype (the chunked loss runs its matmuls in it under mixed precision)
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (hfgpu.checkpoint.check_fingerprint)
     resume_force: bool = False  # resume although the fingerprint differs
     generation_max_len: int | None = None  # prompt + answer tokens generation may reach (the planned seq_len)
@@ -109,6 +111,7 @@ class LoopConfig:
             loss_chunk=chunk if p.chunked_loss else None,
             activation_offloading=p.activation_offloading,
             autocast=p.precision != "fp32",
+            precision=p.precision,
             eval_chunk=chunk if plain_logits(p.spec.config) else None,
             fingerprint=fingerprint or {},
             generation_max_len=p.seq_len,
@@ -210,6 +213,7 @@ def window_backward(accelerator, model, window: list[dict], split: int, cfg: Loo
                 adapters_16bit=cfg.autocast,
                 offload=cfg.activation_offloading,
                 lm_head=lm_head,
+                loss_dtype=DTYPES[cfg.precision] if cfg.autocast else None,
                 weight=label_tokens(piece),
                 scale=world / tokens,
                 backward=accelerator.backward,
