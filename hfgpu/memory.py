@@ -11,8 +11,9 @@ overhead: under gradient accumulation the previous micro-batch's gradients are a
 forward, so nothing here is freed before the activations peak. `transient` is what a step allocates
 that does not scale with its tokens (autocast's 16-bit weight copies, bitsandbytes' dequantization
 workspace, the embedding's dense gradient); `peak_phase` says which moment sets the peak: the loss
-(the end of the forward, every kept activation and the logits alive) or, with checkpointing, the
-recompute of one layer in backward.
+(the end of the forward, every kept activation and the logits alive), with checkpointing the
+recompute of one layer in backward, or in full fine-tuning the end of backward, where the embedding's
+dense gradients (exact) can outgrow a short step's activations.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class MemoryBreakdown:
     overhead: int  # CUDA context, workspaces, allocator fragmentation
     budget: int  # what the plan may use: the card's memory less the planner's headroom
     transient: int = 0  # per step, not per token: autocast's weight copies, dequantization workspace, embedding gradient
-    peak_phase: str = "loss"  # "loss" (end of the forward) or "recompute" (one checkpointed layer in backward)
+    peak_phase: str = "loss"  # "loss" (end of the forward), "recompute" (one checkpointed layer) or "embedding gradient" (end of backward)
 
     @property
     def tensor_peak(self) -> int:
@@ -88,6 +89,11 @@ class MemoryBreakdown:
     def fits(self) -> bool:
         return self.total <= self.budget
 
+    @property
+    def margin(self) -> int:
+        """Budget left at the peak (negative when it does not fit)."""
+        return self.budget - self.total
+
     def to_dict(self) -> dict:
         return {
             "weights": self.weights,
@@ -98,6 +104,7 @@ class MemoryBreakdown:
             "overhead": self.overhead,
             "total": self.total,
             "budget": self.budget,
+            "margin": self.margin,
             "peak_phase": self.peak_phase,
         }
 
@@ -179,11 +186,35 @@ def weight_bytes(spec: ModelSpec, s: Setup) -> int:
 
 
 def autocast_copy_bytes(spec: ModelSpec, s: Setup) -> int:
-    """Full fine-tuning under 16-bit autocast: autocast keeps a 16-bit copy of every weight it casts
-    (its cache lives until the forward/backward ends): linear weights and lm_head; embeddings are read in fp32."""
+    """Full fine-tuning under 16-bit autocast (fp32 master weights): the 16-bit weight copies a step holds at
+    its peak, beyond what the other components count. Autocast caches one copy of each weight for the
+    model's forward (accelerate wraps only the forward) and drops the cache when the forward returns;
+    lm_head's V × h copy is autocast's on the plain path and the chunked loss's own otherwise.
+    - without checkpointing each linear saves its copy for backward: all are alive at the loss;
+    - with checkpointing and the plain loss (computed inside the forward): all are alive with its logits;
+    - with checkpointing and the chunked loss (after the forward) the copies meet neither the logits nor
+      the recompute: the step's peak is the largest of the forward's end (every decoder copy), the loss
+      (lm_head's copy + the chunked logits) and one layer's recompute (+ that layer's copies), and this
+      returns what that adds to max(logits, recompute), which activations + logits already count.
+    Embeddings are read in fp32."""
     if s.strategy != "full" or s.precision == "fp32" or s.quantization != "none":
         return 0
-    return 2 * (spec.linear_params + spec.lm_head_params)
+    head, decoder = 2 * spec.vocab_size * spec.hidden_size, 2 * spec.linear_params
+    if not (s.gradient_checkpointing and s.chunked_loss):
+        return decoder + head
+    logits, recompute = logits_bytes(spec, s), int(recompute_bytes(spec, s))
+    peak = max(decoder, logits + head, recompute + decoder // max(spec.num_layers, 1))
+    return peak - max(logits, recompute)
+
+
+def embedding_gradient_bytes(spec: ModelSpec, s: Setup) -> int:
+    """Full fine-tuning, the end of backward (exact): the embedding's backward builds a dense fp32 V × h
+    gradient before adding it into the accumulated one. With tied embeddings lm_head's gradient waits for
+    it and autograd sums the two into a third before accumulating: 3 × 4 · V · h. By then the layers'
+    activations are freed, so this phase competes with the loss phase rather than adding to it."""
+    if s.strategy != "full":
+        return 0
+    return (3 if spec.tie_word_embeddings else 1) * 4 * spec.vocab_size * spec.hidden_size
 
 
 def _adam_state_bytes(numel: int, optimizer: str) -> int:
@@ -212,6 +243,18 @@ def trainable_state_bytes(spec: ModelSpec, s: Setup) -> int:
 def activation_coefficients() -> dict:
     text = PACKAGE.joinpath("resources/activation_coefficients.json").read_text()
     return json.loads(text)
+
+
+KNOWN_ERROR_DEFAULT = 0.05  # where the coefficient file names none for a mode
+
+
+def known_error(s: Setup) -> float:
+    """How far under a simulated step's tensor peak the model's estimate has fallen, at most, as a fraction of
+    it, for this setup's mode (strategy, 16-bit or fp32, checkpointing, attention): measured on held-out real
+    models at full depth by benchmarks/memory_cpu.py (`under`). A plan whose margin is smaller than this share
+    of its tensor peak is "tight" (hfgpu.planner.Plan.tight)."""
+    table = activation_coefficients().get("known_error", {})
+    return float(table.get(mode_key(s), {}).get("under", KNOWN_ERROR_DEFAULT))
 
 
 @lru_cache(maxsize=1)
@@ -293,18 +336,25 @@ def offloaded_bytes(spec: ModelSpec, s: Setup) -> int:
 
 
 def recompute_bytes(spec: ModelSpec, s: Setup) -> float:
-    """With checkpointing: what one layer's recompute and backward hold (0 without checkpointing). The
-    tiled MLP keeps its intermediates for one tile of tokens; with offloading OFFLOAD_RECOMPUTE scales the
-    per-layer features (see its comment)."""
+    """With checkpointing: what one layer's recompute and backward hold (0 without checkpointing): the
+    per-layer features × RECOMPUTE_FACTOR (its backward's gradients come on top of what the recomputed forward
+    saves; see the constant's comment), the tiled MLP's intermediates for one tile of tokens only, and in full
+    fine-tuning with tied embeddings lm_head's fp32 gradient, which waits through the whole backward for the
+    embedding's (autograd sums the two before accumulating)."""
     if not s.gradient_checkpointing:
         return 0.0
     tokens = s.micro_batch_size * s.seq_len
     _, one_layer, _ = transient_per_token(spec, s)
     layer = tokens * one_layer
+    if s.attention == "eager":
+        # the backward of eager attention's softmax: the gradients of the s × s probabilities and of the
+        # scores, in the compute dtype, beside what the recomputed forward saved
+        layer += 2 * spec.num_heads * s.seq_len * tokens * BYTES[s.precision]
     if s.tiled_mlp:
         row = activation_coefficients()["modes"][mode_key(s, checkpointing=False)]
         layer -= max(0, tokens - MLP_TILE) * row["layer"].get("inter", 0.0) * spec.intermediate_size
-    return OFFLOAD_RECOMPUTE[s.tiled_mlp] * layer if s.activation_offloading else layer
+    waiting = 4 * spec.vocab_size * spec.hidden_size if s.strategy == "full" and spec.tie_word_embeddings else 0
+    return RECOMPUTE_FACTOR[s.tiled_mlp] * layer + waiting
 
 
 def activation_bytes(spec: ModelSpec, s: Setup) -> int:
@@ -321,24 +371,33 @@ def activation_bytes(spec: ModelSpec, s: Setup) -> int:
     return int(max(tokens * kept, 0.0) + recompute)
 
 
+def _loss_phase_bytes(spec: ModelSpec, s: Setup) -> int:
+    """What the step holds beyond weights and state at the loss (or one layer's recompute, whichever is larger)."""
+    return activation_bytes(spec, s) + logits_bytes(spec, s) + autocast_copy_bytes(spec, s) + vocab_transient_bytes(spec, s)
+
+
 def peak_phase(spec: ModelSpec, s: Setup) -> str:
-    """The moment of the step that sets the peak: "recompute" when one checkpointed layer's recompute and
-    backward outgrow the loss (logits), else "loss" (the end of the forward)."""
+    """The moment of the step that sets the peak: "embedding gradient" (full fine-tuning, the end of backward)
+    when its dense gradients outgrow everything the loss phase holds; else "recompute" when one checkpointed
+    layer's recompute and backward outgrow the loss (logits); else "loss" (the end of the forward)."""
+    if embedding_gradient_bytes(spec, s) > _loss_phase_bytes(spec, s):
+        return "embedding gradient"
     return "recompute" if recompute_bytes(spec, s) > logits_bytes(spec, s) else "loss"
 
 
 def transient_bytes(spec: ModelSpec, s: Setup) -> tuple[int, int]:
-    """(autocast weight copies, the fitted and exact per-step constants: dequantization workspace and
-    the embedding's dense gradient / lm_head copy)."""
-    return autocast_copy_bytes(spec, s), dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s)
+    """(autocast weight copies, the per-step constants: dequantization workspace, the fitted vocab × hidden
+    term, and the embedding gradient as far as it outgrows the loss phase)."""
+    end_of_backward = max(0, embedding_gradient_bytes(spec, s) - _loss_phase_bytes(spec, s))
+    return autocast_copy_bytes(spec, s), dequant_workspace_bytes(spec, s) + vocab_transient_bytes(spec, s) + end_of_backward
 
 
-# With offloading the checkpointed inputs leave the card, and what stays is the recompute and backward of
-# one layer: its peak over the per-layer features (one_layer, fitted without checkpointing) was
-# 1.31-1.37 untiled and 0.97-1.14 tiled on simulated Llama-3.1-8B, Llama-3.2-1B, Qwen2.5-0.5B/1.5B
-# steps where the recompute dominates (chunked loss, 2k-16k tokens); rounded up. Checked against
-# simulation in tests/test_offload.py.
-OFFLOAD_RECOMPUTE = {False: 1.40, True: 1.20}
+# One checkpointed layer's recompute and backward: its peak over the per-layer features (one_layer, fitted
+# without checkpointing: what the forward saves) was 1.31-1.37 untiled and 0.97-1.14 tiled on simulated
+# Llama-3.1-8B, Llama-3.2-1B, Qwen2.5-0.5B/1.5B steps where the recompute dominates (chunked loss, 2k-16k
+# tokens, with offloading, which leaves exactly this on the card); rounded up. The same holds without
+# offloading (Qwen2.5-0.5B full fine-tuning, 16k tokens: 1.35). Checked against simulation in tests/test_offload.py.
+RECOMPUTE_FACTOR = {False: 1.40, True: 1.20}
 
 
 def _residual_bytes(s: Setup) -> int:

@@ -150,13 +150,17 @@ def test_a_plan_warns_when_the_libraries_differ_from_those_the_coefficients_were
 def test_transient_and_peak_phase_mean_what_they_say():
     """`transient` holds the per-step allocations (autocast's weight copies are not weights: a real step's
     persistent weights exclude them), and `peak_phase` names the moment that sets the peak."""
-    cfg = tiny_llama()
+    cfg = tiny_llama(tie_word_embeddings=True)
     spec = model_spec(cfg)
-    full = setup(spec, "full", "bf16", "none", False)
+    full = setup(spec, "full", "bf16", "none", False, b=1, s=16)
     m = memory.breakdown(spec, full, 8 * 2**30)
-    assert m.transient == 2 * (spec.linear_params + spec.lm_head_params) + memory.vocab_transient_bytes(spec, full)
+    copies, constants = memory.transient_bytes(spec, full)
+    assert copies == 2 * (spec.linear_params + spec.vocab_size * spec.hidden_size) and m.transient == copies + constants
     measured = measure_step(cfg, settings_of(full), 1, 16)
     assert measured.weights == m.weights
+    # 16 tokens, tied embeddings: the three dense fp32 V × h gradients at the end of backward outgrow the loss phase
+    assert m.peak_phase == "embedding gradient" and measured.peak_phase == "backward"
+    assert m.tensor_peak == pytest.approx(measured.peak, rel=0.02)
     q = setup(spec, "qlora", "bf16", "nf4", True)
     assert memory.breakdown(spec, q, 8 * 2**30).transient >= memory.dequant_workspace_bytes(spec, q) > 0
     assert memory.breakdown(spec, dataclasses.replace(q, gradient_checkpointing=False), 8 * 2**30).peak_phase == "loss"
