@@ -226,7 +226,8 @@ def _print_plan(p, alternatives: list[str]) -> None:
     from hfgpu import report
 
     c = _console()
-    c.print(("[green]" if p.fits else "[red]") + report.plan_header(p).replace("[", r"\["))
+    colour = {"fits": "[green]", "verified": "[green]", "tight": "[yellow]"}.get(p.fit, "[red]")
+    c.print(colour + report.plan_header(p).replace("[", r"\["))
     t = Table(show_header=True, box=None, pad_edge=False)
     t.add_column("knob", style="bold")
     t.add_column("value", max_width=32, overflow="fold")
@@ -277,12 +278,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    t = Table(title=f"{spec.name}: which cards fit (peak GiB per strategy; ✓ fits); hours for {args.tokens:,.0f} tokens are estimates")
+    t = Table(
+        title=f"{spec.name}: which cards fit (peak GiB per strategy; ✓ fits, ~ fits tightly: within the memory model's "
+        f"known error of the budget); hours for {args.tokens:,.0f} tokens are estimates"
+    )
     for col in ("card", "GB", "launch $", "full", "lora", "qlora", "best", "tokens/s", "hours", "note"):
         t.add_column(col, justify="left" if col in ("card", "best", "note") else "right")
     for r in rows:
         marks = [f"cheapest {s}" for s in r["cheapest_for"]] + (["fastest within budget"] if r["fastest_within_budget"] else [])
-        cells = [f"{r['peak_gib'][s]:.1f}{' ✓' if r['fits'][s] else ''}" for s in ("full", "lora", "qlora")]
+        marks += [r["fit_note"]] if r["fit_note"] else []
+        cells = [f"{r['peak_gib'][s]:.1f}{(' ~' if r['tight'][s] else ' ✓') if r['fits'][s] else ''}" for s in ("full", "lora", "qlora")]
         t.add_row(
             r["gpu"],
             f"{r['vram_gb']:g}",

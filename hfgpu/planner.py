@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -40,7 +41,7 @@ from hfgpu.knobs import (
     tiled_mlp_blocker,
     validate,
 )
-from hfgpu.models import ModelSpec, model_spec
+from hfgpu.models import ModelSpec, catalog_models, model_spec
 from hfgpu.throughput import (
     CHUNKED_LOSS_COST,
     PCIE_BYTES_PER_S,
@@ -103,6 +104,23 @@ class Plan:
         return self.memory.fits
 
     @property
+    def tight(self) -> bool:
+        """Fits, but by less than the memory model's known error (memory.known_error) or within 5 % of the budget:
+        a real step may not. `--verify` settles it (see `fit`)."""
+        return _tight(self.setup(), self.memory)
+
+    @property
+    def fit(self) -> str:
+        """One word for where the plan stands: "verified" (a simulated step fits), "rejected" (the plan fits, a
+        simulated step does not), "tight" (unverified and within the model's known error of the budget),
+        "fits", or "does not fit"."""
+        if not self.fits:
+            return "does not fit"
+        if self.simulation is not None:
+            return "verified" if self.simulation["fits"] else "rejected"
+        return "tight" if self.tight else "fits"
+
+    @property
     def params_total(self) -> int:
         return self.spec.params_total
 
@@ -149,6 +167,7 @@ class Plan:
             "params_trainable": self.params_trainable,
             "memory": self.memory.to_dict(),
             "fits": self.fits,
+            "fit": self.fit,
             "reasons": dict(self.reasons),
             "warnings": list(self.warnings),
             "tokens_per_second_estimate": None if self.tokens_per_second_estimate is None else round(self.tokens_per_second_estimate, 1),
@@ -210,6 +229,14 @@ class _Ctx:
         return memory.breakdown(self.spec, s, self.gpu.vram_bytes, self.correction)
 
 
+TIGHT_SHARE = 0.95  # a plan using more of the budget than this is tight whatever the model's known error
+
+
+def _tight(s: memory.Setup, m: memory.MemoryBreakdown) -> bool:
+    """Fits, by less than the memory model's known error for this mode, or above TIGHT_SHARE of the budget."""
+    return m.fits and (m.margin < memory.known_error(s) * m.tensor_peak or m.total > TIGHT_SHARE * m.budget)
+
+
 SAVERS = ("gradient_checkpointing", "chunked_loss", "activation_offloading", "tiled_mlp")
 NEEDS_CHECKPOINTING = ("activation_offloading", "tiled_mlp")  # they act on checkpointed layers
 
@@ -266,9 +293,10 @@ def _savers(c: _Ctx, **chosen: Any) -> list[dict[str, bool]]:
 
 
 def _search(c: _Ctx) -> tuple[memory.Setup, memory.MemoryBreakdown, bool, dict[tuple, int]]:
-    """The first fitting combination in preference order, else the one with the smallest peak; and
-    what the search rejected on the way, as the reasons quote it: the smallest peak seen per
-    (strategy,), (strategy, optimizer) and (strategy, optimizer, checkpointing)."""
+    """The first combination in preference order that fits with room (not `_tight`); a strategy whose every
+    fitting combination is tight gives its first tight one before the next strategy is tried; else the one
+    with the smallest peak. And what the search rejected on the way, as the reasons quote it: the smallest
+    peak seen per (strategy,), (strategy, optimizer) and (strategy, optimizer, checkpointing)."""
     f, gpu = c.fixed, c.gpu
     precision = f.precision if f.precision != "auto" else auto_precision(gpu)[0]
     strategies = STRATEGIES if f.strategy == "auto" else (f.strategy,)
@@ -288,6 +316,7 @@ def _search(c: _Ctx) -> tuple[memory.Setup, memory.MemoryBreakdown, bool, dict[t
             rejected[key] = min(rejected.get(key, total), total)
 
     for strategy in strategies:
+        tight: tuple[memory.Setup, memory.MemoryBreakdown] | None = None
         q = f.quantization
         if q == "auto":
             q = "nf4" if strategy == "qlora" else "none"
@@ -307,11 +336,16 @@ def _search(c: _Ctx) -> tuple[memory.Setup, memory.MemoryBreakdown, bool, dict[t
                 for mb in batches:
                     s = c.setup(**chosen, **savers, micro_batch_size=mb)
                     mem = c.breakdown(s)
-                    if mem.fits:
+                    if mem.fits and not _tight(s, mem):
                         return s, mem, True, rejected
+                    if mem.fits:
+                        tight = tight or (s, mem)  # a larger micro-batch, or cheaper savers, than a roomy plan
+                        continue
                     saw(s, mem.total)
                     if smallest is None or mem.total < smallest[1].total:
                         smallest = (s, mem)
+        if tight is not None:
+            return tight[0], tight[1], True, rejected
     assert smallest is not None
     return smallest[0], smallest[1], False, rejected
 
@@ -354,23 +388,59 @@ def plan(model: Any, gpu: Any = "auto", *, verify: bool = False, calibrated: boo
 def plan_knobs(model: Any, gpu: Any, knobs: Knobs, *, surface: Surface = PYTHON, verify: bool = False, calibrated: bool = True) -> Plan:
     """`plan` for a knob record; `surface` names knobs in errors as the user typed them (recipe key, flag, keyword)."""
     c = _context(model, gpu, knobs, surface, calibrated)
-    spec, result = c.spec, _plan(c)
+    result = _plan(c)
     if verify:
-        from hfgpu.simulate import simulate
-
-        sim = simulate(spec.config, result.setup(), spec).to_dict()
-        sim["total"] = sim["peak"] + result.memory.overhead
-        sim["fits"] = sim["total"] <= result.memory.budget
-        extra = ()
-        if result.fits and not sim["fits"]:
-            extra = (
-                f"the simulated step needs {gib(sim['total'])}, more than the budget of {gib(result.memory.budget)}: "
-                "trust the simulation — lower the micro-batch or seq_len, or turn on gradient checkpointing",
-            )
-        result = replace(result, simulation=sim, warnings=result.warnings + extra)
+        c, result = _verified(c, result)
     if not result.fits:
         raise DoesNotFit(_does_not_fit_message(result, alts := _alternatives(c, result)), closest=result, alternatives=alts)
     return result
+
+
+VERIFY_REPLANS = 2  # --verify: how many times a plan the simulation rejects is re-planned to the simulation's numbers
+
+
+def _simulated(p: Plan) -> dict:
+    from hfgpu.simulate import simulate
+
+    sim = simulate(p.spec.config, p.setup(), p.spec).to_dict()
+    sim["total"] = sim["peak"] + p.memory.overhead
+    sim["fits"] = sim["total"] <= p.memory.budget
+    return sim
+
+
+def _verified(c: _Ctx, p: Plan) -> tuple[_Ctx, Plan]:
+    """`--verify`: simulate the plan's step; when the simulated step does not fit, plan again with the
+    activations, logits and per-step transients scaled to what the simulation measured (as a card's stored
+    calibration would scale them) and simulate that, up to VERIFY_REPLANS times. A plan is only called
+    verified when its own simulated step fits."""
+    first = p
+    for attempt in range(VERIFY_REPLANS + 1):
+        sim = _simulated(p)
+        if sim["fits"] or not p.fits or attempt == VERIFY_REPLANS:
+            break
+        m = p.memory
+        ratio = sim["transient"] / max(m.activations + m.logits + m.transient, 1)
+        c = replace(c, calibration={**(c.calibration or {}), "factor": c.correction * max(ratio, 1.01)})
+        p = _plan(c)
+    notes: tuple[str, ...] = ()
+    if p is not first:
+        notes = (
+            f"--verify: the first plan (micro-batch {first.micro_batch_size}, seq_len {first.seq_len}, checkpointing "
+            f"{'on' if first.gradient_checkpointing else 'off'}) fitted on paper but its simulated step did not; this plan "
+            f"scales activations, logits and transients ×{c.correction:.2f} to the simulation",
+        )
+    if p.fits and not sim["fits"]:
+        notes += (
+            f"the simulated step needs {gib(sim['total'])}, more than the budget of {gib(p.memory.budget)}: "
+            "trust the simulation — lower the micro-batch or seq_len, or turn on gradient checkpointing",
+        )
+    warnings = p.warnings
+    if sim["fits"] and any(w.startswith("tight fit:") for w in warnings):
+        warnings = tuple(w for w in warnings if not w.startswith("tight fit:")) + (
+            f"tight fit, verified: the simulated step needs {gib(sim['total'], 2)} of {gib(p.memory.budget, 2)}; "
+            "close other programs using the GPU",
+        )
+    return c, replace(p, simulation=sim, warnings=warnings + notes)
 
 
 def _signature() -> inspect.Signature:
@@ -611,8 +681,12 @@ def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBr
             f"mixture of experts ({spec.num_experts} experts): expert weights are counted, but LoRA targets and quantization "
             f"cover only nn.Linear layers"
         )
-    if mem.fits and mem.total > 0.95 * mem.budget:
-        w.append(f"tight fit: {gib(mem.total)} of {gib(mem.budget)}; close other programs using the GPU")
+    if mem.fits and (mem.margin < (error := memory.known_error(kn)) * mem.tensor_peak or mem.total > 0.95 * mem.budget):
+        w.append(
+            f"tight fit: {gib(mem.total, 2)} of {gib(mem.budget, 2)} leaves {gib(mem.margin, 2)}, less than the memory model's "
+            f"known error for {kn.strategy} ({error:.1%} of the peak): check it with --verify, or lower the micro-batch or seq_len; "
+            "close other programs using the GPU"
+        )
     if kn.packing and kn.attention != "flash_attention_2" and (mask := kn.micro_batch_size * kn.seq_len * kn.seq_len) >= 0.02 * mem.budget:
         # transformers builds an explicit b × s × s mask for packed rows unless FlashAttention-2 reads the restarting position ids
         w.append(
@@ -627,15 +701,29 @@ def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBr
 # --- which card -------------------------------------------------------------------------------------
 
 
+def best_of(plans: list[Plan]) -> Plan | None:
+    """The plan to recommend among fitting plans given in order of preference (full, LoRA, QLoRA): the first
+    with room; the first, tight, only when none has room."""
+    return next((p for p in plans if not p.tight), plans[0] if plans else None)
+
+
 def fit_table(
     model: str, seq_len: Any = "auto", tokens: float = 10e6, budget: float | None = None, surface: Surface = PYTHON
 ) -> list[dict]:
-    """For each consumer card: per-strategy peaks, the best strategy that fits, speed and price."""
+    """For each consumer card: per-strategy peaks and margins, the best strategy that fits (the first of full,
+    LoRA, QLoRA that fits with room; a tight one only when none has room), speed and price."""
     spec = model_spec(model)
     rows = []
     for g in (g for g in catalog() if g.is_consumer):
         per = {s: _plan(_context(spec, g, Knobs(strategy=s, seq_len=seq_len), surface, True)) for s in STRATEGIES}
-        best = next((per[s] for s in STRATEGIES if per[s].fits), None)
+        fitting = [per[s] for s in STRATEGIES if per[s].fits]
+        best = best_of(fitting)
+        note = ""
+        if best is not None and fitting[0] is not best:
+            f = fitting[0]
+            note = f"{f.strategy} fits only tightly ({gib(f.memory.margin, 2)} to spare); {best.strategy} has {gib(best.memory.margin, 2)}"
+        elif best is not None and best.tight:
+            note = f"tight: {gib(best.memory.margin, 2)} to spare, check with --verify"
         tps = best.tokens_per_second_estimate if best else None
         rows.append(
             {
@@ -643,7 +731,10 @@ def fit_table(
                 "vram_gb": g.vram_gb,
                 "launch_price_usd": g.msrp_usd,
                 "peak_gib": {s: round(per[s].memory.total / GIB, 2) for s in STRATEGIES},
+                "margin_gib": {s: round(per[s].memory.margin / GIB, 2) for s in STRATEGIES},
                 "fits": {s: per[s].fits for s in STRATEGIES},
+                "tight": {s: per[s].tight for s in STRATEGIES},
+                "fit_note": note,
                 "best_strategy": best.strategy if best else None,
                 "best_peak_gib": round(best.memory.total / GIB, 2) if best else None,
                 "tokens_per_second_estimate": round(tps, 1) if tps else None,
@@ -666,23 +757,47 @@ def fit_table(
 # --- when nothing fits -------------------------------------------------------------------------------
 
 
+def _generation(name: str) -> str:
+    """A model's family and generation from its name: Llama-3.1-8B and Llama-3.2-1B → "llama-3", Qwen2.5-7B → "qwen2"."""
+    m = re.match(r"[A-Za-z]+-?\d+", name.split("/")[-1])
+    return m.group(0).lower() if m else name.lower()
+
+
+def _smaller_models(spec: ModelSpec) -> list[ModelSpec]:
+    """Catalog models of the same family (owner and architecture) with fewer parameters: the same generation
+    first (Llama-3.2-3B before Llama-2-7b for Llama-3.1-8B), largest first within each."""
+    owner = spec.name.split("/")[0].lower() if "/" in spec.name else None
+    out = []
+    for name in catalog_models():
+        if owner is None or name.split("/")[0].lower() != owner:
+            continue
+        other = model_spec(name)
+        if other.model_type == spec.model_type and other.params_total < spec.params_total:
+            out.append(other)
+    return sorted(out, key=lambda m: (_generation(m.name) != _generation(spec.name), -m.params_total))
+
+
 def _alternatives(c: _Ctx, closest: Plan) -> list[str]:
-    """What fits instead, each named as the user would type it: another strategy, a shorter sequence, a larger card."""
+    """What fits instead, nearest first and each named as the user would type it: on the user's own card a
+    lighter strategy (LoRA before QLoRA), then a shorter sequence, then a smaller model of the same family;
+    then a larger card."""
     alts: list[str] = []
     spec, card, k, use = c.spec, c.gpu, c.fixed, c.surface.setting
 
-    def retry(gpu: GPU | None = None, **change: Any) -> Plan | None:
-        if gpu is None:
+    def retry(gpu: GPU | None = None, model: ModelSpec | None = None, **change: Any) -> Plan | None:
+        if gpu is None and model is None:
             return _plan(replace(c, fixed=k.replace(**change), base=c.base.replace(**change)))
         try:
-            return _plan(_context(spec, gpu, k, c.surface, c.calibrated))  # that card's calibration and rules
+            return _plan(_context(model or spec, gpu or card, k, c.surface, c.calibrated))  # that problem's rules
         except HfgpuError:
             return None
 
-    if k.strategy not in ("auto", "qlora"):
-        p = retry(strategy="qlora", quantization="auto")
+    lighter = {"full": ("lora", "qlora"), "lora": ("qlora",)}.get(k.strategy, ())
+    for strategy in lighter:
+        p = retry(strategy=strategy, quantization="auto")
         if p.fits:
-            alts.append(f"{use('strategy', 'qlora')} fits ({gib(p.memory.total)} of {gib(p.memory.budget)})")
+            alts.append(f"{use('strategy', strategy)} fits ({gib(p.memory.total)} of {gib(p.memory.budget)})")
+            break
     seq = closest.seq_len // 2
     while seq >= 128:
         p = retry(seq_len=seq)
@@ -690,6 +805,9 @@ def _alternatives(c: _Ctx, closest: Plan) -> list[str]:
             alts.append(f"{use('seq_len', seq)} fits with {p.strategy} ({gib(p.memory.total)})")
             break
         seq //= 2
+    fitting = [p for p in (retry(model=m) for m in _smaller_models(spec)) if p is not None and p.fits]
+    if p := best_of(fitting):  # the nearest that fits with room; a tight one only when none has room
+        alts.append(f"the smaller {p.model} fits with {p.strategy} ({gib(p.memory.total)} of {gib(p.memory.budget)})")
     consumer = sorted((g for g in catalog() if g.is_consumer and g.vram_gb > card.vram_gb), key=lambda g: (g.msrp_usd or 1e9, -g.vram_gb))
     for g in consumer:
         p = retry(replace(g, count=card.count))

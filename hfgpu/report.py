@@ -36,6 +36,13 @@ def plan_rows(p: "Plan") -> list[tuple[str, str, str]]:
     return rows
 
 
+PHASES = {
+    "loss": "the loss (end of the forward)",
+    "recompute": "recomputing one checkpointed layer in backward",
+    "embedding gradient": "the embedding's dense gradient (end of backward)",
+}
+
+
 def memory_rows(p: "Plan") -> list[tuple[str, str]]:
     m = p.memory
     return [
@@ -46,7 +53,7 @@ def memory_rows(p: "Plan") -> list[tuple[str, str]]:
         ("transient (per step: autocast copies, dequantization, embedding gradient)", gib(m.transient, 2)),
         ("overhead (CUDA context, workspace, fragmentation)", gib(m.overhead, 2)),
         ("total (peak)", gib(m.total, 2)),
-        ("peak set by", "the loss (end of the forward)" if m.peak_phase == "loss" else "recomputing one checkpointed layer in backward"),
+        ("peak set by", PHASES[m.peak_phase]),
         (f"budget ({p.gpu.vram_gb:g} GB less headroom)" + (", per card" if p.gpu.count > 1 else ""), gib(m.budget, 2)),
     ]
 
@@ -68,10 +75,17 @@ def verify_rows(p: "Plan") -> list[tuple[str, str, str]]:
 def plan_header(p: "Plan") -> str:
     cc = p.gpu.compute_capability
     ccs = "cc unknown" if cc is None else f"cc {cc[0]}.{cc[1]}"
-    verdict = "FITS" if p.fits else "DOES NOT FIT"
+    verdict = {
+        "fits": "FITS",
+        "tight": "FITS (TIGHT)",
+        "verified": "FITS (VERIFIED)",
+        "rejected": "FITS ON PAPER, THE SIMULATED STEP DOES NOT",
+        "does not fit": "DOES NOT FIT",
+    }[p.fit]
+    room = f", {gib(p.memory.margin, 2)} to spare" if p.fits else ""
     return (
         f"{p.model} on {p.gpu.display_name} ({p.gpu.vram_gb:g} GB, {ccs}): {verdict} — "
-        f"{gib(p.memory.total, 2)} of {gib(p.memory.budget, 2)}; "
+        f"{gib(p.memory.total, 2)} of {gib(p.memory.budget, 2)}{room}; "
         f"{millions(p.params_trainable)} of {millions(p.params_total)} parameters train"
     )
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hfgpu.gpus import get_gpu  # noqa: E402
-from hfgpu.planner import STRATEGIES, plan_or_closest  # noqa: E402
+from hfgpu.planner import STRATEGIES, best_of, plan_or_closest  # noqa: E402
 from hfgpu.units import GIB  # noqa: E402
 
 MODELS = [
@@ -61,6 +61,7 @@ HEADERS = {
         "model": "model",
         "best": "best strategy",
         "peak": "peak GiB",
+        "spare": "to spare GiB",
         "tps": "tokens/s",
         "hours": "hours / 10M tokens",
         "price": "launch $",
@@ -76,6 +77,7 @@ HEADERS = {
         "model": "模型",
         "best": "最佳策略",
         "peak": "峰值 GiB",
+        "spare": "余量 GiB",
         "tps": "tokens/s",
         "hours": "每 1000 万 token 小时数",
         "price": "首发价 $",
@@ -90,11 +92,14 @@ HEADERS = {
 
 
 def best(model: str, card: str):
-    for s in STRATEGIES:
-        p = plan_or_closest(model, card, strategy=s, seq_len=SEQ, calibrated=False)
-        if p.fits:
-            return p
-    return None
+    """What `hfgpu fit` recommends: the first of full, LoRA, QLoRA that fits with room (a tight one if none has)."""
+    plans = [plan_or_closest(model, card, strategy=s, seq_len=SEQ, calibrated=False) for s in STRATEGIES]
+    return best_of([p for p in plans if p.fits])
+
+
+def peak(p) -> str:
+    """Peak GiB, with "~" when the plan fits only tightly (within the memory model's known error of the budget)."""
+    return f"{p.memory.total / GIB:.1f}" + ("~" if p.tight else "")
 
 
 def matrix(lang: str) -> str:
@@ -106,46 +111,59 @@ def matrix(lang: str) -> str:
         cells = []
         for m in MODELS:
             p = best(m, card)
-            cells.append(f"{p.strategy} {p.memory.total / GIB:.1f}" if p else "–")
+            cells.append(f"{p.strategy} {peak(p)}" if p else "–")
         lines.append(f"| {g.name.replace('GeForce ', '')} | {g.vram_gb:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def per_model(lang: str, model: str) -> str:
     h = HEADERS[lang]
-    lines = [f"| {h['card']} | {h['best']} | {h['peak']} | {h['tps']} | {h['hours']} | {h['price']} |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| {h['card']} | {h['best']} | {h['peak']} | {h['spare']} | {h['tps']} | {h['hours']} | {h['price']} |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for card in CARDS:
         g = get_gpu(card)
         p = best(model, card)
         price = f"{g.msrp_usd:,.0f}" if g.msrp_usd else "–"
         if p is None:
-            lines.append(f"| {g.name.replace('GeForce ', '')} | {h['none']} | – | – | – | {price} |")
+            lines.append(f"| {g.name.replace('GeForce ', '')} | {h['none']} | – | – | – | – | {price} |")
             continue
         tps = p.tokens_per_second_estimate
         lines.append(
-            f"| {g.name.replace('GeForce ', '')} | {p.strategy} | {p.memory.total / GIB:.1f} | {tps:,.0f} | "
+            f"| {g.name.replace('GeForce ', '')} | {p.strategy} | {peak(p)} | {p.memory.margin / GIB:.1f} | {tps:,.0f} | "
             f"{TOKENS / tps / 3600:.1f} | {price} |"
         )
     return "\n".join(lines)
 
 
+PAIR_MODEL = "meta-llama/Llama-3.1-8B"
+
+
+def pair_plans() -> list:
+    """One plan per multi-card setup: LoRA, or QLoRA when LoRA has no room (the closest one when neither fits)."""
+    out = []
+    for card, mode in PAIRS:
+        tried = [
+            plan_or_closest(PAIR_MODEL, card, strategy=s, seq_len=SEQ, calibrated=False, distributed=mode or "auto")
+            for s in ("lora", "qlora")
+        ]
+        out.append(best_of([p for p in tried if p.fits]) or tried[0])
+    return out
+
+
 def pairs(lang: str) -> str:
     h = HEADERS[lang]
-    model = "meta-llama/Llama-3.1-8B"
-    lines = [f"| {h['setup']} | {h['best']} | {h['peak']} | {h['fits']} | {h['tps']} | {h['total']} |", "|---|---|---|---|---|---|"]
-    for card, mode in PAIRS:
+    lines = [
+        f"| {h['setup']} | {h['best']} | {h['peak']} | {h['spare']} | {h['fits']} | {h['tps']} | {h['total']} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (card, mode), chosen in zip(PAIRS, pair_plans()):
         g = get_gpu(card)
-        chosen = None
-        for s in ("lora", "qlora"):
-            p = plan_or_closest(model, card, strategy=s, seq_len=SEQ, calibrated=False, distributed=mode or "auto")
-            chosen = chosen or p
-            if p.fits:
-                chosen = p
-                break
         label = f"{card}" + (f" ({mode})" if mode else "")
         tps = f"{chosen.tokens_per_second_estimate:,.0f}" if chosen.fits and chosen.tokens_per_second_estimate else "–"
         lines.append(
-            f"| {label} | {chosen.strategy} | {chosen.memory.total / GIB:.1f} | {h['yes'] if chosen.fits else h['no']} | "
+            f"| {label} | {chosen.strategy} | {peak(chosen)} | {chosen.memory.margin / GIB:.1f} | {h['yes'] if chosen.fits else h['no']} | "
             f"{tps} | {g.msrp_usd * g.count:,.0f} |"
         )
     return "\n".join(lines)

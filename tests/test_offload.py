@@ -170,7 +170,7 @@ def test_offloaded_and_tiled_plans_agree_with_the_simulation(model, seq, tiled):
 
 
 def test_the_tiled_mlp_goes_on_only_for_long_sequences():
-    short = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=2048)
+    short = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=1024)
     long = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=6144)
     assert not short.tiled_mlp and "fits without it" in short.reasons["tiled_mlp"]
     assert long.tiled_mlp and long.activation_offloading and long.chunked_loss and "saves" in long.reasons["tiled_mlp"]

@@ -1,4 +1,5 @@
 import pytest
+from conftest import limit
 
 import hfgpu
 from hfgpu.errors import DoesNotFit, HfgpuError
@@ -43,9 +44,11 @@ def test_small_model_on_a_4090_is_full_fine_tuned_and_explained():
         "overhead",
         "total",
         "budget",
+        "margin",
         "peak_phase",
     }
     assert d["memory"]["total"] <= d["memory"]["budget"] < 24 * 1024**3
+    assert d["memory"]["margin"] == d["memory"]["budget"] - d["memory"]["total"] and d["fit"] in ("fits", "tight")
     for knob in (
         "strategy",
         "precision",
@@ -146,7 +149,7 @@ def test_does_not_fit_carries_the_closest_plan_and_alternatives():
     assert any("fits with" in a for a in e.value.alternatives) and "does not fit on" in str(e.value)
     with pytest.raises(DoesNotFit) as e:
         hfgpu.plan("Qwen/Qwen2.5-7B", "RTX 4090", strategy="full")
-    assert any("strategy='qlora' fits" in a or "seq_len" in a for a in e.value.alternatives)
+    assert any("strategy='lora' fits" in a or "seq_len" in a for a in e.value.alternatives)
 
 
 @pytest.mark.parametrize(
@@ -287,7 +290,7 @@ def test_all_linear_targets_are_peft_s_keyword_everywhere(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=limit(120),
     )
     assert r.returncode == 0, r.stderr
     import json
@@ -296,3 +299,41 @@ def test_all_linear_targets_are_peft_s_keyword_everywhere(tmp_path):
     bad = hfgpu.plan_or_closest  # a typo next to it is still refused, naming the layers
     with pytest.raises(HfgpuError, match="all_linear not among"):
         bad("Qwen/Qwen2.5-0.5B", "RTX 3060", strategy="lora", lora_targets="all_linear")
+
+
+def test_what_fits_instead_is_the_nearest_plan_on_the_users_card_first():
+    """A lighter strategy in order (LoRA before QLoRA), then a shorter sequence, then a smaller model of the same
+    family from the catalog, and only then a larger card."""
+    with pytest.raises(DoesNotFit) as e:
+        hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4090", strategy="full")
+    assert e.value.alternatives[0].startswith("strategy='lora' fits")
+    with pytest.raises(DoesNotFit) as e:
+        hfgpu.plan("meta-llama/Llama-3.1-8B", "2x RTX 3090", strategy="full", distributed="zero3")
+    assert e.value.alternatives[0].startswith("strategy='lora' fits")
+    with pytest.raises(DoesNotFit) as e:
+        hfgpu.plan("meta-llama/Llama-3.1-8B", "GTX 1070", seq_len=2048)
+    alts = e.value.alternatives
+    smaller = next(i for i, a in enumerate(alts) if a.startswith("the smaller meta-llama/Llama-3.2-"))
+    card = next(i for i, a in enumerate(alts) if a.startswith("a GeForce"))
+    assert smaller < card and "does not fit on" in str(e.value) and "the smaller meta-llama/Llama-3.2-" in str(e.value)
+
+
+def test_a_plan_within_the_models_known_error_of_the_budget_is_tight():
+    """The margin is shown; a plan whose margin is under the memory model's known error (measured against
+    simulations, memory.known_error) is "tight" — in its header, plan.json and a warning that says what to do."""
+    from hfgpu import memory
+
+    roomy = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", strategy="lora", seq_len=512, micro_batch_size=1)
+    assert roomy.fit == "fits" and not roomy.tight and roomy.memory.margin == roomy.memory.budget - roomy.memory.total
+    error = memory.known_error(roomy.setup())
+    assert 0 < error < 0.1
+    # a card whose budget leaves half the known error as margin
+    budget = roomy.memory.total + 0.5 * error * roomy.memory.tensor_peak
+    card = GPU(name="snug card", vram_gb=budget / (1 - memory.COEFFICIENTS["headroom"]) / 2**30, compute_capability=(8, 9))
+    same = {k: getattr(roomy, k) for k in ("gradient_checkpointing", "chunked_loss", "optimizer", "precision")}
+    snug = hfgpu.plan("Qwen/Qwen2.5-0.5B", card, strategy="lora", seq_len=512, micro_batch_size=1, **same)
+    assert snug.memory.total == roomy.memory.total
+    assert snug.fits and snug.tight and snug.fit == "tight" and snug.to_dict()["fit"] == "tight"
+    assert snug.to_dict()["memory"]["margin"] == snug.memory.margin
+    assert any(w.startswith("tight fit:") and "known error for lora" in w and "--verify" in w for w in snug.warnings)
+    assert "FITS (TIGHT)" in str(snug) and "to spare" in str(snug)

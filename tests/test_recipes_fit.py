@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, limit
 
 from hfgpu.finetune import plan_for
 from hfgpu.recipe import load_recipe
@@ -47,7 +47,7 @@ def test_recipe_command_writes_a_valid_recipe(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=120,
+        timeout=limit(120),
     )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "my.yaml"
@@ -60,7 +60,7 @@ def test_recipe_command_writes_a_valid_recipe(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=120,
+        timeout=limit(120),
     )
     assert bad.returncode == 3 and bad.stdout == "" and "does not fit" in bad.stderr
 
