@@ -24,6 +24,33 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads when it lo
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# --- time limits that do not assume an idle machine -------------------------------------------------------
+# A limit on a subprocess or a wait is a guard against a hang, never a speed test (benchmarks/ measure speed).
+# Each is set for an idle 2-core machine and scaled by how much slower this one is right now: the time a fresh
+# interpreter takes to import torch and transformers, against the same on the idle machine.
+IDLE_IMPORT_SECONDS = 2.0  # python -c "import torch, transformers" on an idle 2-core machine (2.2 s measured with one core busy)
+
+
+def _load_factor() -> float:
+    import subprocess
+    import time
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, transformers"], check=True, capture_output=True)
+    return max(1.0, (time.perf_counter() - start) / IDLE_IMPORT_SECONDS)
+
+
+_FACTOR: list[float] = []
+
+
+def limit(seconds: float) -> float:
+    """`seconds` (set for an idle 2-core machine) scaled by this machine's current slowness (≥ 1×, measured once
+    per test process)."""
+    if not _FACTOR:
+        _FACTOR.append(_load_factor())
+    return seconds * _FACTOR[0]
+
+
 def tiny_llama(**overrides):
     """A small Llama config (2 layers, hidden 64 unless overridden)."""
     from transformers import LlamaConfig

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import DEMO, recipe_dict, tiny_llama, write_jsonl
+from conftest import DEMO, limit, recipe_dict, tiny_llama, write_jsonl
 
 import hfgpu
 from hfgpu.cli import main as hfgpu_main
@@ -738,3 +738,38 @@ IN_PYTHON = {
 
 def test_does_not_fit_is_a_user_error():
     assert issubclass(hfgpu.DoesNotFit, HfgpuError)
+
+
+def test_recipe_mistakes_are_refused_before_torch_loads(tmp_path):
+    """A missing data file, a bad key, a plan that does not fit: one line, exit 2 or 3, before torch is
+    imported (the slow part of starting on a small machine)."""
+    import subprocess
+    import sys
+
+    cases = [
+        ({"data": {"path": str(tmp_path / "nope.jsonl"), "format": "alpaca"}}, 2, "data file"),
+        (
+            {"data": {"path": str(DEMO / "capitals_train.jsonl"), "format": "alpaca", "eval_path": "missing/eval.jsonl"}},
+            2,
+            "check data.eval_path",
+        ),
+        ({"model": "meta-llama/Llama-3.1-8B", "gpu": "GTX 1050 Ti", "strategy": "full"}, 3, "does not fit"),
+    ]
+    for over, code, needle in cases:
+        recipe = {
+            "model": "hfgpu:demo/model",
+            "gpu": "cpu",
+            "output_dir": str(tmp_path / "out"),
+            "data": {"path": str(DEMO / "capitals_train.jsonl")},
+        }
+        recipe.update({k: v for k, v in over.items() if k != "data"})
+        recipe["data"] = {**recipe["data"], **over.get("data", {})}
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        probe = (
+            "import sys; from hfgpu.finetune import main; rc = main([sys.argv[1]]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)"
+        )
+        r = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=limit(600))
+        assert r.returncode == code and needle in r.stderr and "Traceback" not in r.stderr, (over, r.stderr)
+        assert r.stdout.strip().splitlines()[-1] == "no torch", r.stdout

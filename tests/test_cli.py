@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, limit
 
 
 def hfgpu(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "hfgpu", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "hfgpu", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=limit(120))
 
 
 def test_plan_json_prints_exactly_one_object_and_exit_0_when_it_fits():
@@ -170,7 +170,7 @@ def test_runs_from_a_folder_that_holds_a_directory_named_hfgpu(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=limit(300),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()  # the recipe's hfgpu: paths resolved to the package

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import ROOT, recipe_dict
+from conftest import ROOT, limit, recipe_dict
 from safetensors.torch import load_file
 
 from hfgpu.errors import HfgpuError
@@ -40,7 +40,12 @@ def start(recipe, *overrides):
 
 def finish(recipe, *overrides):
     r = subprocess.run(
-        [sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=limit(300),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     return r
@@ -50,7 +55,7 @@ def wait_for(pred, proc, timeout=120):
     t = time.time()
     while not pred():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() - t < timeout
+        assert time.time() - t < limit(timeout)
         time.sleep(0.02)
 
 
@@ -96,7 +101,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     proc = start(recipe)
     wait_for(lambda: steps_logged(out) >= 3, proc)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=limit(120))
     assert proc.returncode == 130
     line = [x for x in stderr.splitlines() if x.startswith("hfgpu:")]
     assert len(line) == 1 and "interrupted at step" in line[0] and "resume=auto" in line[0] and "Traceback" not in stderr
@@ -160,7 +165,7 @@ def test_a_sentinel_token_never_reaches_outputs_or_logs(tiny_model_dir, tmp_path
         env={**ENV, "HF_TOKEN": sentinel},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=limit(300),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert sentinel not in r.stdout + r.stderr

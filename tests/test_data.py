@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEMO, write_jsonl
+from conftest import DEMO, limit, write_jsonl
 
 from hfgpu.data import IGNORE, collate, load_rows, pack, padding_fraction, prepare_data, tokenize
 from hfgpu.errors import HfgpuError
@@ -319,7 +319,7 @@ ds, stats, _ = tokenize(rows, DataConfig(path={str(path)!r}, format="text"), tok
 grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
 print(grew, stats["too_long"], max(ds["length"]))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=limit(300))
     assert r.returncode == 0, r.stderr[-2000:]
     grew_kib, too_long, longest = map(int, r.stdout.split()[-3:])
     assert too_long == 1 and longest == 64

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, recipe_dict, write_jsonl
+from conftest import ROOT, limit, recipe_dict, write_jsonl
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -71,7 +71,7 @@ def test_two_process_gradients_equal_one_full_batch(tiny_model_dir, tmp_path):
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=limit(300),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
@@ -125,7 +125,9 @@ def test_two_process_eval_counts_each_row_once(tiny_model_dir, tmp_path):
             if n == 2
             else [sys.executable]
         )
-        r = subprocess.run([*launch, "-m", "hfgpu.finetune", str(recipe)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [*launch, "-m", "hfgpu.finetune", str(recipe)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=limit(300)
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         results[n] = json.loads((out / "final_metrics.json").read_text())["before"]
     assert results[2]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-6)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, limit
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "README.zh-CN.md"]
 PREFIXES = ("hfgpu ", ".venv/bin/hfgpu ", "python ", ".venv/bin/python ", "accelerate ", ".venv/bin/accelerate ", "make ", "pip ")
@@ -54,7 +54,7 @@ def to_argv(cmd: str) -> list[str]:
 
 
 def test_generated_tables_match_the_planner():
-    r = subprocess.run([sys.executable, "scripts/make_docs.py", "--check"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = subprocess.run([sys.executable, "scripts/make_docs.py", "--check"], capture_output=True, text=True, cwd=ROOT, timeout=limit(600))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -85,7 +85,7 @@ def test_every_documented_command_runs(tmp_path):
             target = None
             if " > " in cmd:  # shell redirection into a file
                 cmd, target = (x.strip() for x in cmd.split(" > ", 1))
-            r = subprocess.run(to_argv(cmd), capture_output=True, text=True, cwd=work, env=env, timeout=600)
+            r = subprocess.run(to_argv(cmd), capture_output=True, text=True, cwd=work, env=env, timeout=limit(600))
             if target:
                 (work / target).write_text(r.stdout)
             ok = {0, 3} if re.search(r"\b(plan|fit)\b", cmd) and "finetune" not in cmd else {0}
@@ -107,12 +107,16 @@ def test_plots_are_written(tmp_path, kind):
         text=True,
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
+        timeout=limit(300),
     )
     assert r.returncode == 0, r.stderr[-1500:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     bad = subprocess.run(
-        [sys.executable, "-m", "hfgpu", *args, "--plot", str(tmp_path / "x.jpg")], capture_output=True, text=True, cwd=ROOT, timeout=300
+        [sys.executable, "-m", "hfgpu", *args, "--plot", str(tmp_path / "x.jpg")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=limit(300),
     )
     assert bad.returncode == 2 and "must end in .png" in bad.stderr
 

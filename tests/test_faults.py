@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import DEMO, ROOT, recipe_dict, write_jsonl
+from conftest import DEMO, ROOT, limit, recipe_dict, write_jsonl
 from safetensors.torch import load_file
 from test_crash import ENV, start, wait_for, write
 
@@ -29,7 +29,12 @@ def _recipe(tmp_path, model_dir, out, name="r", **over):
 
 def _run(recipe, *overrides):
     return subprocess.run(
-        [sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=limit(300),
     )
 
 
@@ -63,7 +68,7 @@ def test_stop_signals_checkpoint_and_resume(tiny_model_dir, tmp_path, sig):
     proc = start(recipe)
     wait_for(lambda: len(_steps(out)) >= 3, proc)
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=limit(120))
     assert proc.returncode == 128 + sig
     line = _one_error_line(stderr)
     assert "interrupted at step" in line and sig.name in line and "resume=auto" in line

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEMO, ROOT, recipe_dict
+from conftest import DEMO, ROOT, limit, recipe_dict
 from safetensors.torch import load_file
 
 from hfgpu.finetune import finetune
@@ -154,7 +154,7 @@ def test_oom_halves_the_micro_batch_and_goes_on(tiny_model_dir, tmp_path, monkey
 def _cli(args, cwd=ROOT, launcher=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = (launcher or [sys.executable]) + ["-m", "hfgpu.finetune", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=limit(300))
 
 
 def _write_recipe(path, model_dir, out, **over):
@@ -376,7 +376,7 @@ def test_a_missing_tracker_package_is_one_line_before_anything_loads(tmp_path):
         text=True,
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
+        timeout=limit(300),
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "report_to: wandb needs the wandb package" in r.stderr and "pip install wandb" in r.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEMO, ROOT, recipe_dict
+from conftest import DEMO, ROOT, limit, recipe_dict
 from hub_server import HubServer
 
 TOKEN = "hf_hfgpuTestToken0123456789"
@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory):
         text=True,
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
+        timeout=limit(300),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     return out
@@ -45,7 +45,7 @@ def env_for(hub, token=TOKEN, home=None):
 
 
 def hfgpu(args, env, timeout=300):
-    return subprocess.run([sys.executable, "-m", "hfgpu", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "hfgpu", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=limit(timeout))
 
 
 @pytest.fixture(autouse=True)
@@ -236,7 +236,7 @@ def test_recipe_hub_repo_id_pushes_at_the_end_of_training(hub, tmp_path):
         text=True,
         cwd=ROOT,
         env=env_for(hub),
-        timeout=300,
+        timeout=limit(300),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "adapter_model.safetensors" in hub.repos["me/auto-push"].head[1] and hub.repos["me/auto-push"].private
@@ -254,7 +254,7 @@ def test_damaged_plan_json_is_one_line(demo_run, tmp_path):
         text=True,
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=120,
+        timeout=limit(120),
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "plan.json" in r.stderr and "is not a plan.json hfgpu wrote" in r.stderr
