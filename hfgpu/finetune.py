@@ -286,7 +286,32 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         lock.release(failed)
 
 
+def check_data_paths(recipe: Recipe) -> None:
+    """A data file the recipe names that is not there, refused in one line before torch and datasets load
+    (a name with one '/' and no file behind it is a Hub dataset id, checked when it loads)."""
+    from hfgpu.data import EXTENSIONS
+
+    for key, path in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
+        if path is None:
+            continue
+        local = Path(resolve_path(path)).expanduser()
+        hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and local.suffix.lower() not in EXTENSIONS
+        if not local.exists() and not hub_id:
+            raise HfgpuError(f"data file {path!r} not found: check {key} (a local file, folder, or a Hub dataset id owner/name)")
+
+
 def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
+    # what a user can get wrong is checked before torch loads (seconds on a small machine): the Hub target,
+    # the data files, the plan (the planner is torch-free)
+    if recipe.hub.repo_id:  # fail before training, not after it
+        from hfgpu.hub import REPO_ID, require_token
+
+        if not REPO_ID.match(recipe.hub.repo_id):
+            raise HfgpuError(f"hub.repo_id {recipe.hub.repo_id!r} is not owner/name (letters, digits, '-', '_', '.')")
+        require_token()
+    check_data_paths(recipe)
+    p = plan_for(recipe)
+
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -295,13 +320,6 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     from hfgpu.modeling import ModelSettings, load_tokenizer, prepare_model
     from hfgpu.train import LoopConfig, train_loop
 
-    if recipe.hub.repo_id:  # fail before training, not after it
-        from hfgpu.hub import REPO_ID, require_token
-
-        if not REPO_ID.match(recipe.hub.repo_id):
-            raise HfgpuError(f"hub.repo_id {recipe.hub.repo_id!r} is not owner/name (letters, digits, '-', '_', '.')")
-        require_token()
-    p = plan_for(recipe)
     if not p.gpu.is_cpu and not torch.cuda.is_available():
         raise HfgpuError(f"the recipe plans for {p.gpu.name} but torch sees no CUDA GPU here: run it on that card, or set gpu=cpu")
     mixed = "no" if p.precision == "fp32" else p.precision
