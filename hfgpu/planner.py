@@ -403,7 +403,9 @@ def _simulated(p: Plan) -> dict:
     from hfgpu.simulate import simulate
 
     sim = simulate(p.spec.config, p.setup(), p.spec).to_dict()
-    sim["total"] = sim["peak"] + p.memory.overhead
+    # several cards: the simulation runs the whole model in one process; each process holds the planner's
+    # (exact) share of weights and state, and what the simulation measured on top of them
+    sim["total"] = p.memory.weights + p.memory.trainable_state + sim["transient"] + p.memory.overhead
     sim["fits"] = sim["total"] <= p.memory.budget
     return sim
 

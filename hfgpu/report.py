@@ -67,7 +67,7 @@ def verify_rows(p: "Plan") -> list[tuple[str, str, str]]:
         ("trainable state", gib(m.trainable_state, 2), gib(sim["trainable_state"], 2)),
         ("activations + logits + transient", gib(m.activations + m.logits + m.transient, 2), gib(sim["transient"], 2)),
         ("tensor peak", gib(tensor_peak, 2), gib(sim["peak"], 2)),
-        ("+ overhead = total", gib(m.total, 2), gib(sim["peak"] + m.overhead, 2)),
+        ("+ overhead = total", gib(m.total, 2), gib(sim["total"], 2)),
         ("simulated / planned tensor peak", "", f"{sim['peak'] / tensor_peak:.2f}"),
     ]
 
