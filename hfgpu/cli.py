@@ -282,18 +282,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
         title=f"{spec.name}: which cards fit (peak GiB per strategy; ✓ fits, ~ fits tightly: within the memory model's "
         f"known error of the budget); hours for {args.tokens:,.0f} tokens are estimates"
     )
-    for col in ("card", "GB", "launch $", "full", "lora", "qlora", "best", "tokens/s", "hours", "note"):
+    for col in ("card", "GB", "budget", "launch $", "full", "lora", "qlora", "best", "to spare", "tokens/s", "hours", "note"):
         t.add_column(col, justify="left" if col in ("card", "best", "note") else "right")
     for r in rows:
         marks = [f"cheapest {s}" for s in r["cheapest_for"]] + (["fastest within budget"] if r["fastest_within_budget"] else [])
         marks += [r["fit_note"]] if r["fit_note"] else []
         cells = [f"{r['peak_gib'][s]:.1f}{(' ~' if r['tight'][s] else ' ✓') if r['fits'][s] else ''}" for s in ("full", "lora", "qlora")]
+        best = r["best_strategy"]
         t.add_row(
             r["gpu"],
             f"{r['vram_gb']:g}",
+            f"{r['budget_gib']:.1f}",
             f"{r['launch_price_usd']:,.0f}" if r["launch_price_usd"] else "-",
             *cells,
-            r["best_strategy"] or "does not fit",
+            best or "does not fit",
+            f"{r['margin_gib'][best]:.1f}" if best else "-",
             f"{r['tokens_per_second_estimate']:,.0f}" if r["tokens_per_second_estimate"] else "-",
             f"{r['hours_estimate']:.1f}" if r["hours_estimate"] else "-",
             ", ".join(marks),

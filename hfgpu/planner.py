@@ -732,6 +732,7 @@ def fit_table(
                 "gpu": g.name,
                 "vram_gb": g.vram_gb,
                 "launch_price_usd": g.msrp_usd,
+                "budget_gib": round(per["full"].memory.budget / GIB, 2),
                 "peak_gib": {s: round(per[s].memory.total / GIB, 2) for s in STRATEGIES},
                 "margin_gib": {s: round(per[s].memory.margin / GIB, 2) for s in STRATEGIES},
                 "fits": {s: per[s].fits for s in STRATEGIES},

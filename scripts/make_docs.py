@@ -62,6 +62,7 @@ HEADERS = {
         "best": "best strategy",
         "peak": "peak GiB",
         "spare": "to spare GiB",
+        "budget": "budget GiB",
         "tps": "tokens/s",
         "hours": "hours / 10M tokens",
         "price": "launch $",
@@ -78,6 +79,7 @@ HEADERS = {
         "best": "最佳策略",
         "peak": "峰值 GiB",
         "spare": "余量 GiB",
+        "budget": "预算 GiB",
         "tps": "tokens/s",
         "hours": "每 1000 万 token 小时数",
         "price": "首发价 $",
@@ -105,14 +107,15 @@ def peak(p) -> str:
 def matrix(lang: str) -> str:
     h = HEADERS[lang]
     short = [m.split("/")[-1] for m in MODELS]
-    lines = [f"| {h['card']} | GB | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(MODELS)]
+    lines = [f"| {h['card']} | GB | {h['budget']} | " + " | ".join(short) + " |", "|---|---|---|" + "---|" * len(MODELS)]
     for card in CARDS:
         g = get_gpu(card)
         cells = []
         for m in MODELS:
             p = best(m, card)
             cells.append(f"{p.strategy} {peak(p)}" if p else "–")
-        lines.append(f"| {g.name.replace('GeForce ', '')} | {g.vram_gb:g} | " + " | ".join(cells) + " |")
+        budget = plan_or_closest(MODELS[0], card, seq_len=SEQ, calibrated=False).memory.budget
+        lines.append(f"| {g.name.replace('GeForce ', '')} | {g.vram_gb:g} | {budget / GIB:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -118,7 +118,7 @@ def test_an_error_names_the_knob_as_the_user_typed_it(surface, expected, capsys)
 
 def test_what_fits_instead_is_named_on_the_users_surface(capsys):
     assert hfgpu_main(["plan", "Qwen/Qwen2.5-7B", "--gpu", "RTX 4090", "--strategy", "full"]) == 3
-    assert "--strategy qlora fits" in capsys.readouterr().out
+    assert "--strategy lora fits" in capsys.readouterr().out
 
 
 def test_an_unknown_keyword_says_did_you_mean():
