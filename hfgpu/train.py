@@ -65,7 +65,6 @@ class LoopConfig:
     metrics: list[str]
     max_new_tokens: int
     max_eval_examples: int | None
-    max_generation_seconds: float | None
     resume: str  # never | auto | a checkpoint path
     plan_note: str = ""  # the plan's memory estimate, quoted when even micro-batch 1 runs out of memory
     loss_chunk: int | None = None  # chunked cross-entropy (hfgpu.loss) when set
@@ -76,6 +75,7 @@ class LoopConfig:
     fingerprint: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (hfgpu.checkpoint.check_fingerprint)
     resume_force: bool = False  # resume although the fingerprint differs
     generation_max_len: int | None = None  # prompt + answer tokens generation may reach (the planned seq_len)
+    max_generation_seconds: float | None = None  # eval generation starts no new answer after this long
 
     @classmethod
     def from_plan(cls, p, recipe, fingerprint: dict | None = None) -> "LoopConfig":
