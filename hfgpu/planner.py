@@ -535,9 +535,12 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
         r["micro_batch_size"] = fixed
     else:
         r["micro_batch_size"] = (
-            f"{kn.micro_batch_size}: the largest power of two ≤ the global batch that fits "
+            f"{kn.micro_batch_size}: the largest power of two ≤ the global batch that fits with room "
             f"({gib(mem.activations + mem.logits)} of activations and logits)"
         )
+        doubled = c.breakdown(replace(kn, micro_batch_size=2 * kn.micro_batch_size))
+        if 2 * kn.micro_batch_size <= math.ceil(c.base.global_batch_size / card.count) and doubled.fits:
+            r["micro_batch_size"] += f"; {2 * kn.micro_batch_size} would fit only tightly ({gib(doubled.margin, 2)} to spare)"
     r["grad_accum_steps"] = (
         fixed
         if k.grad_accum_steps != "auto"
