@@ -86,3 +86,27 @@ def test_plans_import_neither_peft_nor_bitsandbytes_and_warm_plans_not_even_torc
     assert "peft" not in first.stdout and "bitsandbytes" not in first.stdout
     warm = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     assert warm.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("row", PUBLISHED, ids=[r["repo_id"] for r in PUBLISHED])
+def test_every_published_model_plans_on_every_consumer_card_and_strategy(row):
+    """Every model × every consumer card × each strategy gives a plan (fitting or the closest), never an error;
+    the CLI on three card sizes ends with exit 0 or 3 and no traceback, what fits instead included."""
+    import contextlib
+    import io
+
+    import hfgpu
+    from hfgpu.cli import main
+    from hfgpu.gpus import catalog
+
+    cards = [g for g in catalog() if g.is_consumer]
+    for card in cards:
+        for strategy in ("full", "lora", "qlora"):
+            p = hfgpu.plan_or_closest(row["repo_id"], card, strategy=strategy)
+            assert p.strategy == strategy and p.memory.total > 0 and p.fit in ("fits", "tight", "does not fit")
+    for card in ("GTX 1060 3GB", "RTX 3060 12GB", "RTX 4090"):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(["plan", row["repo_id"], "--gpu", card])
+        assert rc in (0, 3) and "Traceback" not in err.getvalue() + out.getvalue(), (card, err.getvalue()[-500:])
+        assert ("What fits instead" in out.getvalue() or "Nothing smaller fits" in out.getvalue()) == (rc == 3)
