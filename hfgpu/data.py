@@ -51,15 +51,19 @@ EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "par
 # --- loading ------------------------------------------------------------------------------------
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """owner/name: a Hub dataset id, when no local file or folder of that name exists."""
+    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
+
+
+def _split_names(spec: str) -> set[str]:
+    """The split names a datasets split spec reads: "train[:10]+test[-5:]" → {"train", "test"}."""
+    return {part.split("[", 1)[0].strip() for part in spec.split("+")}
+
+
 def _local_split(path: str, split: str, key: str) -> str:
     """A local file has one split, `train`; `split` may slice it (train[:80%], train[-100:], train[:10]+train[-10:])."""
-    import datasets
-
-    try:
-        names = {i.splitname for i in datasets.ReadInstruction.from_spec(split)._relative_instructions}
-    except (ValueError, AttributeError):
-        names = {split}
-    if names != {"train"}:
+    if _split_names(split) != {"train"}:
         raise HfgpuError(
             f"{key}={split!r}: a local file such as {path!r} has one split, 'train'; slice it (e.g. train[:90%] and "
             "train[90%:]), or use data.eval_path or data.eval_fraction"
@@ -87,7 +91,8 @@ def split_overlap(path: str, train_split: str, eval_split: str, rows: int) -> in
 
 
 def _base(spec: str) -> str:
-    return spec.split("[", 1)[0].split("+", 1)[0].strip()
+    """The first split a spec reads (the one its row counts refer to)."""
+    return spec.split("+", 1)[0].split("[", 1)[0].strip()
 
 
 def load_rows(path: str, split: str = "train", key: str = "data.split"):
@@ -110,7 +115,7 @@ def load_rows(path: str, split: str = "train", key: str = "data.split"):
             ds.data.table.validate(full=True)  # pyarrow loads bytes that are not UTF-8 and fails only when a row is read
         elif local.is_dir():
             ds = datasets.load_dataset(str(local), split=split)
-        elif path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        elif looks_like_hub_id(path):
             ds = datasets.load_dataset(path, split=split)
         else:
             raise HfgpuError(f"data file {path!r} not found: check data.path (a local file, folder, or a Hub dataset id owner/name)")

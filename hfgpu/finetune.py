@@ -289,14 +289,13 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
 def check_data_paths(recipe: Recipe) -> None:
     """A data file the recipe names that is not there, refused in one line before torch and datasets load
     (a name with one '/' and no file behind it is a Hub dataset id, checked when it loads)."""
-    from hfgpu.data import EXTENSIONS
+    from hfgpu.data import EXTENSIONS, looks_like_hub_id
 
     for key, path in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
         if path is None:
             continue
         local = Path(resolve_path(path)).expanduser()
-        hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and local.suffix.lower() not in EXTENSIONS
-        if not local.exists() and not hub_id:
+        if not local.exists() and not (looks_like_hub_id(path) and local.suffix.lower() not in EXTENSIONS):
             raise HfgpuError(f"data file {path!r} not found: check {key} (a local file, folder, or a Hub dataset id owner/name)")
 
 

@@ -686,10 +686,11 @@ def _warnings(spec: ModelSpec, card: GPU, kn: memory.Setup, mem: memory.MemoryBr
             f"mixture of experts ({spec.num_experts} experts): expert weights are counted, but LoRA targets and quantization "
             f"cover only nn.Linear layers"
         )
-    if mem.fits and (mem.margin < (error := memory.known_error(kn)) * mem.tensor_peak or mem.total > 0.95 * mem.budget):
+    if _tight(kn, mem):
         w.append(
             f"tight fit: {gib(mem.total, 2)} of {gib(mem.budget, 2)} leaves {gib(mem.margin, 2)}, less than the memory model's "
-            f"known error for {kn.strategy} ({error:.1%} of the peak): check it with --verify, or lower the micro-batch or seq_len; "
+            f"known error for {kn.strategy} ({memory.known_error(kn):.1%} of the peak) or {1 - TIGHT_SHARE:.0%} of the budget: "
+            "check it with --verify, or lower the micro-batch or seq_len; "
             "close other programs using the GPU"
         )
     if kn.packing and kn.attention != "flash_attention_2" and (mask := kn.micro_batch_size * kn.seq_len * kn.seq_len) >= 0.02 * mem.budget:

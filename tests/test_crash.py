@@ -38,8 +38,9 @@ def start(recipe, *overrides):
     )
 
 
-def finish(recipe, *overrides):
-    r = subprocess.run(
+def run(recipe, *overrides):
+    """`python -m hfgpu.finetune recipe overrides…` to the end (a hang guard, scaled to the machine)."""
+    return subprocess.run(
         [sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides],
         cwd=ROOT,
         env=ENV,
@@ -47,6 +48,10 @@ def finish(recipe, *overrides):
         text=True,
         timeout=limit(300),
     )
+
+
+def finish(recipe, *overrides):
+    r = run(recipe, *overrides)
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 

@@ -6,15 +6,14 @@ an overwrite that fails validation."""
 import hashlib
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import DEMO, ROOT, limit, recipe_dict, write_jsonl
+from conftest import DEMO, limit, recipe_dict, write_jsonl
 from safetensors.torch import load_file
-from test_crash import ENV, start, wait_for, write
+from test_crash import run as _run
+from test_crash import start, wait_for, write
 
 from hfgpu.errors import HfgpuError
 from hfgpu.finetune import finetune
@@ -25,17 +24,6 @@ QUIET = lambda *a, **k: None
 
 def _recipe(tmp_path, model_dir, out, name="r", **over):
     return write(tmp_path, name, model_dir, out, **over)
-
-
-def _run(recipe, *overrides):
-    return subprocess.run(
-        [sys.executable, "-m", "hfgpu.finetune", str(recipe), *overrides],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=limit(300),
-    )
 
 
 def _steps(out):
