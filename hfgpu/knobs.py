@@ -61,6 +61,12 @@ class Knobs:
     precision: str = _knob(
         AUTO, "compute dtype: bf16 from cc 8.0 (RTX 30), fp16 with loss scaling on RTX 20, fp32 on GTX 10", choices=PRECISIONS
     )
+    frozen_dtype: str = _knob(
+        AUTO,
+        "LoRA/QLoRA: the frozen base's storage dtype; 16-bit under fp32 compute casts each weight to fp32 per use "
+        "(auto: the compute dtype, fp16 on GTX 10)",
+        choices=PRECISIONS,
+    )
     quantization: str = _knob(AUTO, "base weights: nf4/fp4 (4-bit, QLoRA), int8 (LLM.int8), none (16-bit)", choices=QUANTIZATIONS)
     double_quant: bool = _knob(
         True, "4-bit bases: also quantize the quantization constants (≈0.37 bits per weight saved)", kind="bool", auto=False
@@ -260,6 +266,22 @@ def auto_precision(gpu: GPU) -> tuple[str, str]:
     return "fp32", f"fp32 compute: {where} (Pascal) runs fp16 at 1/64 rate and has no tensor cores"
 
 
+def auto_frozen_dtype(gpu: GPU, strategy: str, precision: str) -> tuple[str, str]:
+    """Where the frozen base is stored (LoRA/QLoRA): in the compute dtype, except under fp32 compute on a GPU
+    (Pascal): fp16 there, cast to fp32 per use, which halves the embeddings, lm_head and 16-bit linears.
+    fp16 rather than bf16: it is Pascal's native 16-bit type (bf16 conversions are emulated before cc 8.0),
+    it keeps more mantissa, and model weights lie far inside its range."""
+    if strategy == "full":
+        return "fp32", "full fine-tuning: fp32 master weights, no frozen base"
+    if precision != "fp32" or gpu.is_cpu:
+        return precision, f"the frozen base is stored in the compute dtype ({precision})"
+    return "fp16", (
+        "fp16 storage, fp32 compute: each frozen weight (embeddings, lm_head"
+        + (")" if strategy == "qlora" else ", linears)")
+        + " is cast to fp32 where it is used, so the card holds 2 bytes per weight instead of 4"
+    )
+
+
 def _type_errors(k: Knobs, n: Surface) -> dict[str, str]:
     """Each field against its declared kind, choices and minimum: {field: problem}."""
     errs: dict[str, str] = {}
@@ -311,6 +333,20 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
         if k.precision == "fp32":
             errs.append(f"{fa} runs in fp16/bf16 only, not {use('precision', 'fp32')}: use {use('attention', default_attention(spec))}")
     s, q = k.strategy, k.quantization
+    if k.frozen_dtype != AUTO:
+        fd = use("frozen_dtype", k.frozen_dtype)
+        compute = k.precision if k.precision != AUTO else auto_precision(gpu)[0]
+        if s == "full":
+            if k.frozen_dtype != "fp32":  # fp32: what full fine-tuning stores (a resolved recipe says so)
+                errs.append(
+                    f"{fd}: {use('strategy', 'full')} trains every weight (fp32 master weights), nothing is frozen: "
+                    f"use {use('frozen_dtype', 'auto')}, or {use('strategy', 'lora')}"
+                )
+        elif compute != "fp32" and k.frozen_dtype != compute:
+            errs.append(
+                f"{fd} with {use('precision', compute)}: in 16-bit training the frozen base is stored in the compute "
+                f"dtype; use {use('frozen_dtype', compute)} (or auto)"
+            )
     if s == "qlora" and q in ("none", "int8"):
         errs.append(
             f"{use('strategy', 'qlora')} quantizes the base to 4 bits, not {use('quantization', q)}: use "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from hfgpu.data import IGNORE  # the label of tokens the loss skips (transformers' ignore_index)
+from hfgpu.memory import upcast_slice_rows
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -29,14 +30,35 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        w = weight.to(dtype)
+        # a frozen 16-bit lm_head under fp32 compute (GTX 10): cast to fp32 by slices of the vocabulary, so no
+        # fp32 copy of the whole head exists (hfgpu.patches.upcast_per_use); else one copy in the matmul dtype
+        sliced = not need_w and weight.dtype != dtype and weight.element_size() < torch.tensor([], dtype=dtype).element_size()
+        w = None if sliced else weight.to(dtype)
+        rows = upcast_slice_rows(weight.shape[1])
+
+        def head(x: torch.Tensor) -> torch.Tensor:  # x @ weight.T, fp32 out
+            if not sliced:
+                return (x @ w.t()).float()
+            out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+            for v in range(0, weight.shape[0], rows):
+                out[:, v : v + rows] = x @ weight[v : v + rows].to(dtype).t()
+            return out
+
+        def head_grad(g: torch.Tensor) -> torch.Tensor:  # g @ weight
+            if not sliced:
+                return g @ w
+            out = torch.zeros(g.shape[0], weight.shape[1], dtype=g.dtype, device=g.device)
+            for v in range(0, weight.shape[0], rows):
+                out.addmm_(g[:, v : v + rows], weight[v : v + rows].to(dtype))
+            return out
+
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 h = hidden[start : start + chunk_size].to(dtype)
                 y = labels[start : start + chunk_size]
                 valid = (y != IGNORE).float()
                 target = y.clamp(min=0).unsqueeze(1)
-                logits = (h @ w.t()).float()
+                logits = head(h)
                 lse = torch.logsumexp(logits, dim=-1)
                 total += ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
                 if need_h or need_w:
@@ -48,7 +70,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     g = probs.to(dtype)
                     del logits, probs
                     if need_h:
-                        grad_h[start : start + chunk_size] = g @ w
+                        grad_h[start : start + chunk_size] = head_grad(g)
                     if need_w:
                         grad_w.add_(g.t() @ h)
         ctx.save_for_backward(grad_h, grad_w)

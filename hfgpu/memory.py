@@ -48,6 +48,14 @@ COEFFICIENTS = {
 CHUNK_BYTES = 128 * 1024**2  # chunked loss: one slice's fp32 logits at most (hfgpu.loss)
 
 
+UPCAST_SLICE_BYTES = 64 * 1024**2  # a 16-bit lm_head under fp32 compute: one fp32 slice of its rows at a time
+
+
+def upcast_slice_rows(hidden_size: int) -> int:
+    """Rows of a 16-bit lm_head the chunked loss casts to fp32 at once (hfgpu.loss)."""
+    return max(1, UPCAST_SLICE_BYTES // (4 * hidden_size))
+
+
 def loss_chunk_tokens(vocab_size: int) -> int:
     """Tokens per slice of the chunked loss: as many as keep one slice's fp32 logits under CHUNK_BYTES
     (multiple of 64, 64–4096). Llama-3 (128,256 tokens): 256; Llama-2 (32,000): 1024."""
@@ -127,6 +135,8 @@ class Setup(Knobs):
         for name, value in _BY_HAND.items():
             if getattr(self, name) == "auto":
                 object.__setattr__(self, name, value)
+        if self.frozen_dtype == "auto":  # the frozen base in the compute dtype (fp32 master weights in full fine-tuning)
+            object.__setattr__(self, "frozen_dtype", "fp32" if self.strategy == "full" else self.precision)
         if self.lora_alpha == "auto" and isinstance(self.lora_r, int):
             object.__setattr__(self, "lora_alpha", 2 * self.lora_r)
         left = [f.name for f in KNOB_FIELDS if getattr(self, f.name) == "auto" and f.name not in _NOT_READ]
@@ -171,18 +181,35 @@ def _quantized_linear_bytes(numel: int, out_features: int, s: Setup) -> int:
     return data + blocks + 4 * groups + 256 * 4 + 4  # uint8 absmax, fp32 second-level absmax and code, offset
 
 
+def upcast(s: Setup) -> bool:
+    """A frozen base stored in 16 bits under fp32 compute (GTX 10): each weight is cast to fp32 where it is used."""
+    return s.strategy != "full" and s.frozen_dtype != s.precision
+
+
 def weight_bytes(spec: ModelSpec, s: Setup) -> int:
     """Parameters as stored on the GPU, adapters included."""
     adapters = 4 * trainable_params(spec, s) if s.strategy != "full" else 0  # peft keeps adapters in fp32
+    if s.strategy == "full":
+        return 4 * spec.params_total + spec.buffer_bytes
+    # the frozen base in frozen_dtype: embeddings, lm_head, linears (and their biases); with fp32 compute
+    # and a 16-bit base everything else (norms, expert tensors) is in fp32 (hfgpu.patches.upcast_per_use)
+    frozen, other = BYTES[s.frozen_dtype], BYTES[s.precision]
+    embeddings = spec.embedding_params + spec.lm_head_params
     if s.quantization == "none":
-        per_param = 4 if s.strategy == "full" else BYTES[s.precision]
-        return per_param * spec.params_total + adapters + spec.buffer_bytes
-    quantized = sum(g.count * _quantized_linear_bytes(g.in_features * g.out_features, g.out_features, s) for g in spec.linears)
-    biases = sum(g.count * g.out_features for g in spec.linears if g.bias)
-    # everything not quantized (embeddings, lm_head, norms, biases) stays frozen in the compute dtype
-    # (hfgpu.modeling; peft's prepare_model_for_kbit_training would upcast it to fp32)
-    rest = BYTES[s.precision] * (spec.params_total - spec.linear_params + biases)
-    return quantized + rest + adapters + spec.buffer_bytes
+        return frozen * (embeddings + spec.linear_params) + other * spec.other_params + adapters + spec.buffer_bytes
+    quantized = quantized_weight_bytes(spec, s)
+    # bitsandbytes keeps the linears' biases as loaded and casts them per use; everything else not quantized is
+    # frozen in the compute dtype (hfgpu.modeling; peft's prepare_model_for_kbit_training would upcast it to fp32)
+    return quantized + frozen * (embeddings + linear_bias_params(spec)) + other * spec.other_params + adapters + spec.buffer_bytes
+
+
+def quantized_weight_bytes(spec: ModelSpec, s: Setup) -> int:
+    """The linears' weights as bitsandbytes stores them (4-bit or int8, with their constants); biases not included."""
+    return sum(g.count * _quantized_linear_bytes(g.in_features * g.out_features, g.out_features, s) for g in spec.linears)
+
+
+def linear_bias_params(spec: ModelSpec) -> int:
+    return sum(g.count * g.out_features for g in spec.linears if g.bias)
 
 
 def autocast_copy_bytes(spec: ModelSpec, s: Setup) -> int:
@@ -418,19 +445,30 @@ def vocab_transient_bytes(spec: ModelSpec, s: Setup) -> int:
 def logits_bytes(spec: ModelSpec, s: Setup) -> int:
     tokens = s.micro_batch_size * s.seq_len
     if not s.chunked_loss:
-        return int(tokens * max(transient_per_token(spec, s)[2], 0.0))
+        loss = int(tokens * max(transient_per_token(spec, s)[2], 0.0))
+        if not upcast(s):
+            return loss
+        # a 16-bit lm_head under fp32 compute: its backward holds one fp32 slice of the head beside the logits'
+        # fp32 gradient, after the loss's own peak (measured: it raises the peak only when it is the larger)
+        rows = min(spec.vocab_size, upcast_slice_rows(spec.hidden_size))
+        return max(loss, 4 * tokens * spec.vocab_size + 4 * rows * spec.hidden_size)
     # one slice at a time: its fp32 logits and logsumexp's fp32 temporary (8 bytes per logit, exact);
     # the hidden states' gradient (and, when lm_head trains, an fp32 gradient of lm_head) wait from
     # the loss to backward (checked by simulation: tests/test_loss.py)
     held = tokens * spec.hidden_size * _residual_bytes(s) + (4 * spec.vocab_size * spec.hidden_size if s.strategy == "full" else 0)
-    return min(tokens, loss_chunk_tokens(spec.vocab_size)) * spec.vocab_size * 8 + held
+    # a 16-bit lm_head under fp32 compute: one fp32 slice of its rows and that slice's logits (hfgpu.loss)
+    chunk = min(tokens, loss_chunk_tokens(spec.vocab_size))
+    rows = min(spec.vocab_size, upcast_slice_rows(spec.hidden_size))
+    sliced = upcast(s) * 4 * rows * (spec.hidden_size + chunk)
+    return chunk * spec.vocab_size * 8 + held + sliced
 
 
 def dequant_workspace_bytes(spec: ModelSpec, s: Setup) -> int:
-    """bitsandbytes dequantizes one weight at a time to the compute dtype (and its gradient input in backward)."""
-    if s.quantization == "none":
-        return 0
+    """bitsandbytes dequantizes one weight at a time to the compute dtype (and its gradient input in backward);
+    a 16-bit base under fp32 compute casts one weight at a time to fp32 (hfgpu.patches._UpcastLinear)."""
     largest = max((g.in_features * g.out_features for g in spec.linears), default=0)
+    if s.quantization == "none":  # one slice of rows of one weight at a time
+        return upcast(s) * max((4 * g.in_features * min(g.out_features, upcast_slice_rows(g.in_features)) for g in spec.linears), default=0)
     return 2 * largest * BYTES[s.precision]
 
 

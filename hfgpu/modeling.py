@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from hfgpu.knobs import RMSNORM_BY_MODEL_TYPE
-from hfgpu.patches import lean_rmsnorm, tile_mlps
+from hfgpu.patches import lean_rmsnorm, tile_mlps, upcast_per_use
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -25,6 +25,7 @@ class ModelSettings:
 
     strategy: str  # full | lora | qlora
     precision: str  # bf16 | fp16 | fp32: the compute dtype
+    frozen_dtype: str = ""  # LoRA/QLoRA: the frozen base's storage dtype (default: the compute dtype)
     quantization: str = "none"  # none | nf4 | fp4 | int8
     double_quant: bool = True
     gradient_checkpointing: bool = False
@@ -48,9 +49,14 @@ class ModelSettings:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        # Full fine-tuning keeps fp32 master weights (autocast computes in 16-bit); LoRA stores the
-        # frozen base in the compute dtype; fp32 compute (Pascal) stores fp32.
-        return torch.float32 if self.strategy == "full" else DTYPES[self.precision]
+        # Full fine-tuning keeps fp32 master weights (autocast computes in 16-bit); LoRA and QLoRA store the
+        # frozen base in frozen_dtype: the compute dtype, or 16 bits under fp32 compute (Pascal: cast per use).
+        return torch.float32 if self.strategy == "full" else DTYPES[self.frozen_dtype or self.precision]
+
+    @property
+    def upcast(self) -> bool:
+        """Frozen weights stored in 16 bits and computed in fp32 (hfgpu.patches.upcast_per_use)."""
+        return self.strategy != "full" and self.storage_dtype != DTYPES[self.precision]
 
 
 def _bnb_config(s: ModelSettings):
@@ -83,7 +89,7 @@ def prepare_model(
             model = AutoModelForCausalLM.from_config(source, dtype=s.storage_dtype, attn_implementation=s.attention)
         else:  # bitsandbytes quantizes while loading: save random weights, then load them quantized
             with tempfile.TemporaryDirectory() as tmp:
-                AutoModelForCausalLM.from_config(source, dtype=DTYPES[s.precision]).save_pretrained(tmp)
+                AutoModelForCausalLM.from_config(source, dtype=s.storage_dtype).save_pretrained(tmp)
                 model = _load(tmp, s, device=device)
     else:
         model = _load(source, s, trust_remote_code, device=device)
@@ -116,6 +122,10 @@ def apply_settings(model: torch.nn.Module, s: ModelSettings, plain_path: bool = 
         # LoRA on a 16-bit base; for Llama-3.1-8B that is 2 GB less, and no 16-bit autocast copy of lm_head.
         for p in model.parameters():
             p.requires_grad_(False)
+    if s.upcast:  # GTX 10 (Pascal): a 16-bit frozen base, fp32 compute; peft freezes the same parameters
+        for p in model.parameters():
+            p.requires_grad_(False)
+        upcast_per_use(model, DTYPES[s.precision])
     if s.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name goes in v6
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -162,7 +172,7 @@ def _load(path: str, s: ModelSettings, trust_remote_code: bool = False, device: 
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
-        "dtype": s.storage_dtype if s.quantization == "none" else DTYPES[s.precision],
+        "dtype": s.storage_dtype,
         "attn_implementation": s.attention,
         "trust_remote_code": trust_remote_code,
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from hfgpu.knobs import RMSNORM_BY_MODEL_TYPE, TILED_MLP_MODEL_TYPES  # torch-free, shared with the planner
-from hfgpu.memory import MLP_TILE
+from hfgpu.memory import MLP_TILE, upcast_slice_rows
 
 RMSNORM_CLASSES = set(RMSNORM_BY_MODEL_TYPE.values())
 
@@ -138,3 +138,95 @@ def tile_mlps(model: torch.nn.Module, tile: int | None = None) -> int:
         module.forward = lambda x, _fn=plain, _params=params: _TiledMLP.apply(_fn, tile, x, *_params)
         n += 1
     return n
+
+
+# --- 16-bit frozen storage, fp32 compute (GTX 10 / Pascal) ------------------------------------------
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """`x @ w.T + b` in x's dtype (fp32) from a frozen weight stored in 16 bits, over slices of the weight's
+    output rows (UPCAST_SLICE_BYTES of fp32 each): no fp32 copy of a whole weight exists, in forward or in
+    backward, and nothing of it is saved (lm_head is 2 GB in fp32 for Llama-3). The weight is frozen: no
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+        w = weight.t() if transposed else weight  # (out, in); Conv1D stores (in, out)
+        ctx.save_for_backward(weight)
+        ctx.transposed = transposed
+        rows = upcast_slice_rows(w.shape[1])
+        if w.shape[0] <= rows:
+            out = x @ w.to(x.dtype).t()
+        else:
+            out = x.new_empty(*x.shape[:-1], w.shape[0])
+            for v in range(0, w.shape[0], rows):
+                out[..., v : v + rows] = x @ w[v : v + rows].to(x.dtype).t()
+        return out + bias.to(x.dtype) if bias is not None else out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (weight,) = ctx.saved_tensors
+        w = weight.t() if ctx.transposed else weight
+        rows = upcast_slice_rows(w.shape[1])
+        if w.shape[0] <= rows:
+            return grad @ w.to(grad.dtype), None, None, None
+        grad_x = grad.new_zeros(*grad.shape[:-1], w.shape[1])
+        for v in range(0, w.shape[0], rows):
+            grad_x += grad[..., v : v + rows] @ w[v : v + rows].to(grad.dtype)
+        return grad_x, None, None, None
+
+
+def _upcast_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return _UpcastLinear.apply(x.to(self.compute_dtype), self.weight, self.bias, False)
+
+
+def _upcast_conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return _UpcastLinear.apply(x.to(self.compute_dtype), self.weight, self.bias, True)
+
+
+def _upcast_output(module, args, output):
+    return output.to(module.compute_dtype)
+
+
+def upcast_per_use(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Frozen weights stored in 16 bits, computed in `compute_dtype` (fp32): the input embeddings (the
+    gathered rows are cast), lm_head and every nn.Linear / Conv1D whose weight is 16-bit (cast per use, by
+    slices of rows, by _UpcastLinear; the chunked loss casts lm_head by slices of the vocabulary, hfgpu.loss). Every other
+    floating parameter and buffer (norms, biases outside linears, expert tensors) goes to `compute_dtype`:
+    nothing else in the model knows how to mix dtypes. 4-bit/8-bit bitsandbytes layers are left as they are
+    (they dequantize to their compute dtype themselves). Call on a frozen base, before peft wraps its
+    layers. Returns how many modules cast per use."""
+    from transformers.pytorch_utils import Conv1D
+
+    sixteen = (torch.float16, torch.bfloat16)
+    embeddings = model.get_input_embeddings()
+    cast: set[int] = set()
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.nn.Parameter) or w.dtype not in sixteen:
+            continue
+        if module is embeddings:
+            module.compute_dtype = compute_dtype
+            module.register_forward_hook(_upcast_output)
+        elif type(module) is torch.nn.Linear:
+            module.compute_dtype = compute_dtype
+            module.forward = _upcast_linear_forward.__get__(module)
+        elif type(module) is Conv1D:
+            module.compute_dtype = compute_dtype
+            module.forward = _upcast_conv1d_forward.__get__(module)
+        else:
+            continue
+        cast.add(id(module))
+    bnb_layers = {id(m) for m in model.modules() if type(m).__module__.startswith("bitsandbytes")}
+    for module in model.modules():
+        if id(module) in cast or id(module) in bnb_layers:
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dtype in sixteen:
+                p.data = p.data.to(compute_dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.dtype in sixteen:
+                setattr(module, name, b.to(compute_dtype))
+    return len(cast)

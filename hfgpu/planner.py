@@ -2,9 +2,9 @@
 
 The planner is pure: a model config (never weights), a GPU spec and the knobs the user fixed. Any
 knob given is kept; the rest are searched in this order: strategy by quality (full > LoRA > QLoRA),
-then the optimizer (exact 32-bit state before 8-bit), then the memory savers by their time cost
-(none; chunked loss; gradient checkpointing; + chunked loss; + activation offloading, whose cost is
-the PCIe copy back; + tiled MLP), ordered by the throughput model's costs, then the largest micro-batch that fits. Facts
+then the optimizer (exact 32-bit state before 8-bit), then, among every micro-batch × memory-saver
+combination that fits with room, the fastest by the throughput model (within SPEED_RESOLUTION, the one
+with fewer savers, then the larger micro-batch; the free chunked loss counts as none). Facts
 from the hardware (bf16 from cc 8.0, fp16 on Turing, fp32 compute on Pascal, FlashAttention-2 from
 cc 8.0, LLM.int8 from cc 7.5) are rules, not choices (hfgpu.knobs); the speed estimate and the
 savers' time costs are in hfgpu.throughput.
@@ -33,6 +33,7 @@ from hfgpu.knobs import (
     STRATEGIES,
     Knobs,
     Surface,
+    auto_frozen_dtype,
     auto_precision,
     chunked_loss_blocker,
     default_attention,
@@ -271,7 +272,6 @@ def _saver_rules(c: _Ctx) -> tuple[dict[str, tuple[bool, ...]], dict[str, str]]:
 def _savers(c: _Ctx, **chosen: Any) -> list[dict[str, bool]]:
     """(checkpointing, chunked loss, offloading, tiled MLP) combinations allowed by the fixed knobs and
     the rules (`_saver_rules`), fastest first."""
-    spec, gpu = c.spec, c.gpu
     allowed, _ = c.saver_rules
     combos = []
     for ckpt in allowed["gradient_checkpointing"]:
@@ -279,24 +279,50 @@ def _savers(c: _Ctx, **chosen: Any) -> list[dict[str, bool]]:
         tiles = allowed["tiled_mlp"] if ckpt else (False,)
         combos += [
             dict(gradient_checkpointing=ckpt, chunked_loss=chunk, activation_offloading=off, tiled_mlp=tile)
-            for chunk in allowed["chunked_loss"]
+            for chunk in sorted(allowed["chunked_loss"], reverse=True)  # free (CHUNKED_LOSS_COST): on first, for the room
             for off in offs
             for tile in tiles
         ]
-    timing_gpu = gpu if gpu.tensor_tflops or gpu.fp32_tflops else replace(gpu, fp32_tflops=30.0)
 
     def seconds_per_token(combo: dict) -> float:
-        tps = tokens_per_second(spec, timing_gpu, c.setup(**chosen, **combo, micro_batch_size=1))
+        tps = _speed(c, c.setup(**chosen, **combo, micro_batch_size=1))
         return 1 / tps if tps else 0.0
 
-    return sorted(combos, key=seconds_per_token)  # stable: with equal cost, fewer savers first
+    return sorted(combos, key=seconds_per_token)  # stable: with equal cost, fewer savers first (but the free chunked loss)
 
 
-def _search(c: _Ctx) -> tuple[memory.Setup, memory.MemoryBreakdown, bool, dict[tuple, int]]:
-    """The first combination in preference order that fits with room (not `_tight`); a strategy whose every
-    fitting combination is tight gives its first tight one before the next strategy is tried; else the one
-    with the smallest peak. And what the search rejected on the way, as the reasons quote it: the smallest
-    peak seen per (strategy,), (strategy, optimizer) and (strategy, optimizer, checkpointing)."""
+@dataclass(frozen=True)
+class _Found:
+    """What the search found: the plan's setup and memory, whether it fits, the smallest peak of each option it
+    passed over (`rejected`, as the reasons quote it), and the runner-up among the roomy plans of the chosen
+    strategy and optimizer with the estimated tokens/s of both (`speeds`), and how many fitted with room."""
+
+    setup: memory.Setup
+    mem: memory.MemoryBreakdown
+    fits: bool
+    rejected: dict
+    runner_up: memory.Setup | None = None
+    speeds: tuple[float, float] = (0.0, 0.0)
+    roomy: int = 0
+
+
+# The throughput model's resolution: a plan with more savers or a smaller micro-batch than another that fits is
+# chosen only when it is estimated at least this much faster (the estimate is not finer than that)
+SPEED_RESOLUTION = 0.01
+
+
+def _speed(c: _Ctx, s: memory.Setup) -> float:
+    """The throughput model's tokens/s (a card without FLOPS figures, e.g. "12GB", is timed as a 30-TFLOPS one)."""
+    gpu = c.gpu if c.gpu.tensor_tflops or c.gpu.fp32_tflops else replace(c.gpu, fp32_tflops=30.0)
+    return tokens_per_second(c.spec, gpu, s) or 0.0
+
+
+def _search(c: _Ctx) -> _Found:
+    """Strategies in order of quality (full, LoRA, QLoRA), and within one the exact 32-bit optimizer state before
+    8-bit: the first (strategy, optimizer) with plans that fit with room (not `_tight`) gives the fastest of them
+    by the throughput model, over every micro-batch × saver combination (ties: fewer savers, larger micro-batch).
+    A strategy whose every fitting plan is tight gives the tight one with the most room before the next strategy
+    is tried; else the plan with the smallest peak."""
     f, gpu = c.fixed, c.gpu
     precision = f.precision if f.precision != "auto" else auto_precision(gpu)[0]
     strategies = STRATEGIES if f.strategy == "auto" else (f.strategy,)
@@ -315,8 +341,11 @@ def _search(c: _Ctx) -> tuple[memory.Setup, memory.MemoryBreakdown, bool, dict[t
         for key in ((s.strategy,), (s.strategy, s.optimizer), (s.strategy, s.optimizer, s.gradient_checkpointing)):
             rejected[key] = min(rejected.get(key, total), total)
 
+    if f.frozen_dtype in ("bf16", "fp16"):
+        strategies = tuple(x for x in strategies if x != "full")  # a 16-bit frozen base is LoRA/QLoRA's (validate)
     for strategy in strategies:
-        tight: tuple[memory.Setup, memory.MemoryBreakdown] | None = None
+        tight: list[tuple[memory.Setup, memory.MemoryBreakdown]] = []
+        frozen = f.frozen_dtype if f.frozen_dtype != "auto" and strategy != "full" else auto_frozen_dtype(gpu, strategy, precision)[0]
         q = f.quantization
         if q == "auto":
             q = "nf4" if strategy == "qlora" else "none"
@@ -327,27 +356,46 @@ def _search(c: _Ctx) -> tuple[memory.Setup, memory.MemoryBreakdown, bool, dict[t
         for optimizer in optimizers:
             chosen = dict(
                 precision=precision,
+                frozen_dtype=frozen,
                 strategy=strategy,
                 quantization=q,
                 optimizer=optimizer,
                 lora_dropout=float(f.lora_dropout) if strategy != "full" else 0.0,
             )
+            roomy: list[tuple[float, memory.Setup, memory.MemoryBreakdown]] = []
             for savers in _savers(c, **chosen):
                 for mb in batches:
                     s = c.setup(**chosen, **savers, micro_batch_size=mb)
                     mem = c.breakdown(s)
                     if mem.fits and not _tight(s, mem):
-                        return s, mem, True, rejected
-                    if mem.fits:
-                        tight = tight or (s, mem)  # a larger micro-batch, or cheaper savers, than a roomy plan
-                        continue
-                    saw(s, mem.total)
-                    if smallest is None or mem.total < smallest[1].total:
-                        smallest = (s, mem)
-        if tight is not None:
-            return tight[0], tight[1], True, rejected
+                        roomy.append((_speed(c, s), s, mem))
+                    elif mem.fits:
+                        tight.append((s, mem))
+                    else:
+                        saw(s, mem.total)
+                        if smallest is None or mem.total < smallest[1].total:
+                            smallest = (s, mem)
+            if roomy:
+                # the first in search order (fewer savers, then larger micro-batch) within SPEED_RESOLUTION of the fastest
+                fastest = max(t[0] for t in roomy)
+                best = next(t for t in roomy if t[0] * (1 + SPEED_RESOLUTION) >= fastest)
+                others = [t for t in roomy if t is not best]
+                second = max(others, key=lambda t: t[0]) if others else None
+                ranked = roomy
+                return _Found(
+                    best[1],
+                    best[2],
+                    True,
+                    rejected,
+                    runner_up=second[1] if second else None,
+                    speeds=(best[0], second[0] if second else 0.0),
+                    roomy=len(ranked),
+                )
+        if tight:
+            s, mem = max(tight, key=lambda t: t[1].margin)  # the most room of the tight plans (first in ties)
+            return _Found(s, mem, True, rejected)
     assert smallest is not None
-    return smallest[0], smallest[1], False, rejected
+    return _Found(smallest[0], smallest[1], False, rejected)
 
 
 def _context(model: Any, gpu: Any, fixed: Knobs, surface: Surface, calibrated: bool) -> _Ctx:
@@ -467,7 +515,8 @@ def plan_or_closest(model: Any, gpu: Any = "auto", *, calibrated: bool = True, *
 
 
 def _plan(c: _Ctx) -> Plan:
-    s, mem, fits, rejected = _search(c)
+    found = _search(c)
+    s, mem = found.setup, found.mem
     f, card = c.fixed, c.gpu
     global_batch = c.base.global_batch_size
     accum = f.grad_accum_steps if f.grad_accum_steps != "auto" else max(1, math.ceil(global_batch / (s.micro_batch_size * card.count)))
@@ -478,15 +527,16 @@ def _plan(c: _Ctx) -> Plan:
         gpu=card,
         knobs=resolved,
         memory=mem,
-        reasons=_reasons(c, s, mem, accum, rejected),
+        reasons=_reasons(c, found, accum),
         warnings=tuple(_warnings(c.spec, card, s, mem, accum, global_batch)),
         tokens_per_second_estimate=tokens_per_second(c.spec, card, s),
         fixed=f,
     )
 
 
-def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int, rejected: dict[tuple, int]) -> dict[str, str]:
+def _reasons(c: _Ctx, found: _Found, accum: int) -> dict[str, str]:
     """Each knob's reason, quoting what the search saw (`rejected`: the smallest peak of each option it passed over)."""
+    kn, mem, rejected = found.setup, found.mem, found.rejected
     spec, card, k, seq, global_batch = c.spec, c.gpu, c.fixed, kn.seq_len, c.base.global_batch_size
     fixed = "fixed by you"
     r: dict[str, str] = {}
@@ -509,6 +559,13 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
             f"{gib(mem.budget)}; a 4-bit base does"
         )
     r["precision"] = fixed if k.precision != "auto" else auto_precision(card)[1]
+    if k.frozen_dtype != "auto":
+        r["frozen_dtype"] = fixed
+    else:
+        r["frozen_dtype"] = auto_frozen_dtype(card, kn.strategy, kn.precision)[1]
+        if memory.upcast(kn):
+            as_compute = c.breakdown(replace(kn, frozen_dtype=kn.precision))
+            r["frozen_dtype"] += f" ({gib(as_compute.total - mem.total)} less than an fp32 base)"
     if k.quantization != "auto":
         r["quantization"] = fixed
     elif kn.quantization == "none":
@@ -535,9 +592,21 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
         r["micro_batch_size"] = fixed
     else:
         r["micro_batch_size"] = (
-            f"{kn.micro_batch_size}: the largest power of two ≤ the global batch that fits with room "
-            f"({gib(mem.activations + mem.logits)} of activations and logits)"
+            f"{kn.micro_batch_size}: "
+            + (
+                f"the fastest of the {found.roomy} plans that fit with room, by the throughput model (within "
+                f"{SPEED_RESOLUTION:.0%}, the one with fewer savers)"
+                if found.roomy
+                else "of the plans that fit only tightly, the one with the most room"
+            )
+            + f" ({gib(mem.activations + mem.logits)} of activations and logits)"
         )
+        if found.runner_up is not None and found.speeds[0] > 0:
+            r["micro_batch_size"] += f"; the runner-up, {_difference(kn, found.runner_up)}, is estimated " + (
+                f"{1 - found.speeds[1] / found.speeds[0]:.1%} slower"
+                if found.speeds[1] < found.speeds[0]
+                else f"{found.speeds[1] / found.speeds[0] - 1:.1%} faster (not enough to add a saver)"
+            )
         doubled = c.breakdown(replace(kn, micro_batch_size=2 * kn.micro_batch_size))
         if 2 * kn.micro_batch_size <= math.ceil(c.base.global_batch_size / card.count) and doubled.fits:
             r["micro_batch_size"] += f"; {2 * kn.micro_batch_size} would fit only tightly ({gib(doubled.margin, 2)} to spare)"
@@ -589,11 +658,13 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
         if norm
         else f"transformers': {spec.model_type} has no Llama-style RMSNorm that hfgpu swaps (hfgpu.patches)"
     )
-    if cal := c.calibration:
+    if (cal := c.calibration) and "date" in cal:
         r["memory"] = (
             f"calibrated on this machine's {card.name} on {cal['date']} ({cal['rows']} measured steps of {cal['model']}): "
             f"activations, logits and overhead × {cal['factor']} (hfgpu calibrate)"
         )
+    elif cal:  # --verify re-planned to its simulated step (_verified)
+        r["memory"] = f"activations, logits and transients × {cal['factor']:.2f}: scaled to the simulated step (--verify)"
     mode = c.base.distributed
     if k.distributed != "auto":
         r["distributed"] = fixed
@@ -611,6 +682,30 @@ def _reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown, accum: int,
         if k.lora_dropout == 0:
             r["lora"] += "; dropout 0: a dropout keeps a copy of every adapter's input"
     return r
+
+
+def _relative_speed(ratio: float) -> str:
+    if abs(ratio - 1) < 0.0005:
+        return "as fast (within 0.05%): the simpler plan is kept"
+    if ratio < 1:
+        return f"{1 - ratio:.1%} slower"
+    return f"{ratio - 1:.1%} faster, less than the {SPEED_RESOLUTION:.0%} it takes to add a saver"
+
+
+def _difference(chosen: memory.Setup, other: memory.Setup) -> str:
+    """How `other` differs from the chosen setup, in a few words: "micro-batch 2 without the chunked loss"."""
+    words = []
+    if other.micro_batch_size != chosen.micro_batch_size:
+        words.append(f"micro-batch {other.micro_batch_size}")
+    for name, label in (
+        ("gradient_checkpointing", "checkpointing"),
+        ("chunked_loss", "the chunked loss"),
+        ("activation_offloading", "offloading"),
+        ("tiled_mlp", "the tiled MLP"),
+    ):
+        if getattr(other, name) != getattr(chosen, name):
+            words.append(("with " if getattr(other, name) else "without ") + label)
+    return " ".join(words) or "the same knobs"
 
 
 def _saver_reasons(c: _Ctx, kn: memory.Setup, mem: memory.MemoryBreakdown) -> dict[str, str]:

@@ -80,6 +80,7 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
     prepare_model_for_kbit_training (every non-quantized parameter in fp32)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     from hfgpu.models import model_spec, pretrained_config
     from hfgpu.optim import make_optimizer
@@ -88,11 +89,19 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
     cfg = pretrained_config(config)
     settings = ModelSettings.from_knobs(s)
     quantized = s.quantization != "none"
-    storage = torch.float32 if s.strategy == "full" else DTYPES[s.precision]
+    storage = settings.storage_dtype
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_masks():
         model = AutoModelForCausalLM.from_config(
             cfg, dtype=storage, attn_implementation="sdpa" if s.attention == "flash_attention_2" else s.attention
         )
+        simulated_linear = 0
+        if quantized:  # the linears bitsandbytes quantizes are simulated in the compute dtype it dequantizes to
+            head = model.get_output_embeddings()
+            linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
+            for m in linears:
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(DTYPES[s.precision])
+            simulated_linear = sum(p.numel() * p.element_size() for m in linears for p in m.parameters(recurse=False))
         if quantized and plain_path:  # what prepare_model_for_kbit_training leaves: every non-quantized parameter in fp32
             for module in model.modules():
                 if not isinstance(module, torch.nn.Linear) or module is model.get_output_embeddings():
@@ -126,13 +135,9 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
         peak += analytic_state
     if quantized:
         spec = spec or model_spec(config)
-        simulated_linear = BYTES_OF[storage] * spec.linear_params
-        exact = memory.weight_bytes(spec, s) - 4 * memory.trainable_params(spec, s)  # base (NF4 + 16-bit rest), no adapters
-        exact_rest = BYTES_OF[DTYPES[s.precision]] * (spec.params_total - spec.linear_params) + spec.buffer_bytes
-        correction = (exact - exact_rest) - simulated_linear  # NF4 bytes replace the compute-dtype linear weights
+        # NF4 weights (and the biases bitsandbytes keeps in the load dtype) replace the compute-dtype linears
+        exact_linear = memory.quantized_weight_bytes(spec, s) + memory.BYTES[s.frozen_dtype] * memory.linear_bias_params(spec)
+        correction = exact_linear - simulated_linear
         weights += correction
         peak += correction + memory.dequant_workspace_bytes(spec, s)
     return Simulation(weights=weights, trainable_state=state, peak=peak, seconds=time.perf_counter() - start, peak_phase=step.peak_phase)
-
-
-BYTES_OF = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}

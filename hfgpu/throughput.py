@@ -13,12 +13,21 @@ from hfgpu.models import ModelSpec
 # is commonly 25-45 %; QLoRA pays for dequantization). Replace with measured tokens/s when calibrated.
 UTILIZATION = {"full": 0.40, "lora": 0.35, "qlora": 0.25}
 # Time costs of the memory savers (hfgpu.loss, hfgpu.offload), as shares of a step's compute:
-# the chunked loss does the plain path's FLOPs in smaller matmuls (benchmarks/memory_savings.py
-# measures the ratio on CPU); offloading costs the copy back of the layer inputs over PCIe, which is
+# the chunked loss does the plain path's FLOPs in smaller matmuls without its fp32 copies of the logits:
+# benchmarks/memory_savings.py measures it at 0.90-0.93 of the plain step's time on CPU, so it is charged as
+# free (not as a gain) until the GPU layer measures it; offloading costs the copy back of the layer inputs over PCIe, which is
 # queued on the compute stream (the copy out overlaps compute). 12 GB/s: PCIe 3.0 x16 or 4.0 x8 in practice.
-CHUNKED_LOSS_COST = 0.03
+CHUNKED_LOSS_COST = 0.0
 TILED_MLP_COST = 0.05  # smaller matmuls; no extra FLOPs (the checkpoint's recompute stops before the MLP)
 PCIE_BYTES_PER_S = 12e9
+# What a micro-batch costs whatever its size, so that larger micro-batches are faster:
+# - launching its kernels: eager PyTorch + peft run ~40 kernels per decoder layer and pass (7 LoRA linears of
+#   3-4 kernels each, attention, norms, activations) at ~12 µs of host time each. An estimate until the GPU
+#   layer (tests/gpu) measures tokens/s against micro-batch;
+# - a frozen base stored other than it computes: bitsandbytes dequantizes each 4-bit weight to the compute
+#   dtype in every pass, and a 16-bit base under fp32 compute is cast per use (GTX 10): the stored bytes read
+#   and the compute-dtype copy written, at the card's memory bandwidth (a separate kernel: not overlapped).
+LAUNCH_SECONDS_PER_LAYER_PASS = 0.5e-3
 
 
 def tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float | None:
@@ -29,7 +38,19 @@ def tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float |
     seconds = (1 + (CHUNKED_LOSS_COST if setup.chunked_loss else 0.0) + (TILED_MLP_COST if setup.tiled_mlp else 0.0)) / compute
     tokens = setup.micro_batch_size * setup.seq_len
     seconds += memory.offloaded_bytes(spec, setup) / PCIE_BYTES_PER_S / tokens * gpu.count
+    seconds += micro_batch_seconds(spec, gpu, setup) / tokens / gpu.count
     return 1 / seconds
+
+
+def micro_batch_seconds(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float:
+    """The part of one micro-batch's time that does not grow with its tokens (see LAUNCH_SECONDS_PER_LAYER_PASS)."""
+    passes = _passes(setup.strategy) + (1.0 if setup.gradient_checkpointing else 0.0)
+    seconds = LAUNCH_SECONDS_PER_LAYER_PASS * spec.num_layers * passes
+    if gpu.bandwidth_gbps and (setup.quantization != "none" or memory.upcast(setup)):
+        stored = {"nf4": 0.5, "fp4": 0.5, "int8": 1.0}.get(setup.quantization, memory.BYTES[setup.frozen_dtype])
+        moved = (stored + memory.BYTES[setup.precision]) * spec.linear_params
+        seconds += (_passes(setup.strategy) + (1.0 if setup.gradient_checkpointing else 0.0)) * moved / (gpu.bandwidth_gbps * 1e9)
+    return seconds
 
 
 def compute_tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float | None:

@@ -20,10 +20,10 @@ RECIPES = [
         "qlora_1080.yaml",
         "GTX 1080",
         "qlora",
-        "meta-llama/Llama-2-7b-hf",
-        512,
+        "meta-llama/Llama-3.1-8B",
+        768,
         ALPACA,
-        "QLoRA of a 7B model on a GTX 1080 (Pascal: fp32 compute; torch <= 2.14 cu126 wheels only)",
+        "QLoRA of an 8B model on a GTX 1080 (Pascal: fp32 compute on an fp16 frozen base; torch <= 2.14 cu126 wheels only)",
     ),
     (
         "lora_1080.yaml",

@@ -67,7 +67,7 @@ def test_the_planner_knows_the_chunked_loss_and_the_simulation_agrees():
     import hfgpu
 
     knobs = dict(strategy="lora", seq_len=2048, micro_batch_size=2, gradient_checkpointing=True)
-    plain_plan = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 4090", **knobs)
+    plain_plan = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 4090", chunked_loss=False, **knobs)
     chunked = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 4090", chunked_loss=True, verify=True, **knobs)
     assert chunked.memory.logits < plain_plan.memory.logits / 3
     assert chunked.to_dict()["chunked_loss"] is True and "slices" in chunked.reasons["chunked_loss"]

@@ -120,7 +120,7 @@ def test_fixed_knobs_are_kept():
 
 
 def test_more_memory_per_token_means_more_memory():
-    base = dict(strategy="lora", gradient_checkpointing=False, micro_batch_size=1)
+    base = dict(strategy="lora", gradient_checkpointing=False, micro_batch_size=1, chunked_loss=False)
     m = lambda **k: hfgpu.plan_or_closest("meta-llama/Llama-3.2-1B", "4090", **{**base, **k}).memory
     assert m(seq_len=2048).activations > m(seq_len=1024).activations
     assert m(seq_len=1024, gradient_checkpointing=True).activations < m(seq_len=1024).activations
@@ -311,7 +311,7 @@ def test_what_fits_instead_is_the_nearest_plan_on_the_users_card_first():
         hfgpu.plan("meta-llama/Llama-3.1-8B", "2x RTX 3090", strategy="full", distributed="zero3")
     assert e.value.alternatives[0].startswith("strategy='lora' fits")
     with pytest.raises(DoesNotFit) as e:
-        hfgpu.plan("meta-llama/Llama-3.1-8B", "GTX 1070", seq_len=2048)
+        hfgpu.plan("meta-llama/Llama-3.1-8B", "GTX 1060 6GB", seq_len=2048)
     alts = e.value.alternatives
     smaller = next(i for i, a in enumerate(alts) if a.startswith("the smaller meta-llama/Llama-3.2-"))
     card = next(i for i, a in enumerate(alts) if a.startswith("a GeForce"))
@@ -337,3 +337,35 @@ def test_a_plan_within_the_models_known_error_of_the_budget_is_tight():
     assert snug.to_dict()["memory"]["margin"] == snug.memory.margin
     assert any(w.startswith("tight fit:") and "known error for lora" in w and "--verify" in w for w in snug.warnings)
     assert "FITS (TIGHT)" in str(snug) and "to spare" in str(snug)
+
+
+def test_the_fastest_plan_that_fits_is_chosen_and_the_runner_up_is_named():
+    """Llama-3.1-8B QLoRA on an RTX 3060 12 GB kept 2.9 GiB of full logits at micro-batch 1 because it fitted
+    without the chunked loss; the chunked loss is free and leaves room for a larger, faster micro-batch."""
+    from hfgpu import memory, planner
+    from hfgpu.knobs import Knobs
+    from hfgpu.throughput import tokens_per_second
+
+    p = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060")
+    assert p.strategy == "qlora" and p.knobs.chunked_loss and p.micro_batch_size > 1
+    assert "the runner-up" in p.reasons["micro_batch_size"] and "fastest" in p.reasons["micro_batch_size"]
+    # no plan that fits with room at this strategy and optimizer is estimated more than the resolution faster
+    c = planner._context(p.spec, p.gpu, Knobs(), planner.PYTHON, True)
+    best = p.tokens_per_second_estimate
+    chosen = dict(
+        precision=p.precision, frozen_dtype=p.knobs.frozen_dtype, strategy=p.strategy, quantization=p.quantization, optimizer=p.optimizer
+    )
+    for combo in planner._savers(c, **chosen):
+        for mb in (1, 2, 4, 8, 16):
+            s = c.setup(**chosen, **combo, micro_batch_size=mb)
+            m = memory.breakdown(p.spec, s, p.gpu.vram_bytes)
+            if m.fits and not planner._tight(s, m):
+                assert tokens_per_second(p.spec, p.gpu, s) <= best * (1 + planner.SPEED_RESOLUTION)
+
+
+def test_a_larger_micro_batch_is_estimated_faster():
+    from hfgpu.throughput import tokens_per_second
+
+    p = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4090", strategy="qlora", seq_len=512, micro_batch_size=1)
+    one, four = (tokens_per_second(p.spec, p.gpu, p.setup().replace(micro_batch_size=mb)) for mb in (1, 4))
+    assert four > one * 1.02  # launches and QLoRA's dequantization are paid per micro-batch, not per token
