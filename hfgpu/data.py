@@ -155,17 +155,20 @@ def _first_bad_line(path: Path) -> str | None:
     return None
 
 
-def check_columns(ds, cfg: DataConfig, source: str) -> dict[str, str]:
-    """field → column, after `data.columns`; every required field must exist."""
+def check_columns(ds, cfg: DataConfig, source: str, prefix: str = "data") -> dict[str, str]:
+    """field → column, after `data.columns`; every required field must exist. `prefix`: where the format and
+    columns keys are (`data`, or `data.mix[1]` for a dataset of a mixture, which may take data.format)."""
     fields = FIELDS[cfg.format]
     unknown = [k for k in cfg.columns if k not in fields]
     if unknown:
-        raise HfgpuError(f"data.columns names {', '.join(unknown)}, not fields of format {cfg.format!r} ({', '.join(fields)})")
+        raise HfgpuError(f"{prefix}.columns names {', '.join(unknown)}, not fields of format {cfg.format!r} ({', '.join(fields)})")
     mapping = {f: cfg.columns.get(f, f) for f in fields}
     missing = [f for f, col in mapping.items() if col not in ds.column_names and f not in OPTIONAL]
     if missing:
         have = ", ".join(ds.column_names)
-        fixes = "; ".join(f"set data.columns.{f} to the right one" for f in missing)
+        fixes = "; ".join(f"set {prefix}.columns.{f} to the right one" for f in missing)
+        if prefix != "data":
+            fixes = f"set {prefix}.format (it is {cfg.format}), or {fixes}"
         raise HfgpuError(
             f"{source} has no column {', '.join(repr(mapping[f]) for f in missing)} for format {cfg.format!r} (columns: {have}): {fixes}"
         )
@@ -386,8 +389,9 @@ def describe_drops(why: dict[str, list[int]]) -> str:
     return "; ".join(parts)
 
 
-def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str):
-    cols = check_columns(ds, cfg, source)
+def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str, prefix: str = "data"):
+    cols = check_columns(ds, cfg, source, prefix)
+    keys = f"{prefix}.format and {prefix}.columns"
     template = load_chat_template(cfg.chat_template)
     if cfg.format == "chat" and not (template or getattr(tokenizer, "chat_template", None)):
         raise HfgpuError(
@@ -432,8 +436,7 @@ def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str):
     malformed = {rule: why[rule] for rule in wrong_format}
     if (n_bad := sum(map(len, malformed.values()))) * 2 > len(tok):
         raise HfgpuError(
-            f"{source}: {n_bad} of {len(tok)} rows do not match format {cfg.format!r} "
-            f"({describe_drops(malformed)}): check data.format and data.columns"
+            f"{source}: {n_bad} of {len(tok)} rows do not match format {cfg.format!r} ({describe_drops(malformed)}): check {keys}"
         )
     if len(keep) < len(tok):
         tok = tok.select(keep)
@@ -518,6 +521,21 @@ EVAL_FRACTION_SEED = 0  # data.eval_fraction: the same held-out rows on every ru
 
 
 def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int) -> Prepared:
+    """The training (and eval) examples of `data.path`, or of every dataset of `data.mix`, tokenized, packed when asked."""
+    if cfg.mix:
+        out = _prepare_mix(cfg, tokenizer, max_len)
+    else:
+        out = _prepare_one(cfg, tokenizer, max_len, f"data {cfg.path!r}")
+    stats = out.stats
+    stats["padding_before"] = padding_fraction(out.train["length"], micro_batch_size)
+    if cfg.packing:
+        out.train = pack(out.train, max_len)
+        stats["padding_after"] = padding_fraction(out.train["length"], micro_batch_size)
+        stats["sequences"] = len(out.train)
+    return out
+
+
+def _prepare_one(cfg: DataConfig, tokenizer, max_len: int, source: str, prefix: str = "data") -> Prepared:
     train_rows = load_rows(cfg.path, cfg.split, "data.split")
     held_out = None
     if cfg.eval_fraction:
@@ -532,12 +550,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int
             )
         parts = train_rows.train_test_split(test_size=n_eval, seed=EVAL_FRACTION_SEED, shuffle=True)
         train_rows, held_out = parts["train"], parts["test"]
-    tok, stats, cols = tokenize(train_rows, cfg, tokenizer, max_len, f"data {cfg.path!r}")
-    stats["padding_before"] = padding_fraction(tok["length"], micro_batch_size)
-    if cfg.packing:
-        tok = pack(tok, max_len)
-        stats["padding_after"] = padding_fraction(tok["length"], micro_batch_size)
-        stats["sequences"] = len(tok)
+    tok, stats, cols = tokenize(train_rows, cfg, tokenizer, max_len, source, prefix)
     eval_ds, prompts = None, []
     if cfg.eval_path or cfg.eval_split or held_out is not None:
         eval_key = "data.eval_split" if cfg.eval_split else "data.eval_path"
@@ -551,7 +564,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int
                 stats["eval_overlap"] = shared
                 stats["eval_overlap_of"] = len(eval_rows)
                 stats["eval_overlap_keys"] = f"{eval_key}={cfg.eval_split or cfg.eval_path} and data.split={cfg.split}"
-        eval_ds, eval_stats, eval_cols = tokenize(eval_rows, cfg, tokenizer, max_len, f"eval data {(cfg.eval_path or cfg.path)!r}")
+        eval_ds, eval_stats, eval_cols = tokenize(eval_rows, cfg, tokenizer, max_len, f"eval {source}", prefix)
         stats["eval_examples"] = len(eval_ds)
         if held_out is not None:
             stats["eval_held_out"] = cfg.eval_fraction
@@ -563,6 +576,78 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int
                 continue  # counted in the eval data's dropped rows
             prompts.append((prompt_ids(prompt, cfg.format, tokenizer), reference))
     return Prepared(train=tok, eval=eval_ds, eval_prompts=prompts, stats=stats)
+
+
+MIX_SEED = 0  # data.mix: which examples a weighted or sampled source gives, and their order, the same every run
+
+
+def mix_counts(available: list[int], sources: list) -> list[int]:
+    """How many examples each source of data.mix gives: `samples` exactly; every example of a source with
+    neither; and the weighted sources in proportion to their weights, as many as the scarcest allows
+    without repeating any (LLaMA-Factory's interleave "first_exhausted")."""
+    weighted = [i for i, s in enumerate(sources) if s.weight is not None]
+    total_weight = sum(sources[i].weight for i in weighted)
+    scale = min((available[i] / (sources[i].weight / total_weight) for i in weighted), default=0.0)
+    counts = []
+    for i, s in enumerate(sources):
+        if s.samples is not None:
+            counts.append(s.samples)
+        elif s.weight is not None:
+            counts.append(max(1, min(available[i], int(scale * s.weight / total_weight + 1e-9))))
+        else:
+            counts.append(available[i])
+    return counts
+
+
+def _take(ds, n: int, seed: int):
+    """`n` examples of `ds`, seeded: a shuffled prefix, or whole shuffled passes and a prefix when n > len(ds)."""
+    import random
+
+    order: list[int] = []
+    passes = 0
+    while len(order) < n:
+        idx = list(range(len(ds)))
+        random.Random(seed * 1_000_003 + passes).shuffle(idx)
+        order += idx[: n - len(order)]
+        passes += 1
+    return ds.select(order)
+
+
+def _prepare_mix(cfg: DataConfig, tokenizer, max_len: int) -> Prepared:
+    """Each dataset of data.mix prepared as data.path would be (its own format, columns, splits; data.eval_fraction
+    held out of each), its share taken (mix_counts, seeded), the shares concatenated and shuffled (seeded) so that
+    batches and packs mix the sources. Eval rows keep their source (a `source` column) for per-source metrics."""
+    import datasets
+
+    parts: list[Prepared] = []
+    for i, src in enumerate(cfg.mix):
+        update = {"path": src.path, "mix": None, "split": src.split, "eval_split": src.eval_split, "eval_path": src.eval_path}
+        if src.format is not None:
+            update["format"] = src.format
+        if src.columns is not None:
+            update["columns"] = src.columns
+        sub = cfg.model_copy(update=update)
+        parts.append(_prepare_one(sub, tokenizer, max_len, f"data.mix[{i}] {src.path!r}", f"data.mix[{i}]"))
+    counts = mix_counts([len(p.train) for p in parts], cfg.mix)
+    taken = [_take(p.train, n, MIX_SEED + i) for i, (p, n) in enumerate(zip(parts, counts))]
+    train = datasets.concatenate_datasets(taken).shuffle(seed=MIX_SEED).flatten_indices()
+    stats = {key: sum(p.stats[key] for p in parts) for key in ("examples", "too_long", "dropped")}
+    stats["drop_reasons"] = {
+        f"{src.label}: {rule}": rows for src, p in zip(cfg.mix, parts) for rule, rows in p.stats["drop_reasons"].items()
+    }
+    stats["sources"] = [
+        {"name": src.label, "examples": len(p.train), "used": n, "eval_examples": len(p.eval) if p.eval is not None else 0}
+        for src, p, n in zip(cfg.mix, parts, counts)
+    ]
+    evals = [p.eval.add_column("source", [i] * len(p.eval)) for i, p in enumerate(parts) if p.eval is not None and len(p.eval)]
+    eval_ds = datasets.concatenate_datasets(evals) if evals else None
+    if eval_ds is not None:
+        stats["eval_examples"] = len(eval_ds)
+        stats["eval_sources"] = [src.label for src in cfg.mix]
+        if cfg.eval_fraction:
+            stats["eval_held_out"] = cfg.eval_fraction
+    prompts = [x for p in parts for x in p.eval_prompts]
+    return Prepared(train=train, eval=eval_ds, eval_prompts=prompts, stats=stats)
 
 
 def collate(features: list[dict], pad_id: int) -> dict:
@@ -582,4 +667,6 @@ def collate(features: list[dict], pad_id: int) -> dict:
             batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))  # padding is one more "example"
         else:
             batch["attention_mask"].append([1] * n + [0] * pad)
+    if "source" in features[0]:  # data.mix eval rows: which dataset each came from (hfgpu.evaluation.eval_loss)
+        batch["source"] = [f["source"] for f in features]
     return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

@@ -14,18 +14,22 @@ from hfgpu.loss import chunked_token_stats, final_hidden_states
 
 
 @torch.no_grad()
-def eval_loss(model, loader, accelerator, chunk_size: int | None = None) -> dict[str, float]:
+def eval_loss(model, loader, accelerator, chunk_size: int | None = None, sources: list[str] | None = None) -> dict[str, float]:
     """Token-weighted loss over the whole eval set (all processes), its perplexity and top-1 token accuracy.
 
     Statistics are kept per row and gathered with `gather_for_metrics`, which drops the rows that
     accelerate repeats to give every process the same number of batches: 30 eval rows count as 30
     under any process count. `chunk_size`: logits over slices of that many tokens
-    (hfgpu.loss.chunked_token_stats), so that evaluating needs no more memory than a training step."""
+    (hfgpu.loss.chunked_token_stats), so that evaluating needs no more memory than a training step.
+    `sources`: the names of data.mix's datasets, whose rows carry a `source` index: each also gets
+    eval_loss/NAME and eval_token_accuracy/NAME."""
     model.eval()
-    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens, correct
+    n = len(sources or [])
+    totals = torch.zeros(1 + n, 3, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens, correct: all, per source
     weight = accelerator.unwrap_model(model).get_output_embeddings().weight if chunk_size else None
     for batch in loader:
         labels = batch.pop("labels")
+        source = batch.pop("source", None)
         if chunk_size:
             rows = chunked_token_stats(final_hidden_states(model, batch), weight, labels, chunk_size)
         else:
@@ -35,11 +39,22 @@ def eval_loss(model, loader, accelerator, chunk_size: int | None = None) -> dict
             loss = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
             correct = (shifted.argmax(-1) == target) & mask
             rows = torch.stack([loss.double().sum(1), mask.double().sum(1), correct.double().sum(1)], dim=1)
-        totals += accelerator.gather_for_metrics(rows.to(totals.device)).sum(0)
+        if source is not None and n:
+            rows = torch.cat([rows, source.to(rows.device, torch.float64).unsqueeze(1)], dim=1)
+        rows = accelerator.gather_for_metrics(rows.to(totals.device))
+        totals[0] += rows[:, :3].sum(0)
+        if rows.shape[1] > 3:
+            totals[1:].index_add_(0, rows[:, 3].long(), rows[:, :3])
     model.train()
-    loss_sum, tokens, correct = totals.tolist()
+    loss_sum, tokens, correct = totals[0].tolist()
     mean = loss_sum / max(tokens, 1)
-    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50)), "eval_token_accuracy": correct / max(tokens, 1)}
+    out = {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50)), "eval_token_accuracy": correct / max(tokens, 1)}
+    for i, name in enumerate(sources or []):
+        loss_sum, tokens, correct = totals[1 + i].tolist()
+        if tokens:
+            out[f"eval_loss/{name}"] = loss_sum / tokens
+            out[f"eval_token_accuracy/{name}"] = correct / tokens
+    return out
 
 
 def load_metric(name: str):

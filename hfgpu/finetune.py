@@ -211,6 +211,8 @@ def run_fingerprint(ran: Recipe, p, data_hash: str) -> dict:
     get = lambda key: flat[key] if "." not in key else flat[key.split(".")[0]][key.split(".")[1]]
     record = {key: get(key) for key in FINGERPRINT_KEYS}
     record["grad_accum_steps"] = p.grad_accum_steps
+    if p.knobs.strategy != "full" and p.knobs.frozen_dtype != p.knobs.precision:  # a 16-bit base under fp32 compute
+        record["frozen_dtype"] = p.knobs.frozen_dtype  # (absent otherwise: checkpoints written before it stay resumable)
     record["data"] = data_hash
     return record
 
@@ -291,7 +293,10 @@ def check_data_paths(recipe: Recipe) -> None:
     (a name with one '/' and no file behind it is a Hub dataset id, checked when it loads)."""
     from hfgpu.data import EXTENSIONS, looks_like_hub_id
 
-    for key, path in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
+    named = [("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)]
+    for i, src in enumerate(recipe.data.mix or []):
+        named += [(f"data.mix[{i}].path", src.path), (f"data.mix[{i}].eval_path", src.eval_path)]
+    for key, path in named:
         if path is None:
             continue
         local = Path(resolve_path(path)).expanduser()
@@ -364,6 +369,12 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
         + (f"; {s['eval_examples']} eval examples" if "eval_examples" in s else "")
         + (f" (data.eval_fraction {s['eval_held_out']:g} of the training rows, held out)" if "eval_held_out" in s else "")
     )
+    for src in s.get("sources", []):
+        speak(
+            f"  {src['name']}: {src['used']} of its {src['examples']} examples"
+            + (f" (repeated ×{src['used'] / src['examples']:.2f})" if src["used"] > src["examples"] else "")
+            + (f", {src['eval_examples']} eval examples" if src["eval_examples"] else "")
+        )
     if s.get("eval_overlap"):
         speak(
             f"warning: {s['eval_overlap']} of the {s['eval_overlap_of']} eval rows are training rows ({s['eval_overlap_keys']}): "

@@ -139,6 +139,19 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _data_line(data) -> str:
+    """The model card's data row: the file or id and its format, or each dataset of a mixture with its share."""
+    if not data.mix:
+        return f"{data.path} ({data.format})"
+    shares = [
+        f"{m.path} ({m.format or data.format}"
+        + (f", weight {m.weight:g}" if m.weight else f", {m.samples} samples" if m.samples else "")
+        + ")"
+        for m in data.mix
+    ]
+    return "mixture: " + "; ".join(shares)
+
+
 def model_card(run: Run, repo_id: str, merged: bool = False):
     """A huggingface_hub ModelCard describing the run: base model, plan, hyperparameters, metrics, usage."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -147,8 +160,8 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
     base = run.base_model
     strategy = k.strategy
     family = recipe.model.split("/")[-1].split("-")[0].lower() or "llm"
-    data_path = recipe.data.path
-    datasets = [data_path] if re.match(r"^[\w.-]+/[\w.-]+$", data_path) and not Path(data_path).exists() else None
+    paths = [recipe.data.path] if recipe.data.path else [m.path for m in recipe.data.mix or []]
+    datasets = [x for x in paths if re.match(r"^[\w.-]+/[\w.-]+$", x) and not Path(x).exists()] or None
     adapter = run.is_adapter and not merged
     data = ModelCardData(
         base_model=base if re.match(r"^[\w.-]+/[\w.-]+$", base) else None,
@@ -210,7 +223,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 | epochs / max steps | {t.epochs} / {t.max_steps} |
 | global batch | {t.global_batch_size} sequences |
 | weight decay | {t.weight_decay} |
-| data | {data_path} ({recipe.data.format}) |
+| data | {_data_line(recipe.data)} |
 """
         + (
             f"| LoRA | r={k.lora_r}, alpha={k.lora_alpha}, dropout={k.lora_dropout}, targets={list(k.lora_targets)} |\n"

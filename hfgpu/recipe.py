@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from hfgpu._fuzzy import did_you_mean
 from hfgpu._package import PACKAGE
@@ -57,11 +57,47 @@ def _with_knobs(base: type[BaseModel], section: str) -> Any:
     return create_model(base.__name__.lstrip("_"), __base__=base, __module__=__name__, __doc__=base.__doc__, **knob_fields(section))
 
 
+FORMATS = ("text", "alpaca", "prompt_completion", "chat")
+
+
+class MixSource(_Strict):
+    """One dataset of a mixture (data.mix): where it is, its own format and columns, and how much of it to use."""
+
+    path: str = Field(description="local file or folder, or a Hub dataset id")
+    name: str | None = Field(None, description="what logs and per-source eval metrics call it (default: the file's stem or the id)")
+    format: Literal[FORMATS] | None = Field(None, description="its format (default: data.format)")
+    columns: dict[str, str] | None = Field(None, description="its column renames (default: data.columns)")
+    split: str = Field("train", description="split to train on")
+    eval_split: str | None = Field(None, description="its split to evaluate on (per-source eval metrics)")
+    eval_path: str | None = Field(None, description="its own eval file")
+    weight: float | None = Field(
+        None, gt=0, description="its share of the weighted sources' examples (none repeats: the mixture is as large as the scarcest allows)"
+    )
+    samples: int | None = Field(None, ge=1, description="exactly this many of its examples (seeded; repeated when it has fewer)")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "MixSource":
+        if self.weight is not None and self.samples is not None:
+            raise ValueError(f"weight={self.weight:g} and samples={self.samples} both size {self.path!r}: keep one")
+        if self.eval_split and self.eval_path:
+            raise ValueError(f"eval_split and eval_path both choose {self.path!r}'s eval rows: keep one")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return Path(self.path).stem if Path(resolve_path(self.path)).exists() else self.path
+
+
 class _DataConfig(_Strict):
     """What to train on, and how rows become token sequences."""
 
-    path: str = Field(description="local json/jsonl/csv/parquet/txt file or folder, or a Hub dataset id")
-    format: Literal["text", "alpaca", "prompt_completion", "chat"] = Field("alpaca", description="how rows become prompts and completions")
+    path: str | None = Field(None, description="local json/jsonl/csv/parquet/txt file or folder, or a Hub dataset id (or data.mix)")
+    mix: list[MixSource] | None = Field(
+        None, min_length=1, description="several datasets instead of data.path, each with its own format, columns and weight or samples"
+    )
+    format: Literal[FORMATS] = Field("alpaca", description="how rows become prompts and completions")
     columns: dict[str, str] = Field(default_factory=dict, description="rename the format's fields, e.g. {output: answer}")
     split: str = Field("train", description="split of a Hub dataset (or of the local file) to train on")
     eval_split: str | None = Field(None, description="split to evaluate on (Hub datasets)")
@@ -72,6 +108,24 @@ class _DataConfig(_Strict):
     train_on_prompt: bool = Field(False, description="also learn the prompt tokens (instruction and chat formats)")
     too_long: Literal["truncate", "drop"] = Field("truncate", description="what to do with examples longer than max_seq_len")
     chat_template: str | None = Field(None, description="a Jinja chat template, when the tokenizer has none")
+
+    @model_validator(mode="after")
+    def _path_or_mix(self) -> "_DataConfig":
+        if (self.path is None) == (self.mix is None):
+            raise ValueError(
+                "data.path and data.mix both name the training data: keep one"
+                if self.path is not None
+                else "no training data: set data.path (a file, folder or Hub id) or data.mix (a list of datasets)"
+            )
+        if self.mix is not None:
+            for key, default in (("split", "train"), ("eval_split", None), ("eval_path", None)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"data.{key} with data.mix: give each dataset its own {key} (data.mix[i].{key})")
+            labels = [m.label for m in self.mix]
+            if len(set(labels)) < len(labels):
+                twice = next(x for x in labels if labels.count(x) > 1)
+                raise ValueError(f"two datasets of data.mix are called {twice!r}: give one a name (data.mix[i].name)")
+        return self
 
 
 DataConfig = _with_knobs(_DataConfig, "data")

@@ -385,7 +385,7 @@ def train_loop(
     scaled = getattr(accelerator, "scaler", None) is not None  # fp16: inf gradients make the scaler skip a step
 
     def evaluate() -> dict:
-        scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk) if eval_dl is not None else {}
+        scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk, data.stats.get("eval_sources")) if eval_dl is not None else {}
         if cfg.metrics and accelerator.is_main_process:
             scores.update(
                 task_metrics(
