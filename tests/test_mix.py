@@ -29,17 +29,19 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+def sums_source(sums, **amount):
+    """The sums as a data.mix entry: its own format and column names."""
+    return {
+        "path": sums,
+        "name": "sums",
+        "format": "prompt_completion",
+        "columns": {"prompt": "question", "completion": "answer"},
+        **amount,
+    }
+
+
 def data_cfg(sums, **over):
-    mix = [
-        {"path": CAPITALS, "weight": 2},
-        {
-            "path": sums,
-            "name": "sums",
-            "format": "prompt_completion",
-            "columns": {"prompt": "question", "completion": "answer"},
-            "weight": 1,
-        },
-    ]
+    mix = [{"path": CAPITALS, "weight": 2}, sums_source(sums, weight=1)]
     raw = recipe_dict("unused", "unused", data={"path": None, "eval_path": None, "mix": mix, **over})
     return validate_recipe(raw).data
 
@@ -69,16 +71,7 @@ def test_each_source_keeps_its_format_and_the_mixture_is_the_same_every_run(sums
 
 
 def test_a_mixed_run_reports_each_source_and_evaluates_each(sums, tiny_model_dir, tmp_path):
-    mix = [
-        {"path": CAPITALS, "weight": 1},
-        {
-            "path": sums,
-            "name": "sums",
-            "format": "prompt_completion",
-            "columns": {"prompt": "question", "completion": "answer"},
-            "samples": 40,
-        },
-    ]
+    mix = [{"path": CAPITALS, "weight": 1}, sums_source(sums, samples=40)]
     said = []
     raw = recipe_dict(
         tiny_model_dir,
