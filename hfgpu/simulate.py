@@ -87,6 +87,13 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
 
     start = time.perf_counter()
     cfg = pretrained_config(config)
+    if s.precision == "fp32" and (getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)):
+        from hfgpu.errors import HfgpuError
+
+        raise HfgpuError(
+            "--verify cannot simulate a mixture-of-experts step in fp32 (torch's fake-tensor grouped matmul takes bf16 only, "
+            "and transformers' eager experts have data-dependent shapes): plan without --verify, or with precision bf16"
+        )
     settings = ModelSettings.from_knobs(s)
     quantized = s.quantization != "none"
     storage = settings.storage_dtype
