@@ -1,0 +1,110 @@
+"""Preference losses (hfgpu.preference) against TRL's DPOTrainer on the same model, batch and β: loss and gradients."""
+
+import pytest
+import torch
+
+from hfgpu.preference import preference_loss, reference_logps, sequence_logps, token_logps
+
+PAIRS = [
+    {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a large city in Europe with many people."},
+    {"prompt": "Two plus two is", "chosen": " four.", "rejected": " five."},
+    {"prompt": "Say hello:", "chosen": " Hello!", "rejected": " Goodbye, and see you later."},
+    {"prompt": "The sky is", "chosen": " blue.", "rejected": " green with purple dots."},
+]
+
+
+def _move_adapters_off_zero(model) -> None:
+    """LoRA's B starts at zero (policy = reference); move it so that the two differ."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+
+def _grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten().clone() for p in model.parameters() if p.requires_grad and p.grad is not None])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_equal_trls_dpo_trainer(tiny_model_dir, tmp_path, loss_type):
+    """TRL gets the base model and a LoRA config, so that its reference is the base with the adapters disabled, as
+    hfgpu's is (given a model that already has an adapter, TRL would take a copy of that adapter as the reference)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.1,
+        loss_type=[loss_type],
+        per_device_train_batch_size=4,
+        max_length=64,
+        report_to=[],
+        use_cpu=True,
+        dataloader_drop_last=False,
+    )
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    _move_adapters_off_zero(model)
+    model.zero_grad()
+    trl_loss = trainer.compute_loss(model, dict(batch))
+    trl_loss.backward()
+    trl_grads = _grads(model)
+    model.zero_grad()
+
+    logps, lengths = sequence_logps(model, batch, chunk_size=7)  # several slices of tokens, the last one short
+    ref = reference_logps(model, batch, chunk_size=7)
+    stats = preference_loss("dpo" if loss_type == "sigmoid" else "ipo", logps, lengths, ref, beta=0.1)
+    stats.loss.backward()
+    assert stats.loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert abs(trl_loss.item() - 0.6931) > 1e-3 or loss_type == "ipo"  # the policy is not the reference: not log 2
+    # to 1e-5 of the largest gradient (float32 summation order differs: TRL's fused head vs hfgpu's slices)
+    torch.testing.assert_close(_grads(model), trl_grads, rtol=1e-5, atol=1e-5 * trl_grads.abs().max().item())
+    assert 0 <= stats.accuracy <= 1 and stats.rewards_chosen.shape == (4,)
+
+
+def test_sliced_log_probs_equal_the_full_logits_and_their_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    ids = torch.randint(0, 50, (2, 9))
+    sliced = token_logps(hidden, weight, ids, chunk_size=5)
+    full = torch.gather((hidden[:, :-1] @ weight.t()).log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(sliced, full)
+    g_sliced = torch.autograd.grad(sliced.sum(), (hidden, weight))
+    g_full = torch.autograd.grad(full.sum(), (hidden, weight))
+    for a, b in zip(g_sliced, g_full):
+        torch.testing.assert_close(a, b)
+
+
+def test_simpo_and_orpo_follow_their_papers_formulas():
+    """No reference model; length-normalised log-probs (SimPO eq. 6, ORPO eq. 6-7), written out by hand here."""
+    logps = torch.tensor([-4.0, -6.0, -9.0, -8.0])  # chosen 1, chosen 2, rejected 1, rejected 2
+    lengths = torch.tensor([2.0, 3.0, 3.0, 2.0])
+    avg_c, avg_r = torch.tensor([-2.0, -2.0]), torch.tensor([-3.0, -4.0])
+    simpo = preference_loss("simpo", logps, lengths, beta=2.0, gamma_ratio=0.5)
+    expected = -torch.nn.functional.logsigmoid(2.0 * (avg_c - avg_r) - 1.0).mean()
+    assert simpo.loss.item() == pytest.approx(expected.item(), rel=1e-6) and simpo.accuracy == 1.0
+    orpo = preference_loss("orpo", logps, lengths, beta=0.1)
+    odds = lambda a: a - torch.log(1 - torch.exp(a))  # noqa: E731
+    expected = (-avg_c - 0.1 * torch.nn.functional.logsigmoid(odds(avg_c) - odds(avg_r))).mean()
+    assert orpo.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "objective,kwargs,message",
+    [("dpo", {"beta": 0.0}, "beta=0.0 must be > 0"), ("dpo", {}, "needs the reference"), ("kto", {}, "not one of")],
+)
+def test_bad_preference_settings_are_refused_naming_them(objective, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        preference_loss(objective, torch.zeros(4), torch.ones(4), **kwargs)
