@@ -132,3 +132,79 @@ def preference_loss(
             log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
             losses = -avg_c - beta * F.logsigmoid(log_odds)
     return PreferenceStats(loss=losses.mean(), rewards_chosen=rewards_c, rewards_rejected=rewards_r)
+
+
+# --- data: pairs of responses ------------------------------------------------------------------------
+
+
+def pair_problem(row: dict, cols: dict[str, str]) -> str | None:
+    """Why a preference row cannot be trained on (the rule its count is reported under), or None."""
+    for field in ("prompt", "chosen", "rejected"):
+        value = row.get(cols.get(field, field))
+        if value is None:
+            return f"missing {cols.get(field, field)!r}"
+        if not isinstance(value, str):
+            return f"{type(value).__name__}-valued {cols.get(field, field)!r}"
+    chosen, rejected = row[cols.get("chosen", "chosen")], row[cols.get("rejected", "rejected")]
+    if not chosen.strip() or not rejected.strip():
+        return "empty response"
+    if chosen.strip() == rejected.strip():
+        return "chosen and rejected identical"
+    return None
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, max_len: int, columns: dict[str, str] | None = None) -> tuple[list[dict], dict]:
+    """Plain prompt/chosen/rejected rows → per pair the chosen and rejected sequences (prompt + response + EOS,
+    tokenized as hfgpu's prompt_completion format is: the masks TRL's SFTTrainer computes) and which tokens are the
+    response. Returns (pairs, {rule: [1-based rows]} of the rows dropped)."""
+    from hfgpu.data import IGNORE, _tokenize_batch
+
+    cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **(columns or {})}
+    kept, dropped = [], {}
+    for i, row in enumerate(rows):
+        if (why := pair_problem(row, cols)) is None:
+            kept.append((i, row))
+        else:
+            dropped.setdefault(why, []).append(i + 1)
+    sides = {}
+    for side in ("chosen", "rejected"):
+        batch = {"prompt": [r[cols["prompt"]] for _, r in kept], "completion": [r[cols[side]] for _, r in kept]}
+        sides[side] = _tokenize_batch(
+            batch,
+            [i for i, _ in kept],
+            fmt="prompt_completion",
+            cols={"prompt": "prompt", "completion": "completion"},
+            tokenizer=tokenizer,
+            template=None,
+            max_len=max_len,
+            train_on_prompt=False,
+            too_long="truncate",
+        )
+    pairs = []
+    for k, (i, _) in enumerate(kept):
+        c, r = ({key: sides[s][key][k] for key in ("input_ids", "labels")} for s in ("chosen", "rejected"))
+        if not any(x != IGNORE for x in c["labels"][1:]) or not any(x != IGNORE for x in r["labels"][1:]):
+            dropped.setdefault("no response tokens within max_seq_len", []).append(i + 1)
+            continue
+        pairs.append(
+            {
+                "chosen_ids": c["input_ids"],
+                "chosen_mask": [int(x != IGNORE) for x in c["labels"]],
+                "rejected_ids": r["input_ids"],
+                "rejected_mask": [int(x != IGNORE) for x in r["labels"]],
+            }
+        )
+    return pairs, dropped
+
+
+def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
+    """[chosen…; rejected…] padded on the right: input_ids, attention_mask, completion_mask (TRL's layout)."""
+    seqs = [(p["chosen_ids"], p["chosen_mask"]) for p in pairs] + [(p["rejected_ids"], p["rejected_mask"]) for p in pairs]
+    longest = max(len(ids) for ids, _ in seqs)
+    out = {"input_ids": [], "attention_mask": [], "completion_mask": []}
+    for ids, mask in seqs:
+        pad = longest - len(ids)
+        out["input_ids"].append(list(ids) + [pad_id] * pad)
+        out["attention_mask"].append([1] * len(ids) + [0] * pad)
+        out["completion_mask"].append(list(mask) + [0] * pad)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}

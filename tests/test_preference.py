@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hfgpu.preference import preference_loss, reference_logps, sequence_logps, token_logps
+from hfgpu.preference import collate_pairs, preference_loss, reference_logps, sequence_logps, token_logps, tokenize_pairs
 
 PAIRS = [
     {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a large city in Europe with many people."},
@@ -108,3 +108,58 @@ def test_simpo_and_orpo_follow_their_papers_formulas():
 def test_bad_preference_settings_are_refused_naming_them(objective, kwargs, message):
     with pytest.raises(ValueError, match=message):
         preference_loss(objective, torch.zeros(4), torch.ones(4), **kwargs)
+
+
+def test_pairs_are_tokenized_as_trls_dpo_trainer_does_and_give_its_loss(tiny_model_dir, tmp_path):
+    """hfgpu's own pipeline end to end — rows → tokenize_pairs → collate_pairs → log-probs → DPO loss — against
+    TRL's on the same rows and adapters: the same token ids, the same response masks, the same loss."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=4, max_length=64, report_to=[], use_cpu=True)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    pairs, dropped = tokenize_pairs(PAIRS, tokenizer, max_len=64)
+    assert not dropped and len(pairs) == 4
+    for ours, theirs in zip(pairs, trainer.train_dataset):
+        for side in ("chosen", "rejected"):
+            assert ours[f"{side}_ids"] == theirs["prompt_ids"] + theirs[f"{side}_ids"]
+            assert ours[f"{side}_mask"] == [0] * len(theirs["prompt_ids"]) + [1] * len(theirs[f"{side}_ids"])
+    model = trainer.model
+    _move_adapters_off_zero(model)
+    trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(model, dict(trl_batch))
+        batch = collate_pairs(pairs, tokenizer.pad_token_id)
+        ours = preference_loss(
+            "dpo", sequence_logps(model, batch)[0], sequence_logps(model, batch)[1], reference_logps(model, batch), beta=0.1
+        )
+    assert ours.loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+
+
+def test_malformed_pairs_are_dropped_under_the_rule_that_names_why(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = PAIRS[:1] + [
+        {"prompt": "p", "chosen": " same", "rejected": " same "},
+        {"prompt": "p", "chosen": " ", "rejected": " no"},
+        {"prompt": "p", "chosen": " yes"},
+        {"prompt": "p", "chosen": [" list"], "rejected": " no"},
+    ]
+    pairs, dropped = tokenize_pairs(rows, tokenizer, max_len=64)
+    assert len(pairs) == 1
+    assert dropped == {
+        "chosen and rejected identical": [2],
+        "empty response": [3],
+        "missing 'rejected'": [4],
+        "list-valued 'chosen'": [5],
+    }
