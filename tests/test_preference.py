@@ -22,14 +22,9 @@ def _move_adapters_off_zero(model) -> None:
                 p.normal_(0, 0.05)
 
 
-def _grads(model) -> torch.Tensor:
-    return torch.cat([p.grad.flatten().clone() for p in model.parameters() if p.requires_grad and p.grad is not None])
-
-
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_and_ipo_equal_trls_dpo_trainer(tiny_model_dir, tmp_path, loss_type):
-    """TRL gets the base model and a LoRA config, so that its reference is the base with the adapters disabled, as
-    hfgpu's is (given a model that already has an adapter, TRL would take a copy of that adapter as the reference)."""
+def _trl_trainer(tiny_model_dir, tmp_path, **config):
+    """TRL's DPOTrainer on the tiny model, given the base and a LoRA config: its reference is then the base with the
+    adapters disabled, as hfgpu's is (given a model that already has an adapter, TRL takes a copy of it instead)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,22 +32,24 @@ def test_dpo_and_ipo_equal_trls_dpo_trainer(tiny_model_dir, tmp_path, loss_type)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     args = DPOConfig(
-        output_dir=str(tmp_path / "trl"),
-        beta=0.1,
-        loss_type=[loss_type],
-        per_device_train_batch_size=4,
-        max_length=64,
-        report_to=[],
-        use_cpu=True,
-        dataloader_drop_last=False,
+        output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=4, max_length=64, report_to=[], use_cpu=True, **config
     )
-    trainer = DPOTrainer(
+    return DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         args=args,
         train_dataset=Dataset.from_list(PAIRS),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
+
+
+def _grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten().clone() for p in model.parameters() if p.requires_grad and p.grad is not None])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_equal_trls_dpo_trainer(tiny_model_dir, tmp_path, loss_type):
+    trainer = _trl_trainer(tiny_model_dir, tmp_path, loss_type=[loss_type])
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
     _move_adapters_off_zero(model)
@@ -113,20 +110,8 @@ def test_bad_preference_settings_are_refused_naming_them(objective, kwargs, mess
 def test_pairs_are_tokenized_as_trls_dpo_trainer_does_and_give_its_loss(tiny_model_dir, tmp_path):
     """hfgpu's own pipeline end to end — rows → tokenize_pairs → collate_pairs → log-probs → DPO loss — against
     TRL's on the same rows and adapters: the same token ids, the same response masks, the same loss."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=4, max_length=64, report_to=[], use_cpu=True)
-    trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=args,
-        train_dataset=Dataset.from_list(PAIRS),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-    )
+    trainer = _trl_trainer(tiny_model_dir, tmp_path)
+    tokenizer = trainer.processing_class
     pairs, dropped = tokenize_pairs(PAIRS, tokenizer, max_len=64)
     assert not dropped and len(pairs) == 4
     for ours, theirs in zip(pairs, trainer.train_dataset):
