@@ -131,3 +131,59 @@ def test_a_plan_is_within_its_stated_accuracy_of_the_card(tmp_path):
             )
     _record("plan_vs_card", {"rows": rows})
     assert all(-0.10 < r["error"] < 0.25 for r in rows), rows  # the README's stated accuracy for LoRA/QLoRA, with room: a regression alarm
+
+
+def test_measured_tokens_per_second_against_the_throughput_model():
+    """The throughput model (hfgpu.throughput) against real steps on this card: Qwen2.5-0.5B LoRA at 512 tokens,
+    micro-batch 1, 2 and 4 (random weights). Records the ratios for the session to commit; the assertion is only
+    an alarm (an estimate off by more than 4× either way, or a larger micro-batch measured slower per token)."""
+    import time
+
+    from hfgpu.measure import forward_backward
+    from hfgpu.modeling import ModelSettings, prepare_model
+    from hfgpu.models import model_spec, pretrained_config
+    from hfgpu.optim import make_optimizer
+    from hfgpu.planner import plan_or_closest
+
+    model_name = "Qwen/Qwen2.5-0.5B" if DEVICE == "cuda" else "HuggingFaceTB/SmolLM2-135M"
+    seq = 512 if DEVICE == "cuda" else 64
+    config = pretrained_config(model_spec(model_name).config)
+    if DEVICE != "cuda":
+        config.num_hidden_layers = 2
+    rows = []
+    for mb in (1, 2, 4):
+        p = plan_or_closest(
+            model_name, "auto" if DEVICE == "cuda" else "cpu", calibrated=False, strategy="lora", seq_len=seq, micro_batch_size=mb
+        )
+        model = prepare_model(config, ModelSettings.from_plan(p), seed=0, device=DEVICE if DEVICE == "cuda" else None)
+        opt = make_optimizer([x for x in model.parameters() if x.requires_grad], p.optimizer)
+        ids = torch.randint(0, config.vocab_size, (mb, seq), device=DEVICE)
+        chunk = 1024 if p.knobs.chunked_loss else None
+
+        def step(model=model, opt=opt):
+            forward_backward(model, ids, p.precision, chunk)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # warm-up: kernels chosen, memory pools filled
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        start, steps = time.perf_counter(), 5 if DEVICE == "cuda" else 1
+        for _ in range(steps):
+            step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        measured = steps * mb * seq / (time.perf_counter() - start)
+        rows.append(
+            {
+                "micro_batch": mb,
+                "measured": measured,
+                "estimated": p.tokens_per_second_estimate,
+                "ratio": measured / (p.tokens_per_second_estimate or 1),
+            }
+        )
+        del model, opt
+    _record("tokens_per_second", {"model": model_name, "seq_len": seq, "rows": rows})
+    if DEVICE == "cuda":
+        assert all(0.25 < r["ratio"] < 4 for r in rows), rows
+        assert rows[-1]["measured"] > rows[0]["measured"] * 0.95, rows  # a larger micro-batch is not slower per token
