@@ -69,8 +69,9 @@ def test_simulation_shows_the_offloaded_bytes_leave_the_card():
 
 def test_the_planner_turns_savers_on_only_when_needed_and_says_what_they_save():
     roomy = hfgpu.plan("Qwen/Qwen2.5-0.5B", "RTX 4090", strategy="lora")
-    assert not roomy.chunked_loss and not roomy.activation_offloading
-    assert "fits without it" in roomy.reasons["chunked_loss"]
+    # the chunked loss costs no time (measured), so it is on wherever it is allowed; offloading costs the PCIe copy
+    assert roomy.chunked_loss and not roomy.activation_offloading and not roomy.gradient_checkpointing
+    assert "only with gradient checkpointing" in roomy.reasons["activation_offloading"] and "saves" in roomy.reasons["chunked_loss"]
     tight = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4060", strategy="qlora", micro_batch_size=1, seq_len=2048)
     assert tight.chunked_loss and tight.activation_offloading and tight.gradient_checkpointing
     assert "saves" in tight.reasons["chunked_loss"] and "saves" in tight.reasons["activation_offloading"]
