@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from hfgpu.data import IGNORE  # the label of tokens the loss skips (transformers' ignore_index)
-from hfgpu.memory import upcast_slice_rows
+from hfgpu.patches import sliced_linear, sliced_linear_grad
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -32,25 +32,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         # a frozen 16-bit lm_head under fp32 compute (GTX 10): cast to fp32 by slices of the vocabulary, so no
         # fp32 copy of the whole head exists (hfgpu.patches.upcast_per_use); else one copy in the matmul dtype
-        sliced = not need_w and weight.dtype != dtype and weight.element_size() < torch.tensor([], dtype=dtype).element_size()
+        sliced = not need_w and weight.dtype in (torch.float16, torch.bfloat16) and dtype == torch.float32
         w = None if sliced else weight.to(dtype)
-        rows = upcast_slice_rows(weight.shape[1])
 
         def head(x: torch.Tensor) -> torch.Tensor:  # x @ weight.T, fp32 out
-            if not sliced:
-                return (x @ w.t()).float()
-            out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-            for v in range(0, weight.shape[0], rows):
-                out[:, v : v + rows] = x @ weight[v : v + rows].to(dtype).t()
-            return out
+            return sliced_linear(x, weight) if sliced else (x @ w.t()).float()
 
         def head_grad(g: torch.Tensor) -> torch.Tensor:  # g @ weight
-            if not sliced:
-                return g @ w
-            out = torch.zeros(g.shape[0], weight.shape[1], dtype=g.dtype, device=g.device)
-            for v in range(0, weight.shape[0], rows):
-                out.addmm_(g[:, v : v + rows], weight[v : v + rows].to(dtype))
-            return out
+            return sliced_linear_grad(g, weight) if sliced else g @ w
 
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):

@@ -143,24 +143,38 @@ def tile_mlps(model: torch.nn.Module, tile: int | None = None) -> int:
 # --- 16-bit frozen storage, fp32 compute (GTX 10 / Pascal) ------------------------------------------
 
 
+def sliced_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`x @ w.T` in x's dtype for a 16-bit `w` (out, in), casting UPCAST_SLICE_BYTES of its rows at a time."""
+    rows = upcast_slice_rows(w.shape[1])
+    if w.shape[0] <= rows:
+        return x @ w.to(x.dtype).t()
+    out = x.new_empty(*x.shape[:-1], w.shape[0])
+    for v in range(0, w.shape[0], rows):
+        out[..., v : v + rows] = x @ w[v : v + rows].to(x.dtype).t()
+    return out
+
+
+def sliced_linear_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`g @ w` in g's dtype for a 16-bit `w` (out, in), by the same slices of rows."""
+    rows = upcast_slice_rows(w.shape[1])
+    if w.shape[0] <= rows:
+        return g @ w.to(g.dtype)
+    out = g.new_zeros(*g.shape[:-1], w.shape[1])
+    for v in range(0, w.shape[0], rows):
+        out += g[..., v : v + rows] @ w[v : v + rows].to(g.dtype)
+    return out
+
+
 class _UpcastLinear(torch.autograd.Function):
     """`x @ w.T + b` in x's dtype (fp32) from a frozen weight stored in 16 bits, over slices of the weight's
-    output rows (UPCAST_SLICE_BYTES of fp32 each): no fp32 copy of a whole weight exists, in forward or in
-    backward, and nothing of it is saved (lm_head is 2 GB in fp32 for Llama-3). The weight is frozen: no
-    gradient."""
+    output rows (sliced_linear): no fp32 copy of a whole weight exists, in forward or in backward, and nothing
+    of it is saved (lm_head is 2 GB in fp32 for Llama-3). The weight is frozen: no gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-        w = weight.t() if transposed else weight  # (out, in); Conv1D stores (in, out)
         ctx.save_for_backward(weight)
         ctx.transposed = transposed
-        rows = upcast_slice_rows(w.shape[1])
-        if w.shape[0] <= rows:
-            out = x @ w.to(x.dtype).t()
-        else:
-            out = x.new_empty(*x.shape[:-1], w.shape[0])
-            for v in range(0, w.shape[0], rows):
-                out[..., v : v + rows] = x @ w[v : v + rows].to(x.dtype).t()
+        out = sliced_linear(x, weight.t() if transposed else weight)  # Conv1D stores (in, out)
         return out + bias.to(x.dtype) if bias is not None else out
 
     @staticmethod
@@ -168,14 +182,7 @@ class _UpcastLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         (weight,) = ctx.saved_tensors
-        w = weight.t() if ctx.transposed else weight
-        rows = upcast_slice_rows(w.shape[1])
-        if w.shape[0] <= rows:
-            return grad @ w.to(grad.dtype), None, None, None
-        grad_x = grad.new_zeros(*grad.shape[:-1], w.shape[1])
-        for v in range(0, w.shape[0], rows):
-            grad_x += grad[..., v : v + rows] @ w[v : v + rows].to(grad.dtype)
-        return grad_x, None, None, None
+        return sliced_linear_grad(grad, weight.t() if ctx.transposed else weight), None, None, None
 
 
 def _upcast_linear_forward(self, x: torch.Tensor) -> torch.Tensor:

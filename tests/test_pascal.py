@@ -72,7 +72,7 @@ def test_the_chunked_loss_casts_a_16bit_head_by_slices_and_equals_the_fp32_head(
     head = torch.randn(300, 16).half()
     hidden = torch.randn(2, 40, 16, requires_grad=True)
     labels = torch.randint(0, 300, (2, 40))
-    monkeypatch.setattr("hfgpu.loss.upcast_slice_rows", lambda h: 64)  # several slices, the last one short
+    monkeypatch.setattr("hfgpu.patches.upcast_slice_rows", lambda h: 64)  # several slices, the last one short
     loss = chunked_causal_lm_loss(hidden, head, labels, chunk_size=16, dtype=torch.float32)
     loss.backward()
     grad = hidden.grad.clone()
