@@ -33,6 +33,7 @@ FIELDS = {
     "alpaca": ("instruction", "input", "output"),
     "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),  # objective dpo/ipo/simpo/orpo (hfgpu.preference)
 }
 OPTIONAL = {"input"}
 ROLES = {"system", "user", "assistant", "tool"}
@@ -329,7 +330,8 @@ def _end_of_turn(ids: list[int], special: set[int]) -> int:
     return len(ids)
 
 
-def _tokenize_batch(batch: dict, indices: list[int], *, fmt, cols, tokenizer, template, max_len, train_on_prompt, too_long):
+def _tokenize_batch(batch: dict, indices: list[int], *, fmt, cols, tokenizer, template, max_len, train_on_prompt, too_long, segmenter=None):
+    """Rows → token ids and labels. `segmenter(row, index)`: the rows' (text, learned) segments, when not the format's."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "learned": [], "problem": [], "row": []}
     special = set(tokenizer.all_special_ids)
     cap = max_len * CHARS_PER_TOKEN
@@ -340,7 +342,7 @@ def _tokenize_batch(batch: dict, indices: list[int], *, fmt, cols, tokenizer, te
         labels: list[int] = []
         problem, cut = "", False
         try:
-            segs = segments_of(row, fmt, cols, tokenizer, template, indices[i])
+            segs = segmenter(row, indices[i]) if segmenter else segments_of(row, fmt, cols, tokenizer, template, indices[i])
         except BadRow as e:
             segs, problem = [], e.rule
         for j, (text, learned) in enumerate(segs):
@@ -522,7 +524,11 @@ EVAL_FRACTION_SEED = 0  # data.eval_fraction: the same held-out rows on every ru
 
 def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int) -> Prepared:
     """The training (and eval) examples of `data.path`, or of every dataset of `data.mix`, tokenized, packed when asked."""
-    if cfg.mix:
+    if cfg.format == "preference":
+        from hfgpu.preference import prepare_pairs
+
+        out = prepare_pairs(cfg, tokenizer, max_len)
+    elif cfg.mix:
         out = _prepare_mix(cfg, tokenizer, max_len)
     else:
         out = _prepare_one(cfg, tokenizer, max_len, f"data {cfg.path!r}")
@@ -535,9 +541,11 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int
     return out
 
 
-def _prepare_one(cfg: DataConfig, tokenizer, max_len: int, source: str, prefix: str = "data") -> Prepared:
+def train_and_eval_rows(cfg: DataConfig):
+    """The rows to train on and to evaluate on (None: no eval data) of data.path with its split, eval_split, eval_path or
+    eval_fraction, and what the run reports about them (the eval rows that are training rows, the share held out)."""
     train_rows = load_rows(cfg.path, cfg.split, "data.split")
-    held_out = None
+    held_out, stats = None, {}
     if cfg.eval_fraction:
         if cfg.eval_path or cfg.eval_split:
             other = f"data.eval_path={cfg.eval_path}" if cfg.eval_path else f"data.eval_split={cfg.eval_split}"
@@ -550,24 +558,31 @@ def _prepare_one(cfg: DataConfig, tokenizer, max_len: int, source: str, prefix: 
             )
         parts = train_rows.train_test_split(test_size=n_eval, seed=EVAL_FRACTION_SEED, shuffle=True)
         train_rows, held_out = parts["train"], parts["test"]
+        stats["eval_held_out"] = cfg.eval_fraction
+    if not (cfg.eval_path or cfg.eval_split or held_out is not None):
+        return train_rows, None, stats
+    eval_key = "data.eval_split" if cfg.eval_split else "data.eval_path"
+    eval_rows = held_out if held_out is not None else load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train", eval_key)
+    same_source = held_out is None and resolve_path(cfg.eval_path or cfg.path) == resolve_path(cfg.path)
+    if same_source and _base(cfg.split) == _base(cfg.eval_split or "train"):
+        # the same rows to draw from: say so when the eval rows are training rows (never silently)
+        whole = len(load_rows(cfg.path, _base(cfg.split), "data.split"))
+        shared = split_overlap(cfg.path, cfg.split, cfg.eval_split or "train", whole)
+        if shared:
+            stats["eval_overlap"] = shared
+            stats["eval_overlap_of"] = len(eval_rows)
+            stats["eval_overlap_keys"] = f"{eval_key}={cfg.eval_split or cfg.eval_path} and data.split={cfg.split}"
+    return train_rows, eval_rows, stats
+
+
+def _prepare_one(cfg: DataConfig, tokenizer, max_len: int, source: str, prefix: str = "data") -> Prepared:
+    train_rows, eval_rows, extra = train_and_eval_rows(cfg)
     tok, stats, cols = tokenize(train_rows, cfg, tokenizer, max_len, source, prefix)
+    stats.update(extra)
     eval_ds, prompts = None, []
-    if cfg.eval_path or cfg.eval_split or held_out is not None:
-        eval_key = "data.eval_split" if cfg.eval_split else "data.eval_path"
-        eval_rows = held_out if held_out is not None else load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train", eval_key)
-        same_source = held_out is None and resolve_path(cfg.eval_path or cfg.path) == resolve_path(cfg.path)
-        if same_source and _base(cfg.split) == _base(cfg.eval_split or "train"):
-            # the same rows to draw from: say so when the eval rows are training rows (never silently)
-            whole = len(load_rows(cfg.path, _base(cfg.split), "data.split"))
-            shared = split_overlap(cfg.path, cfg.split, cfg.eval_split or "train", whole)
-            if shared:
-                stats["eval_overlap"] = shared
-                stats["eval_overlap_of"] = len(eval_rows)
-                stats["eval_overlap_keys"] = f"{eval_key}={cfg.eval_split or cfg.eval_path} and data.split={cfg.split}"
+    if eval_rows is not None:
         eval_ds, eval_stats, eval_cols = tokenize(eval_rows, cfg, tokenizer, max_len, f"eval {source}", prefix)
         stats["eval_examples"] = len(eval_ds)
-        if held_out is not None:
-            stats["eval_held_out"] = cfg.eval_fraction
         template = load_chat_template(cfg.chat_template)
         for r in eval_rows:
             try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfgpu.errors import HfgpuError, run_command
-from hfgpu.knobs import KNOB_NAMES, RECIPE, Knobs, recipe_key
+from hfgpu.knobs import KNOB_NAMES, RECIPE, REFERENCE_OBJECTIVES, Knobs, recipe_key
 from hfgpu.recipe import Recipe, get_key, load_recipe, resolve_path, set_key
 
 RUN_FILES = (
@@ -34,6 +34,7 @@ RUN_FILES = (
     "adapter_model.safetensors",
     "model.safetensors",
     "config.json",
+    "reference_logps.json",
     "checkpoints",
 )
 
@@ -213,8 +214,65 @@ def run_fingerprint(ran: Recipe, p, data_hash: str) -> dict:
     record["grad_accum_steps"] = p.grad_accum_steps
     if p.knobs.strategy != "full" and p.knobs.frozen_dtype != p.knobs.precision:  # a 16-bit base under fp32 compute
         record["frozen_dtype"] = p.knobs.frozen_dtype  # (absent otherwise: checkpoints written before it stay resumable)
+    if p.knobs.objective != "sft":  # (absent for sft: checkpoints written before objectives existed stay resumable)
+        record["objective"] = p.knobs.objective
+        record["preference"] = flat["preference"]
     record["data"] = data_hash
     return record
+
+
+REFERENCE_FILE = "reference_logps.json"
+
+
+def reference_columns(accelerator, model, data, p, recipe: Recipe, pad_id: int, data_hash: str, out: Path, say) -> None:
+    """Full fine-tuning with DPO/IPO: the reference's log-probs of every training and eval pair, computed once by the
+    model before its first step (no frozen copy is ever held) and added to the pairs as `ref_logps`. Cached in the run
+    folder under the data's and model's fingerprint, so a resumed run reads them instead of recomputing them."""
+    import torch
+
+    from hfgpu.memory import loss_chunk_tokens
+    from hfgpu.modeling import DTYPES
+    from hfgpu.preference import precompute_reference
+
+    key = {"model": str(recipe.model), "precision": p.precision, "data": data_hash, "eval": data.eval is not None}
+    path = out / REFERENCE_FILE
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("key") != key:
+        if accelerator.is_main_process:
+            device = accelerator.device
+            model.to(device)
+            dtype = DTYPES[p.precision] if p.precision != "fp32" else None
+            chunk = loss_chunk_tokens(p.spec.vocab_size)
+            logps, batch = {}, p.micro_batch_size
+            for split, pairs in (("train", data.train), ("eval", data.eval)):
+                if pairs is None:
+                    continue
+                while True:
+                    try:
+                        logps[split] = precompute_reference(model, pairs, pad_id, batch, chunk, device, dtype)
+                        break
+                    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                        if "out of memory" not in str(e).lower() and not isinstance(e, torch.cuda.OutOfMemoryError):
+                            raise
+                        if batch == 1:
+                            raise HfgpuError(
+                                f"the reference log-probs of objective {p.objective} do not fit on {p.gpu.name} even one pair at "
+                                f"a time (seq_len {p.seq_len}): lower data.max_seq_len, or use strategy=lora (its reference is "
+                                "the base with the adapters disabled, computed per step)"
+                            ) from None
+                        batch = max(1, batch // 2)
+                        torch.cuda.empty_cache()
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, **logps}))
+            tmp.replace(path)
+            say(f"reference: log-probs of {len(data.train)} pairs precomputed before training (cached in {path.name})")
+        accelerator.wait_for_everyone()
+        cached = json.loads(path.read_text())
+    else:
+        say(f"reference: log-probs read from {path.name}")
+    data.train = data.train.add_column("ref_logps", cached["train"])
+    if data.eval is not None:
+        data.eval = data.eval.add_column("ref_logps", cached["eval"])
 
 
 def portable_base(model: str) -> str:
@@ -358,15 +416,16 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     s = data.stats
     from hfgpu.data import describe_drops
 
+    noun = "pairs" if recipe.data.format == "preference" else "examples"
     speak(
-        f"data: {s['examples']} examples, {s['too_long']} longer than {p.seq_len} tokens ({recipe.data.too_long}), {s['dropped']} dropped"
+        f"data: {s['examples']} {noun}, {s['too_long']} longer than {p.seq_len} tokens ({recipe.data.too_long}), {s['dropped']} dropped"
         + (f" ({describe_drops(s['drop_reasons'])})" if s["dropped"] else "")
         + (
             f"; packed into {s['sequences']} sequences, padding {s['padding_before']:.0%} → {s['padding_after']:.0%}"
             if "sequences" in s
             else f"; padding {s['padding_before']:.0%}"
         )
-        + (f"; {s['eval_examples']} eval examples" if "eval_examples" in s else "")
+        + (f"; {s['eval_examples']} eval {noun}" if "eval_examples" in s else "")
         + (f" (data.eval_fraction {s['eval_held_out']:g} of the training rows, held out)" if "eval_held_out" in s else "")
     )
     for src in s.get("sources", []):
@@ -397,7 +456,11 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
         if recipe.report_to != "none":
             accelerator.init_trackers(out.name, config=tracker_hparams(json.loads(json.dumps(p.to_dict()))))
 
-    loop = LoopConfig.from_plan(p, recipe, fingerprint=run_fingerprint(ran, p, tokenized_fingerprint(data.train)))
+    data_hash = tokenized_fingerprint(data.train)
+    if p.knobs.objective in REFERENCE_OBJECTIVES and not p.lora:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        reference_columns(accelerator, model, data, p, recipe, pad_id, data_hash, out, speak)
+    loop = LoopConfig.from_plan(p, recipe, fingerprint=run_fingerprint(ran, p, data_hash))
     result = train_loop(accelerator, model, tokenizer, data, loop, out, say=speak, on_ready=write_records)
     accelerator.wait_for_everyone()
     metrics = result.metrics

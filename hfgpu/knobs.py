@@ -32,6 +32,9 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 DISTRIBUTED = ("none", "ddp", "fsdp", "zero2", "zero3")
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
+PAIR_OBJECTIVES = OBJECTIVES[1:]  # trained on prompt/chosen/rejected pairs (hfgpu.preference)
+REFERENCE_OBJECTIVES = ("dpo", "ipo")  # compared with a frozen reference model
 
 
 def _knob(
@@ -55,6 +58,13 @@ def _knob(
 class Knobs:
     """What a user may fix. Every field may be "auto" (the planner chooses) unless its type says otherwise."""
 
+    objective: str = _knob(
+        "sft",
+        "sft: next-token loss on the responses · dpo, ipo: preference pairs against the frozen model (the reference) · "
+        "simpo, orpo: preference pairs, no reference",
+        choices=OBJECTIVES,
+        auto=False,
+    )
     strategy: str = _knob(
         AUTO, "full: every weight trains · lora: adapters on a 16-bit base · qlora: adapters on a 4-bit base", choices=STRATEGIES
     )
@@ -376,6 +386,25 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
             f"use {n.key('seq_len')} ≤ {spec.max_seq_len}"
         )
     ckpt_off = k.gradient_checkpointing is False
+    if k.objective in PAIR_OBJECTIVES:
+        obj = use("objective", k.objective)
+        if not plain_logits(spec.config):
+            errs.append(
+                f"{obj} computes log-probabilities from lm_head by slices of tokens, and {spec.name}'s logits are soft-capped "
+                f"or rescaled: use {use('objective', 'sft')}, or another model"
+            )
+        if k.chunked_loss is False:
+            errs.append(
+                f"{use('chunked_loss', False)} with {obj}: preference log-probabilities are always computed by slices of "
+                f"tokens (the logits of both responses never exist at once): use {use('chunked_loss', 'auto')}"
+            )
+        if k.packing is True:
+            errs.append(f"{use('packing', True)} with {obj}: each pair is its own two sequences; use {use('packing', False)}")
+        if k.distributed in ("fsdp", "zero3"):
+            errs.append(
+                f"{obj} reads lm_head's weight outside the forward pass, which {use('distributed', k.distributed)} shards: "
+                "use distributed ddp or zero2"
+            )
     if k.chunked_loss is True and (why := chunked_loss_blocker(spec, k.distributed)) is not None:
         errs.append(
             f"{use('chunked_loss', True)} cannot be used: {why}; use {use('chunked_loss', False)}"

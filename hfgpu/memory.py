@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from hfgpu._package import PACKAGE
-from hfgpu.knobs import KNOB_FIELDS, Knobs
+from hfgpu.knobs import KNOB_FIELDS, PAIR_OBJECTIVES, Knobs
 from hfgpu.models import ModelSpec
 from hfgpu.units import GIB
 
@@ -146,6 +146,18 @@ class Setup(Knobs):
     @classmethod
     def of(cls, k: Knobs, world_size: int = 1) -> "Setup":
         return cls(**{f.name: getattr(k, f.name) for f in KNOB_FIELDS}, world_size=world_size)
+
+
+def sequences_per_example(s: Setup) -> int:
+    """Sequences one example puts through the forward: 2 for a preference pair (both sides in one batch), else 1."""
+    return 2 if s.objective in PAIR_OBJECTIVES else 1
+
+
+def step_tokens(s: Setup) -> int:
+    """Tokens of one micro-batch's forward: micro-batch × sequences per example × seq_len. A preference pair's two
+    sequences go through one forward; the reference's no-grad forward runs before it (its tensors are freed before
+    the policy's forward starts), so it adds time, not memory."""
+    return s.micro_batch_size * sequences_per_example(s) * s.seq_len
 
 
 # --- exact components --------------------------------------------------------------------------------
@@ -359,7 +371,7 @@ def offloaded_bytes(spec: ModelSpec, s: Setup) -> int:
     else 16-bit), less the two on the GPU while one layer is recomputed (its input and the next's)."""
     if not (s.activation_offloading and s.gradient_checkpointing):
         return 0
-    return max(spec.num_layers - 2, 0) * spec.hidden_size * s.micro_batch_size * s.seq_len * _residual_bytes(s)
+    return max(spec.num_layers - 2, 0) * spec.hidden_size * step_tokens(s) * _residual_bytes(s)
 
 
 def recompute_bytes(spec: ModelSpec, s: Setup) -> float:
@@ -370,7 +382,7 @@ def recompute_bytes(spec: ModelSpec, s: Setup) -> float:
     embedding's (autograd sums the two before accumulating)."""
     if not s.gradient_checkpointing:
         return 0.0
-    tokens = s.micro_batch_size * s.seq_len
+    tokens = step_tokens(s)
     _, one_layer, _ = transient_per_token(spec, s)
     layer = tokens * one_layer
     if s.attention == "eager":
@@ -387,7 +399,7 @@ def recompute_bytes(spec: ModelSpec, s: Setup) -> float:
 def activation_bytes(spec: ModelSpec, s: Setup) -> int:
     """What the decoder layers hold at the step's peak; with checkpointing the recompute of one layer
     counts as far as it exceeds the loss phase (logits_bytes), which happens at another moment."""
-    tokens = s.micro_batch_size * s.seq_len
+    tokens = step_tokens(s)
     kept, _, _ = transient_per_token(spec, s)
     recompute = max(0.0, recompute_bytes(spec, s) - logits_bytes(spec, s))
     if s.activation_offloading and s.gradient_checkpointing:
@@ -443,7 +455,7 @@ def vocab_transient_bytes(spec: ModelSpec, s: Setup) -> int:
 
 
 def logits_bytes(spec: ModelSpec, s: Setup) -> int:
-    tokens = s.micro_batch_size * s.seq_len
+    tokens = step_tokens(s)
     if not s.chunked_loss:
         loss = int(tokens * max(transient_per_token(spec, s)[2], 0.0))
         if not upcast(s):

@@ -28,7 +28,9 @@ from hfgpu.knobs import (
     KNOB_FIELDS,
     KNOB_NAMES,
     NO_SDPA_MODEL_TYPES,
+    PAIR_OBJECTIVES,
     PYTHON,
+    REFERENCE_OBJECTIVES,
     RMSNORM_BY_MODEL_TYPE,
     STRATEGIES,
     Knobs,
@@ -49,6 +51,7 @@ from hfgpu.throughput import (
     TILED_MLP_COST,
     checkpointing_cost,
     compute_tokens_per_second,
+    reference_cost,
     tokens_per_second,
 )
 from hfgpu.units import GIB, gib
@@ -257,8 +260,11 @@ def _saver_rules(c: _Ctx) -> tuple[dict[str, tuple[bool, ...]], dict[str, str]]:
     if needs and f.gradient_checkpointing == "auto":
         allowed["gradient_checkpointing"] = (True,)
         rule["gradient_checkpointing"] = f"on: {' and '.join(needs)} (fixed) needs it"
+    if f.objective in PAIR_OBJECTIVES and f.chunked_loss == "auto":
+        allowed["chunked_loss"] = (True,)
+        rule["chunked_loss"] = f"on: objective {f.objective} computes its log-probabilities by slices of tokens (always)"
     blockers = {
-        "chunked_loss": chunked_loss_blocker(spec, c.base.distributed),
+        "chunked_loss": chunked_loss_blocker(spec, c.base.distributed) if f.objective not in PAIR_OBJECTIVES else None,
         "tiled_mlp": tiled_mlp_blocker(spec),
         "activation_offloading": "no GPU" if gpu.is_cpu else None,
     }
@@ -544,6 +550,8 @@ def _reasons(c: _Ctx, found: _Found, accum: int) -> dict[str, str]:
     def least(*key) -> str:
         return f"at least {gib(rejected[key])}" if key in rejected else "more"
 
+    if kn.objective != "sft":
+        r["objective"] = _objective_reason(kn)
     if k.strategy != "auto":
         r["strategy"] = fixed
     elif kn.strategy == "full":
@@ -615,7 +623,8 @@ def _reasons(c: _Ctx, found: _Found, accum: int) -> dict[str, str]:
         if k.grad_accum_steps != "auto"
         else f"{accum}: micro-batch {kn.micro_batch_size} × {accum}"
         + (f" × {card.count} GPUs" if card.count > 1 else "")
-        + f" reaches the global batch of {global_batch} sequences"
+        + f" reaches the global batch of {global_batch} "
+        + ("pairs" if kn.objective in PAIR_OBJECTIVES else "sequences")
     )
     r["seq_len"] = fixed if k.seq_len != "auto" else f"{seq}: min({DEFAULT_MAX_SEQ_LEN}, the model's maximum {spec.max_seq_len})"
     if k.optimizer != "auto":
@@ -682,6 +691,32 @@ def _reasons(c: _Ctx, found: _Found, accum: int) -> dict[str, str]:
         if k.lora_dropout == 0:
             r["lora"] += "; dropout 0: a dropout keeps a copy of every adapter's input"
     return r
+
+
+OBJECTIVE_PAPERS = {
+    "dpo": "DPO (Rafailov et al. 2023)",
+    "ipo": "IPO (Azar et al. 2023)",
+    "simpo": "SimPO (Meng et al. 2024)",
+    "orpo": "ORPO (Hong et al. 2024)",
+}
+
+
+def _objective_reason(kn: memory.Setup) -> str:
+    """What the preference objective costs: two sequences per example in one forward, and DPO/IPO's reference."""
+    text = (
+        f"{OBJECTIVE_PAPERS[kn.objective]}: each example is a prompt with a chosen and a rejected response, both in one "
+        f"forward (micro-batch {kn.micro_batch_size} = {memory.step_tokens(kn) // kn.seq_len} sequences of seq_len), "
+        "log-probabilities by slices of tokens"
+    )
+    if kn.objective not in REFERENCE_OBJECTIVES:
+        return text + "; no reference model"
+    where = (
+        "precomputed in one no-grad pass before training (full fine-tuning keeps no frozen copy)"
+        if kn.strategy == "full"
+        else "the base with the adapters disabled (no second copy in memory), a no-grad forward before the policy's "
+        "(its tensors are freed before the step's peak)"
+    )
+    return text + f"; the reference: {where}: ≈ +{reference_cost(kn):.0%} compute"
 
 
 def _relative_speed(ratio: float) -> str:

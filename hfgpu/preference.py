@@ -1,13 +1,16 @@
-"""Preference objectives (issue 15, first part): per-sequence log-probabilities by slices of tokens and the
-DPO, IPO, SimPO and ORPO losses on them, with the rewards and accuracy a run logs.
+"""Preference objectives: per-sequence log-probabilities by slices of tokens and the DPO, IPO, SimPO and ORPO
+losses on them, the rewards and accuracy a run logs, the pairs' tokenization, and the reference.
 
-Not yet wired into recipes, the planner or the loop (see the README's "Preference tuning" status); what is
-here is checked against TRL's DPOTrainer on the same model and batch (tests/test_preference.py).
+The `objective` knob (hfgpu.knobs) selects one; the training loop (hfgpu.train) runs `pair_loss` in place of the
+next-token loss, in the same step function (hfgpu.step). Checked against TRL's DPOTrainer on the same model and
+batch (tests/test_preference.py).
 
-A batch holds the chosen sequences first and the rejected ones second (TRL's layout), each prompt + response,
-with `completion_mask` marking the response tokens. Log-probabilities are computed from the decoder's final
-hidden states through lm_head one slice of tokens at a time, each slice recomputed in backward
-(activation checkpointing of the head), so batch × 2 × seq × vocab logits never exist.
+A loader batch holds each pair's two sequences side by side, (pairs, 2, tokens): [:, 0] chosen, [:, 1] rejected,
+so that splitting it by rows (the OOM back-off) keeps pairs whole; `flat_pairs` turns it into TRL's layout (the
+chosen sequences first, the rejected second), each prompt + response, with `completion_mask` marking the response.
+Log-probabilities are computed from the decoder's final hidden states through lm_head one slice of tokens at a
+time, each slice recomputed in backward (activation checkpointing of the head), so batch × 2 × seq × vocab logits
+never exist.
 
 References: DPO, Rafailov et al. 2023 (β = 0.1); IPO, Azar et al. 2023 (per-token average, TRL's form);
 SimPO, Meng et al. 2024 (β = 2.0, γ/β = 0.5, length-normalised, no reference); ORPO, Hong et al. 2024 (λ = 0.1,
@@ -16,59 +19,130 @@ no reference).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from hfgpu.knobs import PAIR_OBJECTIVES, REFERENCE_OBJECTIVES
 from hfgpu.loss import final_hidden_states
+from hfgpu.patches import sliced_linear, sliced_linear_grad
 
-OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
-NEEDS_REFERENCE = {"dpo": True, "ipo": True, "simpo": False, "orpo": False}
+OBJECTIVES = PAIR_OBJECTIVES
 DEFAULTS = {"dpo": {"beta": 0.1}, "ipo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma_ratio": 0.5}, "orpo": {"beta": 0.1}}
 
 
-def _slice_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.to(hidden.dtype).t()).float()
-    return torch.gather(logits.log_softmax(-1), 1, targets.unsqueeze(1)).squeeze(1)
+@dataclass(frozen=True)
+class Objective:
+    """What the loss is: `sft` (next-token) or a preference objective with its hyper-parameters (None: the paper's)."""
+
+    name: str = "sft"
+    beta: float | None = None
+    gamma_ratio: float = 0.5  # SimPO: γ = gamma_ratio · β
+
+    @property
+    def pairs(self) -> bool:
+        return self.name in OBJECTIVES
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name in REFERENCE_OBJECTIVES
+
+    @property
+    def resolved_beta(self) -> float:
+        return DEFAULTS[self.name]["beta"] if self.beta is None else self.beta
 
 
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+class _SlicedTokenLogps(torch.autograd.Function):
+    """log p(target | hidden) per token through lm_head `weight`, `chunk_size` tokens at a time: each slice's fp32
+    logits exist only inside the loop, in forward and again in backward (recomputed), as the chunked loss's do, and
+    nothing but the hidden states (a view) is saved. The gradient of a token's log-prob with respect to its logits is
+    one-hot − softmax, scaled by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, dtype):
+        sliced = weight.dtype in (torch.float16, torch.bfloat16) and dtype == torch.float32 and not weight.requires_grad
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        w = None if sliced else weight.to(dtype)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start : start + chunk_size].to(dtype)
+                logits = sliced_linear(h, weight).float() if sliced else (h @ w.t()).float()
+                t = targets[start : start + chunk_size].unsqueeze(1)
+                out[start : start + chunk_size] = (logits.gather(1, t) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk_size, ctx.dtype, ctx.sliced = chunk_size, dtype, sliced
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        dtype, sliced = ctx.dtype, ctx.sliced
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w = None if sliced else weight.to(dtype)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                h = hidden[start : start + ctx.chunk_size].to(dtype)
+                logits = sliced_linear(h, weight).float() if sliced else (h @ w.t()).float()
+                t = targets[start : start + ctx.chunk_size].unsqueeze(1)
+                g = grad_out[start : start + ctx.chunk_size].float().unsqueeze(1)
+                # d logp / d logits = one-hot − softmax, built in place in the fp32 logits
+                probs = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()
+                probs.scatter_add_(1, t, -torch.ones_like(g)).mul_(-g)
+                d = probs.to(dtype)
+                del logits, probs
+                if need_h:
+                    grad_h[start : start + ctx.chunk_size] = sliced_linear_grad(d, weight) if sliced else d @ w
+                if need_w:
+                    grad_w.add_(d.t().float() @ h.float())
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
+
+
+def token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, chunk_size: int = 1024, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """log p(token t+1 | ≤ t) for every position (b, s-1), fp32, from the final hidden states (b, s, h) through
-    lm_head `weight` (V, h), `chunk_size` tokens at a time; each slice's logits are recomputed in backward."""
+    lm_head `weight` (V, h), `chunk_size` tokens at a time (the full logits never exist). `dtype`: the matmuls'
+    (default: autocast's when it is on, else the hidden states')."""
+    if dtype is None:
+        kind = hidden.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
     b, s, h = hidden.shape
-    flat = hidden[:, :-1].reshape(-1, h)
-    targets = input_ids[:, 1:].reshape(-1)
-    out = []
-    for start in range(0, flat.shape[0], chunk_size):
-        part = (flat[start : start + chunk_size], weight, targets[start : start + chunk_size])
-        if torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_slice_logps, *part, use_reentrant=False))
-        else:
-            out.append(_slice_logps(*part))
-    return torch.cat(out).view(b, s - 1)
+    # every position's next token (the last position's target is a dummy, cut below): the hidden states stay a view
+    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1)
+    per_token = _SlicedTokenLogps.apply(hidden.reshape(-1, h), weight, targets, chunk_size, dtype)
+    return per_token.view(b, s)[:, :-1]
 
 
-def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model, batch: dict, chunk_size: int = 1024, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the response tokens' log-probs, number of response tokens) per sequence of `batch` (input_ids,
-    attention_mask, completion_mask), through `model` itself (DDP's hooks run)."""
+    attention_mask, completion_mask), through `model` itself (DDP's hooks run); `weight`: lm_head's (default the
+    model's output embeddings)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     hidden = final_hidden_states(model, inputs)
-    weight = getattr(model, "module", model).get_output_embeddings().weight
-    per_token = token_logps(hidden, weight, batch["input_ids"], chunk_size)
+    if weight is None:
+        weight = getattr(model, "module", model).get_output_embeddings().weight
+    per_token = token_logps(hidden, weight, batch["input_ids"], chunk_size, dtype)
     mask = batch["completion_mask"][:, 1:].to(per_token.dtype)
     return (per_token * mask).sum(1), mask.sum(1)
 
 
 @torch.no_grad()
-def reference_logps(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
-    """The reference's log-probs: for a peft model the base with its adapters disabled (no second copy in memory)."""
+def reference_logps(
+    model, batch: dict, chunk_size: int = 1024, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The reference's log-probs from a peft model: the base with its adapters disabled (no second copy in memory).
+    A model without adapters (full fine-tuning) has no frozen copy: its reference comes precomputed in the batch."""
     unwrapped = getattr(model, "module", model)
-    if hasattr(unwrapped, "disable_adapter"):
-        with unwrapped.disable_adapter():
-            return sequence_logps(model, batch, chunk_size)[0]
-    return sequence_logps(model, batch, chunk_size)[0]
+    if not hasattr(unwrapped, "disable_adapter"):
+        raise ValueError("a model without adapters has no reference in it: precompute the reference log-probs (ref_logps)")
+    with unwrapped.disable_adapter():
+        return sequence_logps(model, batch, chunk_size, dtype, weight)[0]
 
 
 @dataclass(frozen=True)
@@ -113,7 +187,7 @@ def preference_loss(
         raise ValueError(f"beta={beta} must be > 0")
     chosen, rejected = logps.chunk(2)
     len_c, len_r = lengths.clamp(min=1).chunk(2)
-    if NEEDS_REFERENCE[objective]:
+    if objective in REFERENCE_OBJECTIVES:
         if ref_logps is None:
             raise ValueError(f"{objective} needs the reference model's log-probs")
         ref_c, ref_r = ref_logps.chunk(2)
@@ -137,52 +211,107 @@ def preference_loss(
 # --- data: pairs of responses ------------------------------------------------------------------------
 
 
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
 def pair_problem(row: dict, cols: dict[str, str]) -> str | None:
-    """Why a preference row cannot be trained on (the rule its count is reported under), or None."""
+    """Why a preference row cannot be trained on (the rule its count is reported under), or None. Plain rows hold
+    strings; conversational rows a prompt of messages (or a string) and responses of assistant messages (or strings)."""
+    from hfgpu.data import BadRow, _content
+
+    texts = {}
     for field in ("prompt", "chosen", "rejected"):
-        value = row.get(cols.get(field, field))
+        name = cols.get(field, field)
+        value = row.get(name)
         if value is None:
-            return f"missing {cols.get(field, field)!r}"
-        if not isinstance(value, str):
-            return f"{type(value).__name__}-valued {cols.get(field, field)!r}"
-    chosen, rejected = row[cols.get("chosen", "chosen")], row[cols.get("rejected", "rejected")]
-    if not chosen.strip() or not rejected.strip():
+            return f"missing {name!r}"
+        if _is_messages(value):
+            try:
+                texts[field] = "".join(_content(m) for m in value if field == "prompt" or m.get("role") == "assistant")
+            except BadRow as e:
+                return e.rule
+            if field != "prompt" and not any(m.get("role") == "assistant" for m in value):
+                return f"no assistant message in {name!r}"
+        elif isinstance(value, str):
+            texts[field] = value
+        else:
+            return f"{type(value).__name__}-valued {name!r}"
+    if not texts["chosen"].strip() or not texts["rejected"].strip():
         return "empty response"
-    if chosen.strip() == rejected.strip():
+    if texts["chosen"].strip() == texts["rejected"].strip():
         return "chosen and rejected identical"
     return None
 
 
-def tokenize_pairs(rows: list[dict], tokenizer, max_len: int, columns: dict[str, str] | None = None) -> tuple[list[dict], dict]:
-    """Plain prompt/chosen/rejected rows → per pair the chosen and rejected sequences (prompt + response + EOS,
-    tokenized as hfgpu's prompt_completion format is: the masks TRL's SFTTrainer computes) and which tokens are the
-    response. Returns (pairs, {rule: [1-based rows]} of the rows dropped)."""
+def _conversational(rows: list[dict], cols: dict[str, str]) -> bool:
+    return any(_is_messages(r.get(cols[f])) for r in rows[:1] for f in ("prompt", "chosen", "rejected"))
+
+
+def _chat_pair_segments(prompt, response, tokenizer, template, index: int) -> list[tuple[str, bool]]:
+    """A conversational pair's side rendered with the chat template: the prompt's turns (assistant turns in it
+    included) are not learned, the response's assistant turns are."""
+    from hfgpu.data import _chat_segments
+
+    as_messages = lambda v, role: v if _is_messages(v) else [{"role": role, "content": v}]  # noqa: E731
+    prompt_msgs = as_messages(prompt, "user")
+    segments = _chat_segments(prompt_msgs + as_messages(response, "assistant"), tokenizer, template, index)
+    skip = sum(1 for m in prompt_msgs if m["role"] == "assistant")  # learned segments that belong to the prompt
+    out = []
+    for text, learned in segments:
+        if learned and skip:
+            skip -= 1
+            learned = False
+        out.append((text, learned))
+    return out
+
+
+def tokenize_pairs(
+    rows, tokenizer, max_len: int, columns: dict[str, str] | None = None, template: str | None = None
+) -> tuple[list[dict], dict]:
+    """Preference rows → per pair the chosen and rejected sequences (prompt + response) and which tokens are the
+    response. Plain rows are tokenized as hfgpu's prompt_completion format is (prompt with BOS, response + EOS: the
+    masks TRL's DPOTrainer computes); conversational rows with the chat template, the response's assistant turns
+    learned up to their end-of-turn token, as the chat format's are. Returns (pairs, {rule: [1-based rows]} dropped)."""
     from hfgpu.data import IGNORE, _tokenize_batch
 
     cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **(columns or {})}
+    rows = [dict(r) for r in rows]
     kept, dropped = [], {}
     for i, row in enumerate(rows):
         if (why := pair_problem(row, cols)) is None:
             kept.append((i, row))
         else:
             dropped.setdefault(why, []).append(i + 1)
+    chat = _conversational([r for _, r in kept], cols)
+    if chat and not (template or getattr(tokenizer, "chat_template", None)):
+        from hfgpu.errors import HfgpuError
+
+        raise HfgpuError("conversational preference rows need a chat template: this tokenizer has none; set data.chat_template")
     sides = {}
     for side in ("chosen", "rejected"):
         batch = {"prompt": [r[cols["prompt"]] for _, r in kept], "completion": [r[cols[side]] for _, r in kept]}
+        segmenter = None
+        if chat:
+            segmenter = lambda row, index: _chat_pair_segments(row["prompt"], row["completion"], tokenizer, template, index)  # noqa: E731
         sides[side] = _tokenize_batch(
             batch,
             [i for i, _ in kept],
-            fmt="prompt_completion",
+            fmt="chat" if chat else "prompt_completion",
             cols={"prompt": "prompt", "completion": "completion"},
             tokenizer=tokenizer,
-            template=None,
+            template=template,
             max_len=max_len,
             train_on_prompt=False,
             too_long="truncate",
+            segmenter=segmenter,
         )
     pairs = []
     for k, (i, _) in enumerate(kept):
-        c, r = ({key: sides[s][key][k] for key in ("input_ids", "labels")} for s in ("chosen", "rejected"))
+        c, r = ({key: sides[s][key][k] for key in ("input_ids", "labels", "problem", "truncated")} for s in ("chosen", "rejected"))
+        if c["problem"] or r["problem"]:
+            dropped.setdefault(c["problem"] or r["problem"], []).append(i + 1)
+            continue
         if not any(x != IGNORE for x in c["labels"][1:]) or not any(x != IGNORE for x in r["labels"][1:]):
             dropped.setdefault("no response tokens within max_seq_len", []).append(i + 1)
             continue
@@ -192,19 +321,145 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_len: int, columns: dict[str,
                 "chosen_mask": [int(x != IGNORE) for x in c["labels"]],
                 "rejected_ids": r["input_ids"],
                 "rejected_mask": [int(x != IGNORE) for x in r["labels"]],
+                "length": max(len(c["input_ids"]), len(r["input_ids"])),
+                "truncated": bool(c["truncated"] or r["truncated"]),
+                "row": i,
             }
         )
     return pairs, dropped
 
 
 def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
-    """[chosen…; rejected…] padded on the right: input_ids, attention_mask, completion_mask (TRL's layout)."""
-    seqs = [(p["chosen_ids"], p["chosen_mask"]) for p in pairs] + [(p["rejected_ids"], p["rejected_mask"]) for p in pairs]
-    longest = max(len(ids) for ids, _ in seqs)
+    """Each pair's chosen and rejected sequences side by side, padded on the right to the batch's longest:
+    input_ids, attention_mask, completion_mask of shape (pairs, 2, tokens); `ref_logps` (pairs, 2) when the
+    reference's log-probs were precomputed."""
+    longest = max(max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
     out = {"input_ids": [], "attention_mask": [], "completion_mask": []}
-    for ids, mask in seqs:
-        pad = longest - len(ids)
-        out["input_ids"].append(list(ids) + [pad_id] * pad)
-        out["attention_mask"].append([1] * len(ids) + [0] * pad)
-        out["completion_mask"].append(list(mask) + [0] * pad)
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    for p in pairs:
+        rows = {"input_ids": [], "attention_mask": [], "completion_mask": []}
+        for side in ("chosen", "rejected"):
+            ids, mask = p[f"{side}_ids"], p[f"{side}_mask"]
+            pad = longest - len(ids)
+            rows["input_ids"].append(list(ids) + [pad_id] * pad)
+            rows["attention_mask"].append([1] * len(ids) + [0] * pad)
+            rows["completion_mask"].append(list(mask) + [0] * pad)
+        for k, v in rows.items():
+            out[k].append(v)
+    batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    if "ref_logps" in pairs[0]:
+        batch["ref_logps"] = torch.tensor([p["ref_logps"] for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def flat_pairs(batch: dict) -> dict:
+    """(pairs, 2, tokens) → TRL's layout (2·pairs, tokens): every chosen sequence, then every rejected one."""
+    return {k: torch.cat([v[:, 0], v[:, 1]]) for k, v in batch.items()}
+
+
+# --- the step's loss, the reference, evaluation ------------------------------------------------------
+
+
+def pair_loss(
+    model, batch: dict, objective: Objective, chunk_size: int, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None
+):
+    """The objective's mean loss over the pairs of a loader batch (pairs, 2, tokens), and what a step logs as sums
+    over its pairs: (rewards chosen, rewards rejected, pairs where chosen wins, pairs). The reference's log-probs
+    come precomputed in the batch (full fine-tuning) or from the model with its adapters disabled, under no_grad and
+    before the policy's forward (so its tensors are gone before the step's own peak)."""
+    flat = flat_pairs(batch)
+    ref = None
+    if objective.needs_reference:
+        ref = flat["ref_logps"] if "ref_logps" in flat else reference_logps(model, flat, chunk_size, dtype, weight)
+    logps, lengths = sequence_logps(model, flat, chunk_size, dtype, weight)
+    stats = preference_loss(objective.name, logps, lengths, ref, beta=objective.beta, gamma_ratio=objective.gamma_ratio)
+    c, r = stats.rewards_chosen, stats.rewards_rejected
+    sums = torch.stack([c.sum(), r.sum(), (c > r).float().sum(), torch.tensor(float(c.numel()), device=c.device)])
+    return stats.loss, sums.detach().float()
+
+
+def describe_sums(sums: list[float], prefix: str = "") -> dict[str, float]:
+    """The logged metrics from pair_loss's sums (added over micro-batches and processes)."""
+    chosen, rejected, wins, n = sums
+    n = max(n, 1.0)
+    return {
+        f"{prefix}rewards/chosen": chosen / n,
+        f"{prefix}rewards/rejected": rejected / n,
+        f"{prefix}rewards/accuracy": wins / n,
+        f"{prefix}rewards/margin": (chosen - rejected) / n,
+    }
+
+
+@torch.no_grad()
+def eval_pairs(model, loader, accelerator, objective: Objective, chunk_size: int, dtype: torch.dtype | None = None) -> dict:
+    """The preference loss and rewards over the whole eval set (all processes; accelerate's repeated rows dropped)."""
+    model.eval()
+    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss sum, then pair_loss's sums
+    for batch in loader:
+        loss, sums = pair_loss(model, batch, objective, chunk_size, dtype)
+        row = torch.cat([(loss * sums[3]).reshape(1), sums]).double().unsqueeze(0)
+        totals += accelerator.gather_for_metrics(row.to(totals.device)).sum(0)
+    model.train()
+    loss_sum, *sums = totals.tolist()
+    return {"eval_loss": loss_sum / max(sums[3], 1.0), **describe_sums(sums, "eval_")}
+
+
+@torch.no_grad()
+def precompute_reference(model, pairs, pad_id: int, batch_size: int, chunk_size: int, device, dtype=None, say=print) -> list:
+    """The reference's log-probs of every pair, [chosen, rejected], in one no-grad pass with the model as it is
+    (before training: full fine-tuning, where no frozen copy exists)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    out = []
+    rows = list(pairs)
+    for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", leave=False):
+        batch = {k: v.to(device) for k, v in collate_pairs(rows[start : start + batch_size], pad_id).items()}
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with autocast:  # as accelerate runs training's forward in mixed precision
+            logps = sequence_logps(model, flat_pairs(batch), chunk_size, dtype)[0]
+        c, r = logps.float().chunk(2)
+        out += torch.stack([c, r], dim=1).tolist()
+    model.train(was_training)
+    return out
+
+
+def prepare_pairs(cfg, tokenizer, max_len: int):
+    """`data.format: preference`: the training (and eval) pairs of data.path, as data.prepare_data returns examples,
+    under the same rules: malformed rows are dropped with a count, and refused when they are most of the data."""
+    import datasets
+
+    from hfgpu.data import Prepared, check_columns, describe_drops, load_chat_template, train_and_eval_rows
+    from hfgpu.errors import HfgpuError
+
+    train_rows, eval_rows, extra = train_and_eval_rows(cfg)
+    template = load_chat_template(cfg.chat_template)
+
+    def one(rows, source: str):
+        cols = check_columns(rows, cfg, source)
+        pairs, why = tokenize_pairs(rows, tokenizer, max_len, cols, template)
+        too_long = sum(p["truncated"] for p in pairs)
+        if cfg.too_long == "drop":
+            for p in pairs:
+                if p["truncated"]:
+                    why.setdefault("longer than max_seq_len (data.too_long: drop)", []).append(p["row"] + 1)
+            pairs = [p for p in pairs if not p["truncated"]]
+        malformed = {rule: rows_ for rule, rows_ in why.items() if not rule.startswith(("empty", "chosen and", "longer", "no response"))}
+        if (n_bad := sum(map(len, malformed.values()))) * 2 > len(rows):
+            raise HfgpuError(
+                f"{source}: {n_bad} of {len(rows)} rows are not preference pairs ({describe_drops(malformed)}): check data.format "
+                "and data.columns (prompt, chosen, rejected)"
+            )
+        if not pairs:
+            raise HfgpuError(f"{source}: no pair is left to train on ({describe_drops(why)}): fix the rows, or raise data.max_seq_len")
+        stats = {"examples": len(rows), "too_long": too_long, "dropped": len(rows) - len(pairs), "drop_reasons": why}
+        ds = datasets.Dataset.from_list([{k: v for k, v in p.items() if k != "truncated"} for p in pairs])
+        return ds, stats
+
+    train, stats = one(train_rows, f"data {cfg.path!r}")
+    stats.update(extra)
+    evaluation = None
+    if eval_rows is not None:
+        evaluation, eval_stats = one(eval_rows, f"eval data {cfg.eval_path or cfg.path!r}")
+        stats["eval_examples"] = len(evaluation)
+    return Prepared(train=train, eval=evaluation, eval_prompts=[], stats=stats)

@@ -57,7 +57,7 @@ def _with_knobs(base: type[BaseModel], section: str) -> Any:
     return create_model(base.__name__.lstrip("_"), __base__=base, __module__=__name__, __doc__=base.__doc__, **knob_fields(section))
 
 
-FORMATS = ("text", "alpaca", "prompt_completion", "chat")
+FORMATS = ("text", "alpaca", "prompt_completion", "chat", "preference")
 
 
 class MixSource(_Strict):
@@ -177,6 +177,18 @@ class EvalConfig(_Strict):
     )
 
 
+class PreferenceConfig(_Strict):
+    """The preference objectives' hyper-parameters (objective dpo, ipo, simpo, orpo); null: the paper's value."""
+
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="β: how far the policy may move from the reference (DPO/IPO 0.1), SimPO's reward scale (2.0), "
+        "ORPO's odds-ratio weight λ (0.1)",
+    )
+    gamma_ratio: float = Field(0.5, ge=0, description="SimPO: the target reward margin γ as a share of β (γ/β = 0.5, the paper's)")
+
+
 class HubConfig(_Strict):
     """Where the finished run is pushed."""
 
@@ -193,6 +205,9 @@ class _Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="the optimization")
     lora: LoraSection = Field(default_factory=LoraSection, description="the adapters (LoRA and QLoRA)")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation beyond the eval loss")
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="the preference objectives' hyper-parameters (objective dpo, ipo, simpo, orpo)"
+    )
     output_dir: str = Field("outputs/run", description="where the adapter, logs and checkpoints go")
     overwrite: bool = Field(False, description="replace an earlier run in output_dir")
     resume: Literal["never", "auto"] | str = Field(
@@ -204,6 +219,28 @@ class _Recipe(_Strict):
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="a tracker for the metrics (install its package)")
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code (off unless you trust the repo)")
     hub: HubConfig = Field(default_factory=HubConfig, description="push the finished run to the Hub")
+
+    @model_validator(mode="after")
+    def _objective_and_format(self) -> "_Recipe":
+        objective = getattr(self, "objective", "sft")
+        pairs = objective != "sft"
+        fmt = self.data.format
+        if pairs and "format" not in self.data.model_fields_set:
+            self.data.format = "preference"  # pairs are what a preference objective trains on
+        elif pairs and fmt != "preference":
+            raise ValueError(
+                f"objective={objective} trains on prompt/chosen/rejected pairs, not data.format={fmt}: set data.format=preference"
+            )
+        elif not pairs and fmt == "preference":
+            raise ValueError("data.format=preference holds pairs of responses: set objective=dpo (or ipo, simpo, orpo) to train on them")
+        if pairs and self.data.mix is not None:
+            raise ValueError(f"data.mix with objective={objective}: mixtures are for sft so far; give one data.path of pairs")
+        if pairs and self.eval.metrics:
+            raise ValueError(
+                f"eval.metrics with objective={objective}: a preference run reports its reward accuracy on the eval pairs "
+                "(eval_rewards/accuracy); remove eval.metrics"
+            )
+        return self
 
     def to_yaml(self) -> str:
         d = self.model_dump(mode="json")

@@ -16,6 +16,8 @@ from hfgpu.loss import model_loss
 from hfgpu.modeling import adapters_in_compute_dtype
 from hfgpu.offload import offload_activations
 
+PAIR_CHUNK = 1024  # tokens per slice of a preference objective's log-probs when the plan names no loss chunk
+
 
 @contextlib.contextmanager
 def accelerate_autocast(model, dtype: torch.dtype | None, device_type: str):
@@ -52,6 +54,8 @@ def forward_backward(
     scale: torch.Tensor | float | None = None,
     backward: Callable[[torch.Tensor], None] | None = None,
     simulate: bool = False,
+    objective=None,
+    pair_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of `batch` (× `weight`, e.g. its label-token count), backpropagated × `scale`; returns it detached.
 
@@ -62,10 +66,20 @@ def forward_backward(
     forward is wrapped as accelerate wraps it in training (accelerate_autocast), so both hold the same
     tensors. `loss_dtype`: the chunked loss's matmul dtype (the compute dtype in mixed precision; it runs
     outside the forward's autocast; default `autocast`). `backward`: accelerate's (loss scaling,
-    DeepSpeed); torch's by default. `simulate`: fake tensors."""
+    DeepSpeed); torch's by default. `simulate`: fake tensors. `objective`: a preference objective
+    (hfgpu.preference.Objective) computes its pair loss on a batch of pairs (pairs, 2, tokens) in place of the
+    next-token loss, adding what a step logs (rewards, wins, pairs) into `pair_sums`."""
+    pairs = objective is not None and objective.pairs
     with adapters_in_compute_dtype(model, adapters_16bit):
         with accelerate_autocast(model, autocast, batch["input_ids"].device.type), offload_activations(offload, simulate=simulate):
-            loss = model_loss(model, batch, chunk, lm_head, dtype=loss_dtype or autocast)
+            if pairs:
+                from hfgpu.preference import pair_loss
+
+                loss, sums = pair_loss(model, batch, objective, chunk or PAIR_CHUNK, loss_dtype or autocast, lm_head)
+                if pair_sums is not None:
+                    pair_sums += sums.to(pair_sums.device)
+            else:
+                loss = model_loss(model, batch, chunk, lm_head, dtype=loss_dtype or autocast)
             if weight is not None:
                 loss = loss * weight
         (backward or torch.Tensor.backward)(loss if scale is None else loss * scale)

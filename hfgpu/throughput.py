@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from hfgpu import memory
 from hfgpu.gpus import GPU
-from hfgpu.knobs import planning_cc
+from hfgpu.knobs import REFERENCE_OBJECTIVES, planning_cc
 from hfgpu.models import ModelSpec
 
 # Share of peak FLOPS a run reaches: an estimate (MFU of transformers + peft loops on consumer cards
@@ -36,7 +36,7 @@ def tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float |
     if compute is None:
         return None
     seconds = (1 + (CHUNKED_LOSS_COST if setup.chunked_loss else 0.0) + (TILED_MLP_COST if setup.tiled_mlp else 0.0)) / compute
-    tokens = setup.micro_batch_size * setup.seq_len
+    tokens = memory.step_tokens(setup)
     seconds += memory.offloaded_bytes(spec, setup) / PCIE_BYTES_PER_S / tokens * gpu.count
     seconds += micro_batch_seconds(spec, gpu, setup) / tokens / gpu.count
     return 1 / seconds
@@ -44,12 +44,12 @@ def tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float |
 
 def micro_batch_seconds(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float:
     """The part of one micro-batch's time that does not grow with its tokens (see LAUNCH_SECONDS_PER_LAYER_PASS)."""
-    passes = _passes(setup.strategy) + (1.0 if setup.gradient_checkpointing else 0.0)
+    passes = _passes(setup.strategy) + (1.0 if setup.gradient_checkpointing else 0.0) + reference_passes(setup)
     seconds = LAUNCH_SECONDS_PER_LAYER_PASS * spec.num_layers * passes
     if gpu.bandwidth_gbps and (setup.quantization != "none" or memory.upcast(setup)):
         stored = {"nf4": 0.5, "fp4": 0.5, "int8": 1.0}.get(setup.quantization, memory.BYTES[setup.frozen_dtype])
         moved = (stored + memory.BYTES[setup.precision]) * spec.linear_params
-        seconds += (_passes(setup.strategy) + (1.0 if setup.gradient_checkpointing else 0.0)) * moved / (gpu.bandwidth_gbps * 1e9)
+        seconds += passes * moved / (gpu.bandwidth_gbps * 1e9)
     return seconds
 
 
@@ -65,16 +65,27 @@ def compute_tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) ->
         return None
     matmul = spec.linear_params + spec.vocab_size * spec.hidden_size  # lm_head runs even when tied
     forward = 2 * matmul + 2 * spec.num_layers * setup.seq_len * spec.q_dim  # causal attention ≈ half of 4·s·d
-    passes = _passes(setup.strategy)
+    passes = _passes(setup.strategy) + reference_passes(setup)
     if setup.gradient_checkpointing:
         passes += 1.0
     util = UTILIZATION[setup.strategy]
     return util * peak * 1e12 / (passes * forward) * gpu.count
 
 
+def reference_passes(setup: memory.Setup) -> float:
+    """DPO/IPO's reference: one no-grad forward per example (each step with LoRA/QLoRA, where it is the base with the
+    adapters disabled; once before training in full fine-tuning, which is the same for one epoch)."""
+    return 1.0 if setup.objective in REFERENCE_OBJECTIVES else 0.0
+
+
 def _passes(strategy: str) -> float:
     """Forward-pass equivalents of one step: forward + backward (weight gradients only when training every weight)."""
     return 3.0 if strategy == "full" else 2.0  # frozen weights skip their weight gradients
+
+
+def reference_cost(setup: memory.Setup) -> float:
+    """The compute the reference adds to a step, as a share of the step without it."""
+    return reference_passes(setup) / (_passes(setup.strategy) + (1.0 if setup.gradient_checkpointing else 0.0))
 
 
 def checkpointing_cost(strategy: str) -> float:

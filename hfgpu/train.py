@@ -35,6 +35,7 @@ from hfgpu.errors import HfgpuError
 from hfgpu.evaluation import eval_loss, task_metrics
 from hfgpu.modeling import DTYPES
 from hfgpu.optim import make_optimizer
+from hfgpu.preference import Objective, collate_pairs, describe_sums, eval_pairs
 from hfgpu.step import forward_backward
 from hfgpu.units import GIB, gib
 
@@ -76,6 +77,7 @@ class LoopConfig:
     resume_force: bool = False  # resume although the fingerprint differs
     generation_max_len: int | None = None  # prompt + answer tokens generation may reach (the planned seq_len)
     max_generation_seconds: float | None = None  # eval generation starts no new answer after this long
+    objective: Objective = field(default_factory=Objective)  # sft, or a preference objective on pairs (hfgpu.preference)
 
     @classmethod
     def from_plan(cls, p, recipe, fingerprint: dict | None = None) -> "LoopConfig":
@@ -84,7 +86,9 @@ class LoopConfig:
         from hfgpu.memory import loss_chunk_tokens
 
         t, chunk = recipe.train, loss_chunk_tokens(p.spec.vocab_size)
+        pref = recipe.preference
         return cls(
+            objective=Objective(p.objective, beta=pref.beta, gamma_ratio=pref.gamma_ratio),
             micro_batch_size=p.micro_batch_size,
             grad_accum_steps=p.grad_accum_steps,
             optimizer=p.optimizer,
@@ -184,19 +188,33 @@ def label_tokens(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE).sum()
 
 
+def loss_units(batch: dict, pairs: bool) -> torch.Tensor:
+    """What the loss is a mean over: label tokens, or a preference objective's pairs."""
+    return torch.tensor(batch["input_ids"].shape[0], device=batch["input_ids"].device) if pairs else label_tokens(batch)
+
+
+def seen_tokens(batch: dict, pad_id: int) -> torch.Tensor:
+    """Tokens the step read (not padding): both sequences of a pair count."""
+    return batch["attention_mask"].sum() if "completion_mask" in batch else (batch["input_ids"] != pad_id).sum()
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def window_backward(accelerator, model, window: list[dict], split: int, cfg: LoopConfig, lm_head=None) -> torch.Tensor:
+def window_backward(
+    accelerator, model, window: list[dict], split: int, cfg: LoopConfig, lm_head=None, pair_sums: torch.Tensor | None = None
+) -> torch.Tensor:
     """Forward and backward over one optimizer step's micro-batches (each run in `split` pieces).
 
     The gradient equals that of the mean token loss over the window of *every* process: each piece's
     summed loss is divided by the global label-token count, and multiplied by the process count
-    because DDP (and FSDP, DeepSpeed) average gradients. Returns the window's global mean loss
-    (identical on every process)."""
+    because DDP (and FSDP, DeepSpeed) average gradients. A preference objective's loss is a mean over
+    pairs, so pairs take the place of tokens. Returns the window's global mean loss (identical on every
+    process); `pair_sums` gets this process's rewards sums (hfgpu.preference.pair_loss)."""
     world = accelerator.num_processes
-    tokens = sum(label_tokens(b) for b in window).to(accelerator.device)
+    pairs = cfg.objective.pairs
+    tokens = sum(loss_units(b, pairs) for b in window).to(accelerator.device)
     if world > 1:
         tokens = accelerator.reduce(tokens, reduction="sum")
     tokens = torch.clamp(tokens, min=1).float()
@@ -214,9 +232,11 @@ def window_backward(accelerator, model, window: list[dict], split: int, cfg: Loo
                 offload=cfg.activation_offloading,
                 lm_head=lm_head,
                 loss_dtype=DTYPES[cfg.precision] if cfg.autocast else None,
-                weight=label_tokens(piece),
+                weight=loss_units(piece, pairs),
                 scale=world / tokens,
                 backward=accelerator.backward,
+                objective=cfg.objective,
+                pair_sums=pair_sums,
             )
         total += summed.float() / tokens
     return accelerator.reduce(total, reduction="sum") if world > 1 else total
@@ -249,12 +269,11 @@ class StopSignals:
 def _build(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader_gen = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG: exact resume
-    train_dl = DataLoader(
-        data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=partial(collate, pad_id=pad_id), generator=loader_gen
-    )
+    collate_fn = partial(collate_pairs if cfg.objective.pairs else collate, pad_id=pad_id)
+    train_dl = DataLoader(data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=collate_fn, generator=loader_gen)
     eval_dl = None
     if data.eval is not None:
-        eval_dl = DataLoader(data.eval, batch_size=cfg.micro_batch_size, shuffle=False, collate_fn=partial(collate, pad_id=pad_id))
+        eval_dl = DataLoader(data.eval, batch_size=cfg.micro_batch_size, shuffle=False, collate_fn=collate_fn)
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.micro_batch_size / accelerator.num_processes) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1) * steps_per_epoch))
     warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
@@ -336,12 +355,13 @@ def _interrupted(saved: Path, signum: int | None, step: int, total: int) -> Inte
     return err
 
 
-def _backward_with_backoff(accelerator, model, optimizer, window, state: TrainState, cfg: LoopConfig, lm_head, log, say):
+def _backward_with_backoff(accelerator, model, optimizer, window, state: TrainState, cfg: LoopConfig, lm_head, log, say, pair_sums):
     """window_backward, re-run with every micro-batch split in two on out-of-memory; then clipping.
     Returns (loss, gradient norm or None) as tensors: nothing here waits for the device."""
     while True:
         try:
-            loss = window_backward(accelerator, model, window, state.split, cfg, lm_head)
+            pair_sums.zero_()
+            loss = window_backward(accelerator, model, window, state.split, cfg, lm_head, pair_sums)
             break
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
@@ -383,9 +403,17 @@ def train_loop(
     on_ready()
     lm_head = accelerator.unwrap_model(model).get_output_embeddings().weight if cfg.loss_chunk else None
     scaled = getattr(accelerator, "scaler", None) is not None  # fp16: inf gradients make the scaler skip a step
+    pairs = cfg.objective.pairs
+    pair_sums = torch.zeros(4 if pairs else 0, device=accelerator.device)  # a step's rewards sums (hfgpu.preference)
 
     def evaluate() -> dict:
-        scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk, data.stats.get("eval_sources")) if eval_dl is not None else {}
+        if eval_dl is not None and pairs:
+            chunk, dtype = cfg.loss_chunk or 1024, DTYPES[cfg.precision] if cfg.autocast else None
+            scores = eval_pairs(model, eval_dl, accelerator, cfg.objective, chunk, dtype)
+        elif eval_dl is not None:
+            scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk, data.stats.get("eval_sources"))
+        else:
+            scores = {}
         if cfg.metrics and accelerator.is_main_process:
             scores.update(
                 task_metrics(
@@ -431,14 +459,14 @@ def train_loop(
                 if not window:
                     epoch_done = True
                     break
-                loss, grad_norm = _backward_with_backoff(accelerator, model, optimizer, window, state, cfg, lm_head, log, say)
-                # one host sync per step: loss, norm, tokens seen, and whether any process was asked to stop
-                seen = sum((b["input_ids"] != pad_id).sum() for b in window).float()
-                summed = torch.stack([seen, torch.tensor(float(stop.signum or 0), device=seen.device)])
+                loss, grad_norm = _backward_with_backoff(accelerator, model, optimizer, window, state, cfg, lm_head, log, say, pair_sums)
+                # one host sync per step: loss, norm, tokens seen, whether any process was asked to stop, the rewards
+                seen = sum(seen_tokens(b, pad_id) for b in window).float()
+                summed = torch.cat([torch.stack([seen, torch.tensor(float(stop.signum or 0), device=seen.device)]), pair_sums])
                 if accelerator.num_processes > 1:
                     summed = accelerator.reduce(summed, reduction="sum")
                 norm = grad_norm.detach().float().reshape(1) if grad_norm is not None else torch.zeros(1)
-                seen_n, stop_n, loss_v, norm_v = torch.cat(
+                seen_n, stop_n, *rewards, loss_v, norm_v = torch.cat(
                     [summed, loss.detach().float().reshape(1).to(summed.device), norm.to(summed.device)]
                 ).tolist()
                 norm_v = norm_v if grad_norm is not None else None
@@ -464,6 +492,8 @@ def train_loop(
                     }
                     if norm_v is not None:
                         record["grad_norm"] = norm_v
+                    if pairs:
+                        record.update(describe_sums(rewards))
                     if torch.cuda.is_available():
                         record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
                     log.write(record)

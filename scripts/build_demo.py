@@ -1,6 +1,7 @@
 """Build the embedded demo: a byte-level BPE tokenizer, a tiny random-init Llama and a small data set.
 
-    python scripts/build_demo.py      # writes hfgpu/resources/demo/ (committed; ~1 MB)
+    python scripts/build_demo.py                 # writes hfgpu/resources/demo/ (committed; ~1 MB)
+    python scripts/build_demo.py --preference    # only the preference pairs of the DPO demo
 
 The task: answer "what is the capital of X?" for 30 countries. Training uses four phrasings of the
 question; the eval split uses a fifth phrasing the model never sees, so exact match on it measures
@@ -68,6 +69,37 @@ def rows(phrasings):
     return [{"instruction": p.format(country), "input": "", "output": capital} for country, capital in CAPITALS for p in phrasings]
 
 
+# The preference demo (recipes/demo_dpo_cpu.yaml): the same questions, two styles of answer. Chosen: a confident
+# sentence; rejected: a hedge. Held-out pairs ask about countries training never saw, so preference accuracy on
+# them measures whether the model learned the style, not the strings.
+CHOSEN = "The capital of {} is {}."
+REJECTED = "{1}? I am not sure, maybe look it up."
+PREFERENCE_EVAL_COUNTRIES = 6  # the last six countries: only in the held-out pairs
+
+
+def preference_rows(countries, phrasings):
+    return [
+        {
+            "prompt": [{"role": "user", "content": p.format(country)}],
+            "chosen": [{"role": "assistant", "content": CHOSEN.format(country, capital)}],
+            "rejected": [{"role": "assistant", "content": REJECTED.format(country, capital)}],
+        }
+        for country, capital in countries
+        for p in phrasings
+    ]
+
+
+def write_preference() -> None:
+    random.seed(0)
+    seen, held_out = CAPITALS[:-PREFERENCE_EVAL_COUNTRIES], CAPITALS[-PREFERENCE_EVAL_COUNTRIES:]
+    train = preference_rows(seen, TRAIN_PHRASINGS)
+    random.shuffle(train)
+    evals = preference_rows(held_out, TRAIN_PHRASINGS + EVAL_PHRASINGS)
+    for name, data in (("style_pairs_train.jsonl", train), ("style_pairs_eval.jsonl", evals)):
+        (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in data))
+    print(f"wrote {OUT}: {len(train)} train / {len(evals)} eval preference pairs")
+
+
 def main() -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -123,4 +155,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--preference" in sys.argv:  # only the preference pairs (the tokenizer and the model stay as they are)
+        write_preference()
+    else:
+        main()
+        write_preference()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hfgpu.preference import collate_pairs, preference_loss, reference_logps, sequence_logps, token_logps, tokenize_pairs
+from hfgpu.preference import collate_pairs, flat_pairs, preference_loss, reference_logps, sequence_logps, token_logps, tokenize_pairs
 
 PAIRS = [
     {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a large city in Europe with many people."},
@@ -123,7 +123,7 @@ def test_pairs_are_tokenized_as_trls_dpo_trainer_does_and_give_its_loss(tiny_mod
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with torch.no_grad():
         trl_loss = trainer.compute_loss(model, dict(trl_batch))
-        batch = collate_pairs(pairs, tokenizer.pad_token_id)
+        batch = flat_pairs(collate_pairs(pairs, tokenizer.pad_token_id))
         ours = preference_loss(
             "dpo", sequence_logps(model, batch)[0], sequence_logps(model, batch)[1], reference_logps(model, batch), beta=0.1
         )
