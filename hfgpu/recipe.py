@@ -308,6 +308,10 @@ def _describe(err: dict, raw: dict) -> str:
     msg = err["msg"].replace("Value error, ", "")
     if kind == "literal_error":
         msg = msg.replace("Input should be", "must be")
+    if not loc:  # a rule across keys (a model validator): its message names them
+        return msg
+    if kind == "greater_than":
+        msg += f": use a positive {loc}, or remove it for the default"
     return f"{loc}={_quote(value)}: {msg[0].lower() + msg[1:]}" if value is not None and not isinstance(value, dict) else f"{loc}: {msg}"
 
 

@@ -83,6 +83,48 @@ def test_two_process_gradients_equal_one_full_batch(tiny_model_dir, tmp_path):
     assert got["loss"] == pytest.approx(ref_loss, rel=1e-6)
 
 
+def _torchrun_check(model_dir, tmp_path, batch: dict, objective: str) -> dict:
+    torch.save(batch, tmp_path / "batch.pt")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    argv = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(ROOT / "tests" / "ddp_grad_check.py")]
+    argv += [str(model_dir), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt"), objective]
+    r = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=limit(300))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def test_two_process_dpo_gradients_equal_one_full_batch_of_pairs(tiny_model_dir, tmp_path):
+    """4 preference pairs of uneven lengths, 2 per process, full fine-tuning with precomputed reference log-probs:
+    the gradient and the loss equal the single-process DPO loss of the 4 pairs from the full logits."""
+    from transformers import AutoTokenizer
+
+    from hfgpu.modeling import ModelSettings, prepare_model
+    from hfgpu.preference import collate_pairs, flat_pairs, preference_loss, tokenize_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(x) for x in (ROOT / "hfgpu/resources/demo/style_pairs_train.jsonl").read_text().splitlines()[:4]]
+    rows[0]["rejected"][0]["content"] *= 4  # uneven lengths: per-process padding differs
+    pairs, _ = tokenize_pairs(rows, tokenizer, max_len=128)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    batch["ref_logps"] = -torch.arange(8, dtype=torch.float32).reshape(4, 2) - 20.0
+    got = _torchrun_check(tiny_model_dir, tmp_path, batch, "dpo")
+
+    model = prepare_model(str(tiny_model_dir), ModelSettings(strategy="full", precision="fp32"), seed=0)
+    model.train()
+    flat = flat_pairs(batch)
+    logits = model(input_ids=flat["input_ids"], attention_mask=flat["attention_mask"]).logits[:, :-1]
+    per_token = logits.log_softmax(-1).gather(2, flat["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = flat["completion_mask"][:, 1:].float()
+    stats = preference_loss("dpo", (per_token * mask).sum(1), mask.sum(1), flat["ref_logps"], beta=0.1)
+    stats.loss.backward()
+    ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got["grads"].keys() == ref_grads.keys()
+    flat_g = lambda g: torch.cat([g[n].flatten() for n in sorted(g)])  # noqa: E731
+    rel = (flat_g(got["grads"]) - flat_g(ref_grads)).norm() / flat_g(ref_grads).norm()
+    assert rel < 1e-5, f"relative L2 error {rel:.2e}"
+    assert got["loss"] == pytest.approx(stats.loss.item(), rel=1e-6)
+
+
 def test_two_process_eval_counts_each_row_once(tiny_model_dir, tmp_path):
     """30 eval rows over 2 processes at micro-batch 4: accelerate pads the last shard with repeated
     rows; the eval loss must equal the 1-process value."""
