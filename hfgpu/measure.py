@@ -39,19 +39,30 @@ def forward_backward(
     offload: bool = False,
     simulate: bool = False,
     adapters_16bit: bool = True,
+    objective: str = "sft",
 ) -> torch.Tensor:
     """One micro-batch of random `ids` through training's own step (hfgpu.step.forward_backward), under
     the autocast accelerate gives training. `simulate`: fake tensors; `adapters_16bit=False`: peft's
-    default fp32 copies of adapter inputs (the plain path)."""
+    default fp32 copies of adapter inputs (the plain path). A preference `objective` takes `ids` as pairs
+    (micro-batch, 2, seq_len), every token a response token."""
+    from hfgpu.preference import Objective
+
     autocast = precision != "fp32"
+    goal = Objective(objective)
+    batch = {"input_ids": ids, "labels": ids}
+    if goal.pairs:
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones_like(ids)}
+        if goal.needs_reference and not hasattr(model, "disable_adapter"):  # full fine-tuning: precomputed
+            batch["ref_logps"] = torch.zeros(ids.shape[:2])
     return step_forward_backward(
         model,
-        {"input_ids": ids, "labels": ids},
+        batch,
         chunk=chunk_size,
         adapters_16bit=autocast and adapters_16bit,
         offload=offload,
         autocast=DTYPES[precision] if autocast else None,
         simulate=simulate,
+        objective=goal,
     )
 
 
@@ -64,13 +75,14 @@ def tracked_step(
     offload: bool = False,
     simulate: bool = False,
     adapters_16bit: bool = True,
+    objective: str = "sft",
 ) -> StepMemory:
     """One warm-up step (gradients and optimizer state come to exist), then one tracked step with the
     previous gradients still alive, as under accumulation. `optimizer` may be None (state added by the caller).
     The other arguments are forward_backward's."""
 
     def step():
-        forward_backward(model, ids, precision, chunk_size, offload, simulate, adapters_16bit)
+        forward_backward(model, ids, precision, chunk_size, offload, simulate, adapters_16bit, objective)
 
     step()
     if optimizer is not None:

@@ -97,7 +97,7 @@ class _SlicedTokenLogps(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + ctx.chunk_size] = sliced_linear_grad(d, weight) if sliced else d @ w
                 if need_w:
-                    grad_w.add_(d.t().float() @ h.float())
+                    grad_w.add_(d.t() @ h)  # in the matmul dtype, as the chunked loss's (no fp32 V × h temporary)
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
 
 

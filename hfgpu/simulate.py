@@ -122,7 +122,8 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
         optimizer = (
             make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
         )
-        ids = torch.randint(0, cfg.vocab_size, (s.micro_batch_size, s.seq_len))
+        shape = (s.micro_batch_size, memory.sequences_per_example(s), s.seq_len) if s.objective != "sft" else (s.micro_batch_size, s.seq_len)
+        ids = torch.randint(0, cfg.vocab_size, shape)
         chunk = memory.loss_chunk_tokens(cfg.vocab_size) if s.chunked_loss else None
         step = tracked_step(
             model,
@@ -133,6 +134,7 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
             offload=s.activation_offloading and s.gradient_checkpointing,
             simulate=True,
             adapters_16bit=not plain_path,
+            objective=s.objective,
         )
     weights, state, peak = step.weights, step.trainable_state, step.peak
     if optimizer is None:
