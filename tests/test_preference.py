@@ -1,4 +1,5 @@
-"""Preference losses (hfgpu.preference) against TRL's DPOTrainer on the same model, batch and β: loss and gradients."""
+"""Preference losses (hfgpu.preference) against TRL on the same model, batch and β, loss and gradients:
+DPOTrainer (DPO, IPO), CPOTrainer (SimPO), ORPOTrainer (ORPO)."""
 
 import pytest
 import torch
@@ -148,3 +149,87 @@ def test_malformed_pairs_are_dropped_under_the_rule_that_names_why(tiny_model_di
         "missing 'rejected'": [4],
         "list-valued 'chosen'": [5],
     }
+
+
+def _experimental_trainer(kind: str, tiny_model_dir, tmp_path, **config):
+    """TRL's CPOTrainer (SimPO is its loss_type simpo with cpo_alpha 0) or ORPOTrainer, on the tiny model with LoRA."""
+    import importlib
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module = importlib.import_module(f"trl.experimental.{kind}")
+    Config, Trainer = getattr(module, f"{kind.upper()}Config"), getattr(module, f"{kind.upper()}Trainer")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = Config(output_dir=str(tmp_path / kind), per_device_train_batch_size=4, max_length=64, report_to=[], use_cpu=True, **config)
+    return Trainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+
+
+def _ours_from_trls_batch(trainer, batch) -> dict:
+    """TRL's concatenated [chosen; rejected] batch in hfgpu's layout: the response is where its labels are."""
+    pad = trainer.pad_token_id if hasattr(trainer, "pad_token_id") else trainer.padding_value
+    cat = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=pad, device=torch.device("cpu"))
+    return {
+        "input_ids": cat["concatenated_input_ids"],
+        "attention_mask": cat["concatenated_attention_mask"],
+        "completion_mask": (cat["concatenated_labels"] != -100).long(),
+    }
+
+
+def test_simpo_equals_trls_cpo_trainer_with_its_simpo_loss(tiny_model_dir, tmp_path):
+    """SimPO's paper defaults (β 2.0, γ = 0.5·β) in hfgpu and in TRL's CPOTrainer (loss_type simpo, cpo_alpha 0, its
+    simpo_gamma being γ itself): the same loss and gradients on the same batch."""
+    trainer = _experimental_trainer("cpo", tiny_model_dir, tmp_path, loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    _move_adapters_off_zero(model)
+    model.zero_grad()
+    trl_loss = trainer.compute_loss(model, dict(batch))
+    trl_loss.backward()
+    trl_grads = _grads(model)
+    model.zero_grad()
+    logps, lengths = sequence_logps(model, _ours_from_trls_batch(trainer, batch), chunk_size=7)
+    stats = preference_loss("simpo", logps, lengths)  # β 2.0 and γ/β 0.5 are the defaults
+    stats.loss.backward()
+    assert stats.loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    torch.testing.assert_close(_grads(model), trl_grads, rtol=1e-5, atol=1e-5 * trl_grads.abs().max().item())
+
+
+def test_orpos_odds_ratio_term_equals_trls_orpo_trainer(tiny_model_dir, tmp_path):
+    """ORPO = NLL of the chosen response − λ · log σ(log odds ratio). The odds-ratio term and its gradient equal TRL's
+    ORPOTrainer's to 1e-5. The NLL term differs on purpose: TRL averages it over every token of the chosen
+    sequences in the batch, prompt included; hfgpu takes the paper's per-response mean of the response tokens
+    (so that splitting a batch into micro-batches gives the same gradient), checked here from the full logits."""
+    trainer = _experimental_trainer("orpo", tiny_model_dir, tmp_path, beta=0.1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    _move_adapters_off_zero(model)
+
+    model.zero_grad()
+    out = trainer.concatenated_forward(model, dict(batch))
+    trl_term = -trainer.odds_ratio_loss(out[0], out[1])[0].mean()
+    trl_term.backward()
+    trl_grads = _grads(model)
+
+    model.zero_grad()
+    ours = _ours_from_trls_batch(trainer, batch)
+    logps, lengths = sequence_logps(model, ours, chunk_size=7)
+    total = preference_loss("orpo", logps, lengths, beta=0.1).loss
+    nll = -(logps.chunk(2)[0] / lengths.chunk(2)[0]).mean()
+    (total - nll).backward()
+    assert (total - nll).item() == pytest.approx(trl_term.item(), rel=1e-5)
+    torch.testing.assert_close(_grads(model), trl_grads, rtol=1e-5, atol=1e-5 * trl_grads.abs().max().item())
+
+    with torch.no_grad():  # the NLL term: the chosen responses' mean per-token NLL, one response at a time
+        logits = model(input_ids=ours["input_ids"], attention_mask=ours["attention_mask"]).logits[:, :-1]
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ours["input_ids"][:, 1:], reduction="none")
+        mask = ours["completion_mask"][:, 1:].float()
+        expected = ((per_token * mask).sum(1) / mask.sum(1))[:4].mean()
+    assert nll.item() == pytest.approx(expected.item(), rel=1e-5)
