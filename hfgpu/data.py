@@ -6,6 +6,8 @@ Formats (`data.format`):
 - prompt_completion: `prompt` and `completion`; only the completion is learned.
 - chat: `messages`, a list of {role, content} rendered with the tokenizer's chat template; only
   assistant turns are learned.
+- preference (objectives dpo, ipo, simpo, orpo): `prompt`, `chosen`, `rejected`, strings or chat messages;
+  unpaired (objective kto): `prompt`, `completion`, `label` (true: desirable). Tokenized by hfgpu.preference.
 `data.columns` renames fields (`{output: answer}`); `data.train_on_prompt` learns prompts too.
 
 Tokenization goes through `datasets.map`, whose fingerprint cache makes a second run with the same
@@ -34,6 +36,7 @@ FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),  # objective dpo/ipo/simpo/orpo (hfgpu.preference)
+    "unpaired": ("prompt", "completion", "label"),  # objective kto: label true (desirable) or false
 }
 OPTIONAL = {"input"}
 ROLES = {"system", "user", "assistant", "tool"}
@@ -524,7 +527,7 @@ EVAL_FRACTION_SEED = 0  # data.eval_fraction: the same held-out rows on every ru
 
 def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int) -> Prepared:
     """The training (and eval) examples of `data.path`, or of every dataset of `data.mix`, tokenized, packed when asked."""
-    if cfg.format == "preference":
+    if cfg.format in ("preference", "unpaired"):
         from hfgpu.preference import prepare_pairs
 
         out = prepare_pairs(cfg, tokenizer, max_len)

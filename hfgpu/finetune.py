@@ -221,6 +221,21 @@ def run_fingerprint(ran: Recipe, p, data_hash: str) -> dict:
     return record
 
 
+def kto_balance(desirable: int, undesirable: int, pref) -> str:
+    """The KTO paper's advice: λ_D·n_D / λ_U·n_U in [1, 4/3]; said with the weight that would bring it there."""
+    line = f"kto: {desirable} desirable, {undesirable} undesirable completions"
+    if not desirable or not undesirable:
+        return line + "; warning: with one kind only, KTO learns from its KL baseline alone: add completions of the other kind"
+    ratio = pref.desirable_weight * desirable / (pref.undesirable_weight * undesirable)
+    if 1 <= ratio <= 4 / 3:
+        return line + f"; weighted ratio {ratio:.2f}, in the paper's [1, 4/3]"
+    low, high = pref.undesirable_weight * undesirable / desirable, pref.undesirable_weight * undesirable * 4 / 3 / desirable
+    return (
+        line + f"; warning: λ_D·n_D / λ_U·n_U = {ratio:.2f}, outside the KTO paper's [1, 4/3]: set preference.desirable_weight "
+        f"in [{low:.2f}, {high:.2f}]"
+    )
+
+
 REFERENCE_FILE = "reference_logps.json"
 
 
@@ -416,7 +431,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     s = data.stats
     from hfgpu.data import describe_drops
 
-    noun = "pairs" if recipe.data.format == "preference" else "examples"
+    noun = {"preference": "pairs", "unpaired": "labelled completions"}.get(recipe.data.format, "examples")
     speak(
         f"data: {s['examples']} {noun}, {s['too_long']} longer than {p.seq_len} tokens ({recipe.data.too_long}), {s['dropped']} dropped"
         + (f" ({describe_drops(s['drop_reasons'])})" if s["dropped"] else "")
@@ -428,6 +443,8 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
         + (f"; {s['eval_examples']} eval {noun}" if "eval_examples" in s else "")
         + (f" (data.eval_fraction {s['eval_held_out']:g} of the training rows, held out)" if "eval_held_out" in s else "")
     )
+    if "desirable" in s:
+        speak(kto_balance(s["desirable"], s["examples"] - s["dropped"] - s["desirable"], recipe.preference))
     for src in s.get("sources", []):
         speak(
             f"  {src['name']}: {src['used']} of its {src['examples']} examples"

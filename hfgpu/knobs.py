@@ -32,9 +32,10 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 DISTRIBUTED = ("none", "ddp", "fsdp", "zero2", "zero3")
-OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
-PAIR_OBJECTIVES = OBJECTIVES[1:]  # trained on prompt/chosen/rejected pairs (hfgpu.preference)
-REFERENCE_OBJECTIVES = ("dpo", "ipo")  # compared with a frozen reference model
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "kto")
+PREFERENCE_OBJECTIVES = OBJECTIVES[1:]  # trained on preferences, not next tokens (hfgpu.preference)
+PAIR_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")  # on prompt/chosen/rejected pairs; kto on unpaired, labelled completions
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # compared with a frozen reference model
 
 
 def _knob(
@@ -61,7 +62,7 @@ class Knobs:
     objective: str = _knob(
         "sft",
         "sft: next-token loss on the responses · dpo, ipo: preference pairs against the frozen model (the reference) · "
-        "simpo, orpo: preference pairs, no reference",
+        "simpo, orpo: preference pairs, no reference · kto: completions labelled desirable or not, against the reference",
         choices=OBJECTIVES,
         auto=False,
     )
@@ -386,7 +387,7 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
             f"use {n.key('seq_len')} ≤ {spec.max_seq_len}"
         )
     ckpt_off = k.gradient_checkpointing is False
-    if k.objective in PAIR_OBJECTIVES:
+    if k.objective in PREFERENCE_OBJECTIVES:
         obj = use("objective", k.objective)
         if not plain_logits(spec.config):
             errs.append(
@@ -399,7 +400,7 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
                 f"tokens (the logits of both responses never exist at once): use {use('chunked_loss', 'auto')}"
             )
         if k.packing is True:
-            errs.append(f"{use('packing', True)} with {obj}: each pair is its own two sequences; use {use('packing', False)}")
+            errs.append(f"{use('packing', True)} with {obj}: each example is its own sequences; use {use('packing', False)}")
         if k.distributed in ("fsdp", "zero3"):
             errs.append(
                 f"{obj} reads lm_head's weight outside the forward pass, which {use('distributed', k.distributed)} shards: "

@@ -43,17 +43,19 @@ def forward_backward(
 ) -> torch.Tensor:
     """One micro-batch of random `ids` through training's own step (hfgpu.step.forward_backward), under
     the autocast accelerate gives training. `simulate`: fake tensors; `adapters_16bit=False`: peft's
-    default fp32 copies of adapter inputs (the plain path). A preference `objective` takes `ids` as pairs
-    (micro-batch, 2, seq_len), every token a response token."""
+    default fp32 copies of adapter inputs (the plain path). A preference `objective` takes `ids` as its examples'
+    two sequences (micro-batch, 2, seq_len), every token a response token."""
     from hfgpu.preference import Objective
 
     autocast = precision != "fp32"
     goal = Objective(objective)
     batch = {"input_ids": ids, "labels": ids}
-    if goal.pairs:
+    if goal.preference:
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones_like(ids)}
         if goal.needs_reference and not hasattr(model, "disable_adapter"):  # full fine-tuning: precomputed
             batch["ref_logps"] = torch.zeros(ids.shape[:2])
+        if goal.name == "kto":
+            batch["label"] = torch.ones(ids.shape[0], dtype=torch.bool)
     return step_forward_backward(
         model,
         batch,

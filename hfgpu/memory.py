@@ -149,7 +149,8 @@ class Setup(Knobs):
 
 
 def sequences_per_example(s: Setup) -> int:
-    """Sequences one example puts through the forward: 2 for a preference pair (both sides in one batch), else 1."""
+    """Sequences one example puts through the forward with gradients: 2 for a preference pair (both sides in one
+    batch), else 1 (KTO's mismatched KL sequence runs without gradients, before it)."""
     return 2 if s.objective in PAIR_OBJECTIVES else 1
 
 

@@ -29,6 +29,7 @@ from hfgpu.knobs import (
     KNOB_NAMES,
     NO_SDPA_MODEL_TYPES,
     PAIR_OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
     PYTHON,
     REFERENCE_OBJECTIVES,
     RMSNORM_BY_MODEL_TYPE,
@@ -260,11 +261,11 @@ def _saver_rules(c: _Ctx) -> tuple[dict[str, tuple[bool, ...]], dict[str, str]]:
     if needs and f.gradient_checkpointing == "auto":
         allowed["gradient_checkpointing"] = (True,)
         rule["gradient_checkpointing"] = f"on: {' and '.join(needs)} (fixed) needs it"
-    if f.objective in PAIR_OBJECTIVES and f.chunked_loss == "auto":
+    if f.objective in PREFERENCE_OBJECTIVES and f.chunked_loss == "auto":
         allowed["chunked_loss"] = (True,)
         rule["chunked_loss"] = f"on: objective {f.objective} computes its log-probabilities by slices of tokens (always)"
     blockers = {
-        "chunked_loss": chunked_loss_blocker(spec, c.base.distributed) if f.objective not in PAIR_OBJECTIVES else None,
+        "chunked_loss": chunked_loss_blocker(spec, c.base.distributed) if f.objective not in PREFERENCE_OBJECTIVES else None,
         "tiled_mlp": tiled_mlp_blocker(spec),
         "activation_offloading": "no GPU" if gpu.is_cpu else None,
     }
@@ -624,7 +625,7 @@ def _reasons(c: _Ctx, found: _Found, accum: int) -> dict[str, str]:
         else f"{accum}: micro-batch {kn.micro_batch_size} × {accum}"
         + (f" × {card.count} GPUs" if card.count > 1 else "")
         + f" reaches the global batch of {global_batch} "
-        + ("pairs" if kn.objective in PAIR_OBJECTIVES else "sequences")
+        + ("pairs" if kn.objective in PAIR_OBJECTIVES else "labelled completions" if kn.objective == "kto" else "sequences")
     )
     r["seq_len"] = fixed if k.seq_len != "auto" else f"{seq}: min({DEFAULT_MAX_SEQ_LEN}, the model's maximum {spec.max_seq_len})"
     if k.optimizer != "auto":
@@ -698,16 +699,24 @@ OBJECTIVE_PAPERS = {
     "ipo": "IPO (Azar et al. 2023)",
     "simpo": "SimPO (Meng et al. 2024)",
     "orpo": "ORPO (Hong et al. 2024)",
+    "kto": "KTO (Ethayarajh et al. 2024)",
 }
 
 
 def _objective_reason(kn: memory.Setup) -> str:
     """What the preference objective costs: two sequences per example in one forward, and DPO/IPO's reference."""
-    text = (
-        f"{OBJECTIVE_PAPERS[kn.objective]}: each example is a prompt with a chosen and a rejected response, both in one "
-        f"forward (micro-batch {kn.micro_batch_size} = {memory.step_tokens(kn) // kn.seq_len} sequences of seq_len), "
-        "log-probabilities by slices of tokens"
-    )
+    if kn.objective == "kto":
+        text = (
+            f"{OBJECTIVE_PAPERS['kto']}: each example is a prompt and one completion labelled desirable or not; its KL "
+            "baseline comes from mismatched prompt/completion sequences run without gradients; log-probabilities by "
+            "slices of tokens"
+        )
+    else:
+        text = (
+            f"{OBJECTIVE_PAPERS[kn.objective]}: each example is a prompt with a chosen and a rejected response, both in "
+            f"one forward (micro-batch {kn.micro_batch_size} = {memory.step_tokens(kn) // kn.seq_len} sequences of seq_len), "
+            "log-probabilities by slices of tokens"
+        )
     if kn.objective not in REFERENCE_OBJECTIVES:
         return text + "; no reference model"
     where = (

@@ -25,12 +25,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hfgpu.knobs import PAIR_OBJECTIVES, REFERENCE_OBJECTIVES
+from hfgpu.knobs import PAIR_OBJECTIVES, PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES
 from hfgpu.loss import final_hidden_states
 from hfgpu.patches import sliced_linear, sliced_linear_grad
 
-OBJECTIVES = PAIR_OBJECTIVES
-DEFAULTS = {"dpo": {"beta": 0.1}, "ipo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma_ratio": 0.5}, "orpo": {"beta": 0.1}}
+OBJECTIVES = PREFERENCE_OBJECTIVES
+DEFAULTS = {
+    "dpo": {"beta": 0.1},
+    "ipo": {"beta": 0.1},
+    "simpo": {"beta": 2.0, "gamma_ratio": 0.5},
+    "orpo": {"beta": 0.1},
+    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+}
 
 
 @dataclass(frozen=True)
@@ -40,10 +46,17 @@ class Objective:
     name: str = "sft"
     beta: float | None = None
     gamma_ratio: float = 0.5  # SimPO: γ = gamma_ratio · β
+    desirable_weight: float = 1.0  # KTO: λ_D
+    undesirable_weight: float = 1.0  # KTO: λ_U
 
     @property
-    def pairs(self) -> bool:
+    def preference(self) -> bool:
+        """Trained on preference examples (pairs, or KTO's labelled completions), each (2, tokens) in a batch."""
         return self.name in OBJECTIVES
+
+    @property
+    def paired(self) -> bool:
+        return self.name in PAIR_OBJECTIVES
 
     @property
     def needs_reference(self) -> bool:
@@ -147,19 +160,27 @@ def reference_logps(
 
 @dataclass(frozen=True)
 class PreferenceStats:
-    """What a step logs: the loss, the implicit rewards, how often chosen beats rejected, and the margin."""
+    """What a step logs: the loss and `sums` over its examples, (rewards of chosen/desirable, their count, rewards of
+    rejected/undesirable, their count, wins, examples): sums add over micro-batches and processes. A pair wins when
+    its chosen reward beats its rejected one; a KTO completion when its reward has its label's sign."""
 
     loss: torch.Tensor
-    rewards_chosen: torch.Tensor  # per pair
-    rewards_rejected: torch.Tensor
+    sums: torch.Tensor
+    rewards_chosen: torch.Tensor | None = None  # per pair (paired objectives)
+    rewards_rejected: torch.Tensor | None = None
 
     @property
     def accuracy(self) -> float:
-        return (self.rewards_chosen > self.rewards_rejected).float().mean().item()
+        return describe_sums(self.sums.tolist())["rewards/accuracy"]
 
     @property
     def margin(self) -> float:
-        return (self.rewards_chosen - self.rewards_rejected).mean().item()
+        return describe_sums(self.sums.tolist())["rewards/margin"]
+
+
+def _pair_sums(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    n = torch.tensor(float(c.numel()), device=c.device)
+    return torch.stack([c.sum(), n, r.sum(), n, (c > r).float().sum(), n]).detach().float()
 
 
 def preference_loss(
@@ -180,8 +201,8 @@ def preference_loss(
     - orpo:  NLL of the chosen response (per token) − β · log σ(log odds_c − log odds_r),
              log odds = log p − log(1 − p), p = exp(π/|y|)                     rewards β · π/|y|
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if objective not in PAIR_OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(PAIR_OBJECTIVES)}")
     beta = DEFAULTS[objective]["beta"] if beta is None else beta
     if beta <= 0:
         raise ValueError(f"beta={beta} must be > 0")
@@ -205,7 +226,40 @@ def preference_loss(
         else:  # orpo
             log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
             losses = -avg_c - beta * F.logsigmoid(log_odds)
-    return PreferenceStats(loss=losses.mean(), rewards_chosen=rewards_c, rewards_rejected=rewards_r)
+    return PreferenceStats(loss=losses.mean(), sums=_pair_sums(rewards_c, rewards_r), rewards_chosen=rewards_c, rewards_rejected=rewards_r)
+
+
+def kto_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> PreferenceStats:
+    """KTO (Ethayarajh et al. 2024, eq. 7, TRL's loss_type kto): the mean over the completions of
+
+        desirable:    λ_D · (1 − σ(β · (π − ref − z₀)))          rewards β · (π − ref)
+        undesirable:  λ_U · (1 − σ(β · (z₀ − (π − ref))))
+
+    from the policy's and the reference's summed completion log-probs (n), the labels (n, true: desirable) and the
+    KL baseline z₀ (detached, ≥ 0). Masks, not index selection: shapes never depend on the labels (the step is
+    simulated on fake tensors)."""
+    beta = DEFAULTS["kto"]["beta"] if beta is None else beta
+    if beta <= 0:
+        raise ValueError(f"beta={beta} must be > 0")
+    ratio = logps - ref_logps
+    good = labels.bool()
+    losses = torch.where(
+        good, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))), undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio)))
+    )
+    rewards = beta * ratio.detach()
+    g, b = good.float(), (~good).float()
+    wins = ((rewards > 0) & good).float().sum() + ((rewards < 0) & ~good).float().sum()
+    sums = torch.stack([(rewards * g).sum(), g.sum(), (rewards * b).sum(), b.sum(), wins, g.sum() + b.sum()]).detach().float()
+    return PreferenceStats(loss=losses.mean(), sums=sums)
 
 
 # --- data: pairs of responses ------------------------------------------------------------------------
@@ -215,37 +269,41 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
-def pair_problem(row: dict, cols: dict[str, str]) -> str | None:
-    """Why a preference row cannot be trained on (the rule its count is reported under), or None. Plain rows hold
-    strings; conversational rows a prompt of messages (or a string) and responses of assistant messages (or strings)."""
+def _texts(row: dict, cols: dict[str, str], fields: tuple[str, ...]) -> tuple[dict[str, str], str | None]:
+    """The text of each field of a preference row (a prompt's every message, a response's assistant messages), or the
+    rule the row breaks. Plain rows hold strings; conversational rows messages (a string stands for one message)."""
     from hfgpu.data import BadRow, _content
 
     texts = {}
-    for field in ("prompt", "chosen", "rejected"):
+    for field in fields:
         name = cols.get(field, field)
         value = row.get(name)
         if value is None:
-            return f"missing {name!r}"
+            return texts, f"missing {name!r}"
         if _is_messages(value):
             try:
                 texts[field] = "".join(_content(m) for m in value if field == "prompt" or m.get("role") == "assistant")
             except BadRow as e:
-                return e.rule
+                return texts, e.rule
             if field != "prompt" and not any(m.get("role") == "assistant" for m in value):
-                return f"no assistant message in {name!r}"
+                return texts, f"no assistant message in {name!r}"
         elif isinstance(value, str):
             texts[field] = value
         else:
-            return f"{type(value).__name__}-valued {name!r}"
+            return texts, f"{type(value).__name__}-valued {name!r}"
+    return texts, None
+
+
+def pair_problem(row: dict, cols: dict[str, str]) -> str | None:
+    """Why a preference row cannot be trained on (the rule its count is reported under), or None."""
+    texts, problem = _texts(row, cols, ("prompt", "chosen", "rejected"))
+    if problem:
+        return problem
     if not texts["chosen"].strip() or not texts["rejected"].strip():
         return "empty response"
     if texts["chosen"].strip() == texts["rejected"].strip():
         return "chosen and rejected identical"
     return None
-
-
-def _conversational(rows: list[dict], cols: dict[str, str]) -> bool:
-    return any(_is_messages(r.get(cols[f])) for r in rows[:1] for f in ("prompt", "chosen", "rejected"))
 
 
 def _chat_pair_segments(prompt, response, tokenizer, template, index: int) -> list[tuple[str, bool]]:
@@ -266,6 +324,33 @@ def _chat_pair_segments(prompt, response, tokenizer, template, index: int) -> li
     return out
 
 
+def _tokenize_responses(kept: list[tuple[int, dict]], prompt: str, response: str, tokenizer, template, max_len: int) -> dict:
+    """(row index, row) → each row's prompt + response tokenized as hfgpu's prompt_completion format does (plain rows:
+    prompt with BOS, response + EOS) or, when the rows hold chat messages, with the chat template (the response's
+    assistant turns learned up to their end-of-turn token). data._tokenize_batch's columns (input_ids, labels, …)."""
+    from hfgpu.data import _tokenize_batch
+    from hfgpu.errors import HfgpuError
+
+    chat = any(_is_messages(r.get(name)) for _, r in kept[:1] for name in (prompt, response))
+    if chat and not (template or getattr(tokenizer, "chat_template", None)):
+        raise HfgpuError("conversational preference rows need a chat template: this tokenizer has none; set data.chat_template")
+    segmenter = None
+    if chat:
+        segmenter = lambda row, index: _chat_pair_segments(row["prompt"], row["completion"], tokenizer, template, index)  # noqa: E731
+    return _tokenize_batch(
+        {"prompt": [r[prompt] for _, r in kept], "completion": [r[response] for _, r in kept]},
+        [i for i, _ in kept],
+        fmt="chat" if chat else "prompt_completion",
+        cols={"prompt": "prompt", "completion": "completion"},
+        tokenizer=tokenizer,
+        template=template,
+        max_len=max_len,
+        train_on_prompt=False,
+        too_long="truncate",
+        segmenter=segmenter,
+    )
+
+
 def tokenize_pairs(
     rows, tokenizer, max_len: int, columns: dict[str, str] | None = None, template: str | None = None
 ) -> tuple[list[dict], dict]:
@@ -273,7 +358,7 @@ def tokenize_pairs(
     response. Plain rows are tokenized as hfgpu's prompt_completion format is (prompt with BOS, response + EOS: the
     masks TRL's DPOTrainer computes); conversational rows with the chat template, the response's assistant turns
     learned up to their end-of-turn token, as the chat format's are. Returns (pairs, {rule: [1-based rows]} dropped)."""
-    from hfgpu.data import IGNORE, _tokenize_batch
+    from hfgpu.data import IGNORE
 
     cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **(columns or {})}
     rows = [dict(r) for r in rows]
@@ -283,29 +368,7 @@ def tokenize_pairs(
             kept.append((i, row))
         else:
             dropped.setdefault(why, []).append(i + 1)
-    chat = _conversational([r for _, r in kept], cols)
-    if chat and not (template or getattr(tokenizer, "chat_template", None)):
-        from hfgpu.errors import HfgpuError
-
-        raise HfgpuError("conversational preference rows need a chat template: this tokenizer has none; set data.chat_template")
-    sides = {}
-    for side in ("chosen", "rejected"):
-        batch = {"prompt": [r[cols["prompt"]] for _, r in kept], "completion": [r[cols[side]] for _, r in kept]}
-        segmenter = None
-        if chat:
-            segmenter = lambda row, index: _chat_pair_segments(row["prompt"], row["completion"], tokenizer, template, index)  # noqa: E731
-        sides[side] = _tokenize_batch(
-            batch,
-            [i for i, _ in kept],
-            fmt="chat" if chat else "prompt_completion",
-            cols={"prompt": "prompt", "completion": "completion"},
-            tokenizer=tokenizer,
-            template=template,
-            max_len=max_len,
-            train_on_prompt=False,
-            too_long="truncate",
-            segmenter=segmenter,
-        )
+    sides = {side: _tokenize_responses(kept, cols["prompt"], cols[side], tokenizer, template, max_len) for side in ("chosen", "rejected")}
     pairs = []
     for k, (i, _) in enumerate(kept):
         c, r = ({key: sides[s][key][k] for key in ("input_ids", "labels", "problem", "truncated")} for s in ("chosen", "rejected"))
@@ -329,15 +392,100 @@ def tokenize_pairs(
     return pairs, dropped
 
 
+def unpaired_problem(row: dict, cols: dict[str, str]) -> str | None:
+    """Why a KTO row cannot be trained on, or None (its label is checked by tokenize_unpaired: a wrong one is refused)."""
+    texts, problem = _texts(row, cols, ("prompt", "completion"))
+    if problem:
+        return problem
+    if not texts["completion"].strip():
+        return "empty completion"
+    return None
+
+
+def check_labels(rows: list[dict], name: str, source: str) -> None:
+    """KTO's labels are booleans (true: desirable): anything else is refused, naming the first such row and value."""
+    from hfgpu.errors import HfgpuError
+
+    for i, row in enumerate(rows):
+        value = row.get(name)
+        if not isinstance(value, bool):
+            raise HfgpuError(
+                f"{source} row {i + 1}: label {value!r:.40} is not a boolean: write the column {name!r} as true (a desirable "
+                "completion) or false (undesirable), JSON booleans; data.columns.label names another column"
+            )
+
+
+def tokenize_unpaired(
+    rows, tokenizer, max_len: int, columns: dict[str, str] | None = None, template: str | None = None, source: str = "data"
+) -> tuple[list[dict], dict]:
+    """KTO rows → per example its sequence (prompt + completion, the completion learned) and its KL sequence: its
+    prompt with the completion of the example before it (the first takes the last's), TRL's mismatched pairs with the
+    whole data set as one batch, fixed, so that a full fine-tune can precompute their reference log-probs. Plain and
+    conversational rows are tokenized as tokenize_pairs does. Returns (examples, {rule: [1-based rows]} dropped)."""
+    from hfgpu.data import IGNORE
+    from hfgpu.errors import HfgpuError
+
+    cols = {"prompt": "prompt", "completion": "completion", "label": "label", **(columns or {})}
+    rows = [dict(r) for r in rows]
+    check_labels(rows, cols["label"], source)
+    kept, dropped = [], {}
+    for i, row in enumerate(rows):
+        if (why := unpaired_problem(row, cols)) is None:
+            kept.append((i, row))
+        else:
+            dropped.setdefault(why, []).append(i + 1)
+    tok = _tokenize_responses(kept, cols["prompt"], cols["completion"], tokenizer, template, max_len)
+    examples = []
+    for k, (i, row) in enumerate(kept):
+        if tok["problem"][k]:
+            dropped.setdefault(tok["problem"][k], []).append(i + 1)
+            continue
+        mask = [int(x != IGNORE) for x in tok["labels"][k]]
+        if not any(mask[1:]):
+            dropped.setdefault("no completion tokens within max_seq_len", []).append(i + 1)
+            continue
+        start = mask.index(1)  # the prompt (and a chat template's assistant header) comes before
+        ids = tok["input_ids"][k]
+        examples.append({"ids": ids, "mask": mask, "start": start, "label": row[cols["label"]], "row": i, "truncated": tok["truncated"][k]})
+    if len(examples) < 2 and examples:
+        raise HfgpuError(
+            f"{source}: KTO needs at least 2 examples (each one's KL baseline uses another's completion); it has {len(examples)}"
+        )
+    out = []
+    for k, e in enumerate(examples):
+        other = examples[k - 1]  # the first example takes the last one's completion
+        kl_ids = (e["ids"][: e["start"]] + other["ids"][other["start"] :])[:max_len]
+        kl_mask = ([0] * e["start"] + other["mask"][other["start"] :])[:max_len]
+        out.append(
+            {
+                "completion_ids": e["ids"],
+                "completion_mask": e["mask"],
+                "kl_ids": kl_ids,
+                "kl_mask": kl_mask,
+                "label": e["label"],
+                "length": max(len(e["ids"]), len(kl_ids)),
+                "truncated": e["truncated"],
+                "row": e["row"],
+            }
+        )
+    return out, dropped
+
+
+def _sides(example: dict) -> tuple[str, str]:
+    return ("chosen", "rejected") if "chosen_ids" in example else ("completion", "kl")
+
+
 def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
-    """Each pair's chosen and rejected sequences side by side, padded on the right to the batch's longest:
-    input_ids, attention_mask, completion_mask of shape (pairs, 2, tokens); `ref_logps` (pairs, 2) when the
-    reference's log-probs were precomputed."""
-    longest = max(max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
+    """Each example's two sequences side by side, padded on the right to the batch's longest: input_ids,
+    attention_mask, completion_mask of shape (examples, 2, tokens). A pair's are its chosen and rejected sequences;
+    a KTO example's its completion and its KL sequence (its prompt with another example's completion), with `label`
+    (examples,). `ref_logps` (examples, 2) when the reference's log-probs were precomputed."""
+    sides = _sides(pairs[0])
+    longest = max(max(len(p[f"{sides[0]}_ids"]), len(p[f"{sides[1]}_ids"])) for p in pairs)
     out = {"input_ids": [], "attention_mask": [], "completion_mask": []}
     for p in pairs:
         rows = {"input_ids": [], "attention_mask": [], "completion_mask": []}
-        for side in ("chosen", "rejected"):
+        for side in sides:
             ids, mask = p[f"{side}_ids"], p[f"{side}_mask"]
             pad = longest - len(ids)
             rows["input_ids"].append(list(ids) + [pad_id] * pad)
@@ -346,14 +494,17 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
         for k, v in rows.items():
             out[k].append(v)
     batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    if "label" in pairs[0]:
+        batch["label"] = torch.tensor([bool(p["label"]) for p in pairs])
     if "ref_logps" in pairs[0]:
         batch["ref_logps"] = torch.tensor([p["ref_logps"] for p in pairs], dtype=torch.float32)
     return batch
 
 
 def flat_pairs(batch: dict) -> dict:
-    """(pairs, 2, tokens) → TRL's layout (2·pairs, tokens): every chosen sequence, then every rejected one."""
-    return {k: torch.cat([v[:, 0], v[:, 1]]) for k, v in batch.items()}
+    """(pairs, 2, …) → TRL's layout (2·pairs, …): every chosen sequence, then every rejected one (a KTO batch: every
+    completion, then every KL sequence). Per-example values (label, kl) are left out."""
+    return {k: torch.cat([v[:, 0], v[:, 1]]) for k, v in batch.items() if v.dim() >= 2}
 
 
 # --- the step's loss, the reference, evaluation ------------------------------------------------------
@@ -362,45 +513,110 @@ def flat_pairs(batch: dict) -> dict:
 def pair_loss(
     model, batch: dict, objective: Objective, chunk_size: int, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None
 ):
-    """The objective's mean loss over the pairs of a loader batch (pairs, 2, tokens), and what a step logs as sums
-    over its pairs: (rewards chosen, rewards rejected, pairs where chosen wins, pairs). The reference's log-probs
-    come precomputed in the batch (full fine-tuning) or from the model with its adapters disabled, under no_grad and
-    before the policy's forward (so its tensors are gone before the step's own peak)."""
+    """The objective's mean loss over the examples of a loader batch (examples, 2, tokens), and its PreferenceStats
+    sums. The reference's log-probs come precomputed in the batch (full fine-tuning) or from the model with its
+    adapters disabled, under no_grad and before the policy's forward (so its tensors are gone before the step's own
+    peak). KTO's KL baseline comes in the batch (`kl`, set for a whole optimizer step by kto_window_kl) or from the
+    batch itself (evaluation)."""
     flat = flat_pairs(batch)
+    if objective.name == "kto":
+        return _kto_batch_loss(model, batch, flat, objective, chunk_size, dtype, weight)
     ref = None
     if objective.needs_reference:
         ref = flat["ref_logps"] if "ref_logps" in flat else reference_logps(model, flat, chunk_size, dtype, weight)
     logps, lengths = sequence_logps(model, flat, chunk_size, dtype, weight)
     stats = preference_loss(objective.name, logps, lengths, ref, beta=objective.beta, gamma_ratio=objective.gamma_ratio)
-    c, r = stats.rewards_chosen, stats.rewards_rejected
-    sums = torch.stack([c.sum(), r.sum(), (c > r).float().sum(), torch.tensor(float(c.numel()), device=c.device)])
-    return stats.loss, sums.detach().float()
+    return stats.loss, stats.sums
+
+
+_SEQUENCES = ("input_ids", "attention_mask", "completion_mask")
+
+
+def _halves(flat: dict, n: int) -> tuple[dict, dict]:
+    """A KTO batch's [completions; KL sequences]."""
+    return {k: flat[k][:n] for k in _SEQUENCES}, {k: flat[k][n:] for k in _SEQUENCES}
+
+
+def _kto_reference(model, batch: dict, flat: dict, chunk_size: int, dtype, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's log-probs of the completions and of their KL sequences (n each)."""
+    if "ref_logps" in batch:
+        return batch["ref_logps"][:, 0], batch["ref_logps"][:, 1]
+    ref = reference_logps(model, {k: flat[k] for k in _SEQUENCES}, chunk_size, dtype, weight)
+    return ref.chunk(2)
+
+
+def _kto_batch_loss(model, batch: dict, flat: dict, objective: Objective, chunk_size: int, dtype, weight):
+    n = batch["input_ids"].shape[0]
+    completions, kl_seqs = _halves(flat, n)
+    ref, ref_kl = _kto_reference(model, batch, flat, chunk_size, dtype, weight)
+    if "kl" in batch:
+        kl = batch["kl"]
+    else:
+        with torch.no_grad():
+            kl = (sequence_logps(model, kl_seqs, chunk_size, dtype, weight)[0] - ref_kl).mean().clamp(min=0)
+    logps = sequence_logps(model, completions, chunk_size, dtype, weight)[0]
+    stats = kto_loss(
+        logps,
+        ref,
+        batch["label"],
+        kl,
+        beta=objective.beta,
+        desirable_weight=objective.desirable_weight,
+        undesirable_weight=objective.undesirable_weight,
+    )
+    return stats.loss, stats.sums
+
+
+@torch.no_grad()
+def kto_window_kl(model, window: list[dict], chunk_size: int, dtype=None, weight=None, reduce=None) -> list[dict]:
+    """KTO's KL baseline z₀ for one optimizer step: the mean of (policy − reference) log-probs of every mismatched KL
+    sequence in the step's micro-batches (and, through `reduce`, every process's), clamped at 0, as one full batch
+    would compute it; each micro-batch gets it as `kl` (one value per example, so that OOM splitting keeps it)."""
+    total = None
+    for b in window:
+        flat = flat_pairs(b)
+        _, kl_seqs = _halves(flat, b["input_ids"].shape[0])
+        _, ref_kl = _kto_reference(model, b, flat, chunk_size, dtype, weight)
+        policy = sequence_logps(model, kl_seqs, chunk_size, dtype, weight)[0]
+        part = torch.stack([(policy - ref_kl).sum(), torch.tensor(float(policy.numel()), device=policy.device)])
+        total = part if total is None else total + part
+    if reduce is not None:
+        total = reduce(total)
+    kl = (total[0] / total[1].clamp(min=1)).clamp(min=0)
+    return [{**b, "kl": kl.expand(b["input_ids"].shape[0]).to(b["input_ids"].device)} for b in window]
+
+
+SUMS = 6  # the length of PreferenceStats.sums
 
 
 def describe_sums(sums: list[float], prefix: str = "") -> dict[str, float]:
-    """The logged metrics from pair_loss's sums (added over micro-batches and processes)."""
-    chosen, rejected, wins, n = sums
-    n = max(n, 1.0)
-    return {
-        f"{prefix}rewards/chosen": chosen / n,
-        f"{prefix}rewards/rejected": rejected / n,
-        f"{prefix}rewards/accuracy": wins / n,
-        f"{prefix}rewards/margin": (chosen - rejected) / n,
-    }
+    """The logged metrics from PreferenceStats' sums (added over micro-batches and processes): the mean reward of the
+    chosen (desirable) and rejected (undesirable) responses, the share of examples won and the margin between the
+    two means. A side with no example in the sums is left out."""
+    chosen, n_chosen, rejected, n_rejected, wins, n = sums
+    out = {}
+    if n_chosen:
+        out[f"{prefix}rewards/chosen"] = chosen / n_chosen
+    if n_rejected:
+        out[f"{prefix}rewards/rejected"] = rejected / n_rejected
+    out[f"{prefix}rewards/accuracy"] = wins / max(n, 1.0)
+    if n_chosen and n_rejected:
+        out[f"{prefix}rewards/margin"] = chosen / n_chosen - rejected / n_rejected
+    return out
 
 
 @torch.no_grad()
 def eval_pairs(model, loader, accelerator, objective: Objective, chunk_size: int, dtype: torch.dtype | None = None) -> dict:
     """The preference loss and rewards over the whole eval set (all processes; accelerate's repeated rows dropped)."""
     model.eval()
-    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss sum, then pair_loss's sums
+    totals = torch.zeros(1 + SUMS, dtype=torch.float64, device=accelerator.device)  # loss sum, then the stats' sums
     for batch in loader:
         loss, sums = pair_loss(model, batch, objective, chunk_size, dtype)
-        row = torch.cat([(loss * sums[3]).reshape(1), sums]).double().unsqueeze(0)
+        row = torch.cat([(loss * sums[5]).reshape(1), sums]).double().unsqueeze(0)
         totals += accelerator.gather_for_metrics(row.to(totals.device)).sum(0)
     model.train()
     loss_sum, *sums = totals.tolist()
-    return {"eval_loss": loss_sum / max(sums[3], 1.0), **describe_sums(sums, "eval_")}
+    return {"eval_loss": loss_sum / max(sums[5], 1.0), **describe_sums(sums, "eval_")}
 
 
 @torch.no_grad()
@@ -425,8 +641,9 @@ def precompute_reference(model, pairs, pad_id: int, batch_size: int, chunk_size:
 
 
 def prepare_pairs(cfg, tokenizer, max_len: int):
-    """`data.format: preference`: the training (and eval) pairs of data.path, as data.prepare_data returns examples,
-    under the same rules: malformed rows are dropped with a count, and refused when they are most of the data."""
+    """`data.format: preference` (or `unpaired`, KTO's): the training (and eval) examples of data.path, as
+    data.prepare_data returns them, under the same rules: malformed rows are dropped with a count, and refused when
+    they are most of the data."""
     import datasets
 
     from hfgpu.data import Prepared, check_columns, describe_drops, load_chat_template, train_and_eval_rows
@@ -434,25 +651,33 @@ def prepare_pairs(cfg, tokenizer, max_len: int):
 
     train_rows, eval_rows, extra = train_and_eval_rows(cfg)
     template = load_chat_template(cfg.chat_template)
+    unpaired = cfg.format == "unpaired"
+    what, fields = ("labelled completions", "prompt, completion, label") if unpaired else ("preference pairs", "prompt, chosen, rejected")
 
     def one(rows, source: str):
         cols = check_columns(rows, cfg, source)
-        pairs, why = tokenize_pairs(rows, tokenizer, max_len, cols, template)
+        if unpaired:
+            pairs, why = tokenize_unpaired(rows, tokenizer, max_len, cols, template, source)
+        else:
+            pairs, why = tokenize_pairs(rows, tokenizer, max_len, cols, template)
         too_long = sum(p["truncated"] for p in pairs)
         if cfg.too_long == "drop":
             for p in pairs:
                 if p["truncated"]:
                     why.setdefault("longer than max_seq_len (data.too_long: drop)", []).append(p["row"] + 1)
             pairs = [p for p in pairs if not p["truncated"]]
-        malformed = {rule: rows_ for rule, rows_ in why.items() if not rule.startswith(("empty", "chosen and", "longer", "no response"))}
+        data_rules = ("empty", "chosen and", "longer", "no response", "no completion")  # rows of this format, unusable
+        malformed = {rule: rows_ for rule, rows_ in why.items() if not rule.startswith(data_rules)}
         if (n_bad := sum(map(len, malformed.values()))) * 2 > len(rows):
             raise HfgpuError(
-                f"{source}: {n_bad} of {len(rows)} rows are not preference pairs ({describe_drops(malformed)}): check data.format "
-                "and data.columns (prompt, chosen, rejected)"
+                f"{source}: {n_bad} of {len(rows)} rows are not {what} ({describe_drops(malformed)}): check data.format "
+                f"and data.columns ({fields})"
             )
         if not pairs:
-            raise HfgpuError(f"{source}: no pair is left to train on ({describe_drops(why)}): fix the rows, or raise data.max_seq_len")
+            raise HfgpuError(f"{source}: no example is left to train on ({describe_drops(why)}): fix the rows, or raise data.max_seq_len")
         stats = {"examples": len(rows), "too_long": too_long, "dropped": len(rows) - len(pairs), "drop_reasons": why}
+        if unpaired:
+            stats["desirable"] = sum(bool(p["label"]) for p in pairs)
         ds = datasets.Dataset.from_list([{k: v for k, v in p.items() if k != "truncated"} for p in pairs])
         return ds, stats
 

@@ -57,7 +57,7 @@ def _with_knobs(base: type[BaseModel], section: str) -> Any:
     return create_model(base.__name__.lstrip("_"), __base__=base, __module__=__name__, __doc__=base.__doc__, **knob_fields(section))
 
 
-FORMATS = ("text", "alpaca", "prompt_completion", "chat", "preference")
+FORMATS = ("text", "alpaca", "prompt_completion", "chat", "preference", "unpaired")
 
 
 class MixSource(_Strict):
@@ -178,15 +178,19 @@ class EvalConfig(_Strict):
 
 
 class PreferenceConfig(_Strict):
-    """The preference objectives' hyper-parameters (objective dpo, ipo, simpo, orpo); null: the paper's value."""
+    """The preference objectives' hyper-parameters (objective dpo, ipo, simpo, orpo, kto); null: the paper's value."""
 
     beta: float | None = Field(
         None,
         gt=0,
-        description="β: how far the policy may move from the reference (DPO/IPO 0.1), SimPO's reward scale (2.0), "
+        description="β: how far the policy may move from the reference (DPO/IPO/KTO 0.1), SimPO's reward scale (2.0), "
         "ORPO's odds-ratio weight λ (0.1)",
     )
     gamma_ratio: float = Field(0.5, ge=0, description="SimPO: the target reward margin γ as a share of β (γ/β = 0.5, the paper's)")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="KTO: the loss weight of desirable completions (λ_D; the paper keeps λ_D·n_D / λ_U·n_U in [1, 4/3])"
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: the loss weight of undesirable completions (λ_U)")
 
 
 class HubConfig(_Strict):
@@ -206,7 +210,7 @@ class _Recipe(_Strict):
     lora: LoraSection = Field(default_factory=LoraSection, description="the adapters (LoRA and QLoRA)")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation beyond the eval loss")
     preference: PreferenceConfig = Field(
-        default_factory=PreferenceConfig, description="the preference objectives' hyper-parameters (objective dpo, ipo, simpo, orpo)"
+        default_factory=PreferenceConfig, description="the preference objectives' hyper-parameters (objective dpo, ipo, simpo, orpo, kto)"
     )
     output_dir: str = Field("outputs/run", description="where the adapter, logs and checkpoints go")
     overwrite: bool = Field(False, description="replace an earlier run in output_dir")
@@ -225,14 +229,16 @@ class _Recipe(_Strict):
         objective = getattr(self, "objective", "sft")
         pairs = objective != "sft"
         fmt = self.data.format
+        wanted = "unpaired" if objective == "kto" else "preference"
+        shape = "prompt/completion/label rows" if objective == "kto" else "prompt/chosen/rejected pairs"
         if pairs and "format" not in self.data.model_fields_set:
-            self.data.format = "preference"  # pairs are what a preference objective trains on
-        elif pairs and fmt != "preference":
-            raise ValueError(
-                f"objective={objective} trains on prompt/chosen/rejected pairs, not data.format={fmt}: set data.format=preference"
-            )
+            self.data.format = wanted  # what a preference objective trains on
+        elif pairs and fmt != wanted:
+            raise ValueError(f"objective={objective} trains on {shape}, not data.format={fmt}: set data.format={wanted}")
         elif not pairs and fmt == "preference":
             raise ValueError("data.format=preference holds pairs of responses: set objective=dpo (or ipo, simpo, orpo) to train on them")
+        elif not pairs and fmt == "unpaired":
+            raise ValueError("data.format=unpaired holds completions labelled desirable or not: set objective=kto to train on them")
         if pairs and self.data.mix is not None:
             raise ValueError(f"data.mix with objective={objective}: mixtures are for sft so far; give one data.path of pairs")
         if pairs and self.eval.metrics:

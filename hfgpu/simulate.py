@@ -122,9 +122,8 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
         optimizer = (
             make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
         )
-        shape = (
-            (s.micro_batch_size, memory.sequences_per_example(s), s.seq_len) if s.objective != "sft" else (s.micro_batch_size, s.seq_len)
-        )
+        # a preference batch holds each example's two sequences (a pair's, or a KTO completion and its KL sequence)
+        shape = (s.micro_batch_size, 2, s.seq_len) if s.objective != "sft" else (s.micro_batch_size, s.seq_len)
         ids = torch.randint(0, cfg.vocab_size, shape)
         chunk = memory.loss_chunk_tokens(cfg.vocab_size) if s.chunked_loss else None
         step = tracked_step(

@@ -69,7 +69,7 @@ def forward_backward(
     DeepSpeed); torch's by default. `simulate`: fake tensors. `objective`: a preference objective
     (hfgpu.preference.Objective) computes its pair loss on a batch of pairs (pairs, 2, tokens) in place of the
     next-token loss, adding what a step logs (rewards, wins, pairs) into `pair_sums`."""
-    pairs = objective is not None and objective.pairs
+    pairs = objective is not None and objective.preference
     with adapters_in_compute_dtype(model, adapters_16bit):
         with accelerate_autocast(model, autocast, batch["input_ids"].device.type), offload_activations(offload, simulate=simulate):
             if pairs:

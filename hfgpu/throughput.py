@@ -73,9 +73,10 @@ def compute_tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) ->
 
 
 def reference_passes(setup: memory.Setup) -> float:
-    """DPO/IPO's reference: one no-grad forward per example (each step with LoRA/QLoRA, where it is the base with the
-    adapters disabled; once before training in full fine-tuning, which is the same for one epoch)."""
-    return 1.0 if setup.objective in REFERENCE_OBJECTIVES else 0.0
+    """No-grad forwards per forward with gradients. DPO/IPO's reference: one per example (each step with LoRA/QLoRA,
+    where it is the base with the adapters disabled; once before training in full fine-tuning, the same for one
+    epoch). KTO: the reference on the completion and on its KL sequence, and the policy on the KL sequence."""
+    return {"kto": 3.0}.get(setup.objective, 1.0 if setup.objective in REFERENCE_OBJECTIVES else 0.0)
 
 
 def _passes(strategy: str) -> float:

@@ -35,7 +35,7 @@ from hfgpu.errors import HfgpuError
 from hfgpu.evaluation import eval_loss, task_metrics
 from hfgpu.modeling import DTYPES
 from hfgpu.optim import make_optimizer
-from hfgpu.preference import Objective, collate_pairs, describe_sums, eval_pairs
+from hfgpu.preference import SUMS, Objective, collate_pairs, describe_sums, eval_pairs, kto_window_kl
 from hfgpu.step import forward_backward
 from hfgpu.units import GIB, gib
 
@@ -88,7 +88,13 @@ class LoopConfig:
         t, chunk = recipe.train, loss_chunk_tokens(p.spec.vocab_size)
         pref = recipe.preference
         return cls(
-            objective=Objective(p.objective, beta=pref.beta, gamma_ratio=pref.gamma_ratio),
+            objective=Objective(
+                p.objective,
+                beta=pref.beta,
+                gamma_ratio=pref.gamma_ratio,
+                desirable_weight=pref.desirable_weight,
+                undesirable_weight=pref.undesirable_weight,
+            ),
             micro_batch_size=p.micro_batch_size,
             grad_accum_steps=p.grad_accum_steps,
             optimizer=p.optimizer,
@@ -213,11 +219,14 @@ def window_backward(
     pairs, so pairs take the place of tokens. Returns the window's global mean loss (identical on every
     process); `pair_sums` gets this process's rewards sums (hfgpu.preference.pair_loss)."""
     world = accelerator.num_processes
-    pairs = cfg.objective.pairs
+    pairs = cfg.objective.preference
     tokens = sum(loss_units(b, pairs) for b in window).to(accelerator.device)
     if world > 1:
         tokens = accelerator.reduce(tokens, reduction="sum")
     tokens = torch.clamp(tokens, min=1).float()
+    if cfg.objective.name == "kto":  # the KL baseline of the whole step, as one full batch computes it
+        reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
+        window = kto_window_kl(model, window, cfg.loss_chunk or 1024, DTYPES[cfg.precision] if cfg.autocast else None, lm_head, reduce)
     pieces = [p for b in window for p in _split(b, split)]
     total = torch.zeros((), device=accelerator.device)
     for i, piece in enumerate(pieces):
@@ -269,7 +278,7 @@ class StopSignals:
 def _build(accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader_gen = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG: exact resume
-    collate_fn = partial(collate_pairs if cfg.objective.pairs else collate, pad_id=pad_id)
+    collate_fn = partial(collate_pairs if cfg.objective.preference else collate, pad_id=pad_id)
     train_dl = DataLoader(data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=collate_fn, generator=loader_gen)
     eval_dl = None
     if data.eval is not None:
@@ -403,8 +412,8 @@ def train_loop(
     on_ready()
     lm_head = accelerator.unwrap_model(model).get_output_embeddings().weight if cfg.loss_chunk else None
     scaled = getattr(accelerator, "scaler", None) is not None  # fp16: inf gradients make the scaler skip a step
-    pairs = cfg.objective.pairs
-    pair_sums = torch.zeros(4 if pairs else 0, device=accelerator.device)  # a step's rewards sums (hfgpu.preference)
+    pairs = cfg.objective.preference
+    pair_sums = torch.zeros(SUMS if pairs else 0, device=accelerator.device)  # a step's rewards sums (hfgpu.preference)
 
     def evaluate() -> dict:
         if eval_dl is not None and pairs:

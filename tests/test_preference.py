@@ -23,25 +23,42 @@ def _move_adapters_off_zero(model) -> None:
                 p.normal_(0, 0.05)
 
 
-def _trl_trainer(tiny_model_dir, tmp_path, **config):
-    """TRL's DPOTrainer on the tiny model, given the base and a LoRA config: its reference is then the base with the
-    adapters disabled, as hfgpu's is (given a model that already has an adapter, TRL takes a copy of it instead)."""
+def _trl_trainer(tiny_model_dir, tmp_path, kind: str = "dpo", rows=None, **config):
+    """One of TRL's trainers on the tiny model, given the base and a LoRA config: DPOTrainer and KTOTrainer (trl), or
+    CPOTrainer (SimPO is its loss_type simpo with cpo_alpha 0) and ORPOTrainer (trl.experimental). Given a LoRA
+    config, DPO's and KTO's reference is the base with the adapters disabled, as hfgpu's is (given a model that
+    already has an adapter, TRL takes a copy of it instead)."""
+    import importlib
+
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
 
+    module = importlib.import_module("trl" if kind in ("dpo", "kto") else f"trl.experimental.{kind}")
+    Config, Trainer = getattr(module, f"{kind.upper()}Config"), getattr(module, f"{kind.upper()}Trainer")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    args = DPOConfig(
-        output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=4, max_length=64, report_to=[], use_cpu=True, **config
-    )
-    return DPOTrainer(
+    config = {"beta": 0.1, **config}
+    args = Config(output_dir=str(tmp_path / kind), per_device_train_batch_size=4, max_length=64, report_to=[], use_cpu=True, **config)
+    return Trainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         args=args,
-        train_dataset=Dataset.from_list(PAIRS),
+        train_dataset=Dataset.from_list(rows or PAIRS),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
+
+
+def _trl_step(trainer):
+    """TRL's loss on its first batch, with the adapters moved off zero, and its gradients; the model's are zeroed."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    _move_adapters_off_zero(model)
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    grads = _grads(model)
+    model.zero_grad()
+    return batch, model, loss, grads
 
 
 def _grads(model) -> torch.Tensor:
@@ -51,14 +68,7 @@ def _grads(model) -> torch.Tensor:
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_and_ipo_equal_trls_dpo_trainer(tiny_model_dir, tmp_path, loss_type):
     trainer = _trl_trainer(tiny_model_dir, tmp_path, loss_type=[loss_type])
-    batch = next(iter(trainer.get_train_dataloader()))
-    model = trainer.model
-    _move_adapters_off_zero(model)
-    model.zero_grad()
-    trl_loss = trainer.compute_loss(model, dict(batch))
-    trl_loss.backward()
-    trl_grads = _grads(model)
-    model.zero_grad()
+    batch, model, trl_loss, trl_grads = _trl_step(trainer)
 
     logps, lengths = sequence_logps(model, batch, chunk_size=7)  # several slices of tokens, the last one short
     ref = reference_logps(model, batch, chunk_size=7)
@@ -101,7 +111,7 @@ def test_simpo_and_orpo_follow_their_papers_formulas():
 
 @pytest.mark.parametrize(
     "objective,kwargs,message",
-    [("dpo", {"beta": 0.0}, "beta=0.0 must be > 0"), ("dpo", {}, "needs the reference"), ("kto", {}, "not one of")],
+    [("dpo", {"beta": 0.0}, "beta=0.0 must be > 0"), ("dpo", {}, "needs the reference"), ("xyz", {}, "not one of")],
 )
 def test_bad_preference_settings_are_refused_naming_them(objective, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -151,27 +161,6 @@ def test_malformed_pairs_are_dropped_under_the_rule_that_names_why(tiny_model_di
     }
 
 
-def _experimental_trainer(kind: str, tiny_model_dir, tmp_path, **config):
-    """TRL's CPOTrainer (SimPO is its loss_type simpo with cpo_alpha 0) or ORPOTrainer, on the tiny model with LoRA."""
-    import importlib
-
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    module = importlib.import_module(f"trl.experimental.{kind}")
-    Config, Trainer = getattr(module, f"{kind.upper()}Config"), getattr(module, f"{kind.upper()}Trainer")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    args = Config(output_dir=str(tmp_path / kind), per_device_train_batch_size=4, max_length=64, report_to=[], use_cpu=True, **config)
-    return Trainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=args,
-        train_dataset=Dataset.from_list(PAIRS),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-    )
-
-
 def _ours_from_trls_batch(trainer, batch) -> dict:
     """TRL's concatenated [chosen; rejected] batch in hfgpu's layout: the response is where its labels are."""
     pad = trainer.pad_token_id if hasattr(trainer, "pad_token_id") else trainer.padding_value
@@ -186,15 +175,8 @@ def _ours_from_trls_batch(trainer, batch) -> dict:
 def test_simpo_equals_trls_cpo_trainer_with_its_simpo_loss(tiny_model_dir, tmp_path):
     """SimPO's paper defaults (β 2.0, γ = 0.5·β) in hfgpu and in TRL's CPOTrainer (loss_type simpo, cpo_alpha 0, its
     simpo_gamma being γ itself): the same loss and gradients on the same batch."""
-    trainer = _experimental_trainer("cpo", tiny_model_dir, tmp_path, loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0)
-    batch = next(iter(trainer.get_train_dataloader()))
-    model = trainer.model
-    _move_adapters_off_zero(model)
-    model.zero_grad()
-    trl_loss = trainer.compute_loss(model, dict(batch))
-    trl_loss.backward()
-    trl_grads = _grads(model)
-    model.zero_grad()
+    trainer = _trl_trainer(tiny_model_dir, tmp_path, "cpo", loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0)
+    batch, model, trl_loss, trl_grads = _trl_step(trainer)
     logps, lengths = sequence_logps(model, _ours_from_trls_batch(trainer, batch), chunk_size=7)
     stats = preference_loss("simpo", logps, lengths)  # β 2.0 and γ/β 0.5 are the defaults
     stats.loss.backward()
@@ -207,7 +189,7 @@ def test_orpos_odds_ratio_term_equals_trls_orpo_trainer(tiny_model_dir, tmp_path
     ORPOTrainer's to 1e-5. The NLL term differs on purpose: TRL averages it over every token of the chosen
     sequences in the batch, prompt included; hfgpu takes the paper's per-response mean of the response tokens
     (so that splitting a batch into micro-batches gives the same gradient), checked here from the full logits."""
-    trainer = _experimental_trainer("orpo", tiny_model_dir, tmp_path, beta=0.1)
+    trainer = _trl_trainer(tiny_model_dir, tmp_path, "orpo", beta=0.1)
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
     _move_adapters_off_zero(model)
@@ -233,3 +215,64 @@ def test_orpos_odds_ratio_term_equals_trls_orpo_trainer(tiny_model_dir, tmp_path
         mask = ours["completion_mask"][:, 1:].float()
         expected = ((per_token * mask).sum(1) / mask.sum(1))[:4].mean()
     assert nll.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+UNPAIRED = [
+    {"prompt": "The sky is", "completion": " blue.", "label": True},
+    {"prompt": "Two plus two is", "completion": " five.", "label": False},
+    {"prompt": "Say hello:", "completion": " Hello!", "label": True},
+    {"prompt": "The capital of France is", "completion": " a large city in Europe with many people.", "label": False},
+]
+
+
+def test_unpaired_rows_are_tokenized_as_trls_kto_trainer_does(tiny_model_dir, tmp_path):
+    """Each completion and its KL sequence (its prompt with the previous example's completion, the first taking the
+    last's): the token ids and completion masks of TRL's KTOTrainer, whose KL rotation runs over a batch of 4."""
+    from hfgpu.preference import tokenize_unpaired
+
+    trainer = _trl_trainer(tiny_model_dir, tmp_path, "kto", UNPAIRED)
+    examples, dropped = tokenize_unpaired(UNPAIRED, trainer.processing_class, max_len=64)
+    assert not dropped and [e["label"] for e in examples] == [True, False, True, False]
+    for ours, theirs in zip(examples, trainer.train_dataset):
+        prompt = theirs["prompt_ids"]
+        assert ours["completion_ids"] == prompt + theirs["completion_ids"]
+        assert ours["completion_mask"] == [0] * len(prompt) + [1] * len(theirs["completion_ids"])
+        assert ours["kl_ids"] == prompt + theirs["KL_completion_ids"]
+        assert ours["kl_mask"] == [0] * len(prompt) + [1] * len(theirs["KL_completion_ids"])
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
+def test_kto_equals_trls_kto_trainer(tiny_model_dir, tmp_path, weights):
+    """KTO (β 0.1, the KL baseline from the batch's mismatched sequences, desirable/undesirable weights) in hfgpu's
+    pair_loss and in TRL's KTOTrainer on the same batch and adapters: the same loss and gradients."""
+    from hfgpu.preference import Objective, pair_loss
+
+    desirable, undesirable = weights
+    trainer = _trl_trainer(tiny_model_dir, tmp_path, "kto", UNPAIRED, desirable_weight=desirable, undesirable_weight=undesirable)
+    batch, model, trl_loss, trl_grads = _trl_step(trainer)
+
+    width = max(batch["input_ids"].shape[1], batch["KL_input_ids"].shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731  (masked out: attention 0)
+    ours = {k: torch.stack([pad(batch[k]), pad(batch[f"KL_{k}"])], dim=1) for k in ("input_ids", "attention_mask", "completion_mask")}
+    ours["label"] = batch["label"]
+    objective = Objective("kto", beta=0.1, desirable_weight=desirable, undesirable_weight=undesirable)
+    loss, sums = pair_loss(model, ours, objective, chunk_size=7)
+    loss.backward()
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    torch.testing.assert_close(_grads(model), trl_grads, rtol=1e-5, atol=1e-5 * trl_grads.abs().max().item())
+    assert sums[1].item() == 2 and sums[3].item() == 2 and sums[5].item() == 4  # desirable, undesirable, all
+
+
+def test_kto_labels_that_are_not_booleans_are_refused_naming_the_row(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from hfgpu.errors import HfgpuError
+    from hfgpu.preference import tokenize_unpaired
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = UNPAIRED[:2] + [{"prompt": "p", "completion": " c", "label": "yes"}]
+    with pytest.raises(HfgpuError, match=r"row 3: label 'yes' is not a boolean: .* true .* or false"):
+        tokenize_unpaired(rows, tokenizer, max_len=64)
+    rows = UNPAIRED[:2] + [{"prompt": "p", "completion": " ", "label": True}, {"prompt": "p", "label": False}]
+    examples, dropped = tokenize_unpaired(rows, tokenizer, max_len=64)
+    assert len(examples) == 2 and dropped == {"empty completion": [3], "missing 'completion'": [4]}

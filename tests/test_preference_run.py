@@ -33,6 +33,27 @@ def pair_recipe(model_dir, out, **over) -> dict:
     return recipe_dict(model_dir, out, objective="dpo", data=data, **over)
 
 
+def _lora_model(model_dir):
+    """The tiny model with LoRA r=4, its B moved off zero so that the policy is not the reference."""
+    from hfgpu.modeling import ModelSettings, prepare_model
+
+    model = prepare_model(str(model_dir), ModelSettings(strategy="lora", precision="fp32", lora_r=4, lora_alpha=8), seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.train()
+
+
+def _full_logps(model, part: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed response log-probs, response tokens) per sequence from the full logits: plain torch, no slices."""
+    logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits[:, :-1].float()
+    per_token = logits.log_softmax(-1).gather(2, part["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = part["completion_mask"][:, 1:].float()
+    return (per_token * mask).sum(1), mask.sum(1)
+
+
 def _loop_config(objective: str, accumulation: int) -> LoopConfig:
     return LoopConfig(
         micro_batch_size=2,
@@ -69,50 +90,31 @@ def test_a_window_of_micro_batches_gives_the_gradient_of_one_full_batch_of_pairs
     from accelerate import Accelerator
     from transformers import AutoTokenizer
 
-    from hfgpu.modeling import ModelSettings, prepare_model
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs, _ = tokenize_pairs(_rows("style_pairs_train.jsonl")[:4], tokenizer, max_len=64)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
 
-    def fresh():
-        model = prepare_model(str(tiny_model_dir), ModelSettings(strategy="lora", precision="fp32", lora_r=4, lora_alpha=8), seed=0)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)  # policy ≠ reference
-        return model.train()
-
-    ref_model = fresh()
+    ref_model = _lora_model(tiny_model_dir)
     flat = flat_pairs(batch)
 
-    def full_logps(model):
-        logits = model(input_ids=flat["input_ids"], attention_mask=flat["attention_mask"]).logits[:, :-1].float()
-        per_token = logits.log_softmax(-1).gather(2, flat["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
-        mask = flat["completion_mask"][:, 1:].float()
-        return (per_token * mask).sum(1), mask.sum(1)
-
     with torch.no_grad(), ref_model.disable_adapter():
-        ref = full_logps(ref_model)[0]
-    logps, lengths = full_logps(ref_model)
+        ref = _full_logps(ref_model, flat)[0]
+    logps, lengths = _full_logps(ref_model, flat)
     expected = preference_loss(objective, logps, lengths, ref, beta=0.1)
     expected.loss.backward()
     want = {n: p.grad.clone() for n, p in ref_model.named_parameters() if p.grad is not None}
 
-    model = fresh()
+    model = _lora_model(tiny_model_dir)
     acc = Accelerator(cpu=True)
     window = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
-    sums = torch.zeros(4)
+    sums = torch.zeros(6)
     loss = window_backward(acc, model, window, 2, _loop_config(objective, 2), pair_sums=sums)
     assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys() and len(got) > 0
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
-    assert sums[3].item() == 4  # every pair counted once
-    assert sums[2].item() == (expected.rewards_chosen > expected.rewards_rejected).sum().item()
-    assert sums[0].item() == pytest.approx(expected.rewards_chosen.sum().item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(sums, expected.sums, rtol=1e-5, atol=1e-6)  # every pair counted once, whatever the split
 
 
 def test_the_dpo_demo_learns_the_preferred_style_on_held_out_pairs(tmp_path):
@@ -181,3 +183,78 @@ def test_full_fine_tuning_precomputes_the_reference_once_and_resumes_exactly(tin
     lines = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     last = lambda run: [r for r in lines(run) if "loss" in r][-1]  # noqa: E731
     assert last(part)["loss"] == pytest.approx(last(whole.output_dir)["loss"], rel=1e-6)
+
+
+def unpaired_rows() -> list[dict]:
+    """The demo's pairs as KTO rows: each chosen answer desirable, each rejected one not."""
+    rows = []
+    for r in _rows("style_pairs_train.jsonl"):
+        rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    return rows
+
+
+def test_kto_takes_its_kl_baseline_over_the_whole_step(tiny_model_dir):
+    """6 KTO examples as 3 micro-batches of 2 through window_backward: z₀ is the mean over all 6 KL sequences (as one
+    full batch computes it, not per micro-batch), and the loss and gradients equal the full batch's."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    from hfgpu.preference import kto_loss, tokenize_unpaired
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples, _ = tokenize_unpaired(unpaired_rows()[:6], tokenizer, max_len=64)
+    batch = collate_pairs(examples, tokenizer.pad_token_id)
+
+    model = _lora_model(tiny_model_dir)
+    completions = {k: batch[k][:, 0] for k in ("input_ids", "attention_mask", "completion_mask")}
+    kl_seqs = {k: batch[k][:, 1] for k in ("input_ids", "attention_mask", "completion_mask")}
+    with torch.no_grad():
+        with model.disable_adapter():
+            ref, ref_kl = _full_logps(model, completions)[0], _full_logps(model, kl_seqs)[0]
+        kl = (_full_logps(model, kl_seqs)[0] - ref_kl).mean().clamp(min=0)
+    assert kl.item() > 0  # the baseline matters in this check
+    expected = kto_loss(_full_logps(model, completions)[0], ref, batch["label"], kl, beta=0.1)
+    expected.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = _lora_model(tiny_model_dir)
+    window = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2, 4)]
+    sums = torch.zeros(6)
+    loss = window_backward(Accelerator(cpu=True), model, window, 1, _loop_config("kto", 3), pair_sums=sums)
+    assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sums, expected.sums, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "full"])
+def test_a_kto_run_learns_which_completions_are_desirable(tiny_model_dir, tmp_path, strategy):
+    """KTO through finetune on the demo's answers labelled desirable or not: the eval loss falls, desirable rewards rise
+    above undesirable ones, the per-step metrics are logged; full fine-tuning precomputes the reference of both the
+    completions and their KL sequences."""
+    from conftest import write_jsonl
+
+    rows = unpaired_rows()
+    train = write_jsonl(tmp_path / "kto_train.jsonl", rows[:160])
+    held = write_jsonl(tmp_path / "kto_eval.jsonl", rows[160:])
+    said: list[str] = []
+    recipe = recipe_dict(
+        tiny_model_dir,
+        tmp_path / "run",
+        strategy=strategy,
+        objective="kto",
+        data={"path": str(train), "eval_path": str(held), "format": "unpaired"},
+        train={"max_steps": 12, "learning_rate": 3e-3 if strategy == "lora" else 1e-3},
+    )
+    result = finetune(validate_recipe(recipe), say=said.append)
+    before, after = result.initial_metrics, result.metrics
+    assert after["eval_loss"] < before["eval_loss"] - 0.05
+    assert after["eval_rewards/margin"] > 0.5 and after["eval_rewards/accuracy"] > 0.7
+    records = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("rewards/accuracy" in r for r in records if "loss" in r)
+    assert any(s.startswith("data: 160 labelled completions") for s in said)
+    assert "kto: 80 desirable, 80 undesirable completions; weighted ratio 1.00, in the paper's [1, 4/3]" in said
+    if strategy == "full":
+        cache = json.loads((result.output_dir / "reference_logps.json").read_text())
+        assert len(cache["train"]) == 160 and len(cache["train"][0]) == 2  # completion and KL sequence
