@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfgpu.errors import HfgpuError
-from hfgpu.knobs import Knobs
+from hfgpu.knobs import PREFERENCE_DEFAULTS, Knobs
 from hfgpu.units import gib
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -166,7 +166,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
     data = ModelCardData(
         base_model=base if re.match(r"^[\w.-]+/[\w.-]+$", base) else None,
         library_name="peft" if adapter else "transformers",
-        tags=["hfgpu", strategy, family] + (["merged"] if merged else []),
+        tags=["hfgpu", strategy, family] + (["merged"] if merged else []) + ([k.objective] if k.objective != "sft" else []),
         datasets=datasets,
         pipeline_tag="text-generation",
     )
@@ -191,6 +191,8 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
         if not merged
         else f"The LoRA adapter of a {strategy} fine-tune of {base}, merged into the base weights (saved as safetensors)."
     )
+    if k.objective != "sft":
+        what += f" {_objective_line(k.objective, recipe.preference)}"
     text = (
         f"""---
 {data.to_yaml()}
@@ -205,6 +207,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 | | |
 |---|---|
 | card | {plan.card} ({plan.vram_gb:g} GB) × {plan.cards} |
+| objective | {k.objective} |
 | strategy | {strategy} |
 | precision | {k.precision} |
 | quantization | {k.quantization} |
@@ -221,7 +224,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 |---|---|
 | learning rate | {t.learning_rate} ({t.schedule}, warm-up {t.warmup}) |
 | epochs / max steps | {t.epochs} / {t.max_steps} |
-| global batch | {t.global_batch_size} sequences |
+| global batch | {t.global_batch_size} {_batch_unit(k.objective)} |
 | weight decay | {t.weight_decay} |
 | data | {_data_line(recipe.data)} |
 """
@@ -230,6 +233,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
             if adapter or merged
             else ""
         )
+        + (f"| preference | {_preference_line(k.objective, recipe.preference)} |\n" if k.objective != "sft" else "")
         + f"""
 ## Results
 
@@ -247,6 +251,32 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 """
     )
     return ModelCard(text)
+
+
+OBJECTIVE_LINES = {
+    "dpo": "Trained with DPO (Rafailov et al. 2023) on prompt/chosen/rejected pairs against the base as the reference",
+    "ipo": "Trained with IPO (Azar et al. 2023) on prompt/chosen/rejected pairs against the base as the reference",
+    "simpo": "Trained with SimPO (Meng et al. 2024) on prompt/chosen/rejected pairs, with no reference model",
+    "orpo": "Trained with ORPO (Hong et al. 2024) on prompt/chosen/rejected pairs, with no reference model",
+    "kto": "Trained with KTO (Ethayarajh et al. 2024) on completions labelled desirable or not, against the base as the reference",
+}
+
+
+def _objective_line(objective: str, pref) -> str:
+    return (
+        f"{OBJECTIVE_LINES[objective]}. Its metrics: eval_rewards/accuracy is how often the model prefers the chosen "
+        "(desirable) response more than the reference does, eval_rewards/margin the mean reward gap."
+    )
+
+
+def _preference_line(objective: str, pref) -> str:
+    beta = pref.beta if pref.beta is not None else PREFERENCE_DEFAULTS[objective]["beta"]
+    extra = {"simpo": f", γ/β={pref.gamma_ratio}", "kto": f", λ_D={pref.desirable_weight}, λ_U={pref.undesirable_weight}"}
+    return f"{objective}, β={beta}{extra.get(objective, '')}"
+
+
+def _batch_unit(objective: str) -> str:
+    return {"sft": "sequences", "kto": "labelled completions"}.get(objective, "pairs")
 
 
 # --- push ---------------------------------------------------------------------------------------------

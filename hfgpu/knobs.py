@@ -36,6 +36,15 @@ OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "kto")
 PREFERENCE_OBJECTIVES = OBJECTIVES[1:]  # trained on preferences, not next tokens (hfgpu.preference)
 PAIR_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")  # on prompt/chosen/rejected pairs; kto on unpaired, labelled completions
 REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # compared with a frozen reference model
+# the papers' hyper-parameters (recipe section `preference`): DPO, Rafailov et al. 2023; IPO, Azar et al. 2023 (TRL's
+# default β); SimPO, Meng et al. 2024 (β 2.0, γ/β 0.5); ORPO, Hong et al. 2024 (λ 0.1); KTO, Ethayarajh et al. 2024
+PREFERENCE_DEFAULTS = {
+    "dpo": {"beta": 0.1},
+    "ipo": {"beta": 0.1},
+    "simpo": {"beta": 2.0, "gamma_ratio": 0.5},
+    "orpo": {"beta": 0.1},
+    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+}
 
 
 def _knob(

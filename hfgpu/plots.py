@@ -82,12 +82,17 @@ def plot_fit(model: str, rows: list[dict], path: str | Path, tokens: float) -> P
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
-    """loss.png: the training loss per step and the eval loss per evaluation, from metrics.jsonl."""
+    """loss.png: the training loss per step and the eval loss per evaluation, from metrics.jsonl; a preference run's
+    reward accuracy and margin (train and eval) beside them."""
     plt = _plt()
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rewards = any("rewards/accuracy" in r or "eval_rewards/accuracy" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4))
+    ax = axes[0] if rewards else axes
+    if rewards:
+        _plot_rewards(axes[1], rows)
     if train:  # a short run logs a few points: draw them, a line through one point is invisible
         ax.plot(*zip(*train), "." if len(train) < 30 else "", linestyle="-", label="train loss")
     if evals:
@@ -110,3 +115,29 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def _plot_rewards(ax, rows: list[dict]) -> None:
+    """Reward accuracy (left axis, 0–1) and margin (right axis) per logged step and per evaluation."""
+    series = lambda key: [(r["step"], r[key]) for r in rows if key in r]  # noqa: E731
+    for key, style, colour, label in (
+        ("rewards/accuracy", ".-", "#4c72b0", "train reward accuracy"),
+        ("eval_rewards/accuracy", "o-", "#1f3d7a", "eval reward accuracy"),
+    ):
+        if points := series(key):
+            ax.plot(*zip(*points), style, color=colour, label=label)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward accuracy")
+    ax.grid(alpha=0.3)
+    margin = ax.twinx()
+    for key, style, colour, label in (
+        ("rewards/margin", ".--", "#dd8452", "train reward margin"),
+        ("eval_rewards/margin", "s--", "#a0522d", "eval reward margin"),
+    ):
+        if points := series(key):
+            margin.plot(*zip(*points), style, color=colour, label=label)
+    margin.set_ylabel("reward margin (chosen − rejected)")
+    lines = ax.get_legend_handles_labels()
+    more = margin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")

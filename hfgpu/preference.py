@@ -25,18 +25,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hfgpu.knobs import PAIR_OBJECTIVES, PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES
+from hfgpu.knobs import PAIR_OBJECTIVES, PREFERENCE_DEFAULTS, PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES
 from hfgpu.loss import final_hidden_states
 from hfgpu.patches import sliced_linear, sliced_linear_grad
 
 OBJECTIVES = PREFERENCE_OBJECTIVES
-DEFAULTS = {
-    "dpo": {"beta": 0.1},
-    "ipo": {"beta": 0.1},
-    "simpo": {"beta": 2.0, "gamma_ratio": 0.5},
-    "orpo": {"beta": 0.1},
-    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
-}
+DEFAULTS = PREFERENCE_DEFAULTS
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,12 @@ def test_the_dpo_demo_learns_the_preferred_style_on_held_out_pairs(tmp_path):
     assert steps and all({"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"} <= r.keys() for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert (out / "loss.png").is_file()
+    from hfgpu.hub import Run, model_card
+
+    card = str(model_card(Run(out), "me/style-dpo"))
+    assert "| objective | dpo |" in card and "| preference | dpo, β=0.1 |" in card and "Trained with DPO" in card
+    assert f"| eval_rewards/accuracy | 0 | {after['eval_rewards/accuracy']:.4g} |" in card
+    assert "- dpo" in card  # a tag the Hub can filter on
 
     # plain transformers + peft, full logits: the held-out pairs' rewards are what the run logged
     tokenizer = AutoTokenizer.from_pretrained(out)
