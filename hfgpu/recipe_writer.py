@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hfgpu.gpus import GPU, catalog
-from hfgpu.knobs import KNOB_NAMES, RECIPE, knob_field, recipe_key
+from hfgpu.knobs import KNOB_NAMES, PREFERENCE_DEFAULTS, RECIPE, knob_field, recipe_key
 from hfgpu.planner import Plan, plan_or_closest
 from hfgpu.throughput import checkpointing_cost
 from hfgpu.units import GIB, gib
@@ -25,6 +25,13 @@ class DataChoice:
 
 ALPACA = DataChoice(
     "yahma/alpaca-cleaned", "alpaca", "train[:98%]", "train[98%:]", "52k cleaned Alpaca instructions (instruction / input / output)"
+)
+ULTRAFEEDBACK = DataChoice(
+    "trl-lib/ultrafeedback_binarized",
+    "preference",
+    "train",
+    "test",
+    "62k UltraFeedback prompts, each with a chosen and a rejected answer (chat messages)",
 )
 ULTRACHAT = DataChoice(
     "HuggingFaceH4/ultrachat_200k",
@@ -59,16 +66,17 @@ def neighbour_lines(p: Plan) -> list[str]:
     """For the next smaller and larger consumer card: the overrides that fit there, or why none do."""
     lines = []
     for g in _neighbours(p):
-        q = plan_or_closest(p.model, g, strategy=p.strategy, seq_len=p.seq_len)
+        objective = p.knobs.objective
+        q = plan_or_closest(p.model, g, strategy=p.strategy, seq_len=p.seq_len, objective=objective)
         seq = p.seq_len
         while not q.fits and seq > 128:
             seq //= 2
-            q = plan_or_closest(p.model, g, strategy=p.strategy, seq_len=seq)
+            q = plan_or_closest(p.model, g, strategy=p.strategy, seq_len=seq, objective=objective)
         head = f"{g.name} ({g.vram_gb:g} GB): "
         if q.fits:
             lines.append(head + _overrides(p, q) + f" (peak {q.memory.total / GIB:.1f} of {gib(q.memory.budget)})")
         else:
-            best = plan_or_closest(p.model, g, seq_len=p.seq_len)
+            best = plan_or_closest(p.model, g, seq_len=p.seq_len, objective=objective)
             lines.append(
                 head + f"{p.strategy} does not fit" + (f"; {_overrides(p, best)} does" if best.fits else "; choose a smaller model")
             )
@@ -87,15 +95,39 @@ def _kv(key: str, value, comment: str, width: int = 34) -> str:
     return f"{text}{' ' * max(2, width - len(text))}# {comment}"
 
 
+def preference_lines(objective: str) -> list[str]:
+    """The recipe's `preference` section for an objective: the papers' values, a comment on each."""
+    d = PREFERENCE_DEFAULTS[objective]
+    beta = {
+        "dpo": "β (DPO paper): how far the policy may move from the reference; lower moves further",
+        "ipo": "β (IPO, τ in the paper): the regularisation; the target margin is 1/(2β)",
+        "simpo": "β (SimPO paper): the scale of the length-normalised reward",
+        "orpo": "λ (ORPO paper): the weight of the odds-ratio term beside the chosen answers' NLL",
+        "kto": "β (KTO paper): how far the policy may move from the reference",
+    }[objective]
+    lines = [_kv("  beta", d["beta"], beta)]
+    if objective == "simpo":
+        lines.append(_kv("  gamma_ratio", d["gamma_ratio"], "γ/β (SimPO paper): the target reward margin as a share of β"))
+    if objective == "kto":
+        lines.append(_kv("  desirable_weight", d["desirable_weight"], "λ_D (KTO paper): keep λ_D·n_D / λ_U·n_U in [1, 4/3]"))
+        lines.append(_kv("  undesirable_weight", d["undesirable_weight"], "λ_U (KTO paper)"))
+    return lines
+
+
 def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_dir: str | None = None, title: str | None = None) -> str:
     """A complete recipe pinning the plan's knobs, with a header and a comment on each key."""
     g = p.gpu
     cc = g.compute_capability
     card = f"{g.display_name} ({g.vram_gb:g} GB, {g.architecture}" + (f", cc {cc[0]}.{cc[1]})" if cc else ")")
     short = p.model.split("/")[-1]
-    out = output_dir or f"outputs/{short.lower()}-{p.strategy}"
-    lr = 2e-5 if p.strategy == "full" else 2e-4
+    objective = p.knobs.objective
+    tuned = objective != "sft"
+    out = output_dir or f"outputs/{short.lower()}-{p.strategy}" + (f"-{objective}" if tuned else "")
+    # preference tuning moves a tuned model a little: rates ~40× below SFT's (alignment-handbook's DPO recipes)
+    lr = (5e-7 if p.strategy == "full" else 5e-6) if tuned else (2e-5 if p.strategy == "full" else 2e-4)
     eval_split = f'"{data.eval_split}"' if data.eval_split else "null"
+    unit = {"sft": "sequences", "kto": "labelled completions"}.get(objective, "pairs")
+    plan_flags = f"--strategy {p.strategy} --seq-len {p.seq_len}" + (f" --objective {objective}" if tuned else "")
     lines = [
         f"# {title or f'{p.strategy} fine-tune of {short} on a {g.name}'}",
         "#",
@@ -105,10 +137,18 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         f"# Model: {p.model} ({p.params_total / 1e9:.2f} B parameters, {p.params_trainable / 1e6:.1f} M trained).",
         f"# Card: {card}.",
         f"# Data: {data.path} — {data.note}.",
-        f'# Plan (hfgpu plan {p.model} --gpu "{g.name}" --strategy {p.strategy} --seq-len {p.seq_len}):',
+        *(
+            [
+                f"# Objective: {objective} — start from a model already tuned to follow instructions (an -Instruct model of the",
+                "#   same shapes plans the same), the reference is that model as it was before this run.",
+            ]
+            if tuned
+            else []
+        ),
+        f'# Plan (hfgpu plan {p.model} --gpu "{g.name}" {plan_flags}):',
         f"#   strategy {p.strategy}, precision {p.precision}, quantization {p.quantization}, gradient checkpointing "
         f"{'on' if p.gradient_checkpointing else 'off'},",
-        f"#   micro-batch {p.micro_batch_size} × {p.grad_accum_steps} accumulation = {p.global_batch_size} sequences of "
+        f"#   micro-batch {p.micro_batch_size} × {p.grad_accum_steps} accumulation = {p.global_batch_size} {unit} of "
         f"{p.seq_len} tokens per step,",
         f"#   optimizer {p.optimizer}, attention {p.attention}, chunked loss {'on' if p.chunked_loss else 'off'}, "
         f"activation offloading {'on' if p.activation_offloading else 'off'}, tiled MLP {'on' if p.tiled_mlp else 'off'};",
@@ -123,7 +163,7 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         "",
         "data:",
         _kv("  path", data.path, "a Hub dataset, or a local .jsonl/.json/.csv/.parquet/.txt"),
-        _kv("  format", data.format, "text | alpaca | prompt_completion | chat"),
+        _kv("  format", data.format, "text | alpaca | prompt_completion | chat | preference (pairs) | unpaired (kto)"),
         _kv("  split", f'"{data.split}"', "the split to train on"),
         _kv("  eval_split", eval_split, "held-out rows for eval loss; or eval_path: ./eval.jsonl"),
         _kv("  max_seq_len", p.seq_len, "longer: more context, more activation and logits memory"),
@@ -134,19 +174,25 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
         _kv(
             "  learning_rate",
             f"{lr:.1e}",
-            "full fine-tuning wants a small rate" if p.strategy == "full" else "LoRA tolerates larger rates than full fine-tuning",
+            "preference tuning moves a tuned model a little: a small rate"
+            if tuned
+            else "full fine-tuning wants a small rate"
+            if p.strategy == "full"
+            else "LoRA tolerates larger rates than full fine-tuning",
         ),
         _kv("  schedule", "cosine", "cosine | linear | constant"),
         _kv("  warmup", 0.03, "fraction of the steps (or a number of steps)"),
         _kv("  weight_decay", 0.0, "decoupled weight decay (AdamW)"),
         _kv("  max_grad_norm", 1.0, "clip gradients; null to disable"),
-        _kv("  global_batch_size", p.global_batch_size, "sequences per optimizer step = micro-batch × accumulation × cards"),
+        _kv("  global_batch_size", p.global_batch_size, f"{unit} per optimizer step = micro-batch × accumulation × cards"),
         _kv("  eval_every", 200, "steps between evaluations"),
         _kv("  save_every", 200, "steps between checkpoints (resume=auto continues from the newest)"),
         _kv("  keep_last", 2, "checkpoints kept on disk"),
         _kv("  seed", 0, "data order, LoRA init and dropout"),
         "",
     ]
+    if tuned:
+        lines += ["preference:", *preference_lines(objective), ""]
     if p.lora:
         lines += [
             "lora:",

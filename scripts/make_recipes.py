@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hfgpu.planner import plan  # noqa: E402
-from hfgpu.recipe_writer import ALPACA, ULTRACHAT, recipe_yaml  # noqa: E402
+from hfgpu.recipe_writer import ALPACA, ULTRACHAT, ULTRAFEEDBACK, recipe_yaml  # noqa: E402
 
 # file, card, strategy, model, seq_len, data, title[, knobs fixed beyond the planner's choice]
 RECIPES = [
@@ -66,6 +66,26 @@ RECIPES = [
         # the planner's full fine-tuning estimate runs ~15-20 % low for this 152k-vocabulary model; the
         # simulation (tests/test_recipes_fit.py) confirms micro-batch 1 with 8-bit AdamW fits
         {"micro_batch_size": 1, "optimizer": "adamw_8bit"},
+    ),
+    (
+        "dpo_3060.yaml",
+        "RTX 3060 12GB",
+        "qlora",
+        "Qwen/Qwen2.5-7B",
+        1024,
+        ULTRAFEEDBACK,
+        "DPO of a 7B model on an RTX 3060 12GB (QLoRA: the reference is the 4-bit base with the adapters disabled)",
+        {"objective": "dpo"},
+    ),
+    (
+        "dpo_4090.yaml",
+        "RTX 4090",
+        "lora",
+        "meta-llama/Llama-3.1-8B",
+        1024,
+        ULTRAFEEDBACK,
+        "DPO of Llama-3.1-8B on an RTX 4090 (LoRA: the reference is the 16-bit base with the adapters disabled)",
+        {"objective": "dpo"},
     ),
 ]
 
