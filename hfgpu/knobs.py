@@ -409,7 +409,9 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
                 f"tokens (the logits of both responses never exist at once): use {use('chunked_loss', 'auto')}"
             )
         if k.packing is True:
-            errs.append(f"{use('packing', True)} with {obj}: each example is its own sequences; use {use('packing', False)}")
+            errs.append(
+                f"{use('packing', True)} with {obj}: a preference example's sequences are never packed; use {use('packing', False)}"
+            )
         if k.distributed in ("fsdp", "zero3"):
             errs.append(
                 f"{obj} reads lm_head's weight outside the forward pass, which {use('distributed', k.distributed)} shards: "

@@ -102,6 +102,14 @@ def world(tmp_path_factory, tiny_model_dir):
     )
     (root / "huge-value.yaml").write_text(f"model: {tiny_model_dir}\ndata: {{path: x.jsonl}}\nmicro_batch_size: {'x' * 5000}\n")
     (root / "recipe-latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
+    pair = lambda c, r: {"prompt": "Q?", "chosen": c, "rejected": r}  # noqa: E731
+    write_jsonl(root / "pairs-identical.jsonl", [pair(" same", " same") for _ in range(4)])
+    write_jsonl(root / "pairs-empty.jsonl", [pair(" ", " no") for _ in range(4)])
+    write_jsonl(root / "pairs-no-rejected.jsonl", [{"prompt": "Q?", "chosen": " yes"} for _ in range(4)])
+    write_jsonl(
+        root / "kto-labels.jsonl",
+        [{"prompt": "Q?", "completion": " a", "label": True}, {"prompt": "Q?", "completion": " b", "label": "yes"}],
+    )
     locked = root / "locked-run"
     lock = RunLock(locked).acquire()  # held by this process for the module: another run on it is refused
 
@@ -653,6 +661,87 @@ CASES = [
         ["not a multiple of the number of attention heads", "fix the config"],
         lambda w: hfgpu.plan(str(w["root"] / "bad-heads"), "4090"),
     ),
+    (
+        "pairs-all-identical",
+        "finetune",
+        lambda w: [
+            w["recipe"](
+                "pident",
+                objective="dpo",
+                data={"path": str(w["root"] / "pairs-identical.jsonl"), "format": "preference", "eval_path": None},
+            )
+        ],
+        ["no example is left to train on", "4 chosen and rejected identical (rows 1, 2, 3, …)", "fix the rows"],
+        None,
+    ),
+    (
+        "pairs-empty-response",
+        "finetune",
+        lambda w: [
+            w["recipe"](
+                "pempty", objective="dpo", data={"path": str(w["root"] / "pairs-empty.jsonl"), "format": "preference", "eval_path": None}
+            )
+        ],
+        ["no example is left to train on", "4 empty response"],
+        None,
+    ),
+    (
+        "pairs-missing-rejected",
+        "finetune",
+        lambda w: [
+            w["recipe"](
+                "pmiss",
+                objective="dpo",
+                data={"path": str(w["root"] / "pairs-no-rejected.jsonl"), "format": "preference", "eval_path": None},
+            )
+        ],
+        ["no column 'rejected'", "set data.columns.rejected"],
+        None,
+    ),
+    (
+        "kto-label-not-boolean",
+        "finetune",
+        lambda w: [
+            w["recipe"](
+                "klabel", objective="kto", data={"path": str(w["root"] / "kto-labels.jsonl"), "format": "unpaired", "eval_path": None}
+            )
+        ],
+        ["row 2: label 'yes' is not a boolean", "true", "false"],
+        None,
+    ),
+    (
+        "preference-beta-zero",
+        "finetune",
+        lambda w: [
+            w["recipe"](
+                "beta", objective="dpo", data={"path": str(DEMO / "style_pairs_train.jsonl"), "format": "preference", "eval_path": None}
+            ),
+            "preference.beta=0",
+        ],
+        ["preference.beta=0", "greater than 0", "use a positive preference.beta"],
+        None,
+    ),
+    (
+        "objective-with-sft-data",
+        "finetune",
+        lambda w: [w["recipe"]("objfmt", objective="dpo")],
+        ["objective=dpo", "not data.format=alpaca", "set data.format=preference"],
+        None,
+    ),
+    (
+        "objective-typo",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--objective", "dpoo"],
+        ["--objective dpoo", "sft, dpo, ipo, simpo, orpo, kto"],
+        lambda w: hfgpu.plan(M, "4090", objective="dpoo"),
+    ),
+    (
+        "preference-with-packing",
+        "hfgpu",
+        lambda w: ["plan", M, "--gpu", "4090", "--objective", "dpo", "--packing", "true"],
+        ["--packing on with --objective dpo", "never packed", "use --packing off"],
+        lambda w: hfgpu.plan(M, "4090", objective="dpo", packing=True),
+    ),
 ]
 
 
@@ -720,6 +809,8 @@ def test_bad_input(case, world, capsys, monkeypatch):
 
 # the same knob errors as plan() raises them, named as keywords
 IN_PYTHON = {
+    "objective-typo": ["objective='dpoo'", "sft, dpo"],
+    "preference-with-packing": ["packing=True with objective='dpo'", "packing=False"],
     "seq-len-zero": ["seq_len=0", "≥ 1"],
     "seq-len-too-long": ["seq_len=100000", "use seq_len ≤ 32768"],
     "micro-batch-zero": ["micro_batch_size=0", "≥ 1"],
