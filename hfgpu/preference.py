@@ -128,9 +128,13 @@ def sequence_logps(
     model, batch: dict, chunk_size: int = 1024, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the response tokens' log-probs, number of response tokens) per sequence of `batch` (input_ids,
-    attention_mask, completion_mask), through `model` itself (DDP's hooks run); `weight`: lm_head's (default the
-    model's output embeddings)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    completion_mask; right-padded), through `model` itself (DDP's hooks run); `weight`: lm_head's (default the
+    model's output embeddings).
+
+    No attention mask is passed: padding is on the right, so under the causal mask no real token ever attends to
+    it, and what the padding positions compute is masked out of the sums. The forward is then the plain causal one
+    (SDPA's flash path, no tokens × tokens mask), the one the planner counts and --verify simulates."""
+    inputs = {"input_ids": batch["input_ids"]}
     hidden = final_hidden_states(model, inputs)
     if weight is None:
         weight = getattr(model, "module", model).get_output_embeddings().weight
