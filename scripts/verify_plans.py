@@ -58,6 +58,8 @@ NOT_KNOBS = {
 def key(p) -> str:
     """A plan's identity: the model, the card(s) and every resolved knob, as plan.json names them."""
     knobs = {k: v for k, v in p.to_dict().items() if k not in NOT_KNOBS}
+    if knobs.get("objective") == "sft":  # the default objective: plans recorded before the knob existed keep their key
+        del knobs["objective"]
     return json.dumps({"model": p.model, "gpu": p.gpu.name, "count": p.gpu.count, "knobs": knobs}, sort_keys=True)
 
 
