@@ -79,30 +79,8 @@ def hfgpu_dpo(model_dir: Path, pairs: Path, steps: int, out: Path) -> tuple[floa
 
     AcceleratorState._reset_state()  # TRL's Trainer set up its own in this process
     acc = Accelerator(cpu=True, mixed_precision="no", dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    cfg = LoopConfig(
-        micro_batch_size=8,
-        grad_accum_steps=2,
-        optimizer="adamw_torch",
-        learning_rate=5e-5,
-        schedule="constant",
-        warmup=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        epochs=None,
-        max_steps=steps,
-        seed=0,
-        eval_every=None,
-        save_every=None,
-        keep_last=1,
-        log_every=10**9,
-        early_stopping_patience=None,
-        early_stopping_min_delta=0.0,
-        metrics=[],
-        max_new_tokens=1,
-        max_eval_examples=None,
-        resume="never",
-        loss_chunk=loss_chunk_tokens(len(tok)),
-        objective=Objective("dpo", beta=0.1),
+    cfg = LoopConfig.bare(
+        8, 2, steps, learning_rate=5e-5, max_grad_norm=1.0, loss_chunk=loss_chunk_tokens(len(tok)), objective=Objective("dpo", beta=0.1)
     )
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -76,29 +76,7 @@ def hfgpu_loop(model_dir: Path, data_path: Path, steps: int, packing: bool, out:
     data = prepare_data(DataConfig(path=str(data_path), format="text", packing=packing), tok, 256, 8)
     model = prepare_model(str(model_dir), ModelSettings(strategy="lora", precision="fp32", lora_dropout=0.0))
     acc = Accelerator(cpu=True, mixed_precision="no", dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    cfg = LoopConfig(
-        micro_batch_size=8,
-        grad_accum_steps=2,
-        optimizer="adamw_torch",
-        learning_rate=2e-4,
-        schedule="constant",
-        warmup=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        epochs=None,
-        max_steps=steps,
-        seed=0,
-        eval_every=None,
-        save_every=None,
-        keep_last=1,
-        log_every=10**9,
-        early_stopping_patience=None,
-        early_stopping_min_delta=0.0,
-        metrics=[],
-        max_new_tokens=1,
-        max_eval_examples=None,
-        resume="never",
-    )
+    cfg = LoopConfig.bare(8, 2, steps, learning_rate=2e-4, max_grad_norm=1.0)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = train_loop(acc, model, tok, data, cfg, out, say=lambda *a, **k: None)

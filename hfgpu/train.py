@@ -80,6 +80,32 @@ class LoopConfig:
     objective: Objective = field(default_factory=Objective)  # sft, or a preference objective on pairs (hfgpu.preference)
 
     @classmethod
+    def bare(cls, micro_batch_size: int, grad_accum_steps: int, max_steps: int, **fields) -> "LoopConfig":
+        """A loop that only trains (no eval, checkpoints or logging until the end; AdamW, constant rate 1e-3, no
+        clipping, seed 0), for benchmarks and tests; `fields` override any of it."""
+        base = dict(
+            optimizer="adamw_torch",
+            learning_rate=1e-3,
+            schedule="constant",
+            warmup=0,
+            weight_decay=0.0,
+            max_grad_norm=None,
+            epochs=None,
+            seed=0,
+            eval_every=None,
+            save_every=None,
+            keep_last=1,
+            log_every=10**9,
+            early_stopping_patience=None,
+            early_stopping_min_delta=0.0,
+            metrics=[],
+            max_new_tokens=1,
+            max_eval_examples=None,
+            resume="never",
+        )
+        return cls(micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, max_steps=max_steps, **{**base, **fields})
+
+    @classmethod
     def from_plan(cls, p, recipe, fingerprint: dict | None = None) -> "LoopConfig":
         """The plan's step shape, optimizer and savers; the recipe's schedule, logging, eval and resume."""
         from hfgpu.knobs import plain_logits

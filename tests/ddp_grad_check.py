@@ -15,31 +15,7 @@ from hfgpu.train import LoopConfig, window_backward
 def loop_config(objective: str = "sft") -> LoopConfig:
     from hfgpu.preference import Objective
 
-    return LoopConfig(
-        objective=Objective(objective),
-        loss_chunk=5 if objective != "sft" else None,
-        micro_batch_size=1,
-        grad_accum_steps=2,
-        optimizer="adamw_torch",
-        learning_rate=1e-3,
-        schedule="constant",
-        warmup=0,
-        weight_decay=0.0,
-        max_grad_norm=None,
-        epochs=None,
-        max_steps=1,
-        seed=0,
-        eval_every=None,
-        save_every=None,
-        keep_last=1,
-        log_every=1,
-        early_stopping_patience=None,
-        early_stopping_min_delta=0.0,
-        metrics=[],
-        max_new_tokens=1,
-        max_eval_examples=None,
-        resume="never",
-    )
+    return LoopConfig.bare(1, 2, 1, objective=Objective(objective), loss_chunk=5 if objective != "sft" else None)
 
 
 def main(model_dir: str, batch_path: str, out_path: str, objective: str = "sft") -> None:

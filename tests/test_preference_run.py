@@ -55,31 +55,7 @@ def _full_logps(model, part: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _loop_config(objective: str, accumulation: int) -> LoopConfig:
-    return LoopConfig(
-        micro_batch_size=2,
-        grad_accum_steps=accumulation,
-        optimizer="adamw_torch",
-        learning_rate=1e-3,
-        schedule="constant",
-        warmup=0,
-        weight_decay=0.0,
-        max_grad_norm=None,
-        epochs=None,
-        max_steps=1,
-        seed=0,
-        eval_every=None,
-        save_every=None,
-        keep_last=1,
-        log_every=1,
-        early_stopping_patience=None,
-        early_stopping_min_delta=0.0,
-        metrics=[],
-        max_new_tokens=1,
-        max_eval_examples=None,
-        resume="never",
-        loss_chunk=5,
-        objective=Objective(objective, beta=0.1),
-    )
+    return LoopConfig.bare(2, accumulation, 1, loss_chunk=5, objective=Objective(objective, beta=0.1))
 
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo"])
