@@ -240,3 +240,46 @@ def test_a_kto_run_learns_which_completions_are_desirable(tiny_model_dir, tmp_pa
     if strategy == "full":
         cache = json.loads((result.output_dir / "reference_logps.json").read_text())
         assert len(cache["train"]) == 160 and len(cache["train"][0]) == 2  # completion and KL sequence
+
+
+def test_data_columns_rename_the_pairs_fields(tiny_model_dir, tmp_path):
+    from conftest import write_jsonl
+    from transformers import AutoTokenizer
+
+    from hfgpu.data import prepare_data
+    from hfgpu.recipe import DataConfig
+
+    rows = [{"question": r["prompt"], "better": r["chosen"], "worse": r["rejected"]} for r in _rows("style_pairs_train.jsonl")[:8]]
+    path = write_jsonl(tmp_path / "renamed.jsonl", rows)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = DataConfig(path=str(path), format="preference", columns={"prompt": "question", "chosen": "better", "rejected": "worse"})
+    data = prepare_data(cfg, tokenizer, 64, 4)
+    assert len(data.train) == 8 and data.stats["dropped"] == 0
+    first = data.train[0]
+    learned = tokenizer.decode([t for t, m in zip(first["chosen_ids"], first["chosen_mask"]) if m])
+    assert learned.startswith(rows[0]["better"][0]["content"])
+
+
+def test_a_reference_precompute_that_runs_out_of_memory_says_what_to_change(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Full fine-tuning with DPO: when even one pair's reference forward runs out of memory, the run stops before its
+    first step with one line (exit 2) naming the card and seq_len and the fix, and writes nothing."""
+    import yaml
+
+    import hfgpu.preference
+    from hfgpu.finetune import main as finetune_main
+
+    calls = []
+
+    def out_of_memory(model, pairs, pad_id, batch_size, *args, **kwargs):
+        calls.append(batch_size)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(hfgpu.preference, "precompute_reference", out_of_memory)
+    recipe = tmp_path / "full_dpo.yaml"
+    recipe.write_text(yaml.safe_dump(pair_recipe(tiny_model_dir, tmp_path / "run", strategy="full", micro_batch_size=4)))
+    assert finetune_main([str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hfgpu: error: the reference log-probs of objective dpo do not fit on CPU even one pair at a time")
+    assert "lower data.max_seq_len, or use strategy=lora" in err
+    assert calls == [4, 2, 1]  # halved down to one pair before giving up
+    assert not (tmp_path / "run" / "reference_logps.json").exists() and not (tmp_path / "run" / "plan.json").exists()
