@@ -1,4 +1,4 @@
-"""The `hfgpu` command: gpus | plan | fit | recipe | doctor | calibrate | push | merge | generate.
+"""The `hfgpu` command: gpus | plan | fit | recipe | doctor | calibrate | push | merge | export | generate.
 
 Exit codes: 0 success (plan fits), 2 bad input (one line on stderr, no traceback), 3 the plan does
 not fit (its breakdown is still printed, and `--json` still prints the plan).
@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("merge", help="fold a run's LoRA adapter into its base weights")
     me.add_argument("run")
     me.add_argument("--out", required=True, help="an empty or new folder for the merged model")
+
+    ex = sub.add_parser("export", help="write a finished run as a GGUF file (llama.cpp, Ollama, LM Studio)")
+    ex.add_argument("run", help="the run's output_dir (a LoRA/QLoRA run is merged into its base first)")
+    ex.add_argument("--format", default="gguf", help="gguf: the merged or full model")
+    ex.add_argument("--quant", default="q8_0", help="f32 | f16 | bf16 | q8_0 | q4_0 (default q8_0)")
+    ex.add_argument("--out", help="the .gguf file to write (default: RUN/model-QUANT.gguf, or in the --ollama folder)")
+    ex.add_argument("--ollama", help="a folder to write the GGUF file and an Ollama Modelfile into")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     do = sub.add_parser("doctor", help="can this machine fine-tune? GPUs, torch kernels, bitsandbytes, flash-attn, bf16")
     do.add_argument("--json", action="store_true")
@@ -321,6 +329,17 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hfgpu.export import export_to
+
+    if args.format != "gguf":
+        raise HfgpuError(f"--format {args.format!r}: the formats are gguf (the merged or full model; llama.cpp LoRA adapters are not yet)")
+    export_to(args.run, quant=args.quant, out=Path(args.out) if args.out else None, ollama=args.ollama, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from hfgpu.hub import merge
 
@@ -373,6 +392,7 @@ COMMANDS = {
     "recipe": cmd_recipe,
     "push": cmd_push,
     "merge": cmd_merge,
+    "export": cmd_export,
     "generate": cmd_generate,
 }
 

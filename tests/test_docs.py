@@ -34,6 +34,8 @@ def needs_gpu_or_network(cmd: str) -> str | None:
         return "needs the Hub or a GPU"
     if "[" in cmd:
         return "has placeholders"
+    if cmd.startswith(("ollama ", "llama-cli ", "llama-server ")):
+        return "needs Ollama or llama.cpp installed"
     if "benchmarks/" in cmd:
         return "a benchmark (minutes): run by hand"
     if "accelerate launch" in cmd and ("demo_cpu.yaml" not in cmd or "multi_gpu" in cmd):

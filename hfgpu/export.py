@@ -1,0 +1,349 @@
+"""Export a finished run to GGUF, the file llama.cpp, Ollama and LM Studio run.
+
+    hfgpu export outputs/run --format gguf --quant q8_0 --out run.gguf
+
+Built on the `gguf` package (llama.cpp's own Python library for the format: its writer, its tensor names, its
+quantizers), not a copy of llama.cpp's converter. A LoRA/QLoRA run is merged into its base first (in 16 bits, as
+`hfgpu merge` does); a full run is exported as it is. The file is written tensor by tensor: the header and the
+tensor table first (from shapes alone), then each tensor converted, written and dropped, so the memory beyond the
+loaded model is one tensor at a time, never the model twice.
+
+Types: f32, f16, bf16, q8_0 and q4_0 (the ones the gguf package quantizes; the k-quants such as q4_k_m need
+llama.cpp's own `llama-quantize`, which takes this file's f16 export). Architectures: llama (and mistral, which
+llama.cpp runs as llama), qwen2, qwen3. Tokenizers: byte-level BPE (Llama-3, Qwen, SmolLM2, the demo's), with the
+vocabulary, merges, token types, special ids, the pre-tokenizer name llama.cpp recognises and the chat template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hfgpu.errors import HfgpuError
+
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# model_type → (llama.cpp architecture, whether q_proj/k_proj rows are permuted for its rope layout)
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+# the pre-tokenizer llama.cpp selects by this name (llama-vocab.cpp); by model type, and by the vocabulary's size
+# where one model type ships several (Llama-2's sentencepiece is not byte-level BPE and is refused before this)
+PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "mistral": "llama-bpe"}
+SMOLLM_VOCAB = 49152  # SmolLM/SmolLM2's vocabulary: llama.cpp's "smollm" pre-tokenizer
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    quant: str
+    tensors: int
+    bytes: int
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise HfgpuError(
+            f"--quant {quant!r} is not one of {', '.join(QUANTS)}; for a k-quant such as q4_k_m, export f16 and run "
+            "llama.cpp's llama-quantize on it"
+        )
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and out.is_dir():
+        raise HfgpuError(f"--out {str(out)!r} is a folder: name the .gguf file to write, e.g. --out {out / 'model.gguf'}")
+    if out.exists() and not overwrite:
+        raise HfgpuError(f"--out {str(out)!r} exists: choose another file, or pass --overwrite to replace it")
+    if out.suffix != ".gguf":
+        raise HfgpuError(f"--out {str(out)!r} does not end in .gguf: name the file NAME.gguf")
+
+
+def check_architecture(config) -> tuple[str, bool]:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise HfgpuError(
+            f"cannot export model type {model_type!r} to GGUF yet: supported are {', '.join(sorted(ARCHITECTURES))}; "
+            "for another, merge the run (hfgpu merge) and use llama.cpp's convert_hf_to_gguf.py"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _permute(w, n_head: int):
+    """HF's q/k rows (rotary halves) → llama.cpp's interleaved pairs (convert_hf_to_gguf.py's LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_type(name: str, quant: str, shape: tuple[int, ...]):
+    """The GGML type a tensor is stored in: 1-D tensors (norms, biases) stay f32, as llama.cpp keeps them; matrices
+    whose rows do not divide into the quant's blocks fall back to f16."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or quant == "f32":
+        return T.F32
+    kind = {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    return kind if shape[-1] % block == 0 else T.F16
+
+
+def _convert(array, kind):
+    """A float32 numpy array as the bytes of GGML type `kind`."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGMLQuantizationType
+    if kind == T.F32:
+        return array.astype(np.float32)
+    if kind == T.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, kind)
+
+
+def _tokenizer_metadata(writer, tokenizer, config) -> None:
+    """The vocabulary as llama.cpp's gpt2 (byte-level BPE) tokenizer reads it."""
+    import json
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend.get("model", {})
+    if model.get("type") != "BPE" or not model.get("merges") or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
+        raise HfgpuError(
+            "cannot export this tokenizer to GGUF yet: only byte-level BPE tokenizers (Llama-3, Qwen, SmolLM2) are "
+            "supported; sentencepiece ones (Llama-2, Mistral v0.3) need llama.cpp's convert_hf_to_gguf.py"
+        )
+    vocab = tokenizer.get_vocab()
+    size = max(config.vocab_size, max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    special = set(tokenizer.all_special_ids)
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(size):
+        token = by_id.get(i, f"[PAD{i}]")  # rows of the embedding beyond the vocabulary (padded to a multiple)
+        tokens.append(token)
+        types.append(3 if i in special else 4 if token in added else 5 if i not in by_id else 1)  # control, user, unused, normal
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    model_type = config.model_type
+    pre = "smollm" if config.vocab_size == SMOLLM_VOCAB else PRE_TOKENIZERS.get(model_type, "default")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for setter, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+        (writer.add_unk_token_id, tokenizer.unk_token_id),
+    ):
+        if token_id is not None:
+            setter(token_id)
+    adds_bos = bool(tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
+    writer.add_add_bos_token(adds_bos)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "model", say=print) -> Exported:
+    """`model` (a transformers causal LM of a supported architecture, in any float dtype) and its tokenizer to one
+    GGUF file, tensor by tensor."""
+    import gguf
+    import numpy as np
+    import torch
+
+    check_quant(quant)
+    config = model.config
+    arch_name, permute = check_architecture(config)
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch_name]
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(out), arch_name)
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(_rope_theta(config)))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[quant]  # llama_ftype
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _tokenizer_metadata(writer, tokenizer, config)
+
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    plan = []  # (gguf name, hf name, GGML type, shape)
+    for hf_name, p in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reads a missing output.weight as tied to token_embd
+        if "rotary_emb" in hf_name:
+            continue
+        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise HfgpuError(f"GGUF export: no llama.cpp name for tensor {hf_name!r} of model type {config.model_type!r}")
+        shape = tuple(p.shape)
+        plan.append((new, hf_name, _tensor_type(new, quant, shape), shape))
+    state = model.state_dict()
+    for new, _, kind, shape in plan:
+        byte_shape = (
+            gguf.quant_shape_to_byte_shape(shape, kind)
+            if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            else shape
+        )
+        dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(kind, np.uint8)
+        nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
+        writer.add_tensor_info(new, byte_shape if dtype is np.uint8 else shape, np.dtype(dtype), nbytes, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total = 0
+    for new, hf_name, kind, _ in plan:
+        w = state[hf_name].detach().to(torch.float32).cpu().numpy()
+        if permute and hf_name.endswith("q_proj.weight"):
+            w = _permute(w, n_head)
+        elif permute and hf_name.endswith("k_proj.weight"):
+            w = _permute(w, n_kv)
+        data = _convert(w, kind)
+        del w
+        writer.write_tensor_data(data)
+        total += data.nbytes
+        del data
+    writer.close()
+    say(f"wrote {out} ({quant}, {len(plan)} tensors, {total / 2**20:.1f} MiB of tensor data)")
+    return Exported(path=out, quant=quant, tensors=len(plan), bytes=out.stat().st_size)
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+
+
+def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwrite: bool = False, say=print) -> Exported:
+    """A finished run (its LoRA merged into the 16-bit base, or its full model) to a GGUF file."""
+    from hfgpu.hub import Run
+
+    check_quant(quant)
+    out = Path(out)
+    _check_out(out, overwrite)
+    run = Run(run_dir)
+    import torch
+
+    dtype = torch.float32 if run.plan.knobs.precision == "fp32" else torch.bfloat16
+    model, tokenizer = run.load(dtype=dtype)  # a QLoRA base loads unquantized, as hfgpu merge does
+    check_architecture(model.config)
+    if run.is_adapter:
+        model = model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        result = write_gguf(model, tokenizer, tmp, quant, name=Path(run.path).name, say=lambda *a: None)
+        tmp.replace(out)  # an existing file is only replaced once the new one is whole
+    finally:
+        tmp.unlink(missing_ok=True)
+    say(f"exported {run.path} → {out} ({quant}, {result.tensors} tensors, {out.stat().st_size / 2**20:.1f} MiB)")
+    return Exported(path=out, quant=quant, tensors=result.tensors, bytes=out.stat().st_size)
+
+
+# --- Ollama -------------------------------------------------------------------------------------------
+
+_MARK = "\x00{}\x00"  # a sentinel no chat template prints
+
+
+def ollama_template(tokenizer) -> str:
+    """The run's chat template as the Go template an Ollama Modelfile takes, derived by rendering the Jinja template
+    around sentinels: each role's text before and after its content, and the generation prompt. Refused when the
+    derived template does not reproduce the Jinja rendering of a sample conversation (templates that treat the first
+    or last turn specially)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise HfgpuError("--ollama needs a chat template: this run's tokenizer has none; set data.chat_template when training")
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    empty = render([], False) if _renders_empty(tokenizer) else ""
+    pieces = {}
+    for role in ("system", "user", "assistant"):
+        try:
+            text = render([{"role": role, "content": _MARK.format(role)}], False)
+        except Exception:  # a template may refuse a lone system or assistant message
+            continue
+        before, _, after = text[len(empty) :].partition(_MARK.format(role))
+        pieces[role] = (before, after)
+    generation = render([{"role": "user", "content": "x"}], True)[len(render([{"role": "user", "content": "x"}], False)) :]
+    sample = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of Peru?"},
+    ]
+    go_render = (
+        empty + "".join(pieces[m["role"]][0] + m["content"] + pieces[m["role"]][1] for m in sample if m["role"] in pieces) + generation
+    )
+    if "user" not in pieces or "assistant" not in pieces or go_render != render(sample, True):
+        raise HfgpuError(
+            "--ollama: this chat template treats some turns specially (its rendering is not the same text around each "
+            "message), so no Modelfile TEMPLATE is derived: export with --out only and write the TEMPLATE by hand"
+        )
+    esc = lambda s: s.replace("{{", "{{ `{{` }}")  # noqa: E731  (literal braces in a Go template)
+    branches = "".join(
+        f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{esc(b)}{{{{ .Content }}}}{esc(a)}'
+        for i, (role, (b, a)) in enumerate(pieces.items())
+    )
+    # no {{- trims: every character around the content is the template's own
+    return f"{esc(empty)}{{{{ range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{esc(generation)}"
+
+
+def _renders_empty(tokenizer) -> bool:
+    try:
+        tokenizer.apply_chat_template([], tokenize=False)
+        return True
+    except Exception:
+        return False
+
+
+def ollama_modelfile(tokenizer, gguf_name: str) -> str:
+    """A Modelfile: FROM the exported file, the chat template as Ollama's TEMPLATE, the stop tokens (EOS and the
+    template's end-of-turn special tokens) and the run's generation defaults (greedy, as hfgpu's eval and generate
+    decode)."""
+    template = ollama_template(tokenizer)
+    stops = []
+    for t in [tokenizer.eos_token] + [t for t in tokenizer.all_special_tokens if t in template]:
+        if t and t not in stops and t != tokenizer.bos_token:
+            stops.append(t)
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines.append("PARAMETER temperature 0")  # greedy: what hfgpu generate and the eval metrics do
+    return "\n".join(lines) + "\n"
+
+
+def export_to(
+    run_dir: str | Path, quant: str = "q8_0", out: Path | None = None, ollama: str | None = None, overwrite: bool = False, say=print
+):
+    """`hfgpu export`: the GGUF file (default RUN/model-QUANT.gguf, or inside the --ollama folder) and, with
+    `ollama`, a Modelfile beside it; says how to run it."""
+    from hfgpu.hub import Run
+
+    folder = Path(ollama) if ollama else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise HfgpuError(f"--ollama {str(folder)!r} is a file: name a folder for the GGUF file and the Modelfile")
+    out = out or ((folder or Path(run_dir)) / f"model-{quant}.gguf")
+    modelfile = None
+    if folder is not None:
+        modelfile = folder / "Modelfile"
+        if modelfile.exists() and not overwrite:
+            raise HfgpuError(f"{str(modelfile)!r} exists: choose another --ollama folder, or pass --overwrite to replace it")
+        run = Run(run_dir)
+        from transformers import AutoTokenizer
+
+        text = ollama_modelfile(AutoTokenizer.from_pretrained(run.path), out.name)  # refused before anything is written
+        if out.parent.resolve() != folder.resolve():
+            raise HfgpuError(f"--out {str(out)!r} with --ollama: the GGUF file goes in the Ollama folder; leave --out out")
+    result = export_run(run_dir, out, quant, overwrite, say)
+    if modelfile is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        modelfile.write_text(text)
+        name = Path(run_dir).resolve().name.lower().replace("_", "-")
+        say(f"wrote {modelfile}; run it with: ollama create {name} -f {modelfile} && ollama run {name}")
+    else:
+        say(f"run it with: llama-cli -m {out}   (or: llama-server -m {out})")
+    return result

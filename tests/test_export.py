@@ -1,0 +1,159 @@
+"""GGUF export (hfgpu.export) read back by an independent reader: transformers' own GGUF loader
+(`from_pretrained(dir, gguf_file=…)`) loads hfgpu's file, its logits match the merged safetensors model (f16: 1e-3
+relative; q8_0: equal to the model whose weights went through Q8_0's rounding, which explains the whole
+difference), and its tokenizer gives the same ids and chat rendering. The Ollama Modelfile's template reproduces
+the Jinja rendering. Bad input: one line, exit 2, nothing overwritten."""
+
+import hashlib
+
+import pytest
+import torch
+from conftest import DEMO, recipe_dict, tiny_llama
+
+from hfgpu.cli import main as hfgpu_main
+from hfgpu.errors import HfgpuError
+from hfgpu.export import export_run, ollama_modelfile, ollama_template, write_gguf
+from hfgpu.finetune import finetune
+from hfgpu.recipe import validate_recipe
+
+TEXTS = [
+    "What is the capital of Peru? The capital of Peru is Lima.",
+    "Die Hauptstadt von Österreich ist Wien; 東京は日本の首都です; Москва — столица России. 3.14 ≈ π!",
+]
+CHAT = [{"role": "user", "content": "Name the capital city of Peru."}, {"role": "assistant", "content": "Lima"}]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("export") / "run"
+    finetune(validate_recipe(recipe_dict(tiny_model_dir, out, train={"max_steps": 3})), say=lambda *a, **k: None)
+    return out
+
+
+def _merged(run):
+    from hfgpu.hub import Run
+
+    model, tokenizer = Run(run).load(dtype=torch.float32)
+    return model.merge_and_unload().eval(), tokenizer
+
+
+def _read_back(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _logits(model, tokenizer, text=TEXTS[0]):
+    with torch.no_grad():
+        return model(tokenizer(text, return_tensors="pt")["input_ids"]).logits
+
+
+def _q8_rounded(model):
+    """The model with every matrix through Q8_0's quantize → dequantize (gguf's reference implementation), as the
+    file stores them; 1-D tensors stay float32, as in the file."""
+    import gguf
+
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 2 and p.shape[-1] % 32 == 0:
+                q = gguf.quants.quantize(p.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)).reshape(p.shape))
+    return model
+
+
+def test_f16_export_of_a_lora_run_reads_back_with_the_merged_models_logits_and_tokenizer(lora_run, tmp_path):
+    merged, tokenizer = _merged(lora_run)
+    out = export_run(lora_run, tmp_path / "run-f16.gguf", quant="f16", say=lambda *a: None)
+    assert out.tensors == 2 * 9 + 2  # 9 per layer, embeddings and the final norm; lm_head tied: not written
+    model, tok = _read_back(out.path)
+    for text in TEXTS:
+        assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+        a, b = _logits(merged, tokenizer, text), _logits(model, tok, text)
+        assert ((a - b).norm() / a.norm()).item() < 1e-3
+    assert tok.apply_chat_template(CHAT, tokenize=False) == tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert (tok.bos_token_id, tok.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
+def test_q8_0_export_differs_from_the_merged_model_only_by_q8_0_rounding(lora_run, tmp_path):
+    merged, tokenizer = _merged(lora_run)
+    out = export_run(lora_run, tmp_path / "run-q8.gguf", quant="q8_0", say=lambda *a: None)
+    model, tok = _read_back(out.path)
+    exact, rounded, read = _logits(merged, tokenizer), _logits(_q8_rounded(merged), tokenizer), _logits(model, tok)
+    assert ((read - exact).norm() / exact.norm()).item() > 1e-4  # the rounding is visible
+    assert ((read - rounded).norm() / rounded.norm()).item() < 1e-5  # and it is all there is
+
+
+@pytest.mark.parametrize("model_type", ["llama-untied", "qwen2", "qwen3"])
+def test_each_supported_architecture_reads_back_with_its_logits(model_type, tmp_path):
+    """A 2-layer model of each architecture (Qwen's q/k/v biases, Qwen3's q/k norms, an untied lm_head)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen3Config
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    shape = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = {
+        "llama-untied": lambda: tiny_llama(tie_word_embeddings=False, **common),
+        "qwen2": lambda: Qwen2Config(**shape, tie_word_embeddings=True, **common),
+        # head_dim 128 as in every Qwen3 (≠ hidden / heads): transformers' reader takes it from Qwen3Config's default,
+        # not from the attention.key_length hfgpu writes (llama.cpp's reader uses that)
+        "qwen3": lambda: Qwen3Config(**shape, head_dim=128, tie_word_embeddings=False, **common),
+    }[model_type]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases and norms off their initial zeros and ones, so that a mix-up shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tokenizer, path, quant="f32", say=lambda *a: None)
+    read, tok = _read_back(path)
+    assert read.config.model_type == config.model_type
+    a, b = _logits(model, tokenizer), _logits(read, tok)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_the_ollama_modelfile_template_reproduces_the_chat_template(lora_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lora_run)
+    text = ollama_modelfile(tokenizer, "model-q8_0.gguf")
+    assert text.startswith("FROM ./model-q8_0.gguf\n") and 'PARAMETER stop "</s>"' in text and "PARAMETER temperature 0" in text
+    template = ollama_template(tokenizer)
+    assert '{{ if eq .Role "system" }}<|system|>\n{{ .Content }}</s>\n' in template
+    assert template.endswith("{{ end }}{{ end }}<|assistant|>\n")
+    assert hfgpu_main(["export", str(lora_run), "--ollama", str(tmp_path / "ollama")]) == 0
+    assert (tmp_path / "ollama" / "Modelfile").read_text() == text and (tmp_path / "ollama" / "model-q8_0.gguf").is_file()
+
+
+def test_bad_export_input_is_one_line_and_overwrites_nothing(lora_run, tmp_path, capsys):
+    existing = tmp_path / "mine.gguf"
+    existing.write_bytes(b"my file")
+    digest = hashlib.sha256(existing.read_bytes()).hexdigest()
+    cases = [
+        (["export", str(lora_run), "--out", str(existing)], ["exists", "--overwrite"]),
+        (
+            ["export", str(lora_run), "--quant", "q4_k_m", "--out", str(tmp_path / "a.gguf")],
+            ["'q4_k_m'", "f16, bf16, q8_0, q4_0", "llama-quantize"],
+        ),
+        (["export", str(lora_run), "--out", str(tmp_path / "a.bin")], ["does not end in .gguf"]),
+        (["export", str(tmp_path), "--out", str(tmp_path / "b.gguf")], ["plan.json"]),
+        (["export", str(lora_run), "--format", "gguf-lora", "--out", str(tmp_path / "c.gguf")], ["'gguf-lora'", "not yet"]),
+    ]
+    for argv, words in cases:
+        assert hfgpu_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("hfgpu: error:") and "Traceback" not in err
+        for w in words:
+            assert w in err, (w, err)
+    assert hashlib.sha256(existing.read_bytes()).hexdigest() == digest
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(HfgpuError, match="cannot export model type 'gpt2' to GGUF yet: supported are llama, mistral, qwen2, qwen3"):
+        write_gguf(model, AutoTokenizer.from_pretrained(DEMO / "model"), tmp_path / "g.gguf")
+    assert not (tmp_path / "g.gguf").exists()
