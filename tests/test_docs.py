@@ -55,6 +55,7 @@ def to_argv(cmd: str) -> list[str]:
     raise AssertionError(cmd)
 
 
+@pytest.mark.slow
 def test_generated_tables_match_the_planner():
     r = subprocess.run([sys.executable, "scripts/make_docs.py", "--check"], capture_output=True, text=True, cwd=ROOT, timeout=limit(600))
     assert r.returncode == 0, r.stdout + r.stderr

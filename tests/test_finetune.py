@@ -289,6 +289,7 @@ def test_typo_and_wrong_type_in_overrides(tiny_model_dir, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_never_overwritten_without_asking(tiny_model_dir, tmp_path):
     first = run(tiny_model_dir, tmp_path / "keep", train={"max_steps": 2})
     before = {p.name: p.read_bytes() for p in first.output_dir.iterdir() if p.is_file()}

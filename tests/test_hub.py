@@ -53,6 +53,7 @@ def _home(hub, tmp_path):
     hub.home = tmp_path / "hf-home"
 
 
+@pytest.mark.slow
 def test_round_trip_push_download_load_same_logits(demo_run, hub, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
@@ -127,6 +128,7 @@ def test_unchanged_repush_makes_no_commit_and_an_interrupted_push_can_rerun(demo
     assert hub.commit_count("me/retry") == 1 and sum(1 for m, _ in hub.requests if m == "PUT") == puts
 
 
+@pytest.mark.slow
 def test_merged_push_and_merge_give_the_adapters_logits(demo_run, hub, tmp_path):
     r = hfgpu(["merge", str(demo_run), "--out", str(tmp_path / "merged")], env_for(hub))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -220,6 +222,7 @@ def test_push_refuses_an_unfinished_run(hub, tmp_path):
     assert r.returncode == 2 and "is not a finished hfgpu run" in r.stderr
 
 
+@pytest.mark.slow
 def test_recipe_hub_repo_id_pushes_at_the_end_of_training(hub, tmp_path):
     r = subprocess.run(
         [

@@ -63,6 +63,7 @@ def test_the_full_logits_never_exist():
     assert chunked_peak < plain_peak / 8
 
 
+@pytest.mark.slow
 def test_the_planner_knows_the_chunked_loss_and_the_simulation_agrees():
     import hfgpu
 

@@ -44,6 +44,7 @@ def test_gradients_equal_and_every_layer_input_moves(peft):
     assert off.packed >= tiny_llama().num_hidden_layers and off.packed_bytes >= 2 * layer_input
 
 
+@pytest.mark.slow
 def test_simulation_shows_the_offloaded_bytes_leave_the_card():
     from hfgpu.simulate import simulate
 
@@ -152,6 +153,7 @@ def test_training_with_offloading_matches_training_without(tiny_model_dir, tmp_p
 @pytest.mark.parametrize(
     "model,seq,tiled", [("Qwen/Qwen2.5-0.5B", 8192, False), ("Qwen/Qwen2.5-0.5B", 8192, True), ("meta-llama/Llama-3.2-1B", 4096, True)]
 )
+@pytest.mark.slow
 def test_offloaded_and_tiled_plans_agree_with_the_simulation(model, seq, tiled):
     from hfgpu.simulate import simulate
 

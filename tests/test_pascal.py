@@ -143,6 +143,7 @@ def test_a_frozen_dtype_that_cannot_work_is_refused_naming_it(knobs, message):
 @pytest.mark.parametrize(
     "knobs", [dict(strategy="lora", chunked_loss=True), dict(strategy="qlora", chunked_loss=False, gradient_checkpointing=True)]
 )
+@pytest.mark.slow
 def test_the_planned_pascal_step_is_the_simulated_one(knobs):
     """A real step on fake tensors (the 16-bit base, the casts by slices, the fp32 norms) against the plan."""
     from hfgpu.simulate import simulate

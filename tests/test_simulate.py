@@ -62,6 +62,7 @@ def test_simulated_peak_equals_the_real_step_within_2_percent(shape, strategy, p
     assert sim.peak - gpu_only == pytest.approx(real.peak, rel=0.02)
 
 
+@pytest.mark.slow
 def test_plan_verify_attaches_the_simulation():
     p = hfgpu.plan("HuggingFaceTB/SmolLM2-135M", "RTX 3060 12GB", strategy="lora", seq_len=256, micro_batch_size=2, verify=True)
     sim = p.simulation
@@ -73,6 +74,7 @@ def test_plan_verify_attaches_the_simulation():
     assert p.to_dict()["simulation"] == sim
 
 
+@pytest.mark.slow
 def test_cli_verify_prints_both_side_by_side():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(
@@ -200,6 +202,7 @@ def test_the_measured_step_holds_what_trainings_accelerate_step_holds(ckpt):
     assert tracker.peak_bytes == measured.peak
 
 
+@pytest.mark.slow
 def test_verify_replans_a_plan_its_simulation_rejects_and_calls_only_the_survivor_verified():
     """--verify: when the simulated step of a plan does not fit, the planner plans again with the activations
     scaled to what the simulation measured and simulates that; the plan returned is one whose own simulated

@@ -34,6 +34,7 @@ def test_no_shown_plan_is_rejected_by_its_simulation(shown, recorded):
         assert r["fits"] and r["simulated_total"] <= r["budget"], f"{p.model} on {p.gpu.display_name}: the simulated step does not fit"
 
 
+@pytest.mark.slow
 def test_a_recorded_simulation_is_reproduced(shown, recorded):
     p = min(shown, key=lambda p: (p.params_total, p.seq_len * p.micro_batch_size))
     again = verify_plans.simulate_one(verify_plans.record(p))
