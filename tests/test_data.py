@@ -299,6 +299,7 @@ def test_a_broken_json_line_and_non_utf8_bytes_are_named_by_line(tmp_path):
         load_rows(str(tmp_path / "latin1.jsonl"))
 
 
+@pytest.mark.slow
 def test_a_huge_single_row_is_cut_before_tokenizing(tmp_path):
     """A 40 MB row at max_seq_len 64: tokenizing adds almost nothing to the process's peak memory
     (the whole string would take gigabytes of token objects) and the row is truncated like any long one."""

@@ -194,6 +194,7 @@ def test_resume_force_with_another_lora_rank_is_refused_by_shape(tiny_model_dir,
         _resume(tiny_model_dir, out, lora={"r": 4, "dropout": 0.0}, resume_force=True)
 
 
+@pytest.mark.slow
 def test_divergence_stops_at_the_first_non_finite_loss_and_writes_no_final_model(tiny_model_dir, tmp_path):
     out = tmp_path / "nan"
     recipe = _recipe(

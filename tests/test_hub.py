@@ -171,6 +171,7 @@ def test_qlora_merge_reloads_the_base_unquantized(tiny_model_dir, tmp_path):
     assert not any("lora" in k or "absmax" in k for k in weights)
 
 
+@pytest.mark.slow
 def test_generate_uses_the_runs_template(demo_run):
     r = hfgpu(
         ["generate", str(demo_run), "--prompt", "Tell me the capital of Peru.", "--max-new-tokens", "6"],

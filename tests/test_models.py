@@ -74,6 +74,7 @@ def test_catalog_lists_the_reference_configs():
     assert model_spec("Llama-3.1-8B").name == "meta-llama/Llama-3.1-8B"  # bare names work too
 
 
+@pytest.mark.slow
 def test_plans_import_neither_peft_nor_bitsandbytes_and_warm_plans_not_even_torch(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "model")
     code = (
@@ -88,6 +89,7 @@ def test_plans_import_neither_peft_nor_bitsandbytes_and_warm_plans_not_even_torc
     assert warm.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", PUBLISHED, ids=[r["repo_id"] for r in PUBLISHED])
 def test_every_published_model_plans_on_every_consumer_card_and_strategy(row):
     """Every model × every consumer card × each strategy gives a plan (fitting or the closest), never an error;

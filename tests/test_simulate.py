@@ -111,6 +111,7 @@ def test_cli_verify_prints_both_side_by_side():
     assert json.loads(j.stdout)["simulation"]["peak"] > 0
 
 
+@pytest.mark.slow
 def test_calibration_grid_skips_cleanly_without_cuda(tmp_path):
     out = tmp_path / "cal.csv"
     r = subprocess.run(
