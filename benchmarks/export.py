@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def rss() -> int:
-    """The peak resident set size of this process so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss() -> int:
@@ -41,9 +36,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hfgpu.export import write_gguf
-    from hfgpu.models import pretrained_config
-
-    from hfgpu.models import model_spec
+    from hfgpu.models import model_spec, pretrained_config
 
     config = pretrained_config(model_spec(args.model).config)
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "hfgpu/resources/demo/model")  # any byte-level BPE: tensors dominate
@@ -53,16 +46,29 @@ def main() -> int:
     model_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     largest = max(p.numel() for p in model.state_dict().values())
     before = current_rss()
+    peak, done = [before], threading.Event()
+
+    def sample() -> None:  # the peak during the export itself (ru_maxrss would include building the model)
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = write_gguf(model, tokenizer, Path(tmp) / "m.gguf", quant=args.quant, say=lambda *a: None)
         size = out.bytes
     seconds = time.perf_counter() - start
-    peak = rss()
+    done.set()
+    sampler.join()
+    peak = peak[0]
     print(f"{args.model} (random bf16 weights), {args.quant}: {seconds:.1f} s, file {size / 2**30:.2f} GiB")
     print(f"loaded model {model_bytes / 2**30:.2f} GiB; largest tensor {largest / 1e6:.0f} M values ({largest * 2 / 2**30:.2f} GiB bf16)")
     print(f"RSS before export {before / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB: the export added {(peak - before) / 2**30:.2f} GiB")
-    print(f"added / largest tensor in fp32: {(peak - before) / (largest * 4):.2f}   (the model twice would be {model_bytes / (largest * 4):.1f})")
+    print(
+        f"added / largest tensor in fp32: {(peak - before) / (largest * 4):.2f}   (the model twice would be {model_bytes / (largest * 4):.1f})"
+    )
     return 0
 
 

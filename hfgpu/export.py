@@ -83,6 +83,36 @@ def _tensor_type(name: str, quant: str, shape: tuple[int, ...]):
     return kind if shape[-1] % block == 0 else T.F16
 
 
+CHUNK_BYTES = 16 * 2**20  # fp32 bytes converted at a time: the export's memory beyond the loaded model
+
+
+class _Streamed:
+    """A tensor as the GGUF writer takes it (`nbytes`, `tofile`), converted to its GGML type a slice of rows at a
+    time as it is written: a row's blocks (32 values for q8_0/q4_0) never cross rows, so slices convert alone."""
+
+    def __init__(self, tensor, kind):
+        import gguf
+        import numpy as np
+
+        self.tensor, self.kind = tensor, kind
+        shape = tuple(tensor.shape)
+        plain = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(kind)
+        self.nbytes = int(np.prod(shape)) * plain if plain else int(np.prod(gguf.quant_shape_to_byte_shape(shape, kind)))
+
+    def byteswap(self, inplace=False):  # the writer's big-endian path; hfgpu writes little-endian files only
+        raise NotImplementedError
+
+    def tofile(self, fout) -> None:
+        import torch
+
+        t = self.tensor
+        rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+        step = max(1, CHUNK_BYTES // (4 * rows.shape[-1]))
+        for start in range(0, rows.shape[0], step):
+            part = rows[start : start + step].to(torch.float32).cpu().numpy()
+            fout.write(_convert(part, self.kind).tobytes())
+
+
 def _convert(array, kind):
     """A float32 numpy array as the bytes of GGML type `kind`."""
     import gguf
@@ -144,7 +174,6 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
     GGUF file, tensor by tensor."""
     import gguf
     import numpy as np
-    import torch
 
     check_quant(quant)
     config = model.config
@@ -200,16 +229,12 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
     writer.write_ti_data_to_file()
     total = 0
     for new, hf_name, kind, _ in plan:
-        w = state[hf_name].detach().to(torch.float32).cpu().numpy()
-        if permute and hf_name.endswith("q_proj.weight"):
-            w = _permute(w, n_head)
-        elif permute and hf_name.endswith("k_proj.weight"):
-            w = _permute(w, n_kv)
-        data = _convert(w, kind)
-        del w
-        writer.write_tensor_data(data)
-        total += data.nbytes
-        del data
+        source = state[hf_name].detach()
+        if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            source = _permute(source, n_head if hf_name.endswith("q_proj.weight") else n_kv).contiguous()
+        streamed = _Streamed(source, kind)
+        writer.write_tensor_data(streamed)  # the writer asks for its bytes and calls tofile: converted slice by slice
+        total += streamed.nbytes
     writer.close()
     say(f"wrote {out} ({quant}, {len(plan)} tensors, {total / 2**20:.1f} MiB of tensor data)")
     return Exported(path=out, quant=quant, tensors=len(plan), bytes=out.stat().st_size)
