@@ -66,9 +66,8 @@ def main() -> int:
     print(f"{args.model} (random bf16 weights), {args.quant}: {seconds:.1f} s, file {size / 2**30:.2f} GiB")
     print(f"loaded model {model_bytes / 2**30:.2f} GiB; largest tensor {largest / 1e6:.0f} M values ({largest * 2 / 2**30:.2f} GiB bf16)")
     print(f"RSS before export {before / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB: the export added {(peak - before) / 2**30:.2f} GiB")
-    print(
-        f"added / largest tensor in fp32: {(peak - before) / (largest * 4):.2f}   (the model twice would be {model_bytes / (largest * 4):.1f})"
-    )
+    added = (peak - before) / (largest * 4)
+    print(f"added / largest tensor in fp32: {added:.2f}   (the model twice would be {model_bytes / (largest * 4):.1f})")
     return 0
 
 
