@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--repo-id", required=True, help="owner/name")
     pu.add_argument("--private", action="store_true")
     pu.add_argument("--merged", action="store_true", help="push the adapter merged into the base weights")
+    pu.add_argument("--gguf", metavar="QUANT", help="also upload the merged model as a GGUF file: f16, bf16, q8_0, q4_0")
 
     me = sub.add_parser("merge", help="fold a run's LoRA adapter into its base weights")
     me.add_argument("run")
@@ -325,7 +326,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from hfgpu.hub import push
 
-    push(args.run, args.repo_id, private=args.private, merged=args.merged)
+    push(args.run, args.repo_id, private=args.private, merged=args.merged, gguf=args.gguf)
     return 0
 
 

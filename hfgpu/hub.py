@@ -152,7 +152,7 @@ def _data_line(data) -> str:
     return "mixture: " + "; ".join(shares)
 
 
-def model_card(run: Run, repo_id: str, merged: bool = False):
+def model_card(run: Run, repo_id: str, merged: bool = False, gguf: str | None = None):
     """A huggingface_hub ModelCard describing the run: base model, plan, hyperparameters, metrics, usage."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -166,7 +166,10 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
     data = ModelCardData(
         base_model=base if re.match(r"^[\w.-]+/[\w.-]+$", base) else None,
         library_name="peft" if adapter else "transformers",
-        tags=["hfgpu", strategy, family] + (["merged"] if merged else []) + ([k.objective] if k.objective != "sft" else []),
+        tags=["hfgpu", strategy, family]
+        + (["merged"] if merged else [])
+        + ([k.objective] if k.objective != "sft" else [])
+        + (["gguf"] if gguf else []),
         datasets=datasets,
         pipeline_tag="text-generation",
     )
@@ -249,8 +252,22 @@ def model_card(run: Run, repo_id: str, merged: bool = False):
 {usage}
 ```
 """
+        + (_gguf_usage(repo_id, gguf_name(run, gguf), gguf) if gguf else "")
     )
     return ModelCard(text)
+
+
+def _gguf_usage(repo_id: str, name: str, quant: str) -> str:
+    return f"""
+## Run it locally (GGUF)
+
+`{name}` is this model merged and stored as {quant} (written by `hfgpu export`), for llama.cpp, Ollama and LM Studio:
+
+```bash
+llama-cli -hf {repo_id} --hf-file {name}
+ollama run hf.co/{repo_id}:{quant.upper()}
+```
+"""
 
 
 OBJECTIVE_LINES = {
@@ -295,8 +312,13 @@ def _scrub(text: str, token: str) -> str:
     return text.replace(token, "***") if token else text
 
 
-def _stage(run: Run, folder: Path, repo_id: str, merged: bool) -> None:
-    """The files to upload: what peft/transformers load directly, the card, the loss plot, the plan."""
+def gguf_name(run: Run, quant: str) -> str:
+    return f"{run.path.name}-{quant}.gguf"
+
+
+def _stage(run: Run, folder: Path, repo_id: str, merged: bool, gguf: str | None = None) -> None:
+    """The files to upload: what peft/transformers load directly, the card, the loss plot, the plan; with `gguf`,
+    the merged model as a GGUF file of that type (hfgpu.export)."""
     if merged:
         merge(run.path, folder, overwrite=True, say=lambda *a, **k: None)
     else:
@@ -307,11 +329,28 @@ def _stage(run: Run, folder: Path, repo_id: str, merged: bool) -> None:
     for name in ("loss.png", "plan.json", "resolved_recipe.yaml", "final_metrics.json"):
         if (run.path / name).is_file():
             shutil.copy2(run.path / name, folder / name)
-    model_card(run, repo_id, merged).save(folder / "README.md")
+    if gguf:
+        from hfgpu.export import export_run
+
+        export_run(run.path, folder / gguf_name(run, gguf), gguf, say=lambda *a, **k: None)
+    model_card(run, repo_id, merged, gguf).save(folder / "README.md")
 
 
-def push(run_dir: str | Path, repo_id: str, private: bool = False, merged: bool = False, endpoint: str | None = None, say=print) -> str:
-    """Upload a finished run to the Hub; returns the repo URL. Re-pushing an unchanged run makes no commit."""
+def push(
+    run_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    merged: bool = False,
+    endpoint: str | None = None,
+    say=print,
+    gguf: str | None = None,
+) -> str:
+    """Upload a finished run to the Hub; returns the repo URL. Re-pushing an unchanged run makes no commit. `gguf`:
+    also upload the merged model as a GGUF file of that type (f16, q8_0, …), and say in the card how to run it."""
+    if gguf:
+        from hfgpu.export import check_quant
+
+        check_quant(gguf)
     if not REPO_ID.match(repo_id or ""):
         raise HfgpuError(f"repo id {repo_id!r} is not owner/name (letters, digits, '-', '_', '.'), e.g. --repo-id me/qwen-lora")
     run = Run(run_dir)
@@ -327,7 +366,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, merged: bool 
         disable_progress_bars()  # progress bars are for terminals; logs and pipes get one line per event
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="hfgpu-push-") as tmp:
-        _stage(run, Path(tmp), repo_id, merged)
+        _stage(run, Path(tmp), repo_id, merged, gguf)
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             before = api.repo_info(repo_id, repo_type="model").sha

@@ -129,6 +129,28 @@ def test_unchanged_repush_makes_no_commit_and_an_interrupted_push_can_rerun(demo
 
 
 @pytest.mark.slow
+def test_push_with_gguf_uploads_a_file_llama_cpp_reads_and_says_how_to_run_it(demo_run, hub, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/capitals-gguf", "--gguf", "q8_0"], env_for(hub))
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = hub.repos["me/capitals-gguf"].head[1]
+    assert {"demo-q8_0.gguf", "adapter_model.safetensors", "README.md"} <= set(files)
+    from huggingface_hub import hf_hub_download
+    from transformers import AutoModelForCausalLM
+
+    card = open(hf_hub_download("me/capitals-gguf", "README.md", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "c")).read()
+    assert "llama-cli -hf me/capitals-gguf --hf-file demo-q8_0.gguf" in card and "ollama run hf.co/me/capitals-gguf:Q8_0" in card
+    assert "- gguf" in card
+    path = hf_hub_download("me/capitals-gguf", "demo-q8_0.gguf", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "c")
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    assert model.config.num_hidden_layers == 2
+    bad = hfgpu(["push", str(demo_run), "--repo-id", "me/x", "--gguf", "q4_k_m"], env_for(hub))
+    assert bad.returncode == 2 and "'q4_k_m'" in bad.stderr and "me/x" not in hub.repos
+
+
+@pytest.mark.slow
 def test_merged_push_and_merge_give_the_adapters_logits(demo_run, hub, tmp_path):
     r = hfgpu(["merge", str(demo_run), "--out", str(tmp_path / "merged")], env_for(hub))
     assert r.returncode == 0, r.stderr[-2000:]
