@@ -89,7 +89,7 @@ def resolved(recipe: Recipe, p) -> Recipe:
     r = recipe.model_copy(deep=True)
     r.gpu = p.gpu.display_name
     local = Path(resolve_path(recipe.model)).expanduser()
-    if local.is_dir():
+    if local.is_dir() or local.is_file():  # a folder, or a .gguf file
         r.model = str(local.resolve())  # what ran, wherever the command was started from
     for name in KNOB_NAMES:
         if name.startswith("lora_") and p.lora is None:

@@ -110,7 +110,7 @@ class Run:
         from hfgpu.recipe import resolve_path
 
         local = Path(resolve_path(self.recipe.model)).expanduser()
-        return str(local) if local.is_dir() else self.base_model
+        return str(local) if local.is_dir() or (local.is_file() and local.suffix == ".gguf") else self.base_model
 
     def load(self, dtype=None):
         """(model, tokenizer): the base with the adapter applied (or the full model), for inference."""
@@ -123,8 +123,15 @@ class Run:
             return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype), tokenizer
         from peft import PeftModel
 
+        from hfgpu.models import gguf_source
+
         try:
-            base = AutoModelForCausalLM.from_pretrained(self.base_model_path, dtype=dtype)
+            folder, extra = gguf_source(self.base_model_path)  # a GGUF base dequantizes again, as training loaded it
+            base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+            if extra:
+                from hfgpu.modeling import dequantized_gguf
+
+                base = dequantized_gguf(base)  # merged and saved like any 16-bit base
         except OSError as e:
             raise HfgpuError(
                 f"cannot load the base model {self.base_model_path!r} ({str(e).splitlines()[0][:120]}): make it available locally or online"

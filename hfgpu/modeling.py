@@ -171,6 +171,8 @@ def adapters_in_compute_dtype(model: torch.nn.Module, autocast: bool):
 def _load(path: str, s: ModelSettings, trust_remote_code: bool = False, device: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    from hfgpu.models import gguf_source
+
     kwargs: dict[str, Any] = {
         "dtype": s.storage_dtype,
         "attn_implementation": s.attention,
@@ -180,7 +182,26 @@ def _load(path: str, s: ModelSettings, trust_remote_code: bool = False, device: 
         kwargs["quantization_config"] = _bnb_config(s)
         if device is not None:
             kwargs["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    path, extra = gguf_source(path)  # a .gguf file: transformers dequantizes it to the storage dtype while loading
+    if not extra:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if s.quantization == "none":
+        return dequantized_gguf(AutoModelForCausalLM.from_pretrained(path, **kwargs, **extra))
+    # transformers will not quantize while reading a GGUF file: dequantize it once into a 16-bit checkpoint (on CPU,
+    # freed before the quantized load), then let bitsandbytes quantize that as it loads
+    with tempfile.TemporaryDirectory(prefix="hfgpu-gguf-") as tmp:
+        dequantized_gguf(AutoModelForCausalLM.from_pretrained(path, dtype=s.storage_dtype, **extra)).save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+
+
+def dequantized_gguf(model):
+    """A model transformers read from a GGUF file: its tensors are already plain dequantized ones (nn.Linear in the
+    load dtype), but it keeps a "gguf" quantizer mark that refuses save_pretrained; the mark goes, the weights stay."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    return model
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -188,9 +209,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from hfgpu.errors import HfgpuError
+    from hfgpu.models import gguf_source
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        folder, extra = gguf_source(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise HfgpuError(
             f"cannot load a tokenizer from {path!r} ({str(e).splitlines()[0][:140]}): pass a model folder or a Hub repo id that has one"

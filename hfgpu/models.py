@@ -136,6 +136,34 @@ def _hub_config(repo_id: str) -> dict:
     return _read_json(Path(path))
 
 
+def gguf_source(path: Any) -> tuple[str, dict]:
+    """What transformers' from_pretrained takes for `path`: a .gguf file is its folder plus `gguf_file` (transformers
+    reads its metadata as the config and dequantizes its tensors); anything else is itself."""
+    text = str(path)
+    if text.lower().endswith(".gguf"):
+        p = Path(text).expanduser()
+        return str(p.parent), {"gguf_file": p.name}
+    return text, {}
+
+
+def _gguf_config(text: str) -> dict:
+    """A GGUF file's config, from its metadata (transformers' reader; tensors are not read)."""
+    from transformers import AutoConfig
+
+    folder, extra = gguf_source(text)
+    try:
+        config = AutoConfig.from_pretrained(folder, **extra)
+    except Exception as e:  # the gguf package missing, an architecture transformers cannot read, a damaged file
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise HfgpuError(
+            f"cannot read the GGUF file {text!r} as a model ({detail}): transformers loads GGUF llama, mistral, qwen2, "
+            "qwen3, phi3, gemma2/3 and a few more; pass another file, or the original model's folder or Hub id"
+        ) from None
+    d = config.to_dict()
+    d.setdefault("model_type", config.model_type)
+    return d
+
+
 def load_config(model: Any) -> tuple[str, str, dict]:
     """(display name, source, config dict) for a repo id, a folder, a config.json path, a PretrainedConfig or a config dict."""
     if hasattr(model, "to_dict") and hasattr(model, "model_type"):
@@ -153,6 +181,8 @@ def load_config(model: Any) -> tuple[str, str, dict]:
         if not (path / "config.json").is_file():
             raise HfgpuError(f"folder {text!r} has no config.json: pass a model folder or the config.json path")
         return text, "local", _read_json(path / "config.json")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return text, "gguf", _gguf_config(text)
     if path.is_file():
         return text, "local", _read_json(path)
     entry = catalog_ids().get(text.lower())

@@ -157,3 +157,36 @@ def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
     with pytest.raises(HfgpuError, match="cannot export model type 'gpt2' to GGUF yet: supported are llama, mistral, qwen2, qwen3"):
         write_gguf(model, AutoTokenizer.from_pretrained(DEMO / "model"), tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists()
+
+
+def test_a_gguf_file_is_a_base_the_planner_plans_and_training_fine_tunes(lora_run, tmp_path):
+    """`model: FILE.gguf`: its config comes from the GGUF metadata (the plan counts what the original folder's
+    counts), transformers dequantizes its tensors, and LoRA, QLoRA and full runs train on it; the run records the
+    file, and generate/merge/export reload it."""
+    import yaml
+
+    import hfgpu
+    from hfgpu.hub import Run, merge
+
+    gguf = export_run(lora_run, tmp_path / "base.gguf", quant="f16", say=lambda *a: None).path
+    merged, _ = _merged(lora_run)
+    assert hfgpu.plan(str(gguf), "RTX 4090").params_total == sum(p.numel() for p in merged.parameters())
+    for strategy in ("lora", "qlora", "full"):
+        out = tmp_path / f"on-gguf-{strategy}"
+        recipe = recipe_dict(str(gguf), out, strategy=strategy, train={"max_steps": 2})
+        result = finetune(validate_recipe(recipe), say=lambda *a, **k: None)
+        assert result.metrics["steps"] == 2
+        assert yaml.safe_load((out / "resolved_recipe.yaml").read_text())["model"] == str(gguf.resolve())
+    run = Run(tmp_path / "on-gguf-lora")
+    model, tokenizer = run.load(dtype=torch.float32)
+    assert _logits(model, tokenizer).isfinite().all()
+    merge(run.path, tmp_path / "merged-from-gguf", say=lambda *a: None)
+    assert (tmp_path / "merged-from-gguf" / "model.safetensors").is_file()
+
+
+def test_a_file_that_is_not_a_readable_gguf_model_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00not a model")
+    assert hfgpu_main(["plan", str(bad), "--gpu", "4090"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"hfgpu: error: cannot read the GGUF file {str(bad)!r} as a model") and "original model's folder" in err
