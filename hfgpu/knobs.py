@@ -38,6 +38,7 @@ PAIR_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")  # on prompt/chosen/rejected p
 REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # compared with a frozen reference model
 # the papers' hyper-parameters (recipe section `preference`): DPO, Rafailov et al. 2023; IPO, Azar et al. 2023 (TRL's
 # default β); SimPO, Meng et al. 2024 (β 2.0, γ/β 0.5); ORPO, Hong et al. 2024 (λ 0.1); KTO, Ethayarajh et al. 2024
+CPU_4BIT_BLOCK = 32  # bitsandbytes' CPU 4-bit weight packing: output rows in blocks of 32 (functional._convert_weight_packed_for_cpu)
 PREFERENCE_DEFAULTS = {
     "dpo": {"beta": 0.1},
     "ipo": {"beta": 0.1},
@@ -396,6 +397,15 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
             f"use {n.key('seq_len')} ≤ {spec.max_seq_len}"
         )
     ckpt_off = k.gradient_checkpointing is False
+    four_bit = k.quantization in ("nf4", "fp4") or (k.strategy == "qlora" and k.quantization == AUTO)
+    if gpu.is_cpu and four_bit:
+        odd = sorted({f"{g.name} ({g.out_features})" for g in spec.linears if g.out_features % CPU_4BIT_BLOCK})
+        if odd:
+            what = use("quantization", k.quantization) if k.quantization != AUTO else use("strategy", "qlora")
+            errs.append(
+                f"{what} on CPU: bitsandbytes' CPU 4-bit kernel needs every quantized layer's output size divisible by "
+                f"{CPU_4BIT_BLOCK}, and {spec.name}'s {', '.join(odd[:3])} are not: use {use('strategy', 'lora')} on CPU, or a GPU"
+            )
     if k.objective in PREFERENCE_OBJECTIVES:
         obj = use("objective", k.objective)
         if not plain_logits(spec.config):

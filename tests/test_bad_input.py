@@ -729,6 +729,13 @@ CASES = [
         None,
     ),
     (
+        "qlora-on-cpu-odd-shapes",
+        "hfgpu",
+        lambda w: ["plan", str(DEMO / "model"), "--gpu", "cpu", "--strategy", "qlora"],
+        ["--strategy qlora on CPU", "divisible by 32", "gate_proj (344)", "use --strategy lora on CPU"],
+        lambda w: hfgpu.plan(str(DEMO / "model"), "cpu", strategy="qlora"),
+    ),
+    (
         "objective-typo",
         "hfgpu",
         lambda w: ["plan", M, "--gpu", "4090", "--objective", "dpoo"],
@@ -809,6 +816,7 @@ def test_bad_input(case, world, capsys, monkeypatch):
 
 # the same knob errors as plan() raises them, named as keywords
 IN_PYTHON = {
+    "qlora-on-cpu-odd-shapes": ["strategy='qlora' on CPU", "use strategy='lora' on CPU"],
     "objective-typo": ["objective='dpoo'", "sft, dpo"],
     "preference-with-packing": ["packing=True with objective='dpo'", "packing=False"],
     "seq-len-zero": ["seq_len=0", "≥ 1"],
