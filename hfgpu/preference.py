@@ -49,10 +49,6 @@ class Objective:
         return self.name in OBJECTIVES
 
     @property
-    def paired(self) -> bool:
-        return self.name in PAIR_OBJECTIVES
-
-    @property
     def needs_reference(self) -> bool:
         return self.name in REFERENCE_OBJECTIVES
 

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_every_documented_command_runs(tmp_path):
     (work / "my-model-dir").mkdir()
     shutil.copy(ROOT / "hfgpu/resources/configs/Qwen__Qwen2.5-0.5B.json", work / "my-model-dir" / "config.json")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    ran, skipped = [], []
+    ran, skipped, took = [], [], []
     for doc in DOCS:
         for cmd in commands(doc):
             same = cmd.removeprefix(".venv/bin/")  # `hfgpu plan …` and `.venv/bin/hfgpu plan …` are one command
@@ -88,7 +89,9 @@ def test_every_documented_command_runs(tmp_path):
             target = None
             if " > " in cmd:  # shell redirection into a file
                 cmd, target = (x.strip() for x in cmd.split(" > ", 1))
+            started = time.perf_counter()
             r = subprocess.run(to_argv(cmd), capture_output=True, text=True, cwd=work, env=env, timeout=limit(600))
+            took.append((time.perf_counter() - started, cmd))
             if target:
                 (work / target).write_text(r.stdout)
             ok = {0, 3} if re.search(r"\b(plan|fit)\b", cmd) and "finetune" not in cmd else {0}
@@ -98,6 +101,7 @@ def test_every_documented_command_runs(tmp_path):
     assert len(ran) >= 25, ran
     assert (work / "plan.png").stat().st_size > 0 and (work / "fit.png").stat().st_size > 0
     print(f"ran {len(ran)} commands, skipped {len(skipped)}: " + "; ".join(f"{c} ({w})" for c, w in skipped))
+    print("slowest: " + "; ".join(f"{t:.0f} s {c}" for t, c in sorted(took, reverse=True)[:8]))
 
 
 @pytest.mark.parametrize("kind", ["plan", "fit"])
