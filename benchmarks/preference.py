@@ -18,12 +18,10 @@ import argparse
 import contextlib
 import io
 import json
-import logging
 import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from training_speed import build_model_dir  # noqa: E402  (the same 4-layer, hidden-256 Llama)
+from training_speed import build_model_dir, quiet  # noqa: E402  (the same 4-layer, hidden-256 Llama)
 
 GIB = 2**30
 MEMORY_GRID = [  # (model, card, strategy, seq_len)
@@ -180,15 +178,7 @@ def main() -> int:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    import datasets
-    import torch
-    from transformers.utils import logging as tf_logging
-
-    tf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    torch.manual_seed(0)
+    quiet()
     out = []
     if not args.skip_speed:
         out += speed(args.steps)

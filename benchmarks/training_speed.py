@@ -25,6 +25,19 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def quiet() -> None:
+    """Results only: no warnings, no library logging or progress bars; torch seeded."""
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    import datasets
+    import torch
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    torch.manual_seed(0)
+
+
 def build_model_dir(tmp: Path) -> Path:
     """A 4-layer, hidden-256 Llama with the demo tokenizer: big enough that compute dominates."""
     import torch
@@ -131,15 +144,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    import datasets
-    import torch
-    from transformers.utils import logging as tf_logging
-
-    tf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    torch.manual_seed(0)
+    quiet()
     tmp = Path(tempfile.mkdtemp(prefix="hfgpu-speed-"))
     model_dir = build_model_dir(tmp)
     # equal lengths for the loop comparison (the two samplers order data differently; no padding

@@ -99,9 +99,6 @@ class _Streamed:
         plain = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(kind)
         self.nbytes = int(np.prod(shape)) * plain if plain else int(np.prod(gguf.quant_shape_to_byte_shape(shape, kind)))
 
-    def byteswap(self, inplace=False):  # the writer's big-endian path; hfgpu writes little-endian files only
-        raise NotImplementedError
-
     def tofile(self, fout) -> None:
         import torch
 

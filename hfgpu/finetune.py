@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfgpu.errors import HfgpuError, run_command
-from hfgpu.knobs import KNOB_NAMES, RECIPE, REFERENCE_OBJECTIVES, Knobs, recipe_key
+from hfgpu.knobs import KNOB_NAMES, RECIPE, REFERENCE_OBJECTIVES, Knobs, batch_unit, recipe_key
 from hfgpu.recipe import Recipe, get_key, load_recipe, resolve_path, set_key
 
 RUN_FILES = (
@@ -248,6 +248,7 @@ def reference_columns(accelerator, model, data, p, recipe: Recipe, pad_id: int, 
     from hfgpu.memory import loss_chunk_tokens
     from hfgpu.modeling import DTYPES
     from hfgpu.preference import precompute_reference
+    from hfgpu.train import is_oom
 
     key = {"model": str(recipe.model), "precision": p.precision, "data": data_hash, "eval": data.eval is not None}
     path = out / REFERENCE_FILE
@@ -267,7 +268,7 @@ def reference_columns(accelerator, model, data, p, recipe: Recipe, pad_id: int, 
                         logps[split] = precompute_reference(model, pairs, pad_id, batch, chunk, device, dtype)
                         break
                     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-                        if "out of memory" not in str(e).lower() and not isinstance(e, torch.cuda.OutOfMemoryError):
+                        if not is_oom(e):
                             raise
                         if batch == 1:
                             raise HfgpuError(
@@ -431,7 +432,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     s = data.stats
     from hfgpu.data import describe_drops
 
-    noun = {"preference": "pairs", "unpaired": "labelled completions"}.get(recipe.data.format, "examples")
+    noun = "examples" if p.knobs.objective == "sft" else batch_unit(p.knobs.objective)
     speak(
         f"data: {s['examples']} {noun}, {s['too_long']} longer than {p.seq_len} tokens ({recipe.data.too_long}), {s['dropped']} dropped"
         + (f" ({describe_drops(s['drop_reasons'])})" if s["dropped"] else "")
@@ -475,8 +476,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
 
     data_hash = tokenized_fingerprint(data.train)
     if p.knobs.objective in REFERENCE_OBJECTIVES and not p.lora:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        reference_columns(accelerator, model, data, p, recipe, pad_id, data_hash, out, speak)
+        reference_columns(accelerator, model, data, p, recipe, tokenizer.pad_token_id, data_hash, out, speak)  # load_tokenizer set it
     loop = LoopConfig.from_plan(p, recipe, fingerprint=run_fingerprint(ran, p, data_hash))
     result = train_loop(accelerator, model, tokenizer, data, loop, out, say=speak, on_ready=write_records)
     accelerator.wait_for_everyone()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfgpu.errors import HfgpuError
-from hfgpu.knobs import PREFERENCE_DEFAULTS, Knobs
+from hfgpu.knobs import OBJECTIVE_PAPERS, PREFERENCE_DEFAULTS, REFERENCE_OBJECTIVES, Knobs, batch_unit
 from hfgpu.units import gib
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -123,15 +123,10 @@ class Run:
             return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype), tokenizer
         from peft import PeftModel
 
-        from hfgpu.models import gguf_source
+        from hfgpu.modeling import from_pretrained
 
         try:
-            folder, extra = gguf_source(self.base_model_path)  # a GGUF base dequantizes again, as training loaded it
-            base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
-            if extra:
-                from hfgpu.modeling import dequantized_gguf
-
-                base = dequantized_gguf(base)  # merged and saved like any 16-bit base
+            base = from_pretrained(self.base_model_path, dtype=dtype)  # a GGUF base dequantizes again, as training loaded it
         except OSError as e:
             raise HfgpuError(
                 f"cannot load the base model {self.base_model_path!r} ({str(e).splitlines()[0][:120]}): make it available locally or online"
@@ -202,7 +197,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False, gguf: str | None = 
         else f"The LoRA adapter of a {strategy} fine-tune of {base}, merged into the base weights (saved as safetensors)."
     )
     if k.objective != "sft":
-        what += f" {_objective_line(k.objective, recipe.preference)}"
+        what += f" {_objective_line(k.objective)}"
     text = (
         f"""---
 {data.to_yaml()}
@@ -234,7 +229,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False, gguf: str | None = 
 |---|---|
 | learning rate | {t.learning_rate} ({t.schedule}, warm-up {t.warmup}) |
 | epochs / max steps | {t.epochs} / {t.max_steps} |
-| global batch | {t.global_batch_size} {_batch_unit(k.objective)} |
+| global batch | {t.global_batch_size} {batch_unit(k.objective)} |
 | weight decay | {t.weight_decay} |
 | data | {_data_line(recipe.data)} |
 """
@@ -277,19 +272,13 @@ ollama run hf.co/{repo_id}:{quant.upper()}
 """
 
 
-OBJECTIVE_LINES = {
-    "dpo": "Trained with DPO (Rafailov et al. 2023) on prompt/chosen/rejected pairs against the base as the reference",
-    "ipo": "Trained with IPO (Azar et al. 2023) on prompt/chosen/rejected pairs against the base as the reference",
-    "simpo": "Trained with SimPO (Meng et al. 2024) on prompt/chosen/rejected pairs, with no reference model",
-    "orpo": "Trained with ORPO (Hong et al. 2024) on prompt/chosen/rejected pairs, with no reference model",
-    "kto": "Trained with KTO (Ethayarajh et al. 2024) on completions labelled desirable or not, against the base as the reference",
-}
-
-
-def _objective_line(objective: str, pref) -> str:
+def _objective_line(objective: str) -> str:
+    data = "completions labelled desirable or not" if objective == "kto" else "prompt/chosen/rejected pairs"
+    reference = "against the base as the reference" if objective in REFERENCE_OBJECTIVES else "with no reference model"
     return (
-        f"{OBJECTIVE_LINES[objective]}. Its metrics: eval_rewards/accuracy is how often the model prefers the chosen "
-        "(desirable) response more than the reference does, eval_rewards/margin the mean reward gap."
+        f"Trained with {OBJECTIVE_PAPERS[objective]} on {data}, {reference}. Its metrics: eval_rewards/accuracy is how "
+        "often the model prefers the chosen (desirable) response more than the reference does, eval_rewards/margin the "
+        "mean reward gap."
     )
 
 
@@ -297,10 +286,6 @@ def _preference_line(objective: str, pref) -> str:
     beta = pref.beta if pref.beta is not None else PREFERENCE_DEFAULTS[objective]["beta"]
     extra = {"simpo": f", γ/β={pref.gamma_ratio}", "kto": f", λ_D={pref.desirable_weight}, λ_U={pref.undesirable_weight}"}
     return f"{objective}, β={beta}{extra.get(objective, '')}"
-
-
-def _batch_unit(objective: str) -> str:
-    return {"sft": "sequences", "kto": "labelled completions"}.get(objective, "pairs")
 
 
 # --- push ---------------------------------------------------------------------------------------------

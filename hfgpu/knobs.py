@@ -39,6 +39,20 @@ REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # compared with a frozen reference
 # the papers' hyper-parameters (recipe section `preference`): DPO, Rafailov et al. 2023; IPO, Azar et al. 2023 (TRL's
 # default β); SimPO, Meng et al. 2024 (β 2.0, γ/β 0.5); ORPO, Hong et al. 2024 (λ 0.1); KTO, Ethayarajh et al. 2024
 CPU_4BIT_BLOCK = 32  # bitsandbytes' CPU 4-bit weight packing: output rows in blocks of 32 (functional._convert_weight_packed_for_cpu)
+OBJECTIVE_PAPERS = {
+    "dpo": "DPO (Rafailov et al. 2023)",
+    "ipo": "IPO (Azar et al. 2023)",
+    "simpo": "SimPO (Meng et al. 2024)",
+    "orpo": "ORPO (Hong et al. 2024)",
+    "kto": "KTO (Ethayarajh et al. 2024)",
+}
+
+
+def batch_unit(objective: str) -> str:
+    """What the global batch counts: sequences (sft), pairs, or KTO's labelled completions."""
+    return "sequences" if objective == "sft" else "labelled completions" if objective == "kto" else "pairs"
+
+
 PREFERENCE_DEFAULTS = {
     "dpo": {"beta": 0.1},
     "ipo": {"beta": 0.1},

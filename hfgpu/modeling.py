@@ -182,25 +182,30 @@ def _load(path: str, s: ModelSettings, trust_remote_code: bool = False, device: 
         kwargs["quantization_config"] = _bnb_config(s)
         if device is not None:
             kwargs["device_map"] = {"": device}
-    path, extra = gguf_source(path)  # a .gguf file: transformers dequantizes it to the storage dtype while loading
-    if not extra:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if s.quantization == "none":
-        return dequantized_gguf(AutoModelForCausalLM.from_pretrained(path, **kwargs, **extra))
+    if s.quantization == "none" or not gguf_source(path)[1]:
+        return from_pretrained(path, **kwargs)
     # transformers will not quantize while reading a GGUF file: dequantize it once into a 16-bit checkpoint (on CPU,
     # freed before the quantized load), then let bitsandbytes quantize that as it loads
     with tempfile.TemporaryDirectory(prefix="hfgpu-gguf-") as tmp:
-        dequantized_gguf(AutoModelForCausalLM.from_pretrained(path, dtype=s.storage_dtype, **extra)).save_pretrained(tmp)
+        from_pretrained(path, dtype=s.storage_dtype).save_pretrained(tmp)
         return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
 
 
-def dequantized_gguf(model):
-    """A model transformers read from a GGUF file: its tensors are already plain dequantized ones (nn.Linear in the
-    load dtype), but it keeps a "gguf" quantizer mark that refuses save_pretrained; the mark goes, the weights stay."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
+def from_pretrained(path: str, **kwargs):
+    """AutoModelForCausalLM.from_pretrained for a folder, a Hub id or a .gguf file. transformers dequantizes a GGUF
+    file's tensors into plain nn.Linear weights of the load dtype but marks the model "gguf"-quantized, which refuses
+    save_pretrained: the mark goes, the weights stay (so such a base merges, saves and trains like any other)."""
+    from transformers import AutoModelForCausalLM
+
+    from hfgpu.models import gguf_source
+
+    folder, extra = gguf_source(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs, **extra)
+    if extra:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
     return model
 
 

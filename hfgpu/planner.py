@@ -28,7 +28,7 @@ from hfgpu.knobs import (
     KNOB_FIELDS,
     KNOB_NAMES,
     NO_SDPA_MODEL_TYPES,
-    PAIR_OBJECTIVES,
+    OBJECTIVE_PAPERS,
     PREFERENCE_OBJECTIVES,
     PYTHON,
     REFERENCE_OBJECTIVES,
@@ -38,6 +38,7 @@ from hfgpu.knobs import (
     Surface,
     auto_frozen_dtype,
     auto_precision,
+    batch_unit,
     chunked_loss_blocker,
     default_attention,
     planning_cc,
@@ -625,7 +626,7 @@ def _reasons(c: _Ctx, found: _Found, accum: int) -> dict[str, str]:
         else f"{accum}: micro-batch {kn.micro_batch_size} × {accum}"
         + (f" × {card.count} GPUs" if card.count > 1 else "")
         + f" reaches the global batch of {global_batch} "
-        + ("pairs" if kn.objective in PAIR_OBJECTIVES else "labelled completions" if kn.objective == "kto" else "sequences")
+        + batch_unit(kn.objective)
     )
     r["seq_len"] = fixed if k.seq_len != "auto" else f"{seq}: min({DEFAULT_MAX_SEQ_LEN}, the model's maximum {spec.max_seq_len})"
     if k.optimizer != "auto":
@@ -692,15 +693,6 @@ def _reasons(c: _Ctx, found: _Found, accum: int) -> dict[str, str]:
         if k.lora_dropout == 0:
             r["lora"] += "; dropout 0: a dropout keeps a copy of every adapter's input"
     return r
-
-
-OBJECTIVE_PAPERS = {
-    "dpo": "DPO (Rafailov et al. 2023)",
-    "ipo": "IPO (Azar et al. 2023)",
-    "simpo": "SimPO (Meng et al. 2024)",
-    "orpo": "ORPO (Hong et al. 2024)",
-    "kto": "KTO (Ethayarajh et al. 2024)",
-}
 
 
 def _objective_reason(kn: memory.Setup) -> str:

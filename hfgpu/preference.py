@@ -29,9 +29,6 @@ from hfgpu.knobs import PAIR_OBJECTIVES, PREFERENCE_DEFAULTS, PREFERENCE_OBJECTI
 from hfgpu.loss import final_hidden_states
 from hfgpu.patches import sliced_linear, sliced_linear_grad
 
-OBJECTIVES = PREFERENCE_OBJECTIVES
-DEFAULTS = PREFERENCE_DEFAULTS
-
 
 @dataclass(frozen=True)
 class Objective:
@@ -46,15 +43,11 @@ class Objective:
     @property
     def preference(self) -> bool:
         """Trained on preference examples (pairs, or KTO's labelled completions), each (2, tokens) in a batch."""
-        return self.name in OBJECTIVES
+        return self.name in PREFERENCE_OBJECTIVES
 
     @property
     def needs_reference(self) -> bool:
         return self.name in REFERENCE_OBJECTIVES
-
-    @property
-    def resolved_beta(self) -> float:
-        return DEFAULTS[self.name]["beta"] if self.beta is None else self.beta
 
 
 class _SlicedTokenLogps(torch.autograd.Function):
@@ -197,7 +190,7 @@ def preference_loss(
     """
     if objective not in PAIR_OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {', '.join(PAIR_OBJECTIVES)}")
-    beta = DEFAULTS[objective]["beta"] if beta is None else beta
+    beta = PREFERENCE_DEFAULTS[objective]["beta"] if beta is None else beta
     if beta <= 0:
         raise ValueError(f"beta={beta} must be > 0")
     chosen, rejected = logps.chunk(2)
@@ -241,7 +234,7 @@ def kto_loss(
     from the policy's and the reference's summed completion log-probs (n), the labels (n, true: desirable) and the
     KL baseline z₀ (detached, ≥ 0). Masks, not index selection: shapes never depend on the labels (the step is
     simulated on fake tensors)."""
-    beta = DEFAULTS["kto"]["beta"] if beta is None else beta
+    beta = PREFERENCE_DEFAULTS["kto"]["beta"] if beta is None else beta
     if beta <= 0:
         raise ValueError(f"beta={beta} must be > 0")
     ratio = logps - ref_logps

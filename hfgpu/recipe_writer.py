@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hfgpu.gpus import GPU, catalog
-from hfgpu.knobs import KNOB_NAMES, PREFERENCE_DEFAULTS, RECIPE, knob_field, recipe_key
+from hfgpu.knobs import KNOB_NAMES, PREFERENCE_DEFAULTS, RECIPE, batch_unit, knob_field, recipe_key
 from hfgpu.planner import Plan, plan_or_closest
 from hfgpu.throughput import checkpointing_cost
 from hfgpu.units import GIB, gib
@@ -126,7 +126,7 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
     # preference tuning moves a tuned model a little: rates ~40× below SFT's (alignment-handbook's DPO recipes)
     lr = (5e-7 if p.strategy == "full" else 5e-6) if tuned else (2e-5 if p.strategy == "full" else 2e-4)
     eval_split = f'"{data.eval_split}"' if data.eval_split else "null"
-    unit = {"sft": "sequences", "kto": "labelled completions"}.get(objective, "pairs")
+    unit = batch_unit(objective)
     plan_flags = f"--strategy {p.strategy} --seq-len {p.seq_len}" + (f" --objective {objective}" if tuned else "")
     lines = [
         f"# {title or f'{p.strategy} fine-tune of {short} on a {g.name}'}",

@@ -36,7 +36,7 @@ from hfgpu.evaluation import eval_loss, task_metrics
 from hfgpu.modeling import DTYPES
 from hfgpu.optim import make_optimizer
 from hfgpu.preference import SUMS, Objective, collate_pairs, describe_sums, eval_pairs, kto_window_kl
-from hfgpu.step import forward_backward
+from hfgpu.step import PAIR_CHUNK, forward_backward
 from hfgpu.units import GIB, gib
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
@@ -78,6 +78,12 @@ class LoopConfig:
     generation_max_len: int | None = None  # prompt + answer tokens generation may reach (the planned seq_len)
     max_generation_seconds: float | None = None  # eval generation starts no new answer after this long
     objective: Objective = field(default_factory=Objective)  # sft, or a preference objective on pairs (hfgpu.preference)
+
+    @property
+    def loss_dtype(self):
+        """The chunked loss's and the preference log-probs' matmul dtype: the compute dtype in mixed precision (they
+        run outside the forward's autocast), else None (the hidden states' own)."""
+        return DTYPES[self.precision] if self.autocast else None
 
     @classmethod
     def bare(cls, micro_batch_size: int, grad_accum_steps: int, max_steps: int, **fields) -> "LoopConfig":
@@ -230,7 +236,7 @@ def seen_tokens(batch: dict, pad_id: int) -> torch.Tensor:
     return batch["attention_mask"].sum() if "completion_mask" in batch else (batch["input_ids"] != pad_id).sum()
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
@@ -252,7 +258,7 @@ def window_backward(
     tokens = torch.clamp(tokens, min=1).float()
     if cfg.objective.name == "kto":  # the KL baseline of the whole step, as one full batch computes it
         reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
-        window = kto_window_kl(model, window, cfg.loss_chunk or 1024, DTYPES[cfg.precision] if cfg.autocast else None, lm_head, reduce)
+        window = kto_window_kl(model, window, cfg.loss_chunk or PAIR_CHUNK, cfg.loss_dtype, lm_head, reduce)
     pieces = [p for b in window for p in _split(b, split)]
     total = torch.zeros((), device=accelerator.device)
     for i, piece in enumerate(pieces):
@@ -266,7 +272,7 @@ def window_backward(
                 adapters_16bit=cfg.autocast,
                 offload=cfg.activation_offloading,
                 lm_head=lm_head,
-                loss_dtype=DTYPES[cfg.precision] if cfg.autocast else None,
+                loss_dtype=cfg.loss_dtype,
                 weight=loss_units(piece, pairs),
                 scale=world / tokens,
                 backward=accelerator.backward,
@@ -399,7 +405,7 @@ def _backward_with_backoff(accelerator, model, optimizer, window, state: TrainSt
             loss = window_backward(accelerator, model, window, state.split, cfg, lm_head, pair_sums)
             break
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-            if not _is_oom(e):
+            if not is_oom(e):
                 raise
             optimizer.zero_grad(set_to_none=True)
             if max(p["input_ids"].shape[0] for b in window for p in _split(b, state.split)) == 1:
@@ -443,7 +449,7 @@ def train_loop(
 
     def evaluate() -> dict:
         if eval_dl is not None and pairs:
-            chunk, dtype = cfg.loss_chunk or 1024, DTYPES[cfg.precision] if cfg.autocast else None
+            chunk, dtype = cfg.loss_chunk or PAIR_CHUNK, cfg.loss_dtype
             scores = eval_pairs(model, eval_dl, accelerator, cfg.objective, chunk, dtype)
         elif eval_dl is not None:
             scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk, data.stats.get("eval_sources"))
