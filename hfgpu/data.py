@@ -7,7 +7,7 @@ Formats (`data.format`):
 - chat: `messages`, a list of {role, content} rendered with the tokenizer's chat template; only
   assistant turns are learned.
 - preference (objectives dpo, ipo, simpo, orpo): `prompt`, `chosen`, `rejected`, strings or chat messages;
-  unpaired (objective kto): `prompt`, `completion`, `label` (true: desirable). Tokenized by hfgpu.preference.
+  unpaired (objective kto): `prompt`, `completion`, `label` (true: desirable). Tokenized by hfgpu.preference_data.
 `data.columns` renames fields (`{output: answer}`); `data.train_on_prompt` learns prompts too.
 
 Tokenization goes through `datasets.map`, whose fingerprint cache makes a second run with the same
@@ -35,7 +35,7 @@ FIELDS = {
     "alpaca": ("instruction", "input", "output"),
     "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
-    "preference": ("prompt", "chosen", "rejected"),  # objective dpo/ipo/simpo/orpo (hfgpu.preference)
+    "preference": ("prompt", "chosen", "rejected"),  # objective dpo/ipo/simpo/orpo (hfgpu.preference_data)
     "unpaired": ("prompt", "completion", "label"),  # objective kto: label true (desirable) or false
 }
 OPTIONAL = {"input"}
@@ -528,7 +528,7 @@ EVAL_FRACTION_SEED = 0  # data.eval_fraction: the same held-out rows on every ru
 def prepare_data(cfg: DataConfig, tokenizer, max_len: int, micro_batch_size: int) -> Prepared:
     """The training (and eval) examples of `data.path`, or of every dataset of `data.mix`, tokenized, packed when asked."""
     if cfg.format in ("preference", "unpaired"):
-        from hfgpu.preference import prepare_pairs
+        from hfgpu.preference_data import prepare_pairs
 
         out = prepare_pairs(cfg, tokenizer, max_len)
     elif cfg.mix:

@@ -35,7 +35,8 @@ from hfgpu.errors import HfgpuError
 from hfgpu.evaluation import eval_loss, task_metrics
 from hfgpu.modeling import DTYPES
 from hfgpu.optim import make_optimizer
-from hfgpu.preference import SUMS, Objective, collate_pairs, describe_sums, eval_pairs, kto_window_kl
+from hfgpu.preference import SUMS, Objective, describe_sums, eval_pairs, kto_window_kl
+from hfgpu.preference_data import collate_pairs
 from hfgpu.step import PAIR_CHUNK, forward_backward
 from hfgpu.units import GIB, gib
 

@@ -99,7 +99,8 @@ def test_two_process_dpo_gradients_equal_one_full_batch_of_pairs(tiny_model_dir,
     from transformers import AutoTokenizer
 
     from hfgpu.modeling import ModelSettings, prepare_model
-    from hfgpu.preference import collate_pairs, flat_pairs, preference_loss, tokenize_pairs
+    from hfgpu.preference import preference_loss
+    from hfgpu.preference_data import collate_pairs, flat_pairs, tokenize_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [json.loads(x) for x in (ROOT / "hfgpu/resources/demo/style_pairs_train.jsonl").read_text().splitlines()[:4]]

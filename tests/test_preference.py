@@ -4,7 +4,8 @@ DPOTrainer (DPO, IPO), CPOTrainer (SimPO), ORPOTrainer (ORPO)."""
 import pytest
 import torch
 
-from hfgpu.preference import collate_pairs, flat_pairs, preference_loss, reference_logps, sequence_logps, token_logps, tokenize_pairs
+from hfgpu.preference import preference_loss, reference_logps, sequence_logps, token_logps
+from hfgpu.preference_data import collate_pairs, flat_pairs, tokenize_pairs
 
 PAIRS = [
     {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a large city in Europe with many people."},
@@ -228,7 +229,7 @@ UNPAIRED = [
 def test_unpaired_rows_are_tokenized_as_trls_kto_trainer_does(tiny_model_dir, tmp_path):
     """Each completion and its KL sequence (its prompt with the previous example's completion, the first taking the
     last's): the token ids and completion masks of TRL's KTOTrainer, whose KL rotation runs over a batch of 4."""
-    from hfgpu.preference import tokenize_unpaired
+    from hfgpu.preference_data import tokenize_unpaired
 
     trainer = _trl_trainer(tiny_model_dir, tmp_path, "kto", UNPAIRED)
     examples, dropped = tokenize_unpaired(UNPAIRED, trainer.processing_class, max_len=64)
@@ -267,7 +268,7 @@ def test_kto_labels_that_are_not_booleans_are_refused_naming_the_row(tiny_model_
     from transformers import AutoTokenizer
 
     from hfgpu.errors import HfgpuError
-    from hfgpu.preference import tokenize_unpaired
+    from hfgpu.preference_data import tokenize_unpaired
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = UNPAIRED[:2] + [{"prompt": "p", "completion": " c", "label": "yes"}]

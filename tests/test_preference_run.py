@@ -11,7 +11,8 @@ import torch
 from conftest import DEMO, ROOT, recipe_dict
 
 from hfgpu.finetune import finetune
-from hfgpu.preference import Objective, collate_pairs, flat_pairs, preference_loss, tokenize_pairs
+from hfgpu.preference import Objective, preference_loss
+from hfgpu.preference_data import collate_pairs, flat_pairs, tokenize_pairs
 from hfgpu.recipe import load_recipe, validate_recipe
 from hfgpu.train import LoopConfig, window_backward
 
@@ -182,7 +183,8 @@ def test_kto_takes_its_kl_baseline_over_the_whole_step(tiny_model_dir):
     from accelerate import Accelerator
     from transformers import AutoTokenizer
 
-    from hfgpu.preference import kto_loss, tokenize_unpaired
+    from hfgpu.preference import kto_loss
+    from hfgpu.preference_data import tokenize_unpaired
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     examples, _ = tokenize_unpaired(unpaired_rows()[:6], tokenizer, max_len=64)
