@@ -295,6 +295,19 @@ def prompt_and_reference(row: dict, fmt: str, cols: dict[str, str], tokenizer=No
     return segs[0][0], segs[-1][0]
 
 
+def question_of(row: dict, fmt: str, cols: dict[str, str]) -> str:
+    """What an eval row asks, as its author wrote it (no template): shown beside the answers before and after."""
+    if fmt == "chat":
+        users = [_content(m) for m in chat_messages(row[cols["messages"]], 0) if m["role"] == "user"]
+        return users[-1] if users else ""
+    if fmt == "alpaca":
+        extra = row.get(cols["input"]) if cols.get("input") in row else None
+        return str(row[cols["instruction"]]) + (f" {extra}" if extra else "")
+    if fmt == "prompt_completion":
+        return str(row[cols["prompt"]])
+    return ""
+
+
 def prompt_ids(prompt: str, fmt: str, tokenizer) -> list[int]:
     """A prompt's tokens exactly as training tokenizes a row's first segment: special tokens (BOS) are
     added for the plain formats; a chat template already rendered its own."""
@@ -383,6 +396,7 @@ class Prepared:
     eval: Any | None
     eval_prompts: list[tuple[list[int], str]]  # (prompt token ids, tokenized as training does; reference) for task metrics
     stats: dict = field(default_factory=dict)
+    eval_questions: list[str] = field(default_factory=list)  # what each eval prompt asks, as the row wrote it (shown with answers)
 
 
 def describe_drops(why: dict[str, list[int]]) -> str:
@@ -582,7 +596,7 @@ def _prepare_one(cfg: DataConfig, tokenizer, max_len: int, source: str, prefix: 
     train_rows, eval_rows, extra = train_and_eval_rows(cfg)
     tok, stats, cols = tokenize(train_rows, cfg, tokenizer, max_len, source, prefix)
     stats.update(extra)
-    eval_ds, prompts = None, []
+    eval_ds, prompts, questions = None, [], []
     if eval_rows is not None:
         eval_ds, eval_stats, eval_cols = tokenize(eval_rows, cfg, tokenizer, max_len, f"eval {source}", prefix)
         stats["eval_examples"] = len(eval_ds)
@@ -593,7 +607,8 @@ def _prepare_one(cfg: DataConfig, tokenizer, max_len: int, source: str, prefix: 
             except BadRow:
                 continue  # counted in the eval data's dropped rows
             prompts.append((prompt_ids(prompt, cfg.format, tokenizer), reference))
-    return Prepared(train=tok, eval=eval_ds, eval_prompts=prompts, stats=stats)
+            questions.append(question_of(r, cfg.format, eval_cols))
+    return Prepared(train=tok, eval=eval_ds, eval_prompts=prompts, stats=stats, eval_questions=questions)
 
 
 MIX_SEED = 0  # data.mix: which examples a weighted or sampled source gives, and their order, the same every run
@@ -665,7 +680,8 @@ def _prepare_mix(cfg: DataConfig, tokenizer, max_len: int) -> Prepared:
         if cfg.eval_fraction:
             stats["eval_held_out"] = cfg.eval_fraction
     prompts = [x for p in parts for x in p.eval_prompts]
-    return Prepared(train=train, eval=eval_ds, eval_prompts=prompts, stats=stats)
+    questions = [q for p in parts for q in p.eval_questions]
+    return Prepared(train=train, eval=eval_ds, eval_prompts=prompts, stats=stats, eval_questions=questions)
 
 
 def collate(features: list[dict], pad_id: int) -> dict:

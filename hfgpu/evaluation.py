@@ -64,32 +64,50 @@ def load_metric(name: str):
     return evaluate.load(str(path))
 
 
+GENERATION_BATCH = 8  # prompts generated together (left-padded): a fraction of a training micro-batch's memory
+
+
 @torch.no_grad()
 def generate_answers(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, max_seconds: float | None = None, progress: bool = False
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    device,
+    max_seconds: float | None = None,
+    progress: bool = False,
+    batch_size: int = GENERATION_BATCH,
 ) -> list[str]:
     """Greedy answers to prompts given as token ids (tokenized as training tokenized them: hfgpu.data.prompt_ids).
 
-    `max_seconds`: stop starting new answers after that long (the answers made so far are returned, so the
-    list may be shorter than `prompts`). `progress`: a progress bar on stderr."""
+    Prompts are generated `batch_size` at a time, left-padded with an attention mask (the positions generate
+    derives from the mask make each answer the one the prompt alone gets). `max_seconds`: start no new batch
+    after that long (the answers made so far are returned, so the list may be shorter than `prompts`).
+    `progress`: a progress bar on stderr."""
     from tqdm.auto import tqdm
 
     model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     start = time.perf_counter()
-    for prompt in tqdm(prompts, desc="generating eval answers", disable=not progress, leave=False, dynamic_ncols=True):
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            break
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    with tqdm(total=len(prompts), desc="generating eval answers", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for first in range(0, len(prompts), batch_size):
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                break
+            batch = prompts[first : first + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], dtype=torch.long, device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], dtype=torch.long, device=device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad,
+            )
+            answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+            bar.update(len(batch))
     model.train()
     return answers
 
@@ -97,33 +115,38 @@ def generate_answers(
 def task_metrics(
     model,
     tokenizer,
-    examples: list[tuple[str, str]],
+    examples: list[tuple[list[int], str]],
     metrics: list[str],
     max_new_tokens: int,
     device,
     max_len: int | None = None,
     max_seconds: float | None = None,
-) -> dict[str, float]:
-    """Generate an answer for each (prompt, reference) and score it with each named local metric.
+    batch_size: int = GENERATION_BATCH,
+) -> tuple[dict[str, float], list[str | None]]:
+    """Generate an answer for each (prompt ids, reference) and score it with each named local metric.
 
+    Returns the scores and the answers, one per example (None where none was generated).
     A prompt that leaves no room for `max_new_tokens` within `max_len` (the planned sequence length: what the
     memory plan covers and the model's positions allow) is skipped and counted in `eval_generation_skipped`.
     After `max_seconds` no new answer is started: the scores cover the answers made, and the prompts left are
     counted in `eval_generation_timed_out`."""
     if not metrics or not examples:
-        return {}
-    fitting = [(p, r) for p, r in examples if max_len is None or len(p) + max_new_tokens <= max_len]
+        return {}, []
+    fits = [max_len is None or len(p) + max_new_tokens <= max_len for p, _ in examples]
+    fitting = [ex for ex, ok in zip(examples, fits) if ok]
     counts = {"eval_generation_skipped": float(len(examples) - len(fitting))} if len(fitting) < len(examples) else {}
     if not fitting:
-        return counts
-    predictions = generate_answers(model, tokenizer, [p for p, _ in fitting], max_new_tokens, device, max_seconds, progress=True)
+        return counts, [None] * len(examples)
+    predictions = generate_answers(model, tokenizer, [p for p, _ in fitting], max_new_tokens, device, max_seconds, True, batch_size)
+    made = iter(predictions)
+    answers = [next(made, None) if ok else None for ok in fits]
     if len(predictions) < len(fitting):
         counts["eval_generation_timed_out"] = float(len(fitting) - len(predictions))
     if not predictions:
-        return counts
+        return counts, answers
     references = [r for _, r in fitting[: len(predictions)]]
     scores = {}
     for name in metrics:
         for key, value in load_metric(name).compute(predictions=predictions, references=references).items():
             scores[f"eval_{key}"] = float(value)
-    return {**scores, **counts}
+    return {**scores, **counts}, answers

@@ -316,6 +316,28 @@ def portable_adapter_config(out: Path, model: str) -> None:
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # report_to → importable packages
 
 
+SHOWN_ANSWERS = 3  # eval answers printed before → after at the end of a run (all of them go to eval_answers.jsonl)
+
+
+def write_answers(path: Path, data, answers: dict, say) -> None:
+    """eval_answers.jsonl: each eval question, its reference, and the model's greedy answer before and after training
+    (null where none was generated); the first few are printed, so a run shows what the fine-tune changed."""
+    after = answers.get("after", [])
+    before = answers.get("before", [None] * len(after))
+    rows = [
+        {"question": q, "reference": ref, "before": b, "after": a}
+        for q, (_, ref), b, a in zip(data.eval_questions, data.eval_prompts, before, after)
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    clip = lambda text: "—" if text is None else (text if len(text) <= 90 else text[:89] + "…").replace("\n", " ")
+    shown = [r for r in rows if r["after"] is not None][:SHOWN_ANSWERS]
+    if shown:
+        say(f"eval answers, before → after training ({len(shown)} of {len(rows)}; all in {path.name}):")
+    for r in shown:
+        say(f"  {clip(r['question'])}\n    before: {clip(r['before'])}")
+        say(f"    after:  {clip(r['after'])}   (reference: {clip(r['reference'])})")
+
+
 def check_tracker(report_to: str) -> None:
     """A tracker whose package is missing is refused before anything loads (accelerate would warn once and log nothing)."""
     import importlib.util
@@ -491,6 +513,8 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
 
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "final_metrics.json").write_text(json.dumps({"before": result.initial_metrics, "after": metrics}, indent=2))
+        if result.answers:
+            write_answers(out / "eval_answers.jsonl", data, result.answers, speak)
     if recipe.hub.repo_id and main:
         from hfgpu.hub import push
 

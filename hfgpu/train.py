@@ -429,6 +429,7 @@ class LoopResult:
     model: torch.nn.Module
     metrics: dict  # final eval metrics + steps, tokens, stopped_early
     initial_metrics: dict  # eval metrics before the first step (empty when resumed or without eval data)
+    answers: dict = field(default_factory=dict)  # eval.metrics' generated answers: {"before": [...], "after": [...]}
 
 
 def train_loop(
@@ -448,7 +449,9 @@ def train_loop(
     pairs = cfg.objective.preference
     pair_sums = torch.zeros(SUMS if pairs else 0, device=accelerator.device)  # a step's rewards sums (hfgpu.preference)
 
-    def evaluate() -> dict:
+    answers = {}
+
+    def evaluate(when: str | None = None) -> dict:
         if eval_dl is not None and pairs:
             chunk, dtype = cfg.loss_chunk or PAIR_CHUNK, cfg.loss_dtype
             scores = eval_pairs(model, eval_dl, accelerator, cfg.objective, chunk, dtype)
@@ -457,18 +460,19 @@ def train_loop(
         else:
             scores = {}
         if cfg.metrics and accelerator.is_main_process:
-            scores.update(
-                task_metrics(
-                    accelerator.unwrap_model(model),
-                    tokenizer,
-                    data.eval_prompts[: cfg.max_eval_examples],
-                    cfg.metrics,
-                    cfg.max_new_tokens,
-                    accelerator.device,
-                    max_len=cfg.generation_max_len,
-                    max_seconds=cfg.max_generation_seconds,
-                )
+            task, made = task_metrics(
+                accelerator.unwrap_model(model),
+                tokenizer,
+                data.eval_prompts[: cfg.max_eval_examples],
+                cfg.metrics,
+                cfg.max_new_tokens,
+                accelerator.device,
+                max_len=cfg.generation_max_len,
+                max_seconds=cfg.max_generation_seconds,
             )
+            scores.update(task)
+            if when:
+                answers[when] = made
         accelerator.wait_for_everyone()
         return scores
 
@@ -481,7 +485,7 @@ def train_loop(
 
     initial = {}
     if state.step == 0 and (eval_dl is not None or cfg.metrics):
-        initial = evaluate()  # the baseline the run is judged against
+        initial = evaluate("before")  # the baseline the run is judged against
         log.write({"step": 0, **initial})
     stopped_early = False
     model.train()
@@ -562,8 +566,8 @@ def train_loop(
             if epoch_done:
                 state.epoch += 1
                 state.batch_in_epoch = 0
-    final = evaluate() if (eval_dl is not None or cfg.metrics) else {}
+    final = evaluate("after") if (eval_dl is not None or cfg.metrics) else {}
     if final:
         log.write({"step": state.step, **final})
     final.update({"steps": state.step, "tokens": state.tokens, "stopped_early": stopped_early})
-    return LoopResult(model=model, metrics=final, initial_metrics=initial)
+    return LoopResult(model=model, metrics=final, initial_metrics=initial, answers=answers)

@@ -67,6 +67,31 @@ def tiny_llama(**overrides):
     return LlamaConfig(**{**base, **overrides})
 
 
+def tiny_model_of(model_type: str, tokenizer):
+    """A 2-layer random model of an export architecture ("llama", "llama-untied", "qwen2", "qwen3") with the given
+    tokenizer's vocabulary, its biases and norms moved off their initial zeros and ones so that a mix-up shows."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    shape = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = {
+        "llama": lambda: tiny_llama(tie_word_embeddings=True, **common),
+        "llama-untied": lambda: tiny_llama(tie_word_embeddings=False, **common),
+        "qwen2": lambda: Qwen2Config(**shape, tie_word_embeddings=True, **common),
+        # head_dim 128 as in every Qwen3 (≠ hidden / heads): transformers' reader takes it from Qwen3Config's default,
+        # not from the attention.key_length hfgpu writes (llama.cpp's reader uses that)
+        "qwen3": lambda: Qwen3Config(**shape, head_dim=128, tie_word_embeddings=False, **common),
+    }[model_type]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 import pytest
 
 DEMO = ROOT / "hfgpu" / "resources" / "demo"

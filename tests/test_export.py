@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 import torch
-from conftest import DEMO, recipe_dict, tiny_llama
+from conftest import DEMO, recipe_dict, tiny_model_of
 
 from hfgpu.cli import main as hfgpu_main
 from hfgpu.errors import HfgpuError
@@ -87,24 +87,11 @@ def test_q8_0_export_differs_from_the_merged_model_only_by_q8_0_rounding(lora_ru
 @pytest.mark.parametrize("model_type", ["llama-untied", "qwen2", "qwen3"])
 def test_each_supported_architecture_reads_back_with_its_logits(model_type, tmp_path):
     """A 2-layer model of each architecture (Qwen's q/k/v biases, Qwen3's q/k norms, an untied lm_head)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen3Config
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    shape = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    config = {
-        "llama-untied": lambda: tiny_llama(tie_word_embeddings=False, **common),
-        "qwen2": lambda: Qwen2Config(**shape, tie_word_embeddings=True, **common),
-        # head_dim 128 as in every Qwen3 (≠ hidden / heads): transformers' reader takes it from Qwen3Config's default,
-        # not from the attention.key_length hfgpu writes (llama.cpp's reader uses that)
-        "qwen3": lambda: Qwen3Config(**shape, head_dim=128, tie_word_embeddings=False, **common),
-    }[model_type]()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # biases and norms off their initial zeros and ones, so that a mix-up shows
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    model = tiny_model_of(model_type, tokenizer)
+    config = model.config
     path = tmp_path / "m.gguf"
     write_gguf(model, tokenizer, path, quant="f32", say=lambda *a: None)
     read, tok = _read_back(path)
@@ -119,7 +106,8 @@ def test_the_ollama_modelfile_template_reproduces_the_chat_template(lora_run, tm
     tokenizer = AutoTokenizer.from_pretrained(lora_run)
     text = ollama_modelfile(tokenizer, "model-q8_0.gguf")
     assert text.startswith("FROM ./model-q8_0.gguf\n") and 'PARAMETER stop "</s>"' in text and "PARAMETER temperature 0" in text
-    template = ollama_template(tokenizer)
+    template, system = ollama_template(tokenizer)
+    assert system is None and "SYSTEM" not in text
     assert '{{ if eq .Role "system" }}<|system|>\n{{ .Content }}</s>\n' in template
     assert template.endswith("{{ end }}{{ end }}<|assistant|>\n")
     assert hfgpu_main(["export", str(lora_run), "--ollama", str(tmp_path / "ollama")]) == 0

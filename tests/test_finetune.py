@@ -65,6 +65,11 @@ def test_demo_recipe_learns_the_task(tmp_path):
     assert first["step"] == 10 and first["loss"] == pytest.approx(5.4165506, rel=1e-4)
     assert res.metrics["eval_exact_match"] >= 0.8
     assert res.metrics["eval_loss"] < res.initial_metrics["eval_loss"] - 1.0
+    # every eval question with its reference and the answers before and after (what the run prints the first of)
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "eval_answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and rows[0]["question"] == "Tell me the capital of France." and rows[0]["reference"] == "Paris"
+    assert all(r["before"] is not None for r in rows)
+    assert sum(r["after"].strip().lower() == r["reference"].lower() for r in rows) / 30 == res.metrics["eval_exact_match"]
 
 
 def test_full_fine_tuning_saves_a_model(tiny_model_dir, tmp_path):
@@ -384,6 +389,23 @@ def test_a_missing_tracker_package_is_one_line_before_anything_loads(tmp_path):
     assert not out.exists()
 
 
+def test_batched_generation_gives_each_prompt_the_answer_it_gets_alone():
+    """Eval answers are generated 8 prompts at a time, left-padded: each answer equals the one-prompt answer (the
+    positions come from the attention mask), for prompts of different lengths."""
+    from conftest import tiny_model_of
+    from transformers import AutoTokenizer
+
+    from hfgpu.evaluation import generate_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
+    model = tiny_model_of("llama", tokenizer)
+    texts = ["Capital of Peru?", "Name the capital city of a country in South America, please.", "Lima", "What is the capital of Kenya?"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts * 3]
+    alone = generate_answers(model, tokenizer, prompts, 6, "cpu", batch_size=1)
+    assert generate_answers(model, tokenizer, prompts, 6, "cpu") == alone
+    assert len(set(alone[:4])) > 1 and all(alone)  # not all empty, not all alike: a mix-up would show
+
+
 def test_generation_for_metrics_skips_prompts_with_no_room_and_counts_them():
     """An eval prompt longer than the planned sequence length less max_new_tokens is skipped (a GPT-2-style
     model would index past its positions), counted in eval_generation_skipped; the others are scored."""
@@ -395,10 +417,11 @@ def test_generation_for_metrics_skips_prompts_with_no_room_and_counts_them():
     tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
     short, long = tokenizer("Capital of Peru?")["input_ids"], tokenizer("Capital of Peru? " * 20)["input_ids"]
     assert len(short) + 8 <= 32 < len(long) + 8
-    scores = task_metrics(model, tokenizer, [(short, "Lima"), (long, "Lima")], ["exact_match"], 8, "cpu", max_len=32)
+    scores, answers = task_metrics(model, tokenizer, [(short, "Lima"), (long, "Lima")], ["exact_match"], 8, "cpu", max_len=32)
+    assert answers[1] is None and isinstance(answers[0], str)
     assert scores["eval_generation_skipped"] == 1.0 and "eval_exact_match" in scores
-    assert task_metrics(model, tokenizer, [(long, "Lima")], ["exact_match"], 8, "cpu", max_len=32) == {"eval_generation_skipped": 1.0}
-    assert "eval_generation_skipped" not in task_metrics(model, tokenizer, [(short, "Lima")], ["exact_match"], 8, "cpu", max_len=32)
+    assert task_metrics(model, tokenizer, [(long, "Lima")], ["exact_match"], 8, "cpu", max_len=32)[0] == {"eval_generation_skipped": 1.0}
+    assert "eval_generation_skipped" not in task_metrics(model, tokenizer, [(short, "Lima")], ["exact_match"], 8, "cpu", max_len=32)[0]
 
 
 def test_generation_for_metrics_stops_after_its_time_limit_and_counts_the_rest():
@@ -415,6 +438,6 @@ def test_generation_for_metrics_stops_after_its_time_limit_and_counts_the_rest()
     real = model.generate
     model.generate = lambda **kw: (clock.sleep(0.3), real(**kw))[1]
     prompt = tokenizer("Capital of Peru?")["input_ids"]
-    scores = task_metrics(model, tokenizer, [(prompt, "Lima")] * 3, ["exact_match"], 4, "cpu", max_seconds=0.2)
-    assert scores["eval_generation_timed_out"] == 2.0 and "eval_exact_match" in scores
-    assert "eval_generation_timed_out" not in task_metrics(model, tokenizer, [(prompt, "Lima")] * 2, ["exact_match"], 4, "cpu")
+    scores, answers = task_metrics(model, tokenizer, [(prompt, "Lima")] * 3, ["exact_match"], 4, "cpu", max_seconds=0.2, batch_size=1)
+    assert scores["eval_generation_timed_out"] == 2.0 and "eval_exact_match" in scores and answers[1:] == [None, None]
+    assert "eval_generation_timed_out" not in task_metrics(model, tokenizer, [(prompt, "Lima")] * 2, ["exact_match"], 4, "cpu")[0]
