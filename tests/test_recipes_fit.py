@@ -19,7 +19,11 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_recipe_fits_its_card_with_the_planners_headroom(path):
+    import importlib.util
+
     recipe = load_recipe(path)
+    if recipe.model.startswith("package:") and importlib.util.find_spec(recipe.model[len("package:") :].split("/")[0]) is None:
+        pytest.skip(f"{recipe.model}: its package is not installed (recipes/README.md says how)")
     p = plan_for(recipe)  # raises DoesNotFit (fails the test) when it stops fitting
     assert p.fits and p.memory.total <= p.memory.budget
     assert recipe.strategy in ("auto", p.strategy)
