@@ -282,30 +282,23 @@ def segments_of(
     return segs
 
 
-def prompt_and_reference(row: dict, fmt: str, cols: dict[str, str], tokenizer=None, template: str | None = None) -> tuple[str, str]:
-    """The text to generate from and the expected answer, for task metrics (BadRow when there is none)."""
+def prompt_and_reference(row: dict, fmt: str, cols: dict[str, str], tokenizer=None, template: str | None = None) -> tuple[str, str, str]:
+    """The text to generate from, the expected answer, and what the row asks as its author wrote it (no template:
+    shown beside the answers before and after), for task metrics (BadRow when there is no answer)."""
     if fmt == "chat":
         msgs = chat_messages(row[cols["messages"]], 0)
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if not turns:
             raise BadRow("no assistant turn")
         prompt = tokenizer.apply_chat_template(msgs[: turns[-1]], tokenize=False, add_generation_prompt=True, chat_template=template)
-        return prompt, msgs[turns[-1]]["content"]
+        users = [m["content"] for m in msgs[: turns[-1]] if m["role"] == "user"]
+        return prompt, msgs[turns[-1]]["content"], users[-1] if users else ""
     segs = segments_of(row, fmt, cols)
-    return segs[0][0], segs[-1][0]
-
-
-def question_of(row: dict, fmt: str, cols: dict[str, str]) -> str:
-    """What an eval row asks, as its author wrote it (no template): shown beside the answers before and after."""
-    if fmt == "chat":
-        users = [_content(m) for m in chat_messages(row[cols["messages"]], 0) if m["role"] == "user"]
-        return users[-1] if users else ""
     if fmt == "alpaca":
-        extra = row.get(cols["input"]) if cols.get("input") in row else None
-        return str(row[cols["instruction"]]) + (f" {extra}" if extra else "")
-    if fmt == "prompt_completion":
-        return str(row[cols["prompt"]])
-    return ""
+        question = " ".join(str(row[cols[k]]) for k in ("instruction", "input") if cols.get(k) in row and row[cols[k]])
+    else:
+        question = str(row[cols["prompt"]]) if fmt == "prompt_completion" else ""
+    return segs[0][0], segs[-1][0], question
 
 
 def prompt_ids(prompt: str, fmt: str, tokenizer) -> list[int]:
@@ -603,11 +596,11 @@ def _prepare_one(cfg: DataConfig, tokenizer, max_len: int, source: str, prefix: 
         template = load_chat_template(cfg.chat_template)
         for r in eval_rows:
             try:
-                prompt, reference = prompt_and_reference(r, cfg.format, eval_cols, tokenizer, template)
+                prompt, reference, question = prompt_and_reference(r, cfg.format, eval_cols, tokenizer, template)
             except BadRow:
                 continue  # counted in the eval data's dropped rows
             prompts.append((prompt_ids(prompt, cfg.format, tokenizer), reference))
-            questions.append(question_of(r, cfg.format, eval_cols))
+            questions.append(question)
     return Prepared(train=tok, eval=eval_ds, eval_prompts=prompts, stats=stats, eval_questions=questions)
 
 

@@ -345,9 +345,8 @@ def _renders_empty(tokenizer) -> bool:
 
 def ollama_modelfile(tokenizer, gguf_name: str) -> str:
     """A Modelfile: FROM the exported file, the chat template as Ollama's TEMPLATE (and its default system prompt as
-    SYSTEM), the stop tokens (EOS and the
-    template's end-of-turn special tokens) and the run's generation defaults (greedy, as hfgpu's eval and generate
-    decode)."""
+    SYSTEM), the stop tokens (EOS and the template's end-of-turn special tokens) and the run's generation defaults
+    (greedy, as hfgpu's eval and generate decode)."""
     template, system = ollama_template(tokenizer)
     stops = []
     for t in [tokenizer.eos_token] + [t for t in tokenizer.all_special_tokens if t in template]:

@@ -50,9 +50,6 @@ def test_bad_recipe_files(tmp_path):
 
 
 def test_a_package_path_names_a_file_in_an_installed_package_or_says_how_to_install_it():
-    import pytest
-
-    from hfgpu.errors import HfgpuError
     from hfgpu.recipe import resolve_path
 
     assert resolve_path("package:hfgpu/resources/demo/dates_eval.jsonl").endswith("hfgpu/resources/demo/dates_eval.jsonl")
