@@ -133,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a finished run as a GGUF file (llama.cpp, Ollama, LM Studio)")
     ex.add_argument("run", help="the run's output_dir (a LoRA/QLoRA run is merged into its base first)")
-    ex.add_argument("--format", default="gguf", help="gguf: the merged or full model")
-    ex.add_argument("--quant", default="q8_0", help="f32 | f16 | bf16 | q8_0 | q4_0 (default q8_0)")
-    ex.add_argument("--out", help="the .gguf file to write (default: RUN/model-QUANT.gguf, or in the --ollama folder)")
+    ex.add_argument("--format", default="gguf", help="gguf: the merged or full model | gguf-lora: the adapter, for llama.cpp's --lora")
+    ex.add_argument("--quant", help="f32 | f16 | bf16 | q8_0 | q4_0 (default q8_0; gguf-lora: f32 | f16 | bf16 | q8_0, default f16)")
+    ex.add_argument("--out", help="the .gguf file (default: RUN/model-QUANT.gguf, RUN/adapter-QUANT.gguf, or in the --ollama folder)")
     ex.add_argument("--ollama", help="a folder to write the GGUF file and an Ollama Modelfile into")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
@@ -335,9 +335,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from hfgpu.export import export_to
 
-    if args.format != "gguf":
-        raise HfgpuError(f"--format {args.format!r}: the formats are gguf (the merged or full model; llama.cpp LoRA adapters are not yet)")
-    export_to(args.run, quant=args.quant, out=Path(args.out) if args.out else None, ollama=args.ollama, overwrite=args.overwrite)
+    out = Path(args.out) if args.out else None
+    export_to(args.run, quant=args.quant, out=out, ollama=args.ollama, overwrite=args.overwrite, format=args.format)
     return 0
 
 

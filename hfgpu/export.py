@@ -17,6 +17,7 @@ vocabulary, merges, token types, special ids, the pre-tokenizer name llama.cpp r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from hfgpu.errors import HfgpuError
@@ -63,6 +64,15 @@ def check_architecture(config) -> tuple[str, bool]:
             "for another, merge the run (hfgpu merge) and use llama.cpp's convert_hf_to_gguf.py"
         )
     return ARCHITECTURES[model_type]
+
+
+_ROTARY = ("q_proj.weight", "k_proj.weight")  # the rows llama.cpp's rope reads interleaved
+
+
+def _laid_out(tensor, heads: int | None):
+    """`tensor` detached, its rows permuted to llama.cpp's rope layout when `heads` is given (q/k of llama)."""
+    tensor = tensor.detach()
+    return _permute(tensor, heads).contiguous() if heads else tensor
 
 
 def _permute(w, n_head: int):
@@ -166,11 +176,35 @@ def _tokenizer_metadata(writer, tokenizer, config) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def _write_tensors(writer, plan) -> int:
+    """The header and tensor table from shapes alone, then each tensor converted and written a slice at a time;
+    `plan` is [(gguf name, GGML type, shape, a function giving the torch tensor)], each tensor made only when it is
+    written (a permuted copy is one tensor at a time). Returns the bytes of tensor data."""
+    import gguf
+    import numpy as np
+
+    plain = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+    for new, kind, shape, _ in plan:
+        dtype = plain.get(kind, np.uint8)
+        byte_shape = shape if kind in plain else gguf.quant_shape_to_byte_shape(shape, kind)
+        nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
+        writer.add_tensor_info(new, byte_shape if dtype is np.uint8 else shape, np.dtype(dtype), nbytes, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total = 0
+    for _, kind, _, make in plan:
+        streamed = _Streamed(make(), kind)
+        writer.write_tensor_data(streamed)  # the writer asks for its bytes and calls tofile: converted slice by slice
+        total += streamed.nbytes
+    writer.close()
+    return total
+
+
 def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "model", say=print) -> Exported:
     """`model` (a transformers causal LM of a supported architecture, in any float dtype) and its tokenizer to one
     GGUF file, tensor by tensor."""
     import gguf
-    import numpy as np
 
     check_quant(quant)
     config = model.config
@@ -200,8 +234,9 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
     _tokenizer_metadata(writer, tokenizer, config)
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    plan = []  # (gguf name, hf name, GGML type, shape)
-    for hf_name, p in model.state_dict().items():
+    state = model.state_dict()
+    plan = []  # (gguf name, GGML type, shape, a function giving the tensor as llama.cpp lays it out)
+    for hf_name, p in state.items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads a missing output.weight as tied to token_embd
         if "rotary_emb" in hf_name:
@@ -209,32 +244,86 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
         new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise HfgpuError(f"GGUF export: no llama.cpp name for tensor {hf_name!r} of model type {config.model_type!r}")
-        shape = tuple(p.shape)
-        plan.append((new, hf_name, _tensor_type(new, quant, shape), shape))
-    state = model.state_dict()
-    for new, _, kind, shape in plan:
-        byte_shape = (
-            gguf.quant_shape_to_byte_shape(shape, kind)
-            if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-            else shape
-        )
-        dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(kind, np.uint8)
-        nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
-        writer.add_tensor_info(new, byte_shape if dtype is np.uint8 else shape, np.dtype(dtype), nbytes, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    total = 0
-    for new, hf_name, kind, _ in plan:
-        source = state[hf_name].detach()
-        if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            source = _permute(source, n_head if hf_name.endswith("q_proj.weight") else n_kv).contiguous()
-        streamed = _Streamed(source, kind)
-        writer.write_tensor_data(streamed)  # the writer asks for its bytes and calls tofile: converted slice by slice
-        total += streamed.nbytes
-    writer.close()
+        heads = (n_head if hf_name.endswith("q_proj.weight") else n_kv) if permute and hf_name.endswith(_ROTARY) else None
+        plan.append((new, _tensor_type(new, quant, tuple(p.shape)), tuple(p.shape), partial(_laid_out, p, heads)))
+    total = _write_tensors(writer, plan)
     say(f"wrote {out} ({quant}, {len(plan)} tensors, {total / 2**20:.1f} MiB of tensor data)")
     return Exported(path=out, quant=quant, tensors=len(plan), bytes=out.stat().st_size)
+
+
+ADAPTER_QUANTS = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's own convert_lora_to_gguf.py writes
+_MERGED = "export --format gguf (the merged model) instead"
+
+
+def check_adapter_quant(quant: str) -> None:
+    if quant not in ADAPTER_QUANTS:
+        choices = ", ".join(ADAPTER_QUANTS)
+        raise HfgpuError(f"--quant {quant!r} for --format gguf-lora is not one of {choices} (an adapter is small: f16 is the default)")
+
+
+def _adapter_alpha(cfg: dict, where: str) -> float:
+    """The `adapter.lora.alpha` that makes llama.cpp's scale (alpha / rank, per tensor) equal peft's, or a refusal
+    for what a llama.cpp adapter cannot carry."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise HfgpuError(f"{where} is a {cfg.get('peft_type')} adapter: llama.cpp takes LoRA adapters only; {_MERGED}")
+    unsupported = {"use_dora": "DoRA magnitudes", "modules_to_save": "fully trained modules", "alpha_pattern": "per-module alphas"}
+    for key, what in unsupported.items():
+        if cfg.get(key):
+            raise HfgpuError(f"{where} has {what} ({key}), which a llama.cpp adapter cannot carry: {_MERGED}")
+    if cfg.get("bias", "none") != "none":
+        raise HfgpuError(f"{where} trains biases (bias={cfg['bias']!r}), which a llama.cpp adapter cannot carry: {_MERGED}")
+    alpha = float(cfg["lora_alpha"])
+    # rsLoRA scales by alpha / sqrt(r); llama.cpp divides by r, so the stored alpha is alpha · sqrt(r)
+    return alpha * float(cfg["r"]) ** 0.5 if cfg.get("use_rslora") else alpha
+
+
+def write_gguf_lora(adapter_dir: str | Path, config, out: Path, quant: str = "f16", name: str = "adapter", say=print) -> Exported:
+    """A peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors) as the GGUF adapter llama.cpp
+    applies with `--lora` to a GGUF of the base (`config`: the base's transformers config): tensors named after
+    the base's (`blk.0.attn_q.weight.lora_a` / `.lora_b`), A as (r, in) and B as (out, r), llama's q/k rows of B
+    permuted as the base's are, and `adapter.lora.alpha` so that llama.cpp's alpha / r is peft's scale."""
+    import json
+
+    import gguf
+    from safetensors import safe_open
+
+    check_adapter_quant(quant)
+    adapter_dir = Path(adapter_dir)
+    alpha = _adapter_alpha(json.loads((adapter_dir / "adapter_config.json").read_text()), str(adapter_dir))
+    arch_name, permute = check_architecture(config)
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch_name]
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(out), arch_name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(name)
+    plan = []
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        keys = sorted(f.keys())
+        for key in keys:
+            if ".lora_A." not in key and ".lora_B." not in key:
+                raise HfgpuError(f"{adapter_dir} holds {key!r}, not a LoRA A/B matrix: {_MERGED}")
+            base = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
+            if base.endswith(("embed_tokens.weight", "lm_head.weight")):
+                module = base.removesuffix(".weight")
+                raise HfgpuError(f"{adapter_dir} adapts {module}, which llama.cpp adapters do not take: {_MERGED}")
+            new = names.get_name(base, try_suffixes=(".weight",))
+            if new is None:
+                raise HfgpuError(f"GGUF adapter export: no llama.cpp name for {base!r} of model type {config.model_type!r}")
+            is_b = ".lora_B." in key
+            heads = (n_head if base.endswith("q_proj.weight") else n_kv) if permute and is_b and base.endswith(_ROTARY) else None
+            shape = tuple(f.get_slice(key).get_shape())
+            kind = _tensor_type(new, quant, shape)
+            plan.append((f"{new}.lora_{'b' if is_b else 'a'}", kind, shape, partial(_laid_out_key, f, key, heads)))
+        total = _write_tensors(writer, plan)
+    say(f"wrote {out} ({quant} LoRA adapter, {len(plan)} tensors, {total / 2**20:.1f} MiB of tensor data)")
+    return Exported(path=out, quant=quant, tensors=len(plan), bytes=out.stat().st_size)
+
+
+def _laid_out_key(f, key: str, heads: int | None):
+    return _laid_out(f.get_tensor(key), heads)
 
 
 def _rope_theta(config) -> float:
@@ -265,6 +354,36 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwr
     finally:
         tmp.unlink(missing_ok=True)
     say(f"exported {run.path} → {out} ({quant}, {result.tensors} tensors, {out.stat().st_size / 2**20:.1f} MiB)")
+    return Exported(path=out, quant=quant, tensors=result.tensors, bytes=out.stat().st_size)
+
+
+def export_adapter(run_dir: str | Path, out: str | Path, quant: str = "f16", overwrite: bool = False, say=print) -> Exported:
+    """A finished LoRA/QLoRA run's adapter (not merged) as a llama.cpp GGUF adapter, for `llama-cli -m BASE.gguf
+    --lora OUT`: the base as GGUF is the file the run trained on when that was a GGUF, else a GGUF of the same base
+    model (a QLoRA adapter, trained on the 4-bit base, applies to a 16-bit or q8_0 GGUF of it as it does to the
+    16-bit base in `hfgpu merge`)."""
+    from hfgpu.hub import Run
+    from hfgpu.models import load_config, pretrained_config
+
+    check_adapter_quant(quant)
+    out = Path(out)
+    _check_out(out, overwrite)
+    run = Run(run_dir)
+    if not run.is_adapter:
+        raise HfgpuError(f"--format gguf-lora: {str(run_dir)!r} is a full fine-tune, not a LoRA adapter: {_MERGED}")
+    base = run.base_model_path
+    config = pretrained_config(load_config(base)[2])  # a GGUF base's config comes from its metadata
+    check_architecture(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        result = write_gguf_lora(run.path, config, tmp, quant, name=Path(run.path).name, say=lambda *a: None)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    say(f"exported the adapter of {run.path} → {out} ({quant}, {result.tensors} tensors, {out.stat().st_size / 2**20:.1f} MiB)")
+    shown = base if base.lower().endswith(".gguf") else f"<a GGUF of {run.base_model}>"
+    say(f"run it with: llama-cli -m {shown} --lora {out}")
     return Exported(path=out, quant=quant, tensors=result.tensors, bytes=out.stat().st_size)
 
 
@@ -360,13 +479,31 @@ def ollama_modelfile(tokenizer, gguf_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+FORMATS = ("gguf", "gguf-lora")
+
+
 def export_to(
-    run_dir: str | Path, quant: str = "q8_0", out: Path | None = None, ollama: str | None = None, overwrite: bool = False, say=print
+    run_dir: str | Path,
+    quant: str | None = None,
+    out: Path | None = None,
+    ollama: str | None = None,
+    overwrite: bool = False,
+    format: str = "gguf",
+    say=print,
 ):
     """`hfgpu export`: the GGUF file (default RUN/model-QUANT.gguf, or inside the --ollama folder) and, with
-    `ollama`, a Modelfile beside it; says how to run it."""
+    `ollama`, a Modelfile beside it; says how to run it. `format="gguf-lora"`: the adapter alone
+    (RUN/adapter-QUANT.gguf), for llama.cpp's --lora."""
     from hfgpu.hub import Run
 
+    if format not in FORMATS:
+        raise HfgpuError(f"--format {format!r} is not one of {', '.join(FORMATS)} (gguf: the merged or full model; gguf-lora: the adapter)")
+    if format == "gguf-lora":
+        if ollama:
+            raise HfgpuError(f"--ollama with --format gguf-lora: the Ollama export is the merged model; {_MERGED}")
+        quant = quant or "f16"
+        return export_adapter(run_dir, out or Path(run_dir) / f"adapter-{quant}.gguf", quant, overwrite, say)
+    quant = quant or "q8_0"
     folder = Path(ollama) if ollama else None
     if folder is not None and folder.exists() and not folder.is_dir():
         raise HfgpuError(f"--ollama {str(folder)!r} is a file: name a folder for the GGUF file and the Modelfile")

@@ -92,6 +92,22 @@ def tiny_model_of(model_type: str, tokenizer):
     return model
 
 
+def tiny_lora_of(model, folder, use_rslora: bool = False):
+    """`model` wrapped (in place) in a rank-8 LoRA on every linear layer, its B matrices moved off their zero init so
+    that the adapter changes the logits, saved to `folder` as peft saves an adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=use_rslora))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    peft.save_pretrained(folder)
+    return peft.eval()
+
+
 import pytest
 
 DEMO = ROOT / "hfgpu" / "resources" / "demo"

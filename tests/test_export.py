@@ -8,11 +8,11 @@ import hashlib
 
 import pytest
 import torch
-from conftest import DEMO, recipe_dict, tiny_model_of
+from conftest import DEMO, recipe_dict, tiny_lora_of, tiny_model_of
 
 from hfgpu.cli import main as hfgpu_main
 from hfgpu.errors import HfgpuError
-from hfgpu.export import export_run, ollama_modelfile, ollama_template, write_gguf
+from hfgpu.export import export_run, ollama_modelfile, ollama_template, write_gguf, write_gguf_lora
 from hfgpu.finetune import finetune
 from hfgpu.recipe import validate_recipe
 
@@ -148,7 +148,13 @@ def test_bad_export_input_is_one_line_and_overwrites_nothing(lora_run, tmp_path,
         ),
         (["export", str(lora_run), "--out", str(tmp_path / "a.bin")], ["does not end in .gguf"]),
         (["export", str(tmp_path), "--out", str(tmp_path / "b.gguf")], ["plan.json"]),
-        (["export", str(lora_run), "--format", "gguf-lora", "--out", str(tmp_path / "c.gguf")], ["'gguf-lora'", "not yet"]),
+        (["export", str(lora_run), "--format", "ggml", "--out", str(tmp_path / "c.gguf")], ["'ggml'", "gguf, gguf-lora"]),
+        (
+            ["export", str(lora_run), "--format", "gguf-lora", "--quant", "q4_0", "--out", str(tmp_path / "c.gguf")],
+            ["'q4_0'", "f32, f16, bf16, q8_0"],
+        ),
+        (["export", str(lora_run), "--format", "gguf-lora", "--ollama", str(tmp_path / "o")], ["--ollama", "merged"]),
+        (["export", str(lora_run), "--format", "gguf-lora", "--out", str(existing)], ["exists", "--overwrite"]),
     ]
     for argv, words in cases:
         assert hfgpu_main(argv) == 2, argv
@@ -158,6 +164,61 @@ def test_bad_export_input_is_one_line_and_overwrites_nothing(lora_run, tmp_path,
             assert w in err, (w, err)
     assert hashlib.sha256(existing.read_bytes()).hexdigest() == digest
     assert not list(tmp_path.glob("*.part"))
+
+
+def _tensors(path) -> dict:
+    import gguf
+    import numpy as np
+
+    return {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("model_type,rslora", [("llama", False), ("llama-untied", True), ("qwen2", False), ("qwen3", False)])
+def test_a_gguf_lora_adapter_applied_as_llama_cpp_applies_it_gives_the_merged_models_tensors(model_type, rslora, tmp_path):
+    """llama.cpp adds (alpha / r) · B · A to each adapted tensor, r read from B's shape (llama-adapter.h): hfgpu's
+    base GGUF plus its adapter GGUF so applied equal its GGUF of the merged model tensor by tensor (llama's q/k rows
+    permuted alike; rsLoRA's alpha / sqrt(r) carried in the alpha), with one A/B pair per adapted linear layer. The
+    merged export is the one transformers' reader checks above; llama.cpp itself applies the adapter in
+    test_llama_cpp.py."""
+    import gguf
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
+    model = tiny_model_of(model_type, tokenizer)
+    write_gguf(model, tokenizer, tmp_path / "base.gguf", quant="f32", say=lambda *a: None)
+    peft = tiny_lora_of(model, tmp_path / "adapter", use_rslora=rslora)
+    out = write_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "adapter.gguf", quant="f32", say=lambda *a: None)
+    write_gguf(peft.merge_and_unload(), tokenizer, tmp_path / "merged.gguf", quant="f32", say=lambda *a: None)
+    fields = gguf.GGUFReader(out.path).fields
+    assert fields["general.type"].contents() == "adapter" and fields["adapter.type"].contents() == "lora"
+    assert fields["general.architecture"].contents() == {"llama-untied": "llama"}.get(model_type, model_type)
+    alpha = fields["adapter.lora.alpha"].contents()
+    assert alpha == pytest.approx(16 * 8**0.5 if rslora else 16)
+    base, adapter, merged = _tensors(tmp_path / "base.gguf"), _tensors(out.path), _tensors(tmp_path / "merged.gguf")
+    pairs = {name.removesuffix(".lora_a") for name in adapter if name.endswith(".lora_a")}
+    assert len(pairs) == 7 * 2 and set(adapter) == {p + s for p in pairs for s in (".lora_a", ".lora_b")}
+    assert set(merged) == set(base) and pairs <= set(base)
+    for name, expected in merged.items():
+        weight = base[name]
+        if name in pairs:
+            a, b = adapter[name + ".lora_a"], adapter[name + ".lora_b"]
+            assert a.shape == (8, weight.shape[1]) and b.shape == (weight.shape[0], 8)
+            assert not np.allclose(weight, expected, atol=1e-4)  # the adapter changes this tensor
+            weight = weight + alpha / b.shape[1] * (b @ a)
+        np.testing.assert_allclose(weight, expected, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_hfgpu_export_format_gguf_lora_writes_the_runs_adapter_and_says_how_to_run_it(lora_run, capsys):
+    from hfgpu.hub import Run
+
+    assert hfgpu_main(["export", str(lora_run), "--format", "gguf-lora"]) == 0
+    said = capsys.readouterr().out
+    path = lora_run / "adapter-f16.gguf"
+    tensors = _tensors(path)
+    assert len(tensors) == 2 * 7 * 2  # the demo recipe adapts all 7 linear layers of 2 layers
+    assert f"--lora {path}" in said and f"<a GGUF of {Run(lora_run).base_model}>" in said
+    path.unlink()
 
 
 def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):

@@ -14,9 +14,9 @@ demo's model package is installed."""
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO, tiny_model_of
+from conftest import DEMO, tiny_lora_of, tiny_model_of
 
-from hfgpu.export import write_gguf
+from hfgpu.export import write_gguf, write_gguf_lora
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow
@@ -82,6 +82,30 @@ def test_llama_cpp_computes_the_logits_transformers_computes_from_an_f32_export(
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
     with torch.no_grad():
         ours = model.generate(torch.tensor([TOKENS]), max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)[0, len(TOKENS) :]
+    assert _greedy(llm, TOKENS, STEPS) == ours.tolist()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_llama_cpp_applies_the_gguf_lora_adapter_as_peft_does(model_type, tmp_path):
+    """`llama-cli -m base.gguf --lora adapter.gguf`: llama.cpp's logits with hfgpu's adapter file on hfgpu's base
+    file equal peft's with the adapter (and differ from the base's), and the greedy tokens are peft's."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
+    model = tiny_model_of(model_type, tokenizer)
+    write_gguf(model, tokenizer, tmp_path / "base.gguf", quant="f32", say=lambda *a: None)
+    with torch.no_grad():
+        plain = model(torch.tensor([TOKENS])).logits[0]
+    peft = tiny_lora_of(model, tmp_path / "adapter")
+    write_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "adapter.gguf", quant="f32", say=lambda *a: None)
+    with torch.no_grad():
+        expected = peft(torch.tensor([TOKENS])).logits[0]
+        ours = peft.generate(torch.tensor([TOKENS]), max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)[0, len(TOKENS) :]
+    assert ((expected - plain).norm() / plain.norm()).item() > 1e-2  # the adapter matters
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = _llama(tmp_path / "base.gguf", lora_path=str(tmp_path / "adapter.gguf"), n_ctx=64, logits_all=True, type_k=f32, type_v=f32)
+    got = _llama_cpp_logits(llm, TOKENS)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
     assert _greedy(llm, TOKENS, STEPS) == ours.tolist()
 
 
