@@ -272,6 +272,8 @@ def _adapter_alpha(cfg: dict, where: str) -> float:
             raise HfgpuError(f"{where} has {what} ({key}), which a llama.cpp adapter cannot carry: {_MERGED}")
     if cfg.get("bias", "none") != "none":
         raise HfgpuError(f"{where} trains biases (bias={cfg['bias']!r}), which a llama.cpp adapter cannot carry: {_MERGED}")
+    if cfg.get("use_rslora") and cfg.get("rank_pattern"):  # one stored alpha cannot give alpha / sqrt(r) for several r
+        raise HfgpuError(f"{where} is rsLoRA with per-module ranks (rank_pattern), which a llama.cpp adapter cannot carry: {_MERGED}")
     alpha = float(cfg["lora_alpha"])
     # rsLoRA scales by alpha / sqrt(r); llama.cpp divides by r, so the stored alpha is alpha · sqrt(r)
     return alpha * float(cfg["r"]) ** 0.5 if cfg.get("use_rslora") else alpha

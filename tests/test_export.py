@@ -12,7 +12,7 @@ from conftest import DEMO, recipe_dict, tiny_lora_of, tiny_model_of
 
 from hfgpu.cli import main as hfgpu_main
 from hfgpu.errors import HfgpuError
-from hfgpu.export import export_run, ollama_modelfile, ollama_template, write_gguf, write_gguf_lora
+from hfgpu.export import export_adapter, export_run, ollama_modelfile, ollama_template, write_gguf, write_gguf_lora
 from hfgpu.finetune import finetune
 from hfgpu.recipe import validate_recipe
 
@@ -207,6 +207,31 @@ def test_a_gguf_lora_adapter_applied_as_llama_cpp_applies_it_gives_the_merged_mo
             assert not np.allclose(weight, expected, atol=1e-4)  # the adapter changes this tensor
             weight = weight + alpha / b.shape[1] * (b @ a)
         np.testing.assert_allclose(weight, expected, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "fully trained modules"),
+        ({"bias": "all"}, "trains biases"),
+        ({"alpha_pattern": {"q_proj": 32}}, "per-module alphas"),
+        ({"use_rslora": True, "rank_pattern": {"q_proj": 4}}, "rsLoRA with per-module ranks"),
+        ({"peft_type": "IA3"}, "IA3 adapter"),
+    ],
+)
+def test_what_a_llama_cpp_adapter_cannot_carry_is_refused_with_the_merged_export_named(lora_run, tmp_path, change, words):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(HfgpuError, match=words) as e:
+        export_adapter(run, tmp_path / "a.gguf", say=lambda *a: None)
+    assert "--format gguf (the merged model)" in str(e.value)
+    assert not list(tmp_path.glob("*.gguf*"))
 
 
 def test_hfgpu_export_format_gguf_lora_writes_the_runs_adapter_and_says_how_to_run_it(lora_run, capsys):
