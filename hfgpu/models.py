@@ -147,7 +147,31 @@ def gguf_source(path: Any) -> tuple[str, dict]:
 
 
 def _gguf_config(text: str) -> dict:
-    """A GGUF file's config, from its metadata (transformers' reader; tensors are not read)."""
+    """A GGUF file's config, from its metadata (transformers' reader; tensors are not read), kept in the user cache
+    under the file's path, size and modification time and the transformers version: reading it parses the whole
+    vocabulary (~10 s for SmolLM2's 49k tokens), and plan, finetune, generate and export each ask for it."""
+    file = Path(text).expanduser().resolve()
+    stat = file.stat()
+    tf_version = metadata.version("transformers")
+    blob = f"{file}|{stat.st_size}|{stat.st_mtime_ns}|{tf_version}"
+    path = cache_dir() / f"gguf-{hashlib.sha256(blob.encode()).hexdigest()[:32]}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        pass  # not cached yet, or a damaged cache file: read the GGUF
+    d = _read_gguf_config(text)
+    try:
+        d = json.loads(json.dumps(d))  # as a config.json holds it (id2label's keys strings): the same dict cached or not
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(d))
+        tmp.replace(path)
+    except (OSError, TypeError):
+        pass  # a read-only home (or a value JSON cannot hold) only costs speed
+    return d
+
+
+def _read_gguf_config(text: str) -> dict:
     from transformers import AutoConfig
 
     folder, extra = gguf_source(text)

@@ -280,6 +280,28 @@ def test_a_gguf_file_is_a_base_the_planner_plans_and_training_fine_tunes(lora_ru
     assert (tmp_path / "merged-from-gguf" / "model.safetensors").is_file()
 
 
+def test_a_gguf_files_config_is_read_once_and_read_again_when_the_file_changes(lora_run, tmp_path, monkeypatch):
+    """Reading a GGUF's config parses its whole vocabulary; the user cache keeps it under the file's path, size and
+    modification time."""
+    import os
+
+    from hfgpu import models
+
+    monkeypatch.setenv("HFGPU_CACHE", str(tmp_path / "cache"))
+    gguf = export_run(lora_run, tmp_path / "base.gguf", quant="f16", say=lambda *a: None).path
+    first = models._gguf_config(str(gguf))
+    assert len(list((tmp_path / "cache").rglob("gguf-*.json"))) == 1
+
+    def unread(text):
+        raise AssertionError("read the GGUF again")
+
+    monkeypatch.setattr(models, "_read_gguf_config", unread)
+    assert models._gguf_config(str(gguf)) == first
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))  # the file changed
+    with pytest.raises(AssertionError, match="read the GGUF again"):
+        models._gguf_config(str(gguf))
+
+
 def test_a_file_that_is_not_a_readable_gguf_model_is_one_line(tmp_path, capsys):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00not a model")
