@@ -16,6 +16,7 @@ vocabulary, merges, token types, special ids, the pre-tokenizer name llama.cpp r
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -67,6 +68,24 @@ def check_architecture(config) -> tuple[str, bool]:
 
 
 _ROTARY = ("q_proj.weight", "k_proj.weight")  # the rows llama.cpp's rope reads interleaved
+
+
+def _layout(config):
+    """(llama.cpp architecture name, its HF → GGUF tensor-name map, rope_heads): rope_heads(hf_name) is the head
+    count whose q/k rows llama.cpp wants permuted (q: heads, k: KV heads; llama only), else None."""
+    import gguf
+
+    arch_name, permute = check_architecture(config)
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch_name]
+    n_head = config.num_attention_heads
+    n_kv = config.num_key_value_heads or n_head
+
+    def rope_heads(hf_name: str) -> int | None:
+        if not (permute and hf_name.endswith(_ROTARY)):
+            return None
+        return n_head if hf_name.endswith("q_proj.weight") else n_kv
+
+    return arch_name, gguf.get_tensor_name_map(arch, config.num_hidden_layers), rope_heads
 
 
 def _laid_out(tensor, heads: int | None):
@@ -208,11 +227,9 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
 
     check_quant(quant)
     config = model.config
-    arch_name, permute = check_architecture(config)
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch_name]
+    arch_name, names, rope_heads = _layout(config)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(out), arch_name)
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -234,9 +251,8 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
     _tokenizer_metadata(writer, tokenizer, config)
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    state = model.state_dict()
     plan = []  # (gguf name, GGML type, shape, a function giving the tensor as llama.cpp lays it out)
-    for hf_name, p in state.items():
+    for hf_name, p in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads a missing output.weight as tied to token_embd
         if "rotary_emb" in hf_name:
@@ -244,8 +260,7 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
         new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise HfgpuError(f"GGUF export: no llama.cpp name for tensor {hf_name!r} of model type {config.model_type!r}")
-        heads = (n_head if hf_name.endswith("q_proj.weight") else n_kv) if permute and hf_name.endswith(_ROTARY) else None
-        plan.append((new, _tensor_type(new, quant, tuple(p.shape)), tuple(p.shape), partial(_laid_out, p, heads)))
+        plan.append((new, _tensor_type(new, quant, tuple(p.shape)), tuple(p.shape), partial(_laid_out, p, rope_heads(hf_name))))
     total = _write_tensors(writer, plan)
     say(f"wrote {out} ({quant}, {len(plan)} tensors, {total / 2**20:.1f} MiB of tensor data)")
     return Exported(path=out, quant=quant, tensors=len(plan), bytes=out.stat().st_size)
@@ -292,10 +307,7 @@ def write_gguf_lora(adapter_dir: str | Path, config, out: Path, quant: str = "f1
     check_adapter_quant(quant)
     adapter_dir = Path(adapter_dir)
     alpha = _adapter_alpha(json.loads((adapter_dir / "adapter_config.json").read_text()), str(adapter_dir))
-    arch_name, permute = check_architecture(config)
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch_name]
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    arch_name, names, rope_heads = _layout(config)
     writer = gguf.GGUFWriter(str(out), arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -303,8 +315,7 @@ def write_gguf_lora(adapter_dir: str | Path, config, out: Path, quant: str = "f1
     writer.add_name(name)
     plan = []
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
-        keys = sorted(f.keys())
-        for key in keys:
+        for key in sorted(f.keys()):
             if ".lora_A." not in key and ".lora_B." not in key:
                 raise HfgpuError(f"{adapter_dir} holds {key!r}, not a LoRA A/B matrix: {_MERGED}")
             base = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
@@ -315,7 +326,7 @@ def write_gguf_lora(adapter_dir: str | Path, config, out: Path, quant: str = "f1
             if new is None:
                 raise HfgpuError(f"GGUF adapter export: no llama.cpp name for {base!r} of model type {config.model_type!r}")
             is_b = ".lora_B." in key
-            heads = (n_head if base.endswith("q_proj.weight") else n_kv) if permute and is_b and base.endswith(_ROTARY) else None
+            heads = rope_heads(base) if is_b else None  # the permutation of W's rows is B's
             shape = tuple(f.get_slice(key).get_shape())
             kind = _tensor_type(new, quant, shape)
             plan.append((f"{new}.lora_{'b' if is_b else 'a'}", kind, shape, partial(_laid_out_key, f, key, heads)))
@@ -333,6 +344,19 @@ def _rope_theta(config) -> float:
     return params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
 
 
+@contextmanager
+def _replacing(out: Path):
+    """A temporary path beside `out` to write; `out` (new, or an existing file) is replaced only once the new file
+    is whole, and the temporary one is removed whatever happens."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        yield tmp
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwrite: bool = False, say=print) -> Exported:
     """A finished run (its LoRA merged into the 16-bit base, or its full model) to a GGUF file."""
     from hfgpu.hub import Run
@@ -348,13 +372,8 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwr
     check_architecture(model.config)
     if run.is_adapter:
         model = model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    try:
+    with _replacing(out) as tmp:
         result = write_gguf(model, tokenizer, tmp, quant, name=Path(run.path).name, say=lambda *a: None)
-        tmp.replace(out)  # an existing file is only replaced once the new one is whole
-    finally:
-        tmp.unlink(missing_ok=True)
     say(f"exported {run.path} → {out} ({quant}, {result.tensors} tensors, {out.stat().st_size / 2**20:.1f} MiB)")
     return Exported(path=out, quant=quant, tensors=result.tensors, bytes=out.stat().st_size)
 
@@ -375,14 +394,8 @@ def export_adapter(run_dir: str | Path, out: str | Path, quant: str = "f16", ove
         raise HfgpuError(f"--format gguf-lora: {str(run_dir)!r} is a full fine-tune, not a LoRA adapter: {_MERGED}")
     base = run.base_model_path
     config = pretrained_config(load_config(base)[2])  # a GGUF base's config comes from its metadata
-    check_architecture(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    try:
+    with _replacing(out) as tmp:
         result = write_gguf_lora(run.path, config, tmp, quant, name=Path(run.path).name, say=lambda *a: None)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     say(f"exported the adapter of {run.path} → {out} ({quant}, {result.tensors} tensors, {out.stat().st_size / 2**20:.1f} MiB)")
     shown = base if base.lower().endswith(".gguf") else f"<a GGUF of {run.base_model}>"
     say(f"run it with: llama-cli -m {shown} --lora {out}")

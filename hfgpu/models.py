@@ -162,13 +162,21 @@ def _gguf_config(text: str) -> dict:
     d = _read_gguf_config(text)
     try:
         d = json.loads(json.dumps(d))  # as a config.json holds it (id2label's keys strings): the same dict cached or not
+    except TypeError:
+        return d  # a value JSON cannot hold: not cached
+    _cache_write(path, d)
+    return d
+
+
+def _cache_write(path: Path, value) -> None:
+    """`value` as JSON at `path` in the user cache, written whole or not at all; a read-only home only costs speed."""
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(d))
+        tmp.write_text(json.dumps(value))
         tmp.replace(path)
-    except (OSError, TypeError):
-        pass  # a read-only home (or a value JSON cannot hold) only costs speed
-    return d
+    except OSError:
+        pass
 
 
 def _read_gguf_config(text: str) -> dict:
@@ -351,13 +359,7 @@ def _inventory(config: dict) -> dict:
             inv = None  # a damaged cache file is recomputed
     if inv is None:
         inv = _count_on_meta(config)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(inv))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home only costs speed
+        _cache_write(path, inv)
     _MEMO[key] = inv
     return inv
 
