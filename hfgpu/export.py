@@ -16,6 +16,7 @@ vocabulary, merges, token types, special ids, the pre-tokenizer name llama.cpp r
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -25,10 +26,19 @@ from hfgpu.errors import HfgpuError
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # model_type → (llama.cpp architecture, whether q_proj/k_proj rows are permuted for its rope layout)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+ARCHITECTURES = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+    "gemma2": ("gemma2", False),
+    "phi3": ("phi3", False),
+}
 # the pre-tokenizer llama.cpp selects by this name (llama-vocab.cpp); by model type, and by the vocabulary's size
 # where one model type ships several (Llama-2's sentencepiece is not byte-level BPE and is refused before this)
 PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "mistral": "llama-bpe"}
+# rope types whose frequencies llama.cpp reads from a `rope_freqs` tensor (per-dimension divisors), by architecture
+ROPE_FREQS_ARCHS = {"llama"}
 SMOLLM_VOCAB = 49152  # SmolLM/SmolLM2's vocabulary: llama.cpp's "smollm" pre-tokenizer
 
 
@@ -76,7 +86,13 @@ def _layout(config):
     import gguf
 
     arch_name, permute = check_architecture(config)
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch_name]
+    arch = {
+        "llama": gguf.MODEL_ARCH.LLAMA,
+        "qwen2": gguf.MODEL_ARCH.QWEN2,
+        "qwen3": gguf.MODEL_ARCH.QWEN3,
+        "gemma2": gguf.MODEL_ARCH.GEMMA2,
+        "phi3": gguf.MODEL_ARCH.PHI3,
+    }[arch_name]
     n_head = config.num_attention_heads
     n_kv = config.num_key_value_heads or n_head
 
@@ -153,34 +169,58 @@ def _convert(array, kind):
 
 
 def _tokenizer_metadata(writer, tokenizer, config) -> None:
-    """The vocabulary as llama.cpp's gpt2 (byte-level BPE) tokenizer reads it."""
+    """The vocabulary as llama.cpp reads it: byte-level BPE as its "gpt2" tokenizer (Llama-3, Qwen, SmolLM2), BPE
+    with byte fallback over "▁"-spaced text (the sentencepiece vocabularies of Llama-2, Mistral, Gemma, Phi-3) as its
+    "llama" tokenizer; then the special ids, whether BOS/EOS are added, and the chat template."""
     import json
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model = backend.get("model", {})
-    if model.get("type") != "BPE" or not model.get("merges") or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
+    byte_level = "ByteLevel" in json.dumps(backend.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or not model.get("merges") or not (byte_level or model.get("byte_fallback")):
         raise HfgpuError(
-            "cannot export this tokenizer to GGUF yet: only byte-level BPE tokenizers (Llama-3, Qwen, SmolLM2) are "
-            "supported; sentencepiece ones (Llama-2, Mistral v0.3) need llama.cpp's convert_hf_to_gguf.py"
+            f"cannot export this tokenizer to GGUF yet (a {model.get('type')} model): supported are byte-level BPE "
+            "(Llama-3, Qwen, SmolLM2) and sentencepiece BPE with byte fallback (Llama-2, Mistral, Gemma, Phi-3); for "
+            "another, merge the run (hfgpu merge) and use llama.cpp's convert_hf_to_gguf.py"
         )
     vocab = tokenizer.get_vocab()
     size = max(config.vocab_size, max(vocab.values()) + 1)
     by_id = {i: t for t, i in vocab.items()}
     special = set(tokenizer.all_special_ids)
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merges = [" ".join(pair) for pair in pairs]
     tokens, types = [], []
     for i in range(size):
         token = by_id.get(i, f"[PAD{i}]")  # rows of the embedding beyond the vocabulary (padded to a multiple)
         tokens.append(token)
-        types.append(3 if i in special else 4 if token in added else 5 if i not in by_id else 1)  # control, user, unused, normal
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    model_type = config.model_type
-    pre = "smollm" if config.vocab_size == SMOLLM_VOCAB else PRE_TOKENIZERS.get(model_type, "default")
-    writer.add_tokenizer_pre(pre)
+        if i in special:
+            types.append(2 if i == tokenizer.unk_token_id and not byte_level else 3)  # unknown, control
+        elif token in added:
+            types.append(4)  # user-defined
+        elif i not in by_id:
+            types.append(5)  # unused
+        elif not byte_level and _BYTE_TOKEN.fullmatch(token):
+            types.append(6)  # byte (the fallback <0xNN> pieces)
+        else:
+            types.append(1)  # normal
+    if byte_level:
+        writer.add_tokenizer_model("gpt2")
+        pre = "smollm" if config.vocab_size == SMOLLM_VOCAB else PRE_TOKENIZERS.get(config.model_type, "default")
+        writer.add_tokenizer_pre(pre)
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        # llama.cpp's sentencepiece tokenizer merges the adjacent pair whose joined token scores highest: a merge's
+        # rank, negated, makes that BPE's merge order; tokens no merge makes (characters, bytes, specials) score 0
+        rank = {}
+        for r, pair in enumerate(pairs):
+            rank.setdefault("".join(pair), -float(r))
+        writer.add_token_scores([rank.get(t, 0.0) if types[i] == 1 else 0.0 for i, t in enumerate(tokens)])
+        writer.add_add_space_prefix(_prepends_space(backend))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    writer.add_token_merges(merges)  # llama.cpp's sentencepiece tokenizer ignores them; transformers' reader uses them
     for setter, token_id in (
         (writer.add_bos_token_id, tokenizer.bos_token_id),
         (writer.add_eos_token_id, tokenizer.eos_token_id),
@@ -189,10 +229,29 @@ def _tokenizer_metadata(writer, tokenizer, config) -> None:
     ):
         if token_id is not None:
             setter(token_id)
-    adds_bos = bool(tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
-    writer.add_add_bos_token(adds_bos)
+    ids = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(bool(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]))
+    writer.add_add_eos_token(bool(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]))
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _prepends_space(backend: dict) -> bool:
+    """Whether the tokenizer puts a "▁" before the text (llama.cpp's add_space_prefix): a Metaspace pre-tokenizer
+    that prepends (Llama-2, Mistral), or a normalizer that prepends "▁" (Phi-3's); Gemma's does neither."""
+
+    def parts(node):
+        if not isinstance(node, dict):
+            return []
+        return [node] + [p for key in ("pretokenizers", "normalizers") for child in node.get(key) or [] for p in parts(child)]
+
+    for node in parts(backend.get("pre_tokenizer")):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme", "always") != "never" and node.get("add_prefix_space", True):
+            return True
+    return any(n.get("type") == "Prepend" and n.get("prepend") == "▁" for n in parts(backend.get("normalizer")))
 
 
 def _write_tensors(writer, plan) -> int:
@@ -240,10 +299,16 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
     writer.add_head_count_kv(n_kv)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(_rope_theta(config)))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // n_head:
+    writer.add_rope_dimension_count(int(head_dim * _rope_parameters(config).get("partial_rotary_factor", 1.0)))
+    if head_dim != config.hidden_size // n_head or arch_name == "gemma2":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    extra = _rope_scaling(writer, config, arch_name)
+    if arch_name == "gemma2":
+        _gemma2_metadata(writer, config, head_dim)
+    if arch_name == "phi3":  # as convert_hf_to_gguf.py writes Phi-3: a window of 0 is none
+        writer.add_rope_scaling_orig_ctx_len(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
     writer.add_vocab_size(config.vocab_size)
     file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[quant]  # llama_ftype
     writer.add_file_type(file_type)
@@ -251,7 +316,7 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
     _tokenizer_metadata(writer, tokenizer, config)
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    plan = []  # (gguf name, GGML type, shape, a function giving the tensor as llama.cpp lays it out)
+    plan = list(extra)  # (gguf name, GGML type, shape, a function giving the tensor as llama.cpp lays it out)
     for hf_name, p in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads a missing output.weight as tied to token_embd
@@ -260,10 +325,82 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
         new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise HfgpuError(f"GGUF export: no llama.cpp name for tensor {hf_name!r} of model type {config.model_type!r}")
-        plan.append((new, _tensor_type(new, quant, tuple(p.shape)), tuple(p.shape), partial(_laid_out, p, rope_heads(hf_name))))
+        if arch_name == "gemma2" and hf_name.endswith("norm.weight"):
+            make = partial(_plus_one, p)  # Gemma's RMSNorm scales by 1 + weight; llama.cpp's by the weight
+        else:
+            make = partial(_laid_out, p, rope_heads(hf_name))
+        plan.append((new, _tensor_type(new, quant, tuple(p.shape)), tuple(p.shape), make))
     total = _write_tensors(writer, plan)
     say(f"wrote {out} ({quant}, {len(plan)} tensors, {total / 2**20:.1f} MiB of tensor data)")
     return Exported(path=out, quant=quant, tensors=len(plan), bytes=out.stat().st_size)
+
+
+def _plus_one(tensor):
+    return tensor.detach().float() + 1
+
+
+def _rope_parameters(config) -> dict:
+    """transformers 5's `rope_parameters` (one dict, or one per attention type with the same values)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        params = dict(params.get("full_attention") or next(iter(params.values())))
+    return params
+
+
+def _rope_scaling(writer, config, arch_name: str) -> list:
+    """The metadata (and, for Llama-3's scaling, the `rope_freqs` tensor) that makes llama.cpp's rope the model's:
+    plain rope writes nothing; linear scaling its factor; Llama-3's (Llama-3.1/3.2) the per-dimension divisors of
+    the frequencies, computed by transformers' own rope initialisation. Other scalings are refused."""
+    import gguf
+
+    params = _rope_parameters(config)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        return []
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+        return []
+    if rope_type == "llama3" and arch_name in ROPE_FREQS_ARCHS:
+        factors = rope_freq_factors(config)
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        return [(name, gguf.GGMLQuantizationType.F32, tuple(factors.shape), lambda: factors)]
+    raise HfgpuError(
+        f"cannot export rope scaling {rope_type!r} of model type {config.model_type!r} to GGUF yet: supported are "
+        "plain rope, linear scaling and Llama-3's (llama); for another, use llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def rope_freq_factors(config):
+    """llama.cpp's `rope_freqs` for a Llama-3-scaled rope: plain rope's inverse frequencies divided by the scaled
+    ones transformers computes (llama.cpp divides each frequency by its factor)."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = _rope_parameters(config)
+    scaled, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
+    if abs(float(attention_factor) - 1.0) > 1e-12:
+        raise HfgpuError(f"rope scaling {params['rope_type']!r} scales attention by {attention_factor}: not exportable to GGUF yet")
+    dim = 2 * scaled.shape[0]
+    plain = 1.0 / (float(_rope_theta(config)) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (plain / scaled.float()).contiguous()
+
+
+def _gemma2_metadata(writer, config, head_dim: int) -> None:
+    """Gemma-2's soft-capping and sliding window; refused when its attention scale is not the one llama.cpp uses
+    (1/√head_dim, or 1/√(hidden/heads) for the 46-layer 27B)."""
+    scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+    llama_cpp_scalar = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 46 else head_dim
+    if scalar != llama_cpp_scalar:
+        raise HfgpuError(
+            f"Gemma-2 with query_pre_attn_scalar={scalar}: llama.cpp scales attention by 1/sqrt({llama_cpp_scalar}) for "
+            "this shape, so its GGUF would compute another model; only Gemma-2's published shapes export"
+        )
+    if config.attn_logit_softcapping:
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+    if config.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    writer.add_sliding_window(int(config.sliding_window))
 
 
 ADAPTER_QUANTS = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's own convert_lora_to_gguf.py writes
@@ -340,8 +477,7 @@ def _laid_out_key(f, key: str, heads: int | None):
 
 
 def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    return _rope_parameters(config).get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
 
 
 @contextmanager

@@ -67,21 +67,95 @@ def tiny_llama(**overrides):
     return LlamaConfig(**{**base, **overrides})
 
 
-def tiny_model_of(model_type: str, tokenizer):
-    """A 2-layer random model of an export architecture ("llama", "llama-untied", "qwen2", "qwen3") with the given
-    tokenizer's vocabulary, its biases and norms moved off their initial zeros and ones so that a mix-up shows."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+# Chat templates of the sentencepiece families (Gemma-2's and Phi-3's, as their repos ship them, shortened)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+_SPM_SPECIALS = {
+    "llama": ["<unk>", "<s>", "</s>"],
+    "gemma": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
+    "phi3": ["<unk>", "<s>", "</s>"],
+}
+_SPM_CACHE: dict = {}
 
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+def sentencepiece_tokenizer(family: str):
+    """A small sentencepiece-style vocabulary (BPE with byte fallback over "▁"-spaced text: specials, the 256
+    <0xNN> byte pieces, then ~600 pieces trained here on the demo's data) in transformers' own tokenizer class of
+    the family: "llama" (Llama-2, Mistral, TinyLlama), "gemma" (Gemma's, its chat template), "phi3" (Llama-2's with
+    Phi-3's chat tokens and template). Characters outside the training text go through the byte pieces."""
+    if family in _SPM_CACHE:
+        return _SPM_CACHE[family]
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    rows = [json.loads(line) for line in (DEMO / "capitals_train.jsonl").read_text().splitlines()]
+    corpus = [r["instruction"] + " " + r["output"] for r in rows]
+    corpus += [json.loads(line)["messages"][0]["content"] for line in (DEMO / "dates_train.jsonl").read_text().splitlines()]
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer_tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=900, show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(_SPM_SPECIALS[family] + [f"<0x{b:02X}>" for b in range(256)])}
+    for token in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) for m in trained["merges"]]
+    if family == "gemma":
+        tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+        tokenizer.chat_template = GEMMA_TEMPLATE
+    else:
+        tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    if family == "phi3":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+        tokenizer.pad_token = "<|endoftext|>"  # as Phi-3's (and its config's pad_token_id)
+        # Phi-3's tokenizer.json puts the "▁" before the text with a normalizer, not a Metaspace pre-tokenizer
+        from tokenizers import normalizers
+
+        backend = tokenizer.backend_tokenizer
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = None
+        tokenizer.chat_template = PHI3_TEMPLATE
+    _SPM_CACHE[family] = tokenizer
+    return tokenizer
+
+
+def tiny_model_of(model_type: str, tokenizer):
+    """A 2-layer random model of an export architecture with the given tokenizer's vocabulary, its biases and norms
+    moved off their initial zeros and ones so that a mix-up shows: "llama", "llama-untied", "llama3-rope" (Llama-3.1's
+    rope scaling), "qwen2", "qwen3", "gemma2" (Gemma-2's head_dim 256, soft-capping, 1 + weight norms), "phi3"
+    (fused qkv and gate/up)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config, Phi3Config, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     shape = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    llama3_rope = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
     config = {
         "llama": lambda: tiny_llama(tie_word_embeddings=True, **common),
         "llama-untied": lambda: tiny_llama(tie_word_embeddings=False, **common),
+        "llama3-rope": lambda: tiny_llama(
+            tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=llama3_rope, max_position_embeddings=131072, **common
+        ),
         "qwen2": lambda: Qwen2Config(**shape, tie_word_embeddings=True, **common),
         # head_dim 128 as in every Qwen3 (≠ hidden / heads): transformers' reader takes it from Qwen3Config's default,
         # not from the attention.key_length hfgpu writes (llama.cpp's reader uses that)
         "qwen3": lambda: Qwen3Config(**shape, head_dim=128, tie_word_embeddings=False, **common),
+        # head_dim and query_pre_attn_scalar 256 as in Gemma-2 2B/9B (transformers' reader takes both from the defaults)
+        "gemma2": lambda: Gemma2Config(**shape, head_dim=256, query_pre_attn_scalar=256, attn_implementation="eager", **common),
+        "phi3": lambda: Phi3Config(**shape, tie_word_embeddings=False, **common),
     }[model_type]()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -90,6 +164,20 @@ def tiny_model_of(model_type: str, tokenizer):
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+# tokenizer family of each export case; the rest use the demo's byte-level BPE tokenizer
+_CASE_TOKENIZER = {"llama-spm": "llama", "gemma2": "gemma", "phi3": "phi3"}
+
+
+def export_case(case: str):
+    """(model, tokenizer) of an export test case: a tiny_model_of type, or "llama-spm" (a Llama with a Llama-2-style
+    sentencepiece vocabulary); Gemma-2 and Phi-3 come with their families' sentencepiece vocabularies."""
+    from transformers import AutoTokenizer
+
+    family = _CASE_TOKENIZER.get(case)
+    tokenizer = sentencepiece_tokenizer(family) if family else AutoTokenizer.from_pretrained(DEMO / "model")
+    return tiny_model_of("llama" if case == "llama-spm" else case, tokenizer), tokenizer
 
 
 def tiny_lora_of(model, folder, use_rslora: bool = False):

@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 import torch
-from conftest import DEMO, recipe_dict, tiny_lora_of, tiny_model_of
+from conftest import DEMO, export_case, recipe_dict, tiny_lora_of
 
 from hfgpu.cli import main as hfgpu_main
 from hfgpu.errors import HfgpuError
@@ -84,20 +84,96 @@ def test_q8_0_export_differs_from_the_merged_model_only_by_q8_0_rounding(lora_ru
     assert ((read - rounded).norm() / rounded.norm()).item() < 1e-5  # and it is all there is
 
 
-@pytest.mark.parametrize("model_type", ["llama-untied", "qwen2", "qwen3"])
-def test_each_supported_architecture_reads_back_with_its_logits(model_type, tmp_path):
-    """A 2-layer model of each architecture (Qwen's q/k/v biases, Qwen3's q/k norms, an untied lm_head)."""
-    from transformers import AutoTokenizer
+LEADING_SPACE = "  two  spaces, then\n\na blank line"
 
-    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
-    model = tiny_model_of(model_type, tokenizer)
-    config = model.config
+
+@pytest.mark.parametrize("case", ["llama-untied", "qwen2", "qwen3", "llama-spm", "gemma2", "phi3"])
+def test_each_supported_architecture_reads_back_with_its_logits_and_tokenizer(case, tmp_path):
+    """A 2-layer model of each architecture (Qwen's q/k/v biases, Qwen3's q/k norms, an untied lm_head, Gemma-2's
+    1 + weight norms and soft-capping, Phi-3's fused qkv and gate/up) and each tokenizer kind (byte-level BPE;
+    sentencepiece BPE with byte fallback: Llama-2's, Gemma's, Phi-3's, bytes for characters not in the vocabulary):
+    transformers' reader gives the same logits, ids and chat rendering."""
+    model, tokenizer = export_case(case)
     path = tmp_path / "m.gguf"
     write_gguf(model, tokenizer, path, quant="f32", say=lambda *a: None)
     read, tok = _read_back(path)
-    assert read.config.model_type == config.model_type
+    assert read.config.model_type == model.config.model_type
     a, b = _logits(model, tokenizer), _logits(read, tok)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for text in TEXTS + [LEADING_SPACE]:
+        assert tok(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    if tokenizer.chat_template:
+        assert tok.apply_chat_template(CHAT, tokenize=False) == tokenizer.apply_chat_template(CHAT, tokenize=False)
+
+
+def test_a_sentencepiece_vocabulary_is_written_as_llama_cpps_llama_tokenizer(tmp_path):
+    """What llama.cpp's sentencepiece tokenizer reads: model "llama", a merge's rank (negated) as the score of the
+    token it makes, the <0xNN> fallback pieces typed BYTE, <unk> UNKNOWN, the specials CONTROL, and the space prefix
+    the tokenizer adds (Llama-2's Metaspace, Phi-3's normalizer; none for Gemma)."""
+    import gguf
+
+    for case, prefix in (("llama-spm", True), ("phi3", True), ("gemma2", False)):
+        model, tokenizer = export_case(case)
+        path = tmp_path / f"{case}.gguf"
+        write_gguf(model, tokenizer, path, quant="f32", say=lambda *a: None)
+        fields = gguf.GGUFReader(path).fields
+        assert fields["tokenizer.ggml.model"].contents() == "llama"
+        assert fields["tokenizer.ggml.add_space_prefix"].contents() is prefix, case
+        tokens, scores, types = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "scores", "token_type"))
+        vocab = tokenizer.get_vocab()
+        assert types[vocab["<0x41>"]] == 6 and types[tokenizer.unk_token_id] == 2 and types[tokenizer.bos_token_id] == 3
+        first, second = _first_merges(tokenizer)
+        assert scores[vocab["".join(first)]] == 0.0 and scores[vocab["".join(second)]] == -1.0
+        assert tokens[:3] == tokenizer.convert_ids_to_tokens([0, 1, 2])
+
+
+def _first_merges(tokenizer):
+    import json
+
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges[:2]]
+
+
+def test_llama_3_rope_scaling_is_written_as_llama_cpps_rope_freqs(tmp_path):
+    """Llama-3.1/3.2's scaled rope: the `rope_freqs` tensor llama.cpp divides each frequency by, equal to what
+    llama.cpp's own convert_hf_to_gguf.py computes (its formula, written out here), and different from 1 where the
+    scaling acts. llama.cpp running the file is checked in test_llama_cpp.py."""
+    import math
+
+    model, tokenizer = export_case("llama3-rope")
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tokenizer, path, quant="f32", say=lambda *a: None)
+    got = _tensors(path)["rope_freqs.weight"]
+    rope = model.config.rope_parameters
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high, old = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    expected = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            expected.append(1.0)
+        elif wavelen > old / low:
+            expected.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            expected.append(1 / ((1 - smooth) / factor + smooth))
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    assert max(expected) == factor and min(expected) == 1.0
+
+
+def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
+    model, _ = export_case("llama")
+    model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    with pytest.raises(HfgpuError, match="cannot export rope scaling 'yarn' of model type 'llama' to GGUF yet"):
+        write_gguf(model, tokenizer, tmp_path / "y.gguf", say=lambda *a: None)
+    gemma, spm = export_case("gemma2")
+    gemma.config.query_pre_attn_scalar = 144
+    with pytest.raises(HfgpuError, match="query_pre_attn_scalar=144: llama.cpp scales attention by 1/sqrt\\(256\\)"):
+        write_gguf(gemma, spm, tmp_path / "g.gguf", say=lambda *a: None)
 
 
 def test_the_ollama_modelfile_template_reproduces_the_chat_template(lora_run, tmp_path):
@@ -173,7 +249,9 @@ def _tensors(path) -> dict:
     return {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("model_type,rslora", [("llama", False), ("llama-untied", True), ("qwen2", False), ("qwen3", False)])
+@pytest.mark.parametrize(
+    "model_type,rslora", [("llama", False), ("llama-untied", True), ("qwen2", False), ("qwen3", False), ("gemma2", False), ("phi3", False)]
+)
 def test_a_gguf_lora_adapter_applied_as_llama_cpp_applies_it_gives_the_merged_models_tensors(model_type, rslora, tmp_path):
     """llama.cpp adds (alpha / r) · B · A to each adapted tensor, r read from B's shape (llama-adapter.h): hfgpu's
     base GGUF plus its adapter GGUF so applied equal its GGUF of the merged model tensor by tensor (llama's q/k rows
@@ -182,10 +260,9 @@ def test_a_gguf_lora_adapter_applied_as_llama_cpp_applies_it_gives_the_merged_mo
     test_llama_cpp.py."""
     import gguf
     import numpy as np
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
-    model = tiny_model_of(model_type, tokenizer)
+    model, tokenizer = export_case(model_type)
+    linear = sum(isinstance(m, torch.nn.Linear) for name, m in model.named_modules() if ".layers." in name)
     write_gguf(model, tokenizer, tmp_path / "base.gguf", quant="f32", say=lambda *a: None)
     peft = tiny_lora_of(model, tmp_path / "adapter", use_rslora=rslora)
     out = write_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "adapter.gguf", quant="f32", say=lambda *a: None)
@@ -197,7 +274,7 @@ def test_a_gguf_lora_adapter_applied_as_llama_cpp_applies_it_gives_the_merged_mo
     assert alpha == pytest.approx(16 * 8**0.5 if rslora else 16)
     base, adapter, merged = _tensors(tmp_path / "base.gguf"), _tensors(out.path), _tensors(tmp_path / "merged.gguf")
     pairs = {name.removesuffix(".lora_a") for name in adapter if name.endswith(".lora_a")}
-    assert len(pairs) == 7 * 2 and set(adapter) == {p + s for p in pairs for s in (".lora_a", ".lora_b")}
+    assert len(pairs) == linear and set(adapter) == {p + s for p in pairs for s in (".lora_a", ".lora_b")}
     assert set(merged) == set(base) and pairs <= set(base)
     for name, expected in merged.items():
         weight = base[name]
@@ -250,7 +327,9 @@ def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(HfgpuError, match="cannot export model type 'gpt2' to GGUF yet: supported are llama, mistral, qwen2, qwen3"):
+    with pytest.raises(
+        HfgpuError, match="cannot export model type 'gpt2' to GGUF yet: supported are gemma2, llama, mistral, phi3, qwen2, qwen3"
+    ):
         write_gguf(model, AutoTokenizer.from_pretrained(DEMO / "model"), tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists()
 
