@@ -10,8 +10,9 @@ loaded model is one tensor at a time, never the model twice.
 
 Types: f32, f16, bf16, q8_0 and q4_0 (the ones the gguf package quantizes; the k-quants such as q4_k_m need
 llama.cpp's own `llama-quantize`, which takes this file's f16 export). Architectures: llama (and mistral, which
-llama.cpp runs as llama), qwen2, qwen3. Tokenizers: byte-level BPE (Llama-3, Qwen, SmolLM2, the demo's), with the
-vocabulary, merges, token types, special ids, the pre-tokenizer name llama.cpp recognises and the chat template.
+llama.cpp runs as llama), qwen2, qwen3, gemma2, phi3. Tokenizers: byte-level BPE (Llama-3, Qwen, SmolLM2, the
+demo's) and sentencepiece BPE with byte fallback (Llama-2, Mistral, Gemma, Phi-3), with the vocabulary, merges,
+scores, token types, special ids, the pre-tokenizer name llama.cpp recognises and the chat template.
 """
 
 from __future__ import annotations
