@@ -87,13 +87,7 @@ def _layout(config):
     import gguf
 
     arch_name, permute = check_architecture(config)
-    arch = {
-        "llama": gguf.MODEL_ARCH.LLAMA,
-        "qwen2": gguf.MODEL_ARCH.QWEN2,
-        "qwen3": gguf.MODEL_ARCH.QWEN3,
-        "gemma2": gguf.MODEL_ARCH.GEMMA2,
-        "phi3": gguf.MODEL_ARCH.PHI3,
-    }[arch_name]
+    arch = gguf.MODEL_ARCH[arch_name.upper()]
     n_head = config.num_attention_heads
     n_kv = config.num_key_value_heads or n_head
 
@@ -363,7 +357,7 @@ def _rope_scaling(writer, config, arch_name: str) -> list:
         writer.add_rope_scaling_factor(float(params["factor"]))
         return []
     if rope_type == "llama3" and arch_name in ROPE_FREQS_ARCHS:
-        factors = rope_freq_factors(config)
+        factors = _rope_freq_factors(config)
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         return [(name, gguf.GGMLQuantizationType.F32, tuple(factors.shape), lambda: factors)]
     raise HfgpuError(
@@ -372,16 +366,13 @@ def _rope_scaling(writer, config, arch_name: str) -> list:
     )
 
 
-def rope_freq_factors(config):
-    """llama.cpp's `rope_freqs` for a Llama-3-scaled rope: plain rope's inverse frequencies divided by the scaled
-    ones transformers computes (llama.cpp divides each frequency by its factor)."""
+def _rope_freq_factors(config):
+    """llama.cpp's `rope_freqs` for a Llama-3-scaled rope (which leaves attention unscaled): plain rope's inverse
+    frequencies divided by the scaled ones transformers computes (llama.cpp divides each frequency by its factor)."""
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = _rope_parameters(config)
-    scaled, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
-    if abs(float(attention_factor) - 1.0) > 1e-12:
-        raise HfgpuError(f"rope scaling {params['rope_type']!r} scales attention by {attention_factor}: not exportable to GGUF yet")
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     dim = 2 * scaled.shape[0]
     plain = 1.0 / (float(_rope_theta(config)) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     return (plain / scaled.float()).contiguous()
@@ -539,98 +530,6 @@ def export_adapter(run_dir: str | Path, out: str | Path, quant: str = "f16", ove
     return Exported(path=out, quant=quant, tensors=result.tensors, bytes=out.stat().st_size)
 
 
-# --- Ollama -------------------------------------------------------------------------------------------
-
-_MARK = "\x00{}\x00"  # a sentinel no chat template prints
-
-
-def ollama_template(tokenizer) -> tuple[str, str | None]:
-    """The run's chat template as the Go template an Ollama Modelfile takes, and the default system prompt the
-    template inserts when a conversation has none (SmolLM2's, Qwen2.5's; None when it inserts none), derived by
-    rendering the Jinja template around sentinels: each role's text before and after its content, and the generation
-    prompt. The default system prompt becomes the Modelfile's SYSTEM, which Ollama puts first in a conversation that
-    has no system message, as the Jinja template does. Refused when the derived template does not reproduce the Jinja
-    rendering of sample conversations, with and without a system message (templates that treat other turns
-    specially)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise HfgpuError("--ollama needs a chat template: this run's tokenizer has none; set data.chat_template when training")
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
-    empty = render([], False) if _renders_empty(tokenizer) else ""
-    pieces = {}
-    for role in ("system", "user", "assistant"):
-        try:
-            text = render([{"role": role, "content": _MARK.format(role)}], False)
-        except Exception:  # a template may refuse a lone system or assistant message
-            continue
-        before, _, after = text[len(empty) :].partition(_MARK.format(role))
-        pieces[role] = (before, after)
-    default_system = None
-    if "system" in pieces and "user" in pieces:  # a lone user message rendered after a system block it inserted
-        sys_before, sys_after = pieces["system"]
-        before = pieces["user"][0]
-        if sys_before and before.startswith(sys_before) and sys_after in before[len(sys_before) :]:
-            default_system, _, _ = before[len(sys_before) :].partition(sys_after)
-            inserted = sys_before + default_system + sys_after
-            for role in ("user", "assistant"):
-                if role in pieces and pieces[role][0].startswith(inserted):
-                    pieces[role] = (pieces[role][0][len(inserted) :], pieces[role][1])
-    generation = render([{"role": "user", "content": "x"}], True)[len(render([{"role": "user", "content": "x"}], False)) :]
-    sample = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Capital of Peru?"},
-    ]
-    go_render = lambda msgs: (  # noqa: E731  (what the Go template below renders)
-        empty + "".join(pieces[m["role"]][0] + m["content"] + pieces[m["role"]][1] for m in msgs if m["role"] in pieces) + generation
-    )
-    no_system = sample[1:]
-    ollama_adds = [{"role": "system", "content": default_system}] if default_system is not None else []
-    if (
-        "user" not in pieces
-        or "assistant" not in pieces
-        or go_render(sample) != render(sample, True)
-        or go_render(ollama_adds + no_system) != render(no_system, True)
-    ):
-        raise HfgpuError(
-            "--ollama: this chat template treats some turns specially (its rendering is not the same text around each "
-            "message), so no Modelfile TEMPLATE is derived: export with --out only and write the TEMPLATE by hand"
-        )
-    esc = lambda s: s.replace("{{", "{{ `{{` }}")  # noqa: E731  (literal braces in a Go template)
-    branches = "".join(
-        f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{esc(b)}{{{{ .Content }}}}{esc(a)}'
-        for i, (role, (b, a)) in enumerate(pieces.items())
-    )
-    # no {{- trims: every character around the content is the template's own
-    return f"{esc(empty)}{{{{ range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{esc(generation)}", default_system
-
-
-def _renders_empty(tokenizer) -> bool:
-    try:
-        tokenizer.apply_chat_template([], tokenize=False)
-        return True
-    except Exception:
-        return False
-
-
-def ollama_modelfile(tokenizer, gguf_name: str) -> str:
-    """A Modelfile: FROM the exported file, the chat template as Ollama's TEMPLATE (and its default system prompt as
-    SYSTEM), the stop tokens (EOS and the template's end-of-turn special tokens) and the run's generation defaults
-    (greedy, as hfgpu's eval and generate decode)."""
-    template, system = ollama_template(tokenizer)
-    stops = []
-    for t in [tokenizer.eos_token] + [t for t in tokenizer.all_special_tokens if t in template]:
-        if t and t not in stops and t != tokenizer.bos_token:
-            stops.append(t)
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
-    if system is not None:
-        lines.append(f'SYSTEM """{system}"""')
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
-    lines.append("PARAMETER temperature 0")  # greedy: what hfgpu generate and the eval metrics do
-    return "\n".join(lines) + "\n"
-
-
 FORMATS = ("gguf", "gguf-lora")
 
 
@@ -667,6 +566,8 @@ def export_to(
             raise HfgpuError(f"{str(modelfile)!r} exists: choose another --ollama folder, or pass --overwrite to replace it")
         run = Run(run_dir)
         from transformers import AutoTokenizer
+
+        from hfgpu.ollama import ollama_modelfile
 
         text = ollama_modelfile(AutoTokenizer.from_pretrained(run.path), out.name)  # refused before anything is written
         if out.parent.resolve() != folder.resolve():

@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 import tempfile
@@ -82,16 +83,14 @@ _SPM_SPECIALS = {
     "gemma": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
     "phi3": ["<unk>", "<s>", "</s>"],
 }
-_SPM_CACHE: dict = {}
 
 
+@functools.cache
 def sentencepiece_tokenizer(family: str):
     """A small sentencepiece-style vocabulary (BPE with byte fallback over "▁"-spaced text: specials, the 256
     <0xNN> byte pieces, then ~600 pieces trained here on the demo's data) in transformers' own tokenizer class of
     the family: "llama" (Llama-2, Mistral, TinyLlama), "gemma" (Gemma's, its chat template), "phi3" (Llama-2's with
     Phi-3's chat tokens and template). Characters outside the training text go through the byte pieces."""
-    if family in _SPM_CACHE:
-        return _SPM_CACHE[family]
     import json
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -123,7 +122,6 @@ def sentencepiece_tokenizer(family: str):
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         backend.pre_tokenizer = None
         tokenizer.chat_template = PHI3_TEMPLATE
-    _SPM_CACHE[family] = tokenizer
     return tokenizer
 
 

@@ -12,8 +12,9 @@ from conftest import DEMO, export_case, recipe_dict, tiny_lora_of
 
 from hfgpu.cli import main as hfgpu_main
 from hfgpu.errors import HfgpuError
-from hfgpu.export import export_adapter, export_run, ollama_modelfile, ollama_template, write_gguf, write_gguf_lora
+from hfgpu.export import export_adapter, export_run, write_gguf, write_gguf_lora
 from hfgpu.finetune import finetune
+from hfgpu.ollama import ollama_modelfile, ollama_template
 from hfgpu.recipe import validate_recipe
 
 TEXTS = [
