@@ -133,9 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a finished run as a GGUF file (llama.cpp, Ollama, LM Studio)")
     ex.add_argument("run", help="the run's output_dir (a LoRA/QLoRA run is merged into its base first)")
-    ex.add_argument("--format", default="gguf", help="gguf: the merged or full model | gguf-lora: the adapter, for llama.cpp's --lora")
+    ex.add_argument(
+        "--format",
+        default="gguf",
+        help="gguf: the merged or full model | gguf-lora: the adapter, for llama.cpp's --lora | gguf-base: the base it applies to",
+    )
     ex.add_argument("--quant", help="f32 | f16 | bf16 | q8_0 | q4_0 (default q8_0; gguf-lora: f32 | f16 | bf16 | q8_0, default f16)")
-    ex.add_argument("--out", help="the .gguf file (default: RUN/model-QUANT.gguf, RUN/adapter-QUANT.gguf, or in the --ollama folder)")
+    ex.add_argument(
+        "--out",
+        help="the .gguf file (default: RUN/model-QUANT.gguf, RUN/adapter-QUANT.gguf, RUN/base-QUANT.gguf, or in the --ollama folder)",
+    )
     ex.add_argument("--ollama", help="a folder to write the GGUF file and an Ollama Modelfile into")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 

@@ -525,12 +525,47 @@ def export_adapter(run_dir: str | Path, out: str | Path, quant: str = "f16", ove
     with _replacing(out) as tmp:
         result = write_gguf_lora(run.path, config, tmp, quant, name=Path(run.path).name, say=lambda *a: None)
     say(f"exported the adapter of {run.path} → {out} ({quant}, {result.tensors} tensors, {out.stat().st_size / 2**20:.1f} MiB)")
-    shown = base if base.lower().endswith(".gguf") else f"<a GGUF of {run.base_model}>"
-    say(f"run it with: llama-cli -m {shown} --lora {out}")
+    if base.lower().endswith(".gguf"):
+        say(f"run it with: llama-cli -m {base} --lora {out}")
+    else:
+        say(f"the base as GGUF: hfgpu export {run_dir} --format gguf-base --out BASE.gguf; then: llama-cli -m BASE.gguf --lora {out}")
     return Exported(path=out, quant=quant, tensors=result.tensors, bytes=out.stat().st_size)
 
 
-FORMATS = ("gguf", "gguf-lora")
+def export_base(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwrite: bool = False, say=print) -> Exported:
+    """A LoRA/QLoRA run's base model alone (not merged) as GGUF: the file llama.cpp applies the run's
+    `--format gguf-lora` adapter to, for a run whose base came from the Hub or a folder. The base loads as
+    `hfgpu merge` loads it (a QLoRA base unquantized) and is written as `export_run` writes a model, with the
+    run's tokenizer (the one the adapter was trained with)."""
+    from hfgpu.hub import Run
+
+    check_quant(quant)
+    out = Path(out)
+    _check_out(out, overwrite)
+    run = Run(run_dir)
+    if not run.is_adapter:
+        raise HfgpuError(f"--format gguf-base: {str(run_dir)!r} is a full fine-tune, it has no separate base: export it with --format gguf")
+    base = run.base_model_path
+    if base.lower().endswith(".gguf"):
+        raise HfgpuError(
+            f"--format gguf-base: the run's base is already the GGUF file {base!r}: use it with llama-cli -m {base} --lora ADAPTER.gguf"
+        )
+    import torch
+
+    dtype = torch.float32 if run.plan.knobs.precision == "fp32" else torch.bfloat16
+    model, tokenizer = run.load(dtype=dtype)
+    check_architecture(model.config)
+    model = model.unload()  # peft's adapter layers removed, the base's weights as they were
+    with _replacing(out) as tmp:
+        result = write_gguf(model, tokenizer, tmp, quant, name=Path(run.base_model).name, say=lambda *a: None)
+    size = out.stat().st_size
+    say(f"exported the base of {run.path} ({run.base_model}) → {out} ({quant}, {result.tensors} tensors, {size / 2**20:.1f} MiB)")
+    adapter = Path(run_dir) / "adapter-f16.gguf"
+    say(f"with the adapter (hfgpu export {run_dir} --format gguf-lora writes {adapter}): llama-cli -m {out} --lora {adapter}")
+    return Exported(path=out, quant=quant, tensors=result.tensors, bytes=size)
+
+
+FORMATS = ("gguf", "gguf-lora", "gguf-base")
 
 
 def export_to(
@@ -544,11 +579,20 @@ def export_to(
 ):
     """`hfgpu export`: the GGUF file (default RUN/model-QUANT.gguf, or inside the --ollama folder) and, with
     `ollama`, a Modelfile beside it; says how to run it. `format="gguf-lora"`: the adapter alone
-    (RUN/adapter-QUANT.gguf), for llama.cpp's --lora."""
+    (RUN/adapter-QUANT.gguf), for llama.cpp's --lora; `format="gguf-base"`: the base it applies to
+    (RUN/base-QUANT.gguf)."""
     from hfgpu.hub import Run
 
     if format not in FORMATS:
-        raise HfgpuError(f"--format {format!r} is not one of {', '.join(FORMATS)} (gguf: the merged or full model; gguf-lora: the adapter)")
+        raise HfgpuError(
+            f"--format {format!r} is not one of {', '.join(FORMATS)} (gguf: the merged or full model; gguf-lora: the adapter; "
+            "gguf-base: the base alone)"
+        )
+    if format == "gguf-base":
+        if ollama:
+            raise HfgpuError(f"--ollama with --format gguf-base: the Ollama export is the merged model; {_MERGED}")
+        quant = quant or "q8_0"
+        return export_base(run_dir, out or Path(run_dir) / f"base-{quant}.gguf", quant, overwrite, say)
     if format == "gguf-lora":
         if ollama:
             raise HfgpuError(f"--ollama with --format gguf-lora: the Ollama export is the merged model; {_MERGED}")

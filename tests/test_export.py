@@ -5,6 +5,7 @@ difference), and its tokenizer gives the same ids and chat rendering. The Ollama
 the Jinja rendering. Bad input: one line, exit 2, nothing overwritten."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,13 +226,16 @@ def test_bad_export_input_is_one_line_and_overwrites_nothing(lora_run, tmp_path,
         ),
         (["export", str(lora_run), "--out", str(tmp_path / "a.bin")], ["does not end in .gguf"]),
         (["export", str(tmp_path), "--out", str(tmp_path / "b.gguf")], ["plan.json"]),
-        (["export", str(lora_run), "--format", "ggml", "--out", str(tmp_path / "c.gguf")], ["'ggml'", "gguf, gguf-lora"]),
+        (["export", str(lora_run), "--format", "ggml", "--out", str(tmp_path / "c.gguf")], ["'ggml'", "gguf, gguf-lora, gguf-base"]),
         (
             ["export", str(lora_run), "--format", "gguf-lora", "--quant", "q4_0", "--out", str(tmp_path / "c.gguf")],
             ["'q4_0'", "f32, f16, bf16, q8_0"],
         ),
         (["export", str(lora_run), "--format", "gguf-lora", "--ollama", str(tmp_path / "o")], ["--ollama", "merged"]),
         (["export", str(lora_run), "--format", "gguf-lora", "--out", str(existing)], ["exists", "--overwrite"]),
+        (["export", str(lora_run), "--format", "gguf-base", "--out", str(existing)], ["exists", "--overwrite"]),
+        (["export", str(lora_run), "--format", "gguf-base", "--ollama", str(tmp_path / "o")], ["--ollama", "merged"]),
+        (["export", str(lora_run), "--format", "gguf-base", "--quant", "q4_k", "--out", str(tmp_path / "d.gguf")], ["'q4_k'"]),
     ]
     for argv, words in cases:
         assert hfgpu_main(argv) == 2, argv
@@ -313,15 +317,42 @@ def test_what_a_llama_cpp_adapter_cannot_carry_is_refused_with_the_merged_export
 
 
 def test_hfgpu_export_format_gguf_lora_writes_the_runs_adapter_and_says_how_to_run_it(lora_run, capsys):
-    from hfgpu.hub import Run
 
     assert hfgpu_main(["export", str(lora_run), "--format", "gguf-lora"]) == 0
     said = capsys.readouterr().out
     path = lora_run / "adapter-f16.gguf"
     tensors = _tensors(path)
     assert len(tensors) == 2 * 7 * 2  # the demo recipe adapts all 7 linear layers of 2 layers
-    assert f"--lora {path}" in said and f"<a GGUF of {Run(lora_run).base_model}>" in said
+    assert f"--lora {path}" in said and f"hfgpu export {lora_run} --format gguf-base" in said
     path.unlink()
+
+
+def test_hfgpu_export_format_gguf_base_writes_the_base_the_adapter_applies_to(lora_run, tmp_path, capsys):
+    """The base alone: the run's base model, unmerged, tensor for tensor what hfgpu's GGUF writer makes of the
+    base loaded by transformers (not the merged model), with the run's tokenizer; the printed llama-cli command
+    pairs it with the run's adapter. llama.cpp loading the two together: tests/test_llama_cpp.py."""
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfgpu.hub import Run
+
+    out = tmp_path / "base.gguf"
+    assert hfgpu_main(["export", str(lora_run), "--format", "gguf-base", "--quant", "f32", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"llama-cli -m {out} --lora {lora_run / 'adapter-f16.gguf'}" in said
+    base = AutoModelForCausalLM.from_pretrained(Run(lora_run).base_model_path, dtype=torch.float32)
+    write_gguf(base, AutoTokenizer.from_pretrained(lora_run), tmp_path / "expected.gguf", quant="f32", say=lambda *a: None)
+    got, expected = _tensors(out), _tensors(tmp_path / "expected.gguf")
+    merged, _ = _merged(lora_run)
+    write_gguf(merged, AutoTokenizer.from_pretrained(lora_run), tmp_path / "merged.gguf", quant="f32", say=lambda *a: None)
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert any(not np.array_equal(got[n], t) for n, t in _tensors(tmp_path / "merged.gguf").items())  # not the merged model
+    fields = gguf.GGUFReader(out).fields
+    assert fields["general.name"].contents() == Path(Run(lora_run).base_model).name
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == len(AutoTokenizer.from_pretrained(lora_run))
 
 
 def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
@@ -358,6 +389,13 @@ def test_a_gguf_file_is_a_base_the_planner_plans_and_training_fine_tunes(lora_ru
     assert _logits(model, tokenizer).isfinite().all()
     merge(run.path, tmp_path / "merged-from-gguf", say=lambda *a: None)
     assert (tmp_path / "merged-from-gguf" / "model.safetensors").is_file()
+    from hfgpu.export import export_base
+
+    with pytest.raises(HfgpuError, match=f"already the GGUF file '{gguf.resolve()}'"):
+        export_base(run.path, tmp_path / "again.gguf", say=lambda *a: None)
+    with pytest.raises(HfgpuError, match="full fine-tune, it has no separate base: export it with --format gguf"):
+        export_base(tmp_path / "on-gguf-full", tmp_path / "again.gguf", say=lambda *a: None)
+    assert not (tmp_path / "again.gguf").exists()
 
 
 def test_a_gguf_files_config_is_read_once_and_read_again_when_the_file_changes(lora_run, tmp_path, monkeypatch):
