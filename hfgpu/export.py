@@ -485,6 +485,25 @@ def _replacing(out: Path):
         tmp.unlink(missing_ok=True)
 
 
+def _loaded(run):
+    """(model, tokenizer) of a run in its 16-bit type (fp32 for an fp32 plan), a QLoRA base unquantized as
+    `hfgpu merge` loads it; refused before anything is written when llama.cpp cannot run the architecture."""
+    import torch
+
+    model, tokenizer = run.load(dtype=torch.float32 if run.plan.knobs.precision == "fp32" else torch.bfloat16)
+    check_architecture(model.config)
+    return model, tokenizer
+
+
+def _lora_run(run_dir, fmt: str, instead: str):
+    from hfgpu.hub import Run
+
+    run = Run(run_dir)
+    if not run.is_adapter:
+        raise HfgpuError(f"--format {fmt}: {str(run_dir)!r} is a full fine-tune, {instead}")
+    return run
+
+
 def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwrite: bool = False, say=print) -> Exported:
     """A finished run (its LoRA merged into the 16-bit base, or its full model) to a GGUF file."""
     from hfgpu.hub import Run
@@ -493,11 +512,7 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwr
     out = Path(out)
     _check_out(out, overwrite)
     run = Run(run_dir)
-    import torch
-
-    dtype = torch.float32 if run.plan.knobs.precision == "fp32" else torch.bfloat16
-    model, tokenizer = run.load(dtype=dtype)  # a QLoRA base loads unquantized, as hfgpu merge does
-    check_architecture(model.config)
+    model, tokenizer = _loaded(run)
     if run.is_adapter:
         model = model.merge_and_unload()
     with _replacing(out) as tmp:
@@ -511,15 +526,12 @@ def export_adapter(run_dir: str | Path, out: str | Path, quant: str = "f16", ove
     --lora OUT`: the base as GGUF is the file the run trained on when that was a GGUF, else a GGUF of the same base
     model (a QLoRA adapter, trained on the 4-bit base, applies to a 16-bit or q8_0 GGUF of it as it does to the
     16-bit base in `hfgpu merge`)."""
-    from hfgpu.hub import Run
     from hfgpu.models import load_config, pretrained_config
 
     check_adapter_quant(quant)
     out = Path(out)
     _check_out(out, overwrite)
-    run = Run(run_dir)
-    if not run.is_adapter:
-        raise HfgpuError(f"--format gguf-lora: {str(run_dir)!r} is a full fine-tune, not a LoRA adapter: {_MERGED}")
+    run = _lora_run(run_dir, "gguf-lora", f"not a LoRA adapter: {_MERGED}")
     base = run.base_model_path
     config = pretrained_config(load_config(base)[2])  # a GGUF base's config comes from its metadata
     with _replacing(out) as tmp:
@@ -537,24 +549,16 @@ def export_base(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
     `--format gguf-lora` adapter to, for a run whose base came from the Hub or a folder. The base loads as
     `hfgpu merge` loads it (a QLoRA base unquantized) and is written as `export_run` writes a model, with the
     run's tokenizer (the one the adapter was trained with)."""
-    from hfgpu.hub import Run
-
     check_quant(quant)
     out = Path(out)
     _check_out(out, overwrite)
-    run = Run(run_dir)
-    if not run.is_adapter:
-        raise HfgpuError(f"--format gguf-base: {str(run_dir)!r} is a full fine-tune, it has no separate base: export it with --format gguf")
+    run = _lora_run(run_dir, "gguf-base", "it has no separate base: export it with --format gguf")
     base = run.base_model_path
     if base.lower().endswith(".gguf"):
         raise HfgpuError(
             f"--format gguf-base: the run's base is already the GGUF file {base!r}: use it with llama-cli -m {base} --lora ADAPTER.gguf"
         )
-    import torch
-
-    dtype = torch.float32 if run.plan.knobs.precision == "fp32" else torch.bfloat16
-    model, tokenizer = run.load(dtype=dtype)
-    check_architecture(model.config)
+    model, tokenizer = _loaded(run)
     model = model.unload()  # peft's adapter layers removed, the base's weights as they were
     with _replacing(out) as tmp:
         result = write_gguf(model, tokenizer, tmp, quant, name=Path(run.base_model).name, say=lambda *a: None)
