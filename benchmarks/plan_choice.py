@@ -25,10 +25,10 @@ OLD_CHUNKED_LOSS_COST = 0.03
 
 def old_choice(p):
     """The first roomy plan in the old search order, at the new plan's strategy, optimizer and dtypes."""
-    from hfgpu import planner, throughput
-    from hfgpu.knobs import Knobs
+    from hfgpu import search, throughput
+    from hfgpu.knobs import PYTHON, Knobs
 
-    c = planner._context(p.spec, p.gpu, Knobs(), planner.PYTHON, True)
+    c = search.problem(p.spec, p.gpu, Knobs(), PYTHON, True)
     chosen = dict(
         precision=p.precision,
         frozen_dtype=p.knobs.frozen_dtype,
@@ -37,7 +37,7 @@ def old_choice(p):
         optimizer=p.optimizer,
         lora_dropout=p.knobs.lora_dropout,
     )
-    combos = planner._savers(c, **chosen)
+    combos = search._savers(c, **chosen)
 
     def old_cost(combo):
         s = c.setup(**chosen, **combo, micro_batch_size=1)
@@ -51,7 +51,7 @@ def old_choice(p):
         for mb in [top >> i for i in range(top.bit_length())]:
             s = c.setup(**chosen, **combo, micro_batch_size=mb)
             m = c.breakdown(s)
-            if m.fits and not planner._tight(s, m):
+            if m.fits and not search.is_tight(s, m):
                 return s
     return None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from hfgpu.planner import PASCAL_TORCH
+from hfgpu.knobs import PASCAL_TORCH
 from hfgpu.units import gib
 
 

@@ -221,6 +221,10 @@ class Surface:
 
 
 PYTHON, CLI, RECIPE = Surface("python"), Surface("cli"), Surface("recipe")
+# Pascal (cc 6.x): only torch's CUDA 12.6 wheels still carry sm50/sm60 kernels, and bitsandbytes follows torch's CUDA
+# (shared/reference/gpus_notes.md, bitsandbytes and PyTorch wheels sections)
+PASCAL_TORCH = "pip install 'torch<=2.14' --index-url https://download.pytorch.org/whl/cu126"
+
 ALL_LINEAR = "all-linear"  # peft's keyword for lora_targets: every linear layer but the output head, as auto resolves it
 
 

@@ -228,7 +228,7 @@ def test_saver_reasons_quote_the_rules_the_search_used():
     """A saver a rule decides (no GPU, a blocker, fixed by you) carries that rule's words; the search
     never tried what the rule excluded."""
     from hfgpu.knobs import PYTHON, Knobs
-    from hfgpu.planner import _context, _saver_rules, _savers
+    from hfgpu.search import _saver_rules, _savers, problem
 
     cpu = hfgpu.plan("Qwen/Qwen2.5-0.5B", "cpu", strategy="lora", seq_len=256)
     assert cpu.reasons["activation_offloading"] == "off: no GPU"
@@ -241,7 +241,7 @@ def test_saver_reasons_quote_the_rules_the_search_used():
     )
     assert "tiled_mlp (fixed) needs it" in fixed.reasons["gradient_checkpointing"]
 
-    c = _context("Qwen/Qwen2.5-0.5B", "cpu", Knobs(strategy="lora"), PYTHON, False)
+    c = problem("Qwen/Qwen2.5-0.5B", "cpu", Knobs(strategy="lora"), PYTHON, False)
     allowed, rule = _saver_rules(c)
     assert allowed["activation_offloading"] == (False,) and rule["activation_offloading"] == "off: no GPU"
     assert not any(
@@ -342,25 +342,25 @@ def test_a_plan_within_the_models_known_error_of_the_budget_is_tight():
 def test_the_fastest_plan_that_fits_is_chosen_and_the_runner_up_is_named():
     """Llama-3.1-8B QLoRA on an RTX 3060 12 GB kept 2.9 GiB of full logits at micro-batch 1 because it fitted
     without the chunked loss; the chunked loss is free and leaves room for a larger, faster micro-batch."""
-    from hfgpu import memory, planner
-    from hfgpu.knobs import Knobs
+    from hfgpu import memory, search
+    from hfgpu.knobs import PYTHON, Knobs
     from hfgpu.throughput import tokens_per_second
 
     p = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 3060")
     assert p.strategy == "qlora" and p.knobs.chunked_loss and p.micro_batch_size > 1
     assert "the runner-up" in p.reasons["micro_batch_size"] and "fastest" in p.reasons["micro_batch_size"]
     # no plan that fits with room at this strategy and optimizer is estimated more than the resolution faster
-    c = planner._context(p.spec, p.gpu, Knobs(), planner.PYTHON, True)
+    c = search.problem(p.spec, p.gpu, Knobs(), PYTHON, True)
     best = p.tokens_per_second_estimate
     chosen = dict(
         precision=p.precision, frozen_dtype=p.knobs.frozen_dtype, strategy=p.strategy, quantization=p.quantization, optimizer=p.optimizer
     )
-    for combo in planner._savers(c, **chosen):
+    for combo in search._savers(c, **chosen):
         for mb in (1, 2, 4, 8, 16):
             s = c.setup(**chosen, **combo, micro_batch_size=mb)
             m = memory.breakdown(p.spec, s, p.gpu.vram_bytes)
-            if m.fits and not planner._tight(s, m):
-                assert tokens_per_second(p.spec, p.gpu, s) <= best * (1 + planner.SPEED_RESOLUTION)
+            if m.fits and not search.is_tight(s, m):
+                assert tokens_per_second(p.spec, p.gpu, s) <= best * (1 + search.SPEED_RESOLUTION)
 
 
 def test_a_larger_micro_batch_is_estimated_faster():
