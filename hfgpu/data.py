@@ -1,4 +1,5 @@
-"""Data: load rows, render them as prompt/completion segments, tokenize with label masks, pack, collate.
+"""Data: rows (hfgpu.sources) rendered as prompt/completion segments (hfgpu.render), tokenized with label masks,
+packed, collated.
 
 Formats (`data.format`):
 - text: a `text` column; every token is learned.
@@ -19,8 +20,6 @@ to each other.
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,285 +27,10 @@ from typing import Any
 
 from hfgpu.errors import HfgpuError
 from hfgpu.recipe import DataConfig, resolve_path
+from hfgpu.render import BadRow, prompt_and_reference, prompt_ids, segments_of
+from hfgpu.sources import check_columns, load_rows, split_name, split_overlap
 
 IGNORE = -100  # the label of a token the loss skips (prompt, padding): transformers' and torch's ignore_index
-FIELDS = {
-    "text": ("text",),
-    "alpaca": ("instruction", "input", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "chat": ("messages",),
-    "preference": ("prompt", "chosen", "rejected"),  # objective dpo/ipo/simpo/orpo (hfgpu.preference_data)
-    "unpaired": ("prompt", "completion", "label"),  # objective kto: label true (desirable) or false
-}
-OPTIONAL = {"input"}
-ROLES = {"system", "user", "assistant", "tool"}
-ALPACA = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
-# --- loading ------------------------------------------------------------------------------------
-
-
-def looks_like_hub_id(path: str) -> bool:
-    """owner/name: a Hub dataset id, when no local file or folder of that name exists."""
-    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
-
-
-def _split_names(spec: str) -> set[str]:
-    """The split names a datasets split spec reads: "train[:10]+test[-5:]" → {"train", "test"}."""
-    return {part.split("[", 1)[0].strip() for part in spec.split("+")}
-
-
-def _local_split(path: str, split: str, key: str) -> str:
-    """A local file has one split, `train`; `split` may slice it (train[:80%], train[-100:], train[:10]+train[-10:])."""
-    if _split_names(split) != {"train"}:
-        raise HfgpuError(
-            f"{key}={split!r}: a local file such as {path!r} has one split, 'train'; slice it (e.g. train[:90%] and "
-            "train[90%:]), or use data.eval_path or data.eval_fraction"
-        )
-    return split
-
-
-def split_overlap(path: str, train_split: str, eval_split: str, rows: int) -> int:
-    """How many of the rows `eval_split` selects `train_split` selects too, in a source of `rows` rows per split
-    (0 when they name different splits)."""
-    import datasets
-
-    def indices(spec: str) -> set[tuple[str, int]]:
-        out = set()
-        for a in datasets.ReadInstruction.from_spec(spec).to_absolute({_base(spec): rows}):
-            out.update((a.splitname, i) for i in range(a.from_, a.to))
-        return out
-
-    try:
-        if _base(train_split) != _base(eval_split):
-            return 0
-        return len(indices(train_split) & indices(eval_split))
-    except (ValueError, AttributeError, KeyError):
-        return 0
-
-
-def _base(spec: str) -> str:
-    """The first split a spec reads (the one its row counts refer to)."""
-    return spec.split("+", 1)[0].split("[", 1)[0].strip()
-
-
-def load_rows(path: str, split: str = "train", key: str = "data.split"):
-    """A `datasets.Dataset` from a local file/folder or a Hub dataset id; `split` as datasets takes it
-    (slices too: train[:90%]); `key`: the recipe key that set it, for errors."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a parse error is ours to report, in one line
-    local = Path(resolve_path(path)).expanduser()
-    try:
-        if local.is_file():
-            builder = EXTENSIONS.get(local.suffix.lower())
-            if builder is None:
-                raise HfgpuError(f"data file {path!r} has extension {local.suffix!r}: use one of {', '.join(EXTENSIONS)}")
-            if local.stat().st_size == 0:
-                raise HfgpuError(f"data {path!r} has no rows: add examples or point data.path at another file")
-            ds = datasets.load_dataset(builder, data_files={"train": str(local)}, split=_local_split(path, split, key))
-            ds.data.table.validate(full=True)  # pyarrow loads bytes that are not UTF-8 and fails only when a row is read
-        elif local.is_dir():
-            ds = datasets.load_dataset(str(local), split=split)
-        elif looks_like_hub_id(path):
-            ds = datasets.load_dataset(path, split=split)
-        else:
-            raise HfgpuError(f"data file {path!r} not found: check data.path (a local file, folder, or a Hub dataset id owner/name)")
-    except HfgpuError:
-        raise
-    except Exception as e:  # datasets raises many types: missing split, offline, parse errors
-        if local.is_file() and (where := _first_bad_line(local)):
-            raise HfgpuError(f"data file {path!r} {where}") from None
-        detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise HfgpuError(f"could not load data {path!r} (split {split!r}): {type(e).__name__}: {detail}") from None
-    if len(ds) == 0:
-        raise HfgpuError(f"data {path!r} has no rows: add examples or point data.path at another file")
-    return ds
-
-
-def _first_bad_line(path: Path) -> str | None:
-    """After a failed load: the first line that is not UTF-8 (any text format) or not JSON (.json/.jsonl
-    holding JSON lines), said as what is wrong and the fix. Reads line by line: bounded memory."""
-    kind = EXTENSIONS.get(path.suffix.lower())
-    if kind not in ("json", "csv", "text"):
-        return None
-    with open(path, "rb") as f:
-        head = f.read(1).lstrip()
-        f.seek(0)
-        json_lines = kind == "json" and head not in (b"[", b"{") or path.suffix.lower() == ".jsonl"
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return f"line {number} has bytes that are not UTF-8 (byte {e.start + 1} of the line): save the file as UTF-8"
-            if json_lines and line.strip():
-                try:
-                    json.loads(line)
-                except ValueError as e:
-                    reason = str(e).split(":")[0]
-                    return f"line {number} is not valid JSON ({reason}): fix or remove that line (JSON lines: one object per line)"
-    return None
-
-
-def check_columns(ds, cfg: DataConfig, source: str, prefix: str = "data") -> dict[str, str]:
-    """field → column, after `data.columns`; every required field must exist. `prefix`: where the format and
-    columns keys are (`data`, or `data.mix[1]` for a dataset of a mixture, which may take data.format)."""
-    fields = FIELDS[cfg.format]
-    unknown = [k for k in cfg.columns if k not in fields]
-    if unknown:
-        raise HfgpuError(f"{prefix}.columns names {', '.join(unknown)}, not fields of format {cfg.format!r} ({', '.join(fields)})")
-    mapping = {f: cfg.columns.get(f, f) for f in fields}
-    missing = [f for f, col in mapping.items() if col not in ds.column_names and f not in OPTIONAL]
-    if missing:
-        have = ", ".join(ds.column_names)
-        fixes = "; ".join(f"set {prefix}.columns.{f} to the right one" for f in missing)
-        if prefix != "data":
-            fixes = f"set {prefix}.format (it is {cfg.format}), or {fixes}"
-        raise HfgpuError(
-            f"{source} has no column {', '.join(repr(mapping[f]) for f in missing)} for format {cfg.format!r} (columns: {have}): {fixes}"
-        )
-    return mapping
-
-
-# --- rendering ------------------------------------------------------------------------------------
-
-
-class BadRow(Exception):
-    """A row that does not match its format: dropped and counted under `rule` (never trained as-is)."""
-
-    def __init__(self, rule: str):
-        super().__init__(rule)
-        self.rule = rule
-
-
-def _text(value: Any, name: str, required: bool = True) -> str:
-    """A field's text: strings and numbers as they are; missing, lists and mappings are bad rows."""
-    if value is None:
-        if required:
-            raise BadRow(f"missing {name!r}")
-        return ""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise BadRow(f"{type(value).__name__}-valued {name!r}")
-    return str(value)
-
-
-def _content(m: dict) -> str:
-    """A message's text: a string, or OpenAI-style parts [{type: text, text: …}] joined."""
-    c = m.get("content")
-    if c is None:
-        return ""
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list) and all(isinstance(part, dict) for part in c):
-        if any(part.get("type", "text") != "text" or not isinstance(part.get("text"), str) for part in c):
-            raise BadRow("non-text message content (images, audio)")
-        return "".join(part["text"] for part in c)
-    raise BadRow(f"{type(c).__name__}-valued message content")
-
-
-TEMPLATE_FIX = (
-    "set data.chat_template to a template that renders turns incrementally (hfgpu ships one for ChatML models such as Qwen3: "
-    "data.chat_template=hfgpu:chat_templates/chatml.jinja), or use format prompt_completion"
-)
-
-
-def chat_messages(messages: Any, row: int) -> list[dict]:
-    """Checked {role, content} messages with plain-text content."""
-    if not isinstance(messages, list) or not messages:
-        raise HfgpuError(f"chat row {row}: 'messages' must be a non-empty list of {{role, content}}")
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise HfgpuError(f"chat row {row}: each message needs 'role' and 'content', got {m!r:.80}")
-        if m["role"] not in ROLES:
-            raise HfgpuError(f"chat row {row}: unknown role {str(m['role'])[:40]!r}: use one of {', '.join(sorted(ROLES))}")
-        out.append({**m, "content": _content(m)})
-    return out
-
-
-def _chat_segments(messages: Any, tokenizer, template: str | None, row: int) -> list[tuple[str, bool]]:
-    messages = chat_messages(messages, row)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadRow("no assistant turn")
-    if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
-        raise BadRow("empty completion")
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
-    segments, done = [], ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = render(messages[:i], True)
-        full = render(messages[: i + 1], False)
-        if not prefix.startswith(done) or not full.startswith(prefix):
-            raise HfgpuError(
-                f"chat row {row}: the chat template does not render turns incrementally (as Qwen3's does), so assistant "
-                f"tokens cannot be found: {TEMPLATE_FIX}"
-            )
-        segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
-        done = full
-    rest = render(messages, False)[len(done) :]
-    if rest:
-        segments.append((rest, False))
-    return segments
-
-
-def segments_of(
-    row: dict, fmt: str, cols: dict[str, str], tokenizer=None, template: str | None = None, index: int = 0
-) -> list[tuple[str, bool]]:
-    """(text, learned) segments of one row; the final learned segment is followed by EOS (except chat).
-    Raises BadRow when the row does not match the format."""
-    get = lambda f: row.get(cols[f]) if cols[f] in row else None
-    if fmt == "text":
-        segs = [(_text(get("text"), cols["text"]), True)]
-    elif fmt == "alpaca":
-        inp = _text(get("input"), cols["input"], required=False)
-        prompt = (ALPACA_INPUT if inp else ALPACA).format(instruction=_text(get("instruction"), cols["instruction"]), input=inp)
-        segs = [(prompt, False), (_text(get("output"), cols["output"]), True)]
-    elif fmt == "prompt_completion":
-        segs = [(_text(get("prompt"), cols["prompt"]), False), (_text(get("completion"), cols["completion"]), True)]
-    else:
-        return _chat_segments(get("messages"), tokenizer, template, index)
-    if not segs[-1][0].strip():
-        raise BadRow("empty completion" if fmt != "text" else "empty text")
-    return segs
-
-
-def prompt_and_reference(row: dict, fmt: str, cols: dict[str, str], tokenizer=None, template: str | None = None) -> tuple[str, str, str]:
-    """The text to generate from, the expected answer, and what the row asks as its author wrote it (no template:
-    shown beside the answers before and after), for task metrics (BadRow when there is no answer)."""
-    if fmt == "chat":
-        msgs = chat_messages(row[cols["messages"]], 0)
-        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-        if not turns:
-            raise BadRow("no assistant turn")
-        prompt = tokenizer.apply_chat_template(msgs[: turns[-1]], tokenize=False, add_generation_prompt=True, chat_template=template)
-        users = [m["content"] for m in msgs[: turns[-1]] if m["role"] == "user"]
-        return prompt, msgs[turns[-1]]["content"], users[-1] if users else ""
-    segs = segments_of(row, fmt, cols)
-    if fmt == "alpaca":
-        question = " ".join(str(row[cols[k]]) for k in ("instruction", "input") if cols.get(k) in row and row[cols[k]])
-    else:
-        question = str(row[cols["prompt"]]) if fmt == "prompt_completion" else ""
-    return segs[0][0], segs[-1][0], question
-
-
-def prompt_ids(prompt: str, fmt: str, tokenizer) -> list[int]:
-    """A prompt's tokens exactly as training tokenizes a row's first segment: special tokens (BOS) are
-    added for the plain formats; a chat template already rendered its own."""
-    return tokenizer(prompt, add_special_tokens=fmt != "chat")["input_ids"]
-
-
 # --- tokenizing --------------------------------------------------------------------------------------
 
 
@@ -339,7 +63,7 @@ def _end_of_turn(ids: list[int], special: set[int]) -> int:
     return len(ids)
 
 
-def _tokenize_batch(batch: dict, indices: list[int], *, fmt, cols, tokenizer, template, max_len, train_on_prompt, too_long, segmenter=None):
+def tokenize_batch(batch: dict, indices: list[int], *, fmt, cols, tokenizer, template, max_len, train_on_prompt, too_long, segmenter=None):
     """Rows → token ids and labels. `segmenter(row, index)`: the rows' (text, learned) segments, when not the format's."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "learned": [], "problem": [], "row": []}
     special = set(tokenizer.all_special_ids)
@@ -419,7 +143,7 @@ def tokenize(ds, cfg: DataConfig, tokenizer, max_len: int, source: str, prefix: 
         too_long=cfg.too_long,
     )
     tok = ds.map(
-        _tokenize_batch,
+        tokenize_batch,
         batched=True,
         with_indices=True,
         fn_kwargs=kwargs,
@@ -574,9 +298,9 @@ def train_and_eval_rows(cfg: DataConfig):
     eval_key = "data.eval_split" if cfg.eval_split else "data.eval_path"
     eval_rows = held_out if held_out is not None else load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train", eval_key)
     same_source = held_out is None and resolve_path(cfg.eval_path or cfg.path) == resolve_path(cfg.path)
-    if same_source and _base(cfg.split) == _base(cfg.eval_split or "train"):
+    if same_source and split_name(cfg.split) == split_name(cfg.eval_split or "train"):
         # the same rows to draw from: say so when the eval rows are training rows (never silently)
-        whole = len(load_rows(cfg.path, _base(cfg.split), "data.split"))
+        whole = len(load_rows(cfg.path, split_name(cfg.split), "data.split"))
         shared = split_overlap(cfg.path, cfg.split, cfg.eval_split or "train", whole)
         if shared:
             stats["eval_overlap"] = shared

@@ -78,7 +78,7 @@ def generate_answers(
     progress: bool = False,
     batch_size: int = GENERATION_BATCH,
 ) -> list[str]:
-    """Greedy answers to prompts given as token ids (tokenized as training tokenized them: hfgpu.data.prompt_ids).
+    """Greedy answers to prompts given as token ids (tokenized as training tokenized them: hfgpu.render.prompt_ids).
 
     Prompts are generated `batch_size` at a time, left-padded with an attention mask (the positions generate
     derives from the mask make each answer the one the prompt alone gets). `max_seconds`: start no new batch

@@ -387,7 +387,7 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
 def check_data_paths(recipe: Recipe) -> None:
     """A data file the recipe names that is not there, refused in one line before torch and datasets load
     (a name with one '/' and no file behind it is a Hub dataset id, checked when it loads)."""
-    from hfgpu.data import EXTENSIONS, looks_like_hub_id
+    from hfgpu.sources import EXTENSIONS, looks_like_hub_id
 
     named = [("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)]
     for i, src in enumerate(recipe.data.mix or []):

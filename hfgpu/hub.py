@@ -406,7 +406,7 @@ def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False, say=pri
 
 def prompt_for(run: Run, tokenizer, prompt: str, template: str = "auto") -> str:
     """The prompt as training rendered it: the chat template, the Alpaca template, or raw text."""
-    from hfgpu.data import ALPACA
+    from hfgpu.render import ALPACA
 
     fmt = run.recipe.data.format if template == "auto" else template
     if fmt == "chat":

@@ -17,7 +17,7 @@ def _is_messages(value) -> bool:
 def _texts(row: dict, cols: dict[str, str], fields: tuple[str, ...]) -> tuple[dict[str, str], str | None]:
     """The text of each field of a preference row (a prompt's every message, a response's assistant messages), or the
     rule the row breaks. Plain rows hold strings; conversational rows messages (a string stands for one message)."""
-    from hfgpu.data import BadRow, _content
+    from hfgpu.render import BadRow, message_text
 
     texts = {}
     for field in fields:
@@ -27,7 +27,7 @@ def _texts(row: dict, cols: dict[str, str], fields: tuple[str, ...]) -> tuple[di
             return texts, f"missing {name!r}"
         if _is_messages(value):
             try:
-                texts[field] = "".join(_content(m) for m in value if field == "prompt" or m.get("role") == "assistant")
+                texts[field] = "".join(message_text(m) for m in value if field == "prompt" or m.get("role") == "assistant")
             except BadRow as e:
                 return texts, e.rule
             if field != "prompt" and not any(m.get("role") == "assistant" for m in value):
@@ -54,11 +54,11 @@ def pair_problem(row: dict, cols: dict[str, str]) -> str | None:
 def _chat_pair_segments(prompt, response, tokenizer, template, index: int) -> list[tuple[str, bool]]:
     """A conversational pair's side rendered with the chat template: the prompt's turns (assistant turns in it
     included) are not learned, the response's assistant turns are."""
-    from hfgpu.data import _chat_segments
+    from hfgpu.render import chat_segments
 
     as_messages = lambda v, role: v if _is_messages(v) else [{"role": role, "content": v}]  # noqa: E731
     prompt_msgs = as_messages(prompt, "user")
-    segments = _chat_segments(prompt_msgs + as_messages(response, "assistant"), tokenizer, template, index)
+    segments = chat_segments(prompt_msgs + as_messages(response, "assistant"), tokenizer, template, index)
     skip = sum(1 for m in prompt_msgs if m["role"] == "assistant")  # learned segments that belong to the prompt
     out = []
     for text, learned in segments:
@@ -72,8 +72,8 @@ def _chat_pair_segments(prompt, response, tokenizer, template, index: int) -> li
 def _tokenize_responses(kept: list[tuple[int, dict]], prompt: str, response: str, tokenizer, template, max_len: int) -> dict:
     """(row index, row) → each row's prompt + response tokenized as hfgpu's prompt_completion format does (plain rows:
     prompt with BOS, response + EOS) or, when the rows hold chat messages, with the chat template (the response's
-    assistant turns learned up to their end-of-turn token). data._tokenize_batch's columns (input_ids, labels, …)."""
-    from hfgpu.data import _tokenize_batch
+    assistant turns learned up to their end-of-turn token). data.tokenize_batch's columns (input_ids, labels, …)."""
+    from hfgpu.data import tokenize_batch
     from hfgpu.errors import HfgpuError
 
     chat = any(_is_messages(r.get(name)) for _, r in kept[:1] for name in (prompt, response))
@@ -82,7 +82,7 @@ def _tokenize_responses(kept: list[tuple[int, dict]], prompt: str, response: str
     segmenter = None
     if chat:
         segmenter = lambda row, index: _chat_pair_segments(row["prompt"], row["completion"], tokenizer, template, index)  # noqa: E731
-    return _tokenize_batch(
+    return tokenize_batch(
         {"prompt": [r[prompt] for _, r in kept], "completion": [r[response] for _, r in kept]},
         [i for i, _ in kept],
         fmt="chat" if chat else "prompt_completion",
@@ -258,8 +258,9 @@ def prepare_pairs(cfg, tokenizer, max_len: int):
     they are most of the data."""
     import datasets
 
-    from hfgpu.data import Prepared, check_columns, describe_drops, load_chat_template, train_and_eval_rows
+    from hfgpu.data import Prepared, describe_drops, load_chat_template, train_and_eval_rows
     from hfgpu.errors import HfgpuError
+    from hfgpu.sources import check_columns
 
     train_rows, eval_rows, extra = train_and_eval_rows(cfg)
     template = load_chat_template(cfg.chat_template)

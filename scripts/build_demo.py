@@ -163,7 +163,7 @@ def main() -> None:
 
     # The tokenizer learns from the examples as training renders them (the Alpaca template of
     # hfgpu.data) and as chat turns, so prompts are a few dozen tokens, not hundreds of characters.
-    from hfgpu.data import ALPACA, ALPACA_INPUT
+    from hfgpu.render import ALPACA, ALPACA_INPUT
 
     corpus = [ALPACA.format(instruction=r["instruction"]) + r["output"] for r in train + evals]
     corpus += [ALPACA_INPUT.format(instruction=r["instruction"], input=r["output"]) for r in train[:20]]

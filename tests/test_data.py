@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import DEMO, limit, write_jsonl
 
-from hfgpu.data import IGNORE, collate, load_rows, pack, padding_fraction, prepare_data, tokenize
+from hfgpu.data import IGNORE, collate, pack, padding_fraction, prepare_data, tokenize
 from hfgpu.errors import HfgpuError
 from hfgpu.modeling import load_tokenizer
 from hfgpu.recipe import DataConfig
+from hfgpu.sources import load_rows
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +311,7 @@ def test_a_huge_single_row_is_cut_before_tokenizing(tmp_path):
     code = f"""
 import resource, sys
 sys.path.insert(0, {str(DEMO.parents[2])!r})
-from hfgpu.data import load_rows, tokenize
+from hfgpu.data import tokenize
 from hfgpu.modeling import load_tokenizer
 from hfgpu.recipe import DataConfig
 tok = load_tokenizer({str(DEMO / "model")!r})

@@ -204,7 +204,7 @@ def test_generate_uses_the_runs_template(demo_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hfgpu.data import ALPACA
+    from hfgpu.render import ALPACA
 
     tok = AutoTokenizer.from_pretrained(demo_run)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), demo_run).eval()
