@@ -6,6 +6,7 @@ and exits with `exit_code` (2 for bad input), never with a traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -29,11 +30,18 @@ class DoesNotFit(HfgpuError):
         self.alternatives = alternatives or []
 
 
+def _optional_kernel_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
 def run_command(body: Callable[[], int], interrupted: str = "hfgpu: interrupted") -> int:
     """Run a command-line entry point: a user error is one line on stderr and its exit code, never a traceback.
-    Libraries' FutureWarnings (deprecations the user cannot act on) are hidden unless HFGPU_WARNINGS=1."""
+    Libraries' FutureWarnings (deprecations the user cannot act on) are hidden unless HFGPU_WARNINGS=1, and so is
+    bitsandbytes' import-time notice that its optional CPU kernel (from the Hub, via the `kernels` package) could
+    not be loaded: on an AVX512-BF16 CPU it prints on every command, and its own fallback computes the same op."""
     if os.environ.get("HFGPU_WARNINGS") != "1":
         warnings.filterwarnings("ignore", category=FutureWarning)
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_optional_kernel_notice)
     try:
         return body()
     except HfgpuError as e:

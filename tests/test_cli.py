@@ -184,3 +184,29 @@ def test_the_speed_of_several_cards_says_total_and_per_card():
     assert "per card" not in speed_line(one)
     total = two.tokens_per_second_estimate
     assert f"~{total:,.0f} tokens/s in total over 2 cards (~{total / 2:,.0f} per card)" in speed_line(two)
+
+
+def test_bitsandbytes_optional_cpu_kernel_notice_is_hidden_and_other_library_warnings_are_not(caplog):
+    """bitsandbytes logs, at import on an AVX512-BF16 CPU, that its optional Hub kernel could not be loaded (its own
+    fallback computes the op): a command hides that one line unless HFGPU_WARNINGS=1, and nothing else it logs."""
+    import bitsandbytes.backends.cpu.ops as cpu_ops
+
+    from hfgpu.errors import run_command
+
+    def body() -> int:
+        cpu_ops.logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+        cpu_ops.logger.warning("another bitsandbytes warning")
+        return 0
+
+    assert cpu_ops.logger.name == "bitsandbytes.backends.cpu.ops"  # the logger hfgpu filters is the one it logs on
+    caplog.clear()  # what importing bitsandbytes logged on this CPU
+    try:
+        assert run_command(body) == 0
+        said = [r.getMessage() for r in caplog.records]
+        assert said == ["another bitsandbytes warning"]
+    finally:
+        for f in list(cpu_ops.logger.filters):
+            cpu_ops.logger.removeFilter(f)
+    caplog.clear()
+    cpu_ops.logger.warning("Failed to load CPU gemm_4bit_forward: shown outside hfgpu's commands")
+    assert len(caplog.records) == 1
