@@ -31,17 +31,20 @@ class DoesNotFit(HfgpuError):
 
 
 def _optional_kernel_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+    text = record.getMessage()
+    return not (text.startswith("Failed to load CPU gemm_4bit_forward") or "'kernels-community/quantization-bitsandbytes'" in text)
 
 
 def run_command(body: Callable[[], int], interrupted: str = "hfgpu: interrupted") -> int:
     """Run a command-line entry point: a user error is one line on stderr and its exit code, never a traceback.
     Libraries' FutureWarnings (deprecations the user cannot act on) are hidden unless HFGPU_WARNINGS=1, and so is
     bitsandbytes' import-time notice that its optional CPU kernel (from the Hub, via the `kernels` package) could
-    not be loaded: on an AVX512-BF16 CPU it prints on every command, and its own fallback computes the same op."""
+    not be loaded, and `kernels`' note on that lookup offline: on an AVX512-BF16 CPU they print on every command,
+    and bitsandbytes' own fallback computes the same op."""
     if os.environ.get("HFGPU_WARNINGS") != "1":
         warnings.filterwarnings("ignore", category=FutureWarning)
         logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_optional_kernel_notice)
+        logging.getLogger("kernels._internals.hf_hub").addFilter(_optional_kernel_notice)  # its offline lookup's note
     try:
         return body()
     except HfgpuError as e:

@@ -189,6 +189,9 @@ def test_the_speed_of_several_cards_says_total_and_per_card():
 def test_bitsandbytes_optional_cpu_kernel_notice_is_hidden_and_other_library_warnings_are_not(caplog):
     """bitsandbytes logs, at import on an AVX512-BF16 CPU, that its optional Hub kernel could not be loaded (its own
     fallback computes the op): a command hides that one line unless HFGPU_WARNINGS=1, and nothing else it logs."""
+    import importlib.util
+    import logging
+
     import bitsandbytes.backends.cpu.ops as cpu_ops
 
     from hfgpu.errors import run_command
@@ -196,17 +199,25 @@ def test_bitsandbytes_optional_cpu_kernel_notice_is_hidden_and_other_library_war
     def body() -> int:
         cpu_ops.logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
         cpu_ops.logger.warning("another bitsandbytes warning")
+        logging.getLogger("kernels._internals.hf_hub").warning(
+            "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode."
+        )
         return 0
 
-    assert cpu_ops.logger.name == "bitsandbytes.backends.cpu.ops"  # the logger hfgpu filters is the one it logs on
+    assert cpu_ops.logger.name == "bitsandbytes.backends.cpu.ops"  # the loggers hfgpu filters are the ones they log on
+    if importlib.util.find_spec("kernels"):  # transformers ≥ 5.25 installs it
+        from kernels._internals import hf_hub
+
+        assert hf_hub.logger.name == "kernels._internals.hf_hub"
     caplog.clear()  # what importing bitsandbytes logged on this CPU
     try:
         assert run_command(body) == 0
         said = [r.getMessage() for r in caplog.records]
         assert said == ["another bitsandbytes warning"]
     finally:
-        for f in list(cpu_ops.logger.filters):
-            cpu_ops.logger.removeFilter(f)
+        for logger in (cpu_ops.logger, logging.getLogger("kernels._internals.hf_hub")):
+            for f in list(logger.filters):
+                logger.removeFilter(f)
     caplog.clear()
     cpu_ops.logger.warning("Failed to load CPU gemm_4bit_forward: shown outside hfgpu's commands")
     assert len(caplog.records) == 1
