@@ -12,7 +12,8 @@ Types: f32, f16, bf16, q8_0 and q4_0 (the ones the gguf package quantizes; the k
 llama.cpp's own `llama-quantize`, which takes this file's f16 export). Architectures: llama (and mistral, which
 llama.cpp runs as llama), qwen2, qwen3, gemma2, phi3. Tokenizers: byte-level BPE (Llama-3, Qwen, SmolLM2, the
 demo's) and sentencepiece BPE with byte fallback (Llama-2, Mistral, Gemma, Phi-3), with the vocabulary, merges,
-scores, token types, special ids, the pre-tokenizer name llama.cpp recognises and the chat template.
+scores, token types, special ids, the pre-tokenizer name llama.cpp recognises and the chat template. Rope: plain,
+linear, Llama-3's (as `rope_freqs`) and Phi-3's longrope (as `rope_factors_long` / `rope_factors_short`).
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
     if arch_name == "gemma2":
         _gemma2_metadata(writer, config, head_dim)
     if arch_name == "phi3":  # as convert_hf_to_gguf.py writes Phi-3: a window of 0 is none
-        writer.add_rope_scaling_orig_ctx_len(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        writer.add_rope_scaling_orig_ctx_len(_original_context(config))
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
     writer.add_vocab_size(config.vocab_size)
     file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[quant]  # llama_ftype
@@ -360,9 +361,38 @@ def _rope_scaling(writer, config, arch_name: str) -> list:
         factors = _rope_freq_factors(config)
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         return [(name, gguf.GGMLQuantizationType.F32, tuple(factors.shape), lambda: factors)]
+    if rope_type == "longrope" and arch_name == "phi3":
+        return _longrope(writer, config, params)
     raise HfgpuError(
         f"cannot export rope scaling {rope_type!r} of model type {config.model_type!r} to GGUF yet: supported are "
-        "plain rope, linear scaling and Llama-3's (llama); for another, use llama.cpp's convert_hf_to_gguf.py"
+        "plain rope, linear scaling, Llama-3's (llama) and Phi-3's longrope (phi3); for another, use llama.cpp's "
+        "convert_hf_to_gguf.py"
+    )
+
+
+def _longrope(writer, config, params: dict) -> list:
+    """Phi-3's long-context rope (Phi-3-*-128k, Phi-3.5-mini, Phi-4-mini) as llama.cpp reads it: the per-dimension
+    `rope_factors_long` / `rope_factors_short` tensors (llama.cpp takes the long ones when its context exceeds the
+    original one, transformers when the sequence does) and the attention factor transformers' own rope
+    initialisation computes (√(1 + ln(max / original) / ln original) unless the config gives one)."""
+    import gguf
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    _, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+    writer.add_rope_scaling_attn_factors(float(attention_factor))
+    tensors = []
+    for key, kind in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG), ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+        values = torch.tensor(params[key], dtype=torch.float32)
+        tensors.append((gguf.TENSOR_NAMES[kind] + ".weight", gguf.GGMLQuantizationType.F32, tuple(values.shape), lambda v=values: v))
+    return tensors
+
+
+def _original_context(config) -> int:
+    return (
+        _rope_parameters(config).get("original_max_position_embeddings")
+        or getattr(config, "original_max_position_embeddings", None)
+        or config.max_position_embeddings
     )
 
 

@@ -129,7 +129,7 @@ def tiny_model_of(model_type: str, tokenizer):
     """A 2-layer random model of an export architecture with the given tokenizer's vocabulary, its biases and norms
     moved off their initial zeros and ones so that a mix-up shows: "llama", "llama-untied", "llama3-rope" (Llama-3.1's
     rope scaling), "qwen2", "qwen3", "gemma2" (Gemma-2's head_dim 256, soft-capping, 1 + weight norms), "phi3"
-    (fused qkv and gate/up)."""
+    (fused qkv and gate/up), "phi3-longrope" (Phi-3-128k's rope)."""
     import torch
     from transformers import AutoModelForCausalLM, Gemma2Config, Phi3Config, Qwen2Config, Qwen3Config
 
@@ -154,6 +154,19 @@ def tiny_model_of(model_type: str, tokenizer):
         # head_dim and query_pre_attn_scalar 256 as in Gemma-2 2B/9B (transformers' reader takes both from the defaults)
         "gemma2": lambda: Gemma2Config(**shape, head_dim=256, query_pre_attn_scalar=256, attn_implementation="eager", **common),
         "phi3": lambda: Phi3Config(**shape, tie_word_embeddings=False, **common),
+        # Phi-3-128k's longrope at a small scale: an original context of 512 (llama.cpp rounds its context up to a
+        # multiple of 256) stretched to 4096, one factor per rotary frequency (head_dim 16 → 8), long and short ones
+        # different, so either set mistaken for the other shows
+        "phi3-longrope": lambda: Phi3Config(
+            **shape,
+            tie_word_embeddings=False,
+            max_position_embeddings=4096,
+            original_max_position_embeddings=512,
+            rope_scaling=dict(
+                rope_type="longrope", long_factor=[1.0 + 0.9 * i for i in range(8)], short_factor=[1.0 + 0.05 * i for i in range(8)]
+            ),
+            **common,
+        ),
     }[model_type]()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -165,7 +178,7 @@ def tiny_model_of(model_type: str, tokenizer):
 
 
 # tokenizer family of each export case; the rest use the demo's byte-level BPE tokenizer
-_CASE_TOKENIZER = {"llama-spm": "llama", "gemma2": "gemma", "phi3": "phi3"}
+_CASE_TOKENIZER = {"llama-spm": "llama", "gemma2": "gemma", "phi3": "phi3", "phi3-longrope": "phi3"}
 
 
 def export_case(case: str):

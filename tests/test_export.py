@@ -164,6 +164,30 @@ def test_llama_3_rope_scaling_is_written_as_llama_cpps_rope_freqs(tmp_path):
     assert max(expected) == factor and min(expected) == 1.0
 
 
+def test_phi_3_longrope_is_written_as_llama_cpps_rope_factors_and_attention_factor(tmp_path):
+    """Phi-3-128k's longrope: the long and short factors as `rope_factors_long` / `rope_factors_short`, the original
+    context llama.cpp compares its context with, and the attention factor llama.cpp's convert_hf_to_gguf.py writes
+    (its formula, written out here: √(1 + ln(max / original) / ln original)). llama.cpp running the file, on both
+    sides of the original context: test_llama_cpp.py."""
+    import math
+
+    import gguf
+
+    model, tokenizer = export_case("phi3-longrope")
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tokenizer, path, quant="f16", say=lambda *a: None)
+    tensors, fields = _tensors(path), gguf.GGUFReader(path).fields
+    rope = model.config.rope_parameters
+    assert tensors["rope_factors_long.weight"].tolist() == pytest.approx(rope["long_factor"])
+    assert tensors["rope_factors_short.weight"].tolist() == pytest.approx(rope["short_factor"])
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["rope_factors_long.weight"] == types["rope_factors_short.weight"] == gguf.GGMLQuantizationType.F32
+    assert fields["phi3.rope.scaling.original_context_length"].contents() == 512
+    assert fields["phi3.context_length"].contents() == 4096
+    expected = math.sqrt(1 + math.log(4096 / 512) / math.log(512))
+    assert fields["phi3.rope.scaling.attn_factor"].contents() == pytest.approx(expected, rel=1e-6)
+
+
 def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path):
     from transformers import AutoTokenizer
 

@@ -112,6 +112,30 @@ def test_llama_cpp_runs_gemma2_phi3_sentencepiece_and_llama3_rope_exports_as_tra
     assert _greedy(llm, tokens, STEPS) == ours.tolist()
 
 
+def test_llama_cpp_runs_phi_3_longrope_with_the_short_and_the_long_factors_as_transformers_does(tmp_path):
+    """Phi-3-128k's longrope: transformers takes the short factors for a sequence within the original context and the
+    long ones beyond it; llama.cpp decides by its context size instead. With a context within the original (512)
+    and a short prompt, and with a larger context and a prompt beyond it, both compute the same logits and greedy
+    tokens (a larger llama.cpp context with a short prompt takes the long factors where transformers takes the short
+    ones: llama.cpp's rule, the same with its own converter)."""
+    from test_export import TEXTS
+
+    model, tokenizer = export_case("phi3-longrope")
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tokenizer, path, quant="f32", say=lambda *a: None)
+    short = tokenizer(TEXTS[0])["input_ids"]
+    long = tokenizer(" ".join([TEXTS[0]] * 36))["input_ids"]
+    assert len(short) + STEPS <= 512 < len(long)
+    for tokens, n_ctx in ((short, 512), (long, 1024)):
+        llm = _load(path, n_ctx=n_ctx)
+        with torch.no_grad():
+            expected = model(torch.tensor([tokens])).logits[0]
+            ours = model.generate(torch.tensor([tokens]), max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)[0, len(tokens) :]
+        got = _llama_cpp_logits(llm, tokens)
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-4, n_ctx
+        assert _greedy(llm, tokens, STEPS) == ours.tolist(), n_ctx
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_llama_cpp_applies_the_gguf_lora_adapter_as_peft_does(model_type, tmp_path):
     """`llama-cli -m base.gguf --lora adapter.gguf`: llama.cpp's logits with hfgpu's adapter file on hfgpu's base
