@@ -432,6 +432,60 @@ class LoopResult:
     answers: dict = field(default_factory=dict)  # eval.metrics' generated answers: {"before": [...], "after": [...]}
 
 
+def _evaluate(accelerator, model, tokenizer, data: Prepared, eval_dl, cfg: LoopConfig, answers: dict, when: str | None = None) -> dict:
+    """The eval scores: eval loss (or the pairs' rewards), and the task metrics on the eval prompts, whose answers go
+    into `answers[when]`. Every process takes part in the loss; generation runs on the main one."""
+    if eval_dl is not None and cfg.objective.preference:
+        scores = eval_pairs(model, eval_dl, accelerator, cfg.objective, cfg.loss_chunk or PAIR_CHUNK, cfg.loss_dtype)
+    elif eval_dl is not None:
+        scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk, data.stats.get("eval_sources"))
+    else:
+        scores = {}
+    if cfg.metrics and accelerator.is_main_process:
+        task, made = task_metrics(
+            accelerator.unwrap_model(model),
+            tokenizer,
+            data.eval_prompts[: cfg.max_eval_examples],
+            cfg.metrics,
+            cfg.max_new_tokens,
+            accelerator.device,
+            max_len=cfg.generation_max_len,
+            max_seconds=cfg.max_generation_seconds,
+        )
+        scores.update(task)
+        if when:
+            answers[when] = made
+    accelerator.wait_for_everyone()
+    return scores
+
+
+def _synced(accelerator, window: list[dict], pad_id: int, signum, pair_sums, loss, grad_norm):
+    """The step's one host sync: (tokens seen, whether any process was asked to stop, the rewards sums, loss, grad
+    norm or None), summed over processes where they add."""
+    seen = sum(seen_tokens(b, pad_id) for b in window).float()
+    summed = torch.cat([torch.stack([seen, torch.tensor(float(signum or 0), device=seen.device)]), pair_sums])
+    if accelerator.num_processes > 1:
+        summed = accelerator.reduce(summed, reduction="sum")
+    norm = grad_norm.detach().float().reshape(1) if grad_norm is not None else torch.zeros(1)
+    seen_n, stop_n, *rewards, loss_v, norm_v = torch.cat(
+        [summed, loss.detach().float().reshape(1).to(summed.device), norm.to(summed.device)]
+    ).tolist()
+    return seen_n, stop_n, rewards, loss_v, norm_v if grad_norm is not None else None
+
+
+def _log_step(log, bar, state: TrainState, loss: float, norm: float | None, lr: float, speed: float | None, rewards: dict) -> None:
+    """A step's record in metrics.jsonl (and the tracker) and the progress bar's figures."""
+    record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "tokens_per_second": speed, "tokens": state.tokens}
+    if norm is not None:
+        record["grad_norm"] = norm
+    record.update(rewards)
+    if torch.cuda.is_available():
+        record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    log.write(record)
+    peak = {"peak_GiB": f"{record['peak_memory_bytes'] / GIB:.1f}"} if "peak_memory_bytes" in record else {}
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed or 0:,.0f}", **peak)
+
+
 def train_loop(
     accelerator, model, tokenizer, data: Prepared, cfg: LoopConfig, out: Path, say=print, on_ready: Callable[[], None] = lambda: None
 ) -> LoopResult:
@@ -449,32 +503,8 @@ def train_loop(
     pairs = cfg.objective.preference
     pair_sums = torch.zeros(SUMS if pairs else 0, device=accelerator.device)  # a step's rewards sums (hfgpu.preference)
 
-    answers = {}
-
-    def evaluate(when: str | None = None) -> dict:
-        if eval_dl is not None and pairs:
-            chunk, dtype = cfg.loss_chunk or PAIR_CHUNK, cfg.loss_dtype
-            scores = eval_pairs(model, eval_dl, accelerator, cfg.objective, chunk, dtype)
-        elif eval_dl is not None:
-            scores = eval_loss(model, eval_dl, accelerator, cfg.eval_chunk, data.stats.get("eval_sources"))
-        else:
-            scores = {}
-        if cfg.metrics and accelerator.is_main_process:
-            task, made = task_metrics(
-                accelerator.unwrap_model(model),
-                tokenizer,
-                data.eval_prompts[: cfg.max_eval_examples],
-                cfg.metrics,
-                cfg.max_new_tokens,
-                accelerator.device,
-                max_len=cfg.generation_max_len,
-                max_seconds=cfg.max_generation_seconds,
-            )
-            scores.update(task)
-            if when:
-                answers[when] = made
-        accelerator.wait_for_everyone()
-        return scores
+    answers: dict[str, list] = {}  # the eval prompts' answers "before" and "after" training
+    evaluate = partial(_evaluate, accelerator, model, tokenizer, data, eval_dl, cfg, answers)
 
     def save() -> Path:
         return checkpoint.save(
@@ -506,16 +536,7 @@ def train_loop(
                     epoch_done = True
                     break
                 loss, grad_norm = _backward_with_backoff(accelerator, model, optimizer, window, state, cfg, lm_head, log, say, pair_sums)
-                # one host sync per step: loss, norm, tokens seen, whether any process was asked to stop, the rewards
-                seen = sum(seen_tokens(b, pad_id) for b in window).float()
-                summed = torch.cat([torch.stack([seen, torch.tensor(float(stop.signum or 0), device=seen.device)]), pair_sums])
-                if accelerator.num_processes > 1:
-                    summed = accelerator.reduce(summed, reduction="sum")
-                norm = grad_norm.detach().float().reshape(1) if grad_norm is not None else torch.zeros(1)
-                seen_n, stop_n, *rewards, loss_v, norm_v = torch.cat(
-                    [summed, loss.detach().float().reshape(1).to(summed.device), norm.to(summed.device)]
-                ).tolist()
-                norm_v = norm_v if grad_norm is not None else None
+                seen_n, stop_n, rewards, loss_v, norm_v = _synced(accelerator, window, pad_id, stop.signum, pair_sums, loss, grad_norm)
                 _check_finite(loss_v, norm_v, state.step + 1, cfg, scaled)
                 optimizer.step()
                 scheduler.step()
@@ -528,27 +549,8 @@ def train_loop(
 
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - tick
-                    record = {
-                        "step": state.step,
-                        "epoch": state.epoch,
-                        "loss": loss_v,
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_second": tokens_since / elapsed if elapsed > 0 else None,
-                        "tokens": state.tokens,
-                    }
-                    if norm_v is not None:
-                        record["grad_norm"] = norm_v
-                    if pairs:
-                        record.update(describe_sums(rewards))
-                    if torch.cuda.is_available():
-                        record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-                    log.write(record)
-                    bar.set_postfix(
-                        loss=f"{loss_v:.4f}",
-                        lr=f"{record['lr']:.2e}",
-                        tok_s=f"{record['tokens_per_second'] or 0:,.0f}",
-                        **({"peak_GiB": f"{record['peak_memory_bytes'] / GIB:.1f}"} if "peak_memory_bytes" in record else {}),
-                    )
+                    speed = tokens_since / elapsed if elapsed > 0 else None
+                    _log_step(log, bar, state, loss_v, norm_v, scheduler.get_last_lr()[0], speed, describe_sums(rewards) if pairs else {})
                     tick, tokens_since = time.perf_counter(), 0
 
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
