@@ -13,7 +13,7 @@ llama.cpp's own `llama-quantize`, which takes this file's f16 export). Architect
 llama.cpp runs as llama), qwen2, qwen3, gemma2, phi3. Tokenizers: byte-level BPE (Llama-3, Qwen, SmolLM2, the
 demo's) and sentencepiece BPE with byte fallback (Llama-2, Mistral, Gemma, Phi-3), with the vocabulary, merges,
 scores, token types, special ids, the pre-tokenizer name llama.cpp recognises and the chat template. Rope: plain,
-linear, Llama-3's (as `rope_freqs`) and Phi-3's longrope (as `rope_factors_long` / `rope_factors_short`).
+linear, Llama-3's (as `rope_freqs`), Phi-3's longrope (as `rope_factors_long` / `rope_factors_short`) and YaRN.
 """
 
 from __future__ import annotations
@@ -363,11 +363,42 @@ def _rope_scaling(writer, config, arch_name: str) -> list:
         return [(name, gguf.GGMLQuantizationType.F32, tuple(factors.shape), lambda: factors)]
     if rope_type == "longrope" and arch_name == "phi3":
         return _longrope(writer, config, params)
+    if rope_type == "yarn" and arch_name in YARN_ARCHS:
+        _yarn(writer, config, params)
+        return []
     raise HfgpuError(
         f"cannot export rope scaling {rope_type!r} of model type {config.model_type!r} to GGUF yet: supported are "
-        "plain rope, linear scaling, Llama-3's (llama) and Phi-3's longrope (phi3); for another, use llama.cpp's "
-        "convert_hf_to_gguf.py"
+        "plain rope, linear scaling, Llama-3's (llama), Phi-3's longrope (phi3) and yarn (llama, qwen2, qwen3); for "
+        "another, use llama.cpp's convert_hf_to_gguf.py"
     )
+
+
+YARN_ARCHS = {"llama", "qwen2", "qwen3"}
+
+
+def _yarn(writer, config, params: dict) -> None:
+    """YaRN (Qwen2.5/Qwen3's long-context setting) as llama.cpp computes it: its type, factor, original context and
+    ramp bounds (beta_fast, beta_slow); llama.cpp then derives the same frequencies and the attention scale
+    1 + 0.1 ln(factor) as transformers. A config whose attention factor or ramp llama.cpp would not reproduce (an
+    explicit attention_factor or mscale, truncate false) is refused."""
+    import math
+
+    import gguf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    factor = float(params.get("factor") or config.max_position_embeddings / params["original_max_position_embeddings"])
+    _, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    llama_cpp_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    if not math.isclose(float(attention_factor), llama_cpp_factor, rel_tol=1e-6) or params.get("truncate", True) is False:
+        raise HfgpuError(
+            f"cannot export this yarn rope scaling to GGUF: its attention factor {float(attention_factor):.4g} (or its untruncated "
+            f"ramp) is not llama.cpp's 1 + 0.1 ln({factor:g}) = {llama_cpp_factor:.4g}; use llama.cpp's convert_hf_to_gguf.py"
+        )
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(factor)
+    writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
+    writer.add_rope_scaling_yarn_beta_fast(float(params.get("beta_fast") or 32))
+    writer.add_rope_scaling_yarn_beta_slow(float(params.get("beta_slow") or 1))
 
 
 def _longrope(writer, config, params: dict) -> list:

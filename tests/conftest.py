@@ -129,7 +129,7 @@ def tiny_model_of(model_type: str, tokenizer):
     """A 2-layer random model of an export architecture with the given tokenizer's vocabulary, its biases and norms
     moved off their initial zeros and ones so that a mix-up shows: "llama", "llama-untied", "llama3-rope" (Llama-3.1's
     rope scaling), "qwen2", "qwen3", "gemma2" (Gemma-2's head_dim 256, soft-capping, 1 + weight norms), "phi3"
-    (fused qkv and gate/up), "phi3-longrope" (Phi-3-128k's rope)."""
+    (fused qkv and gate/up), "phi3-longrope" (Phi-3-128k's rope), "qwen2-yarn" (Qwen2.5's yarn)."""
     import torch
     from transformers import AutoModelForCausalLM, Gemma2Config, Phi3Config, Qwen2Config, Qwen3Config
 
@@ -148,6 +148,15 @@ def tiny_model_of(model_type: str, tokenizer):
             tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=llama3_rope, max_position_embeddings=131072, **common
         ),
         "qwen2": lambda: Qwen2Config(**shape, tie_word_embeddings=True, **common),
+        # Qwen2.5's long-context setting (yarn, factor 4 on 32k) at a small scale: an original context of 4096, where
+        # the ramp between interpolated and extrapolated frequencies falls inside the 8 rotary frequencies
+        "qwen2-yarn": lambda: Qwen2Config(
+            **shape,
+            tie_word_embeddings=True,
+            max_position_embeddings=16384,
+            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=4096),
+            **common,
+        ),
         # head_dim 128 as in every Qwen3 (≠ hidden / heads): transformers' reader takes it from Qwen3Config's default,
         # not from the attention.key_length hfgpu writes (llama.cpp's reader uses that)
         "qwen3": lambda: Qwen3Config(**shape, head_dim=128, tie_word_embeddings=False, **common),

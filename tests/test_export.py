@@ -188,14 +188,36 @@ def test_phi_3_longrope_is_written_as_llama_cpps_rope_factors_and_attention_fact
     assert fields["phi3.rope.scaling.attn_factor"].contents() == pytest.approx(expected, rel=1e-6)
 
 
+def test_yarn_is_written_as_llama_cpp_reads_it(tmp_path):
+    """YaRN: llama.cpp's type, factor, original context and ramp bounds, from which it derives transformers'
+    frequencies and attention scale (llama.cpp running the file: test_llama_cpp.py)."""
+    import gguf
+
+    model, tokenizer = export_case("qwen2-yarn")
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tokenizer, path, quant="f16", say=lambda *a: None)
+    fields = gguf.GGUFReader(path).fields
+    assert fields["qwen2.rope.scaling.type"].contents() == "yarn"
+    assert fields["qwen2.rope.scaling.factor"].contents() == 4.0
+    assert fields["qwen2.rope.scaling.original_context_length"].contents() == 4096
+    assert fields["qwen2.rope.scaling.yarn_beta_fast"].contents() == 32.0
+    assert fields["qwen2.rope.scaling.yarn_beta_slow"].contents() == 1.0
+    assert fields["qwen2.context_length"].contents() == 16384
+
+
 def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
     model, _ = export_case("llama")
-    model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
-    with pytest.raises(HfgpuError, match="cannot export rope scaling 'yarn' of model type 'llama' to GGUF yet"):
+    model.config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
+    with pytest.raises(HfgpuError, match="cannot export rope scaling 'dynamic' of model type 'llama' to GGUF yet"):
         write_gguf(model, tokenizer, tmp_path / "y.gguf", say=lambda *a: None)
+    yarn, _ = export_case("qwen2-yarn")
+    yarn.config.rope_parameters = {**yarn.config.rope_parameters, "attention_factor": 1.5}
+    with pytest.raises(HfgpuError, match="attention factor 1.5 .* is not llama.cpp's 1 \\+ 0.1 ln\\(4\\) = 1.139"):
+        write_gguf(yarn, tokenizer, tmp_path / "y.gguf", say=lambda *a: None)
+    assert not (tmp_path / "y.gguf").exists()
     gemma, spm = export_case("gemma2")
     gemma.config.query_pre_attn_scalar = 144
     with pytest.raises(HfgpuError, match="query_pre_attn_scalar=144: llama.cpp scales attention by 1/sqrt\\(256\\)"):

@@ -136,6 +136,32 @@ def test_llama_cpp_runs_phi_3_longrope_with_the_short_and_the_long_factors_as_tr
         assert _greedy(llm, tokens, STEPS) == ours.tolist(), n_ctx
 
 
+def test_llama_cpp_runs_qwen2_yarn_as_transformers_does(tmp_path):
+    """YaRN (Qwen2.5's long-context setting): llama.cpp computes transformers' logits and greedy tokens on a short
+    and a long prompt, and the scaling acts (a plain-rope model with the same weights computes logits further from
+    them than llama.cpp's are)."""
+    from test_export import TEXTS
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = export_case("qwen2-yarn")
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tokenizer, path, quant="f32", say=lambda *a: None)
+    llm = _load(path, n_ctx=1024)
+    for tokens in (tokenizer(TEXTS[0])["input_ids"], tokenizer(" ".join([TEXTS[1]] * 8))["input_ids"]):
+        with torch.no_grad():
+            expected = model(torch.tensor([tokens])).logits[0]
+            ours = model.generate(torch.tensor([tokens]), max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)[0, len(tokens) :]
+        got = _llama_cpp_logits(llm, tokens)
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-4, len(tokens)
+        assert _greedy(llm, tokens, STEPS) == ours.tolist(), len(tokens)
+    plain_config = model.config.__class__(**{**model.config.to_dict(), "rope_scaling": None, "rope_parameters": {"rope_theta": 10000.0}})
+    plain = AutoModelForCausalLM.from_config(plain_config).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other = plain(torch.tensor([tokens])).logits[0]
+    assert ((other - expected).norm() / expected.norm()).item() > 1e-3  # 10× the tolerance (measured: 2.4e-3 vs 2.5e-7)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_llama_cpp_applies_the_gguf_lora_adapter_as_peft_does(model_type, tmp_path):
     """`llama-cli -m base.gguf --lora adapter.gguf`: llama.cpp's logits with hfgpu's adapter file on hfgpu's base
