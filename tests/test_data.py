@@ -313,6 +313,7 @@ import resource, sys
 sys.path.insert(0, {str(DEMO.parents[2])!r})
 from hfgpu.data import tokenize
 from hfgpu.modeling import load_tokenizer
+from hfgpu.sources import load_rows
 from hfgpu.recipe import DataConfig
 tok = load_tokenizer({str(DEMO / "model")!r})
 rows = load_rows({str(path)!r})
