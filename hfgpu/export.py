@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from hfgpu.errors import HfgpuError
+from hfgpu.gguf_rope import rope_metadata
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # model_type → (llama.cpp architecture, whether q_proj/k_proj rows are permuted for its rope layout)
@@ -40,7 +41,6 @@ ARCHITECTURES = {
 # where one model type ships several (Llama-2's sentencepiece is not byte-level BPE and is refused before this)
 PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "mistral": "llama-bpe"}
 # rope types whose frequencies llama.cpp reads from a `rope_freqs` tensor (per-dimension divisors), by architecture
-ROPE_FREQS_ARCHS = {"llama"}
 SMOLLM_VOCAB = 49152  # SmolLM/SmolLM2's vocabulary: llama.cpp's "smollm" pre-tokenizer
 
 
@@ -294,16 +294,13 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float(_rope_theta(config)))
-    writer.add_rope_dimension_count(int(head_dim * _rope_parameters(config).get("partial_rotary_factor", 1.0)))
     if head_dim != config.hidden_size // n_head or arch_name == "gemma2":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    extra = _rope_scaling(writer, config, arch_name)
+    extra = rope_metadata(writer, config, arch_name, head_dim)
     if arch_name == "gemma2":
         _gemma2_metadata(writer, config, head_dim)
     if arch_name == "phi3":  # as convert_hf_to_gguf.py writes Phi-3: a window of 0 is none
-        writer.add_rope_scaling_orig_ctx_len(_original_context(config))
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
     writer.add_vocab_size(config.vocab_size)
     file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[quant]  # llama_ftype
@@ -333,110 +330,6 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
 
 def _plus_one(tensor):
     return tensor.detach().float() + 1
-
-
-def _rope_parameters(config) -> dict:
-    """transformers 5's `rope_parameters` (one dict, or one per attention type with the same values)."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if params and all(isinstance(v, dict) for v in params.values()):
-        params = dict(params.get("full_attention") or next(iter(params.values())))
-    return params
-
-
-def _rope_scaling(writer, config, arch_name: str) -> list:
-    """The metadata (and, for Llama-3's scaling, the `rope_freqs` tensor) that makes llama.cpp's rope the model's:
-    plain rope writes nothing; linear scaling its factor; Llama-3's (Llama-3.1/3.2) the per-dimension divisors of
-    the frequencies, computed by transformers' own rope initialisation. Other scalings are refused."""
-    import gguf
-
-    params = _rope_parameters(config)
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        return []
-    if rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(params["factor"]))
-        return []
-    if rope_type == "llama3" and arch_name in ROPE_FREQS_ARCHS:
-        factors = _rope_freq_factors(config)
-        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        return [(name, gguf.GGMLQuantizationType.F32, tuple(factors.shape), lambda: factors)]
-    if rope_type == "longrope" and arch_name == "phi3":
-        return _longrope(writer, config, params)
-    if rope_type == "yarn" and arch_name in YARN_ARCHS:
-        _yarn(writer, config, params)
-        return []
-    raise HfgpuError(
-        f"cannot export rope scaling {rope_type!r} of model type {config.model_type!r} to GGUF yet: supported are "
-        "plain rope, linear scaling, Llama-3's (llama), Phi-3's longrope (phi3) and yarn (llama, qwen2, qwen3); for "
-        "another, use llama.cpp's convert_hf_to_gguf.py"
-    )
-
-
-YARN_ARCHS = {"llama", "qwen2", "qwen3"}
-
-
-def _yarn(writer, config, params: dict) -> None:
-    """YaRN (Qwen2.5/Qwen3's long-context setting) as llama.cpp computes it: its type, factor, original context and
-    ramp bounds (beta_fast, beta_slow); llama.cpp then derives the same frequencies and the attention scale
-    1 + 0.1 ln(factor) as transformers. A config whose attention factor or ramp llama.cpp would not reproduce (an
-    explicit attention_factor or mscale, truncate false) is refused."""
-    import math
-
-    import gguf
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    factor = float(params.get("factor") or config.max_position_embeddings / params["original_max_position_embeddings"])
-    _, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
-    llama_cpp_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    if not math.isclose(float(attention_factor), llama_cpp_factor, rel_tol=1e-6) or params.get("truncate", True) is False:
-        raise HfgpuError(
-            f"cannot export this yarn rope scaling to GGUF: its attention factor {float(attention_factor):.4g} (or its untruncated "
-            f"ramp) is not llama.cpp's 1 + 0.1 ln({factor:g}) = {llama_cpp_factor:.4g}; use llama.cpp's convert_hf_to_gguf.py"
-        )
-    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    writer.add_rope_scaling_factor(factor)
-    writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
-    writer.add_rope_scaling_yarn_beta_fast(float(params.get("beta_fast") or 32))
-    writer.add_rope_scaling_yarn_beta_slow(float(params.get("beta_slow") or 1))
-
-
-def _longrope(writer, config, params: dict) -> list:
-    """Phi-3's long-context rope (Phi-3-*-128k, Phi-3.5-mini, Phi-4-mini) as llama.cpp reads it: the per-dimension
-    `rope_factors_long` / `rope_factors_short` tensors (llama.cpp takes the long ones when its context exceeds the
-    original one, transformers when the sequence does) and the attention factor transformers' own rope
-    initialisation computes (√(1 + ln(max / original) / ln original) unless the config gives one)."""
-    import gguf
-    import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    _, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
-    writer.add_rope_scaling_attn_factors(float(attention_factor))
-    tensors = []
-    for key, kind in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG), ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
-        values = torch.tensor(params[key], dtype=torch.float32)
-        tensors.append((gguf.TENSOR_NAMES[kind] + ".weight", gguf.GGMLQuantizationType.F32, tuple(values.shape), lambda v=values: v))
-    return tensors
-
-
-def _original_context(config) -> int:
-    return (
-        _rope_parameters(config).get("original_max_position_embeddings")
-        or getattr(config, "original_max_position_embeddings", None)
-        or config.max_position_embeddings
-    )
-
-
-def _rope_freq_factors(config):
-    """llama.cpp's `rope_freqs` for a Llama-3-scaled rope (which leaves attention unscaled): plain rope's inverse
-    frequencies divided by the scaled ones transformers computes (llama.cpp divides each frequency by its factor)."""
-    import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    dim = 2 * scaled.shape[0]
-    plain = 1.0 / (float(_rope_theta(config)) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    return (plain / scaled.float()).contiguous()
 
 
 def _gemma2_metadata(writer, config, head_dim: int) -> None:
@@ -527,10 +420,6 @@ def write_gguf_lora(adapter_dir: str | Path, config, out: Path, quant: str = "f1
 
 def _laid_out_key(f, key: str, heads: int | None):
     return _laid_out(f.get_tensor(key), heads)
-
-
-def _rope_theta(config) -> float:
-    return _rope_parameters(config).get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
 
 
 @contextmanager
@@ -653,16 +542,12 @@ def export_to(
             f"--format {format!r} is not one of {', '.join(FORMATS)} (gguf: the merged or full model; gguf-lora: the adapter; "
             "gguf-base: the base alone)"
         )
-    if format == "gguf-base":
+    if format != "gguf":  # one part of a LoRA run: its adapter, or its base
         if ollama:
-            raise HfgpuError(f"--ollama with --format gguf-base: the Ollama export is the merged model; {_MERGED}")
-        quant = quant or "q8_0"
-        return export_base(run_dir, out or Path(run_dir) / f"base-{quant}.gguf", quant, overwrite, say)
-    if format == "gguf-lora":
-        if ollama:
-            raise HfgpuError(f"--ollama with --format gguf-lora: the Ollama export is the merged model; {_MERGED}")
-        quant = quant or "f16"
-        return export_adapter(run_dir, out or Path(run_dir) / f"adapter-{quant}.gguf", quant, overwrite, say)
+            raise HfgpuError(f"--ollama with --format {format}: the Ollama export is the merged model; {_MERGED}")
+        export, default_quant, stem = {"gguf-lora": (export_adapter, "f16", "adapter"), "gguf-base": (export_base, "q8_0", "base")}[format]
+        quant = quant or default_quant
+        return export(run_dir, out or Path(run_dir) / f"{stem}-{quant}.gguf", quant, overwrite, say)
     quant = quant or "q8_0"
     folder = Path(ollama) if ollama else None
     if folder is not None and folder.exists() and not folder.is_dir():

@@ -215,7 +215,10 @@ def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path):
         write_gguf(model, tokenizer, tmp_path / "y.gguf", say=lambda *a: None)
     yarn, _ = export_case("qwen2-yarn")
     yarn.config.rope_parameters = {**yarn.config.rope_parameters, "attention_factor": 1.5}
-    with pytest.raises(HfgpuError, match="attention factor 1.5 .* is not llama.cpp's 1 \\+ 0.1 ln\\(4\\) = 1.139"):
+    with pytest.raises(HfgpuError, match="attention factor 1.5 is not llama.cpp's 1 \\+ 0.1 ln\\(4\\) = 1.139"):
+        write_gguf(yarn, tokenizer, tmp_path / "y.gguf", say=lambda *a: None)
+    yarn.config.rope_parameters = {**yarn.config.rope_parameters, "attention_factor": None, "truncate": False}
+    with pytest.raises(HfgpuError, match="truncate=false \\(llama.cpp always rounds the ramp's bounds\\)"):
         write_gguf(yarn, tokenizer, tmp_path / "y.gguf", say=lambda *a: None)
     assert not (tmp_path / "y.gguf").exists()
     gemma, spm = export_case("gemma2")
