@@ -203,7 +203,8 @@ class HubConfig(_Strict):
 class _Recipe(_Strict):
     """A fine-tuning run: the model, the card, the knobs (top level), the data, the training, the adapters, where it goes."""
 
-    model: str = Field(description="Hub repo id or local folder of the base model")
+    model: str = Field(description="Hub repo id or local folder of the base model, or a .gguf file (dequantized to train)")
+    gguf_file: str | None = Field(None, description="a .gguf file inside the `model` folder: read as model: FOLDER/FILE.gguf")
     gpu: str = Field("auto", description="card to plan for: a catalog name, '12GB', 'cpu', or auto (this machine)")
     data: DataConfig = Field(description="what to train on")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the optimization")
@@ -223,6 +224,20 @@ class _Recipe(_Strict):
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="a tracker for the metrics (install its package)")
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code (off unless you trust the repo)")
     hub: HubConfig = Field(default_factory=HubConfig, description="push the finished run to the Hub")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_file_in_folder(cls, raw: Any) -> Any:
+        """`model: FOLDER` + `gguf_file: FILE.gguf` is read as `model: FOLDER/FILE.gguf`, the one form a run records
+        (so `gguf_file` is always None once the recipe is read)."""
+        if not isinstance(raw, dict) or raw.get("gguf_file") is None:
+            return raw
+        name, folder = raw["gguf_file"], raw.get("model")
+        if not isinstance(name, str) or not name.lower().endswith(".gguf") or Path(name).name != name:
+            raise ValueError(f"gguf_file={name!r} is not a .gguf file name: name the file inside the model folder")
+        if not isinstance(folder, str):
+            raise ValueError("gguf_file needs model: the folder that holds the file")
+        return {**{k: v for k, v in raw.items() if k != "gguf_file"}, "model": str(Path(folder) / name)}
 
     @model_validator(mode="after")
     def _objective_and_format(self) -> "_Recipe":

@@ -433,6 +433,11 @@ def test_a_gguf_file_is_a_base_the_planner_plans_and_training_fine_tunes(lora_ru
         result = finetune(validate_recipe(recipe), say=lambda *a, **k: None)
         assert result.metrics["steps"] == 2
         assert yaml.safe_load((out / "resolved_recipe.yaml").read_text())["model"] == str(gguf.resolve())
+    # the folder + gguf_file form is the same recipe
+    folder_form = recipe_dict(str(gguf.parent), tmp_path / "on-gguf-folder", train={"max_steps": 1}) | {"gguf_file": gguf.name}
+    assert validate_recipe(folder_form).model == str(gguf)
+    finetune(validate_recipe(folder_form), say=lambda *a, **k: None)
+    assert yaml.safe_load((tmp_path / "on-gguf-folder" / "resolved_recipe.yaml").read_text())["model"] == str(gguf.resolve())
     run = Run(tmp_path / "on-gguf-lora")
     model, tokenizer = run.load(dtype=torch.float32)
     assert _logits(model, tokenizer).isfinite().all()
