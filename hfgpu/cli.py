@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--private", action="store_true")
     pu.add_argument("--merged", action="store_true", help="push the adapter merged into the base weights")
     pu.add_argument("--gguf", metavar="QUANT", help="also upload the merged model as a GGUF file: f16, bf16, q8_0, q4_0")
+    pu.add_argument(
+        "--base-model-id",
+        metavar="OWNER/NAME",
+        help="the base's Hub id, for a run trained from a local folder or GGUF file (the pushed adapter loads it from there)",
+    )
 
     me = sub.add_parser("merge", help="fold a run's LoRA adapter into its base weights")
     me.add_argument("run")
@@ -333,7 +338,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from hfgpu.hub import push
 
-    push(args.run, args.repo_id, private=args.private, merged=args.merged, gguf=args.gguf)
+    push(args.run, args.repo_id, private=args.private, merged=args.merged, gguf=args.gguf, base_model_id=args.base_model_id)
     return 0
 
 

@@ -291,25 +291,12 @@ def reference_columns(accelerator, model, data, p, recipe: Recipe, pad_id: int, 
         data.eval = data.eval.add_column("ref_logps", cached["eval"])
 
 
-def portable_base(model: str) -> str:
-    """What adapter_config.json records as the base: the Hub id when the model came from the Hub (typed
-    as owner/name, or a folder of the Hub cache), else the local folder's name (its full path stays in
-    resolved_recipe.yaml, which hfgpu's own commands read)."""
-    local = Path(resolve_path(model)).expanduser()
-    if not local.exists():
-        return model
-    local = local.resolve()
-    parts = local.parts
-    for i, part in enumerate(parts):
-        if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
-            return part[len("models--") :].replace("--", "/")
-    return local.name
-
-
-def portable_adapter_config(out: Path, model: str) -> None:
+def record_base(out: Path, model: str) -> None:
     path = out / "adapter_config.json"
     config = json.loads(path.read_text())
-    config["base_model_name_or_path"] = portable_base(model)
+    from hfgpu.hub import recorded_base
+
+    config["base_model_name_or_path"] = recorded_base(model)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -411,6 +398,10 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
         require_token()
     check_data_paths(recipe)
     p = plan_for(recipe)
+    if recipe.hub.repo_id and p.lora:  # the pushed adapter must name a base a download can find
+        from hfgpu.hub import hub_base_of
+
+        hub_base_of(recipe.model, recipe.hub.base_model_id, where="the recipe's model")
 
     import torch
     from accelerate import Accelerator
@@ -507,7 +498,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
         trained = accelerator.unwrap_model(result.model)
         trained.save_pretrained(out)
         if p.lora:
-            portable_adapter_config(out, recipe.model)
+            record_base(out, recipe.model)
         tokenizer.save_pretrained(out)
         from hfgpu.plots import plot_losses
 
@@ -515,10 +506,13 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
         (out / "final_metrics.json").write_text(json.dumps({"before": result.initial_metrics, "after": metrics}, indent=2))
         if result.answers:
             write_answers(out / "eval_answers.jsonl", data, result.answers, speak)
+        from hfgpu.hub import Run, model_card
+
+        model_card(Run(out)).save(out / "README.md")  # hfgpu's card in place of peft's empty template
     if recipe.hub.repo_id and main:
         from hfgpu.hub import push
 
-        push(out, recipe.hub.repo_id, private=recipe.hub.private, say=speak)
+        push(out, recipe.hub.repo_id, private=recipe.hub.private, say=speak, base_model_id=recipe.hub.base_model_id)
     if recipe.report_to != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()

@@ -72,6 +72,54 @@ class RunPlan:
             ) from None
 
 
+def hub_id_of(model: str) -> str | None:
+    """The Hub repo `model` came from, when that is known locally: typed as owner/name (and not a local path), or a
+    file or folder inside the Hub cache (…/models--OWNER--NAME/snapshots/REV/…); else None."""
+    from hfgpu.recipe import resolve_path
+
+    local = Path(resolve_path(model)).expanduser()
+    if not local.exists():
+        return model if REPO_ID.match(model) else None
+    for i, part in enumerate(local.resolve().parts):
+        if part.startswith("models--") and local.resolve().parts[i + 1 : i + 2] == ("snapshots",):
+            return part[len("models--") :].replace("--", "/")
+    return None
+
+
+def recorded_base(model: str) -> str:
+    """What adapter_config.json records as the base, so that plain peft loads the run folder with no other argument
+    (`AutoPeftModelForCausalLM.from_pretrained(run_dir)`): the Hub id when the model came from the Hub, else the base's
+    absolute path, as peft itself records a local base. A GGUF file's base is its folder: transformers reads the file
+    from there given `gguf_file=NAME`, which the run's README.md shows."""
+    from hfgpu.recipe import resolve_path
+
+    hub_id = hub_id_of(model)
+    if hub_id:
+        return hub_id
+    local = Path(resolve_path(model)).expanduser().resolve()
+    return str(local.parent if local.suffix.lower() == ".gguf" else local)
+
+
+def hub_base_of(model: str, base_model_id: str | None = None, where: str = "the base") -> str:
+    """The Hub id a pushed adapter names as its base: `base_model_id` when given, else the Hub repo the base came
+    from (owner/name as typed, or the Hub cache folder it was read from). A base known only as a local folder or
+    file is refused: a downloaded adapter could not find it."""
+    if base_model_id is not None:
+        if not REPO_ID.match(base_model_id):
+            raise HfgpuError(
+                f"--base-model-id {base_model_id!r} is not a Hub id (owner/name), e.g. --base-model-id HuggingFaceTB/SmolLM2-135M-Instruct"
+            )
+        return base_model_id
+    found = hub_id_of(model)
+    if found is None:
+        kind = "file" if str(model).lower().endswith(".gguf") else "folder"
+        raise HfgpuError(
+            f"{where} is the local {kind} {model!r}, which a downloaded adapter cannot find: name its Hub repo with "
+            "--base-model-id OWNER/NAME (hub.base_model_id in a recipe), e.g. the repo it was downloaded from; nothing was uploaded"
+        )
+    return found
+
+
 class Run:
     """A finished hfgpu run folder: its plan, resolved recipe, metrics and weights."""
 
@@ -98,7 +146,7 @@ class Run:
 
     @property
     def base_model(self) -> str:
-        """The base as adapter_config.json names it (a Hub id, or a local folder's name)."""
+        """The base as adapter_config.json names it (a Hub id, or a local folder's absolute path)."""
         if self.is_adapter:
             return json.loads((self.path / "adapter_config.json").read_text())["base_model_name_or_path"]
         return self.recipe.model
@@ -111,6 +159,16 @@ class Run:
 
         local = Path(resolve_path(self.recipe.model)).expanduser()
         return str(local) if local.is_dir() or (local.is_file() and local.suffix == ".gguf") else self.base_model
+
+    @property
+    def gguf_file(self) -> str | None:
+        """The GGUF file's name when the run trained on one (transformers loads it with `gguf_file=`)."""
+        from hfgpu.models import gguf_source
+
+        return gguf_source(self.recipe.model)[1].get("gguf_file")
+
+    def hub_base(self, base_model_id: str | None = None) -> str:
+        return hub_base_of(self.recipe.model, base_model_id, where=f"the base of {str(self.path)!r}")
 
     def load(self, dtype=None):
         """(model, tokenizer): the base with the adapter applied (or the full model), for inference."""
@@ -154,21 +212,27 @@ def _data_line(data) -> str:
     return "mixture: " + "; ".join(shares)
 
 
-def model_card(run: Run, repo_id: str, merged: bool = False, gguf: str | None = None):
-    """A huggingface_hub ModelCard describing the run: base model, plan, hyperparameters, metrics, usage."""
+def model_card(run: Run, repo_id: str | None = None, merged: bool = False, gguf: str | None = None, base_id: str | None = None):
+    """A huggingface_hub ModelCard describing the run: base model, plan, hyperparameters, metrics, usage. With a
+    `repo_id`, the card of that Hub repo (its base named by `base_id`, a Hub id); without, the run folder's own
+    README.md, which loads the run from where it lies and names the base as the run recorded it."""
     from huggingface_hub import ModelCard, ModelCardData
 
     plan, recipe, k = run.plan, run.recipe, run.plan.knobs
-    base = run.base_model
+    base_id = base_id or hub_id_of(recipe.model)
+    base = base_id or run.base_model
+    where = repo_id or str(run.path.resolve())
+    gguf_file = run.gguf_file if base_id is None or base_id == hub_id_of(recipe.model) else None
     strategy = k.strategy
-    family = recipe.model.split("/")[-1].split("-")[0].lower() or "llm"
+    family = base_id.split("/")[-1].split("-")[0].lower() if base_id else None  # a local folder's name says nothing
     paths = [recipe.data.path] if recipe.data.path else [m.path for m in recipe.data.mix or []]
     datasets = [x for x in paths if re.match(r"^[\w.-]+/[\w.-]+$", x) and not Path(x).exists()] or None
     adapter = run.is_adapter and not merged
     data = ModelCardData(
-        base_model=base if re.match(r"^[\w.-]+/[\w.-]+$", base) else None,
+        base_model=base_id,
         library_name="peft" if adapter else "transformers",
-        tags=["hfgpu", strategy, family]
+        tags=["hfgpu", strategy]
+        + ([family] if family else [])
         + (["merged"] if merged else [])
         + ([k.objective] if k.objective != "sft" else [])
         + (["gguf"] if gguf else []),
@@ -183,18 +247,20 @@ def model_card(run: Run, repo_id: str, merged: bool = False, gguf: str | None = 
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     )
     t = recipe.train
+    gguf_arg = f', gguf_file="{gguf_file}"' if gguf_file else ""
     usage = (
-        f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")\nmodel = PeftModel.from_pretrained(base, "{repo_id}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
+        f"from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{where}"{gguf_arg})  # loads the base ({base}) and applies the adapter\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")'
         if adapter
-        else f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
+        else f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained("{where}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")'
     )
+    shown_base = f"[{base}](https://huggingface.co/{base})" if base_id else f"`{base}`" + (f" (`{gguf_file}`)" if gguf_file else "")
     what = (
-        f"A {strategy.upper() if strategy != 'full' else 'full'} fine-tune of [{base}](https://huggingface.co/{base}) made with hfgpu."
+        f"A {strategy.upper() if strategy != 'full' else 'full'} fine-tune of {shown_base} made with hfgpu."
         if not merged
-        else f"The LoRA adapter of a {strategy} fine-tune of {base}, merged into the base weights (saved as safetensors)."
+        else f"The LoRA adapter of a {strategy} fine-tune of {shown_base}, merged into the base weights (saved as safetensors)."
     )
     if k.objective != "sft":
         what += f" {_objective_line(k.objective)}"
@@ -203,7 +269,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False, gguf: str | None = 
 {data.to_yaml()}
 ---
 
-# {repo_id.split("/")[-1]}
+# {where.split("/")[-1]}
 
 {what}
 
@@ -254,7 +320,7 @@ def model_card(run: Run, repo_id: str, merged: bool = False, gguf: str | None = 
 {usage}
 ```
 """
-        + (_gguf_usage(repo_id, gguf_name(run, gguf), gguf) if gguf else "")
+        + (_gguf_usage(where, gguf_name(run, gguf), gguf) if gguf else "")
     )
     return ModelCard(text)
 
@@ -308,9 +374,10 @@ def gguf_name(run: Run, quant: str) -> str:
     return f"{run.path.name}-{quant}.gguf"
 
 
-def _stage(run: Run, folder: Path, repo_id: str, merged: bool, gguf: str | None = None) -> None:
+def _stage(run: Run, folder: Path, repo_id: str, merged: bool, gguf: str | None = None, base_id: str | None = None) -> None:
     """The files to upload: what peft/transformers load directly, the card, the loss plot, the plan; with `gguf`,
-    the merged model as a GGUF file of that type (hfgpu.export)."""
+    the merged model as a GGUF file of that type (hfgpu.export). The uploaded adapter_config.json names the base by
+    its Hub id (`base_id`); the run folder's own copy keeps the local base it loads from."""
     if merged:
         merge(run.path, folder, overwrite=True, say=lambda *a, **k: None)
     else:
@@ -325,7 +392,11 @@ def _stage(run: Run, folder: Path, repo_id: str, merged: bool, gguf: str | None 
         from hfgpu.export import export_run
 
         export_run(run.path, folder / gguf_name(run, gguf), gguf, say=lambda *a, **k: None)
-    model_card(run, repo_id, merged, gguf).save(folder / "README.md")
+    if base_id and (folder / "adapter_config.json").is_file():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base_id
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    model_card(run, repo_id, merged, gguf, base_id=base_id).save(folder / "README.md")
 
 
 def push(
@@ -336,9 +407,12 @@ def push(
     endpoint: str | None = None,
     say=print,
     gguf: str | None = None,
+    base_model_id: str | None = None,
 ) -> str:
     """Upload a finished run to the Hub; returns the repo URL. Re-pushing an unchanged run makes no commit. `gguf`:
-    also upload the merged model as a GGUF file of that type (f16, q8_0, …), and say in the card how to run it."""
+    also upload the merged model as a GGUF file of that type (f16, q8_0, …), and say in the card how to run it.
+    `base_model_id`: the base's Hub id, for a run trained from a local folder or file (an adapter is refused
+    without it, since a downloaded adapter could not find such a base)."""
     if gguf:
         from hfgpu.export import check_quant
 
@@ -349,6 +423,10 @@ def push(
     if merged and not run.is_adapter:
         raise HfgpuError(f"{str(run_dir)!r} is a full fine-tune: it has no adapter to merge; push it without --merged")
     token = require_token()
+    if run.is_adapter and not merged:
+        base_id = run.hub_base(base_model_id)
+    else:  # a whole model needs no base to load; the card names it where known
+        base_id = run.hub_base(base_model_id) if base_model_id else hub_id_of(run.recipe.model)
     import sys
 
     from huggingface_hub import HfApi
@@ -358,7 +436,7 @@ def push(
         disable_progress_bars()  # progress bars are for terminals; logs and pipes get one line per event
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="hfgpu-push-") as tmp:
-        _stage(run, Path(tmp), repo_id, merged, gguf)
+        _stage(run, Path(tmp), repo_id, merged, gguf, base_id)
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             before = api.repo_info(repo_id, repo_type="model").sha

@@ -198,6 +198,9 @@ class HubConfig(_Strict):
 
     repo_id: str | None = Field(None, description="owner/name: push the finished run there (needs HF_TOKEN)")
     private: bool = Field(True, description="create the repo private")
+    base_model_id: str | None = Field(
+        None, description="owner/name of the base on the Hub, when the run trains from a local folder or file (the pushed adapter names it)"
+    )
 
 
 class _Recipe(_Strict):

@@ -5,6 +5,7 @@ difference), and its tokenizer gives the same ids and chat rendering. The Ollama
 the Jinja rendering. Bad input: one line, exit 2, nothing overwritten."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -441,6 +442,14 @@ def test_a_gguf_file_is_a_base_the_planner_plans_and_training_fine_tunes(lora_ru
     run = Run(tmp_path / "on-gguf-lora")
     model, tokenizer = run.load(dtype=torch.float32)
     assert _logits(model, tokenizer).isfinite().all()
+    # plain peft loads it as the run's README.md says: the file's folder is the recorded base, the file is named
+    from peft import AutoPeftModelForCausalLM
+
+    assert json.loads((run.path / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gguf.parent.resolve())
+    assert f'from_pretrained("{run.path.resolve()}", gguf_file="{gguf.name}")' in (run.path / "README.md").read_text()
+    plain = AutoPeftModelForCausalLM.from_pretrained(run.path, gguf_file=gguf.name, dtype=torch.float32)
+    ours = _logits(model, tokenizer)  # peft resizes the embeddings to len(tokenizer), one row more than this tiny vocabulary
+    torch.testing.assert_close(_logits(plain, tokenizer)[..., : ours.shape[-1]], ours, rtol=0, atol=0)
     merge(run.path, tmp_path / "merged-from-gguf", say=lambda *a: None)
     assert (tmp_path / "merged-from-gguf" / "model.safetensors").is_file()
     from hfgpu.export import export_base

@@ -259,24 +259,32 @@ def test_a_failed_run_leaves_no_empty_output_dir(tiny_model_dir, tmp_path):
     assert not out.exists()
 
 
-def test_adapter_config_names_a_portable_base_and_hfgpu_still_finds_the_local_one(tiny_model_dir, tmp_path, monkeypatch):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def test_a_run_from_a_local_folder_loads_with_plain_peft_and_no_other_argument(tiny_model_dir, tmp_path, monkeypatch):
+    """adapter_config.json records a local base by its absolute path (as peft does), so
+    AutoPeftModelForCausalLM.from_pretrained(run_dir) loads it from anywhere; a Hub-cache folder is its Hub id."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
 
-    from hfgpu.finetune import portable_base
-    from hfgpu.hub import Run, generate
+    from hfgpu.hub import Run, generate, recorded_base
 
     out = tmp_path / "portable"
     monkeypatch.chdir(tiny_model_dir.parent)
     _train(tiny_model_dir.name, out, train={"max_steps": 2})  # a relative model path
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == tiny_model_dir.name  # not this machine's absolute path
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     assert yaml.safe_load((out / "resolved_recipe.yaml").read_text())["model"] == str(tiny_model_dir.resolve())
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
-    monkeypatch.chdir(tmp_path)  # elsewhere: hfgpu's own commands load the base from the run's records
+    monkeypatch.chdir(tmp_path)  # elsewhere, with no other argument
+    plain = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = Run(out).load(dtype=torch.float32)
+    ids = torch.tensor([[5, 60, 70, 80, 90]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, ours.eval()(input_ids=ids).logits, rtol=0, atol=0)
+    card = (out / "README.md").read_text()  # hfgpu's card, not peft's empty template
+    assert "More Information Needed" not in card and f'AutoPeftModelForCausalLM.from_pretrained("{out.resolve()}")' in card
+    assert "| strategy | lora |" in card and "base_model:" not in card  # a local path is not a Hub base
     assert Run(out).base_model_path == str(tiny_model_dir.resolve())
     assert isinstance(generate(out, "Capital of Peru?", max_new_tokens=2), str)
     snap = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
-    assert portable_base(str(snap)) == "Qwen/Qwen2.5-0.5B"
-    assert portable_base("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert recorded_base(str(snap)) == "Qwen/Qwen2.5-0.5B"
+    assert recorded_base("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"

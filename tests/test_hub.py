@@ -12,6 +12,7 @@ from conftest import DEMO, ROOT, limit, recipe_dict
 from hub_server import HubServer
 
 TOKEN = "hf_hfgpuTestToken0123456789"
+BASE = ("--base-model-id", "org/tiny-base")  # the demo trains from a folder in the package: its Hub id is named
 
 
 @pytest.fixture(scope="module")
@@ -54,32 +55,51 @@ def _home(hub, tmp_path):
 
 
 @pytest.mark.slow
-def test_round_trip_push_download_load_same_logits(demo_run, hub, tmp_path, monkeypatch):
+def test_an_adapter_trained_from_a_local_copy_loads_from_the_hub_alone(demo_run, hub, tmp_path, monkeypatch):
+    """The base is uploaded to the server, the run trained on a local copy of it; pushed with --base-model-id, the
+    adapter downloads and loads with plain peft through the server alone (a fresh cache, no local path), with the
+    run's own logits."""
     import huggingface_hub.constants
+    from huggingface_hub import HfApi
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # it blocks localhost too
-    r = hfgpu(["push", str(demo_run), "--repo-id", "me/capitals-lora"], env_for(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # read at import; the server speaks plain LFS
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("org/tiny-base")
+    api.upload_folder(folder_path=str(DEMO / "model"), repo_id="org/tiny-base")
+    refused = hfgpu(["push", str(demo_run), "--repo-id", "me/capitals-lora"], env_for(hub))
+    assert refused.returncode == 2 and "--base-model-id OWNER/NAME" in refused.stderr and "me/capitals-lora" not in hub.repos
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/capitals-lora", *BASE], env_for(hub))
     assert r.returncode == 0, r.stderr[-2000:]
     files = hub.repos["me/capitals-lora"].head[1]
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "loss.png"} <= set(files)
-    assert ("PUT", next(p for m, p in hub.requests if m == "PUT")) and any(p.endswith("/commit/main") for _, p in hub.requests)
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-base"
+    assert "base_model: org/tiny-base" in files["README.md"].decode()
+    # the run folder keeps the base it loads from here
+    assert json.loads((demo_run / "adapter_config.json").read_text())["base_model_name_or_path"] == str((DEMO / "model").resolve())
 
-    from huggingface_hub import snapshot_download
+    ids = [5, 60, 70, 80, 90, 100]
+    code = (
+        "import json, sys, torch\n"
+        "from peft import AutoPeftModelForCausalLM\n"
+        "m = AutoPeftModelForCausalLM.from_pretrained('me/capitals-lora').eval()\n"
+        f"print(json.dumps(m(input_ids=torch.tensor([{ids}])).logits[0, -1].tolist()))\n"
+    )
+    env = {**env_for(hub, home=tmp_path / "fresh-home")}
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=limit(300))
+    assert got.returncode == 0, got.stderr[-2000:]
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    local = tmp_path / "downloaded"
-    snapshot_download("me/capitals-lora", endpoint=hub.url, token=TOKEN, local_dir=local, cache_dir=tmp_path / "cache")
-    downloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), local).eval()
     original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO / "model"), demo_run).eval()
-    ids = torch.tensor([[5, 60, 70, 80, 90, 100]])
     with torch.no_grad():
-        torch.testing.assert_close(downloaded(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=0)
-    # the token is nowhere: not in the run's files, the pushed files, nor what the command printed
-    for folder in (demo_run, local):
-        for f in folder.rglob("*"):
-            if f.is_file():
-                assert TOKEN.encode() not in f.read_bytes(), f
+        expected = original(input_ids=torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(torch.tensor(json.loads(got.stdout.strip().splitlines()[-1])), expected, rtol=0, atol=1e-6)
+    assert any(p.startswith("/org/tiny-base/resolve/") or "/org/tiny-base/" in p for _, p in hub.requests)
+    # the token is nowhere: not in the run's files, nor what the command printed
+    for f in demo_run.rglob("*"):
+        if f.is_file():
+            assert TOKEN.encode() not in f.read_bytes(), f
     assert TOKEN not in r.stdout + r.stderr
 
 
@@ -90,10 +110,7 @@ def test_model_card_describes_the_run(demo_run, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(demo_run, run_dir)
-    cfg = json.loads((run_dir / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-0.5B"  # as a run on a Hub model records it
-    (run_dir / "adapter_config.json").write_text(json.dumps(cfg))
-    card = model_card(Run(run_dir), "me/qwen-capitals")
+    card = model_card(Run(run_dir), "me/qwen-capitals", base_id="Qwen/Qwen2.5-0.5B")
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.base_model == "Qwen/Qwen2.5-0.5B" and loaded.data.library_name == "peft"
@@ -106,7 +123,7 @@ def test_model_card_describes_the_run(demo_run, tmp_path):
         "eval_loss",
         "eval_exact_match",
         "![loss](loss.png)",
-        'PeftModel.from_pretrained(base, "me/qwen-capitals")',
+        'AutoPeftModelForCausalLM.from_pretrained("me/qwen-capitals")',
         "learning rate",
     ):
         assert needle in text, needle
@@ -115,15 +132,15 @@ def test_model_card_describes_the_run(demo_run, tmp_path):
 def test_unchanged_repush_makes_no_commit_and_an_interrupted_push_can_rerun(demo_run, hub):
     env = env_for(hub)
     hub.fail_next = 1  # the network fails at the commit
-    r = hfgpu(["push", str(demo_run), "--repo-id", "me/retry"], env)
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/retry", *BASE], env)
     assert r.returncode == 2 and "push to me/retry failed" in r.stderr and "run the same command again" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and TOKEN not in r.stderr and "Traceback" not in r.stderr
     assert (demo_run / "adapter_model.safetensors").is_file()
-    r = hfgpu(["push", str(demo_run), "--repo-id", "me/retry"], env)
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/retry", *BASE], env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert hub.commit_count("me/retry") == 1
     puts = sum(1 for m, _ in hub.requests if m == "PUT")
-    r = hfgpu(["push", str(demo_run), "--repo-id", "me/retry"], env)
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/retry", *BASE], env)
     assert r.returncode == 0 and "nothing changed" in r.stdout
     assert hub.commit_count("me/retry") == 1 and sum(1 for m, _ in hub.requests if m == "PUT") == puts
 
@@ -133,7 +150,7 @@ def test_push_with_gguf_uploads_a_file_llama_cpp_reads_and_says_how_to_run_it(de
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    r = hfgpu(["push", str(demo_run), "--repo-id", "me/capitals-gguf", "--gguf", "q8_0"], env_for(hub))
+    r = hfgpu(["push", str(demo_run), "--repo-id", "me/capitals-gguf", "--gguf", "q8_0", *BASE], env_for(hub))
     assert r.returncode == 0, r.stderr[-2000:]
     files = hub.repos["me/capitals-gguf"].head[1]
     assert {"demo-q8_0.gguf", "adapter_model.safetensors", "README.md"} <= set(files)
@@ -228,7 +245,9 @@ def test_generate_uses_the_runs_template(demo_run):
         (["--repo-id", "me/x"], None, "no Hugging Face token"),
         (["--repo-id", "not a repo"], TOKEN, "is not owner/name"),
         (["--repo-id", "noslash"], TOKEN, "is not owner/name"),
-        (["--repo-id", "me/x"], "hf_wrong_token", "the token was rejected"),
+        (["--repo-id", "me/x", *BASE], "hf_wrong_token", "the token was rejected"),
+        (["--repo-id", "me/x"], TOKEN, "--base-model-id OWNER/NAME"),
+        (["--repo-id", "me/x", "--base-model-id", "no slash"], TOKEN, "is not a Hub id"),
     ],
 )
 def test_push_errors_are_one_line_exit_2(demo_run, hub, args, token, needle, tmp_path):
@@ -236,6 +255,7 @@ def test_push_errors_are_one_line_exit_2(demo_run, hub, args, token, needle, tmp
     assert r.returncode == 2 and needle in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "hf_wrong_token" not in r.stderr
+    assert "me/x" not in hub.repos  # nothing was uploaded
 
 
 def test_push_refuses_an_unfinished_run(hub, tmp_path):
@@ -256,6 +276,7 @@ def test_recipe_hub_repo_id_pushes_at_the_end_of_training(hub, tmp_path):
             f"output_dir={tmp_path / 'auto'}",
             "train.max_steps=5",
             "hub.repo_id=me/auto-push",
+            "hub.base_model_id=org/tiny-base",
             "eval.metrics=[]",
         ],
         capture_output=True,
@@ -285,3 +306,17 @@ def test_damaged_plan_json_is_one_line(demo_run, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "plan.json" in r.stderr and "is not a plan.json hfgpu wrote" in r.stderr
     assert not (tmp_path / "merged").exists()
+
+
+def test_recipe_pushing_an_adapter_of_a_local_base_is_refused_before_training(hub, tmp_path):
+    out = tmp_path / "never"
+    r = subprocess.run(
+        [sys.executable, "-m", "hfgpu.finetune", "recipes/demo_cpu.yaml", f"output_dir={out}", "hub.repo_id=me/auto-push"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env_for(hub),
+        timeout=limit(120),
+    )
+    assert r.returncode == 2 and "hub.base_model_id" in r.stderr and "--base-model-id OWNER/NAME" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists() and "me/auto-push" not in hub.repos
