@@ -93,7 +93,7 @@ def load_rows(path: str, split: str = "train", key: str = "data.split"):
     except HfgpuError:
         raise
     except Exception as e:  # datasets raises many types: missing split, offline, parse errors
-        if local.is_file() and (where := _first_bad_line(local)):
+        if local.exists() and (where := _first_bad_line(local)):
             raise HfgpuError(f"data file {path!r} {where}") from None
         detail = (str(e).strip().splitlines() or [""])[0][:160]
         raise HfgpuError(f"could not load data {path!r} (split {split!r}): {type(e).__name__}: {detail}") from None
@@ -102,27 +102,133 @@ def load_rows(path: str, split: str = "train", key: str = "data.split"):
     return ds
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """json's object_pairs_hook: a key written twice is an error (json.loads keeps the last one silently)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _json_kind(value) -> str:
+    kinds = {bool: "true/false", int: "a number", float: "a number", str: "text", list: "a list", type(None): "null"}
+    return kinds.get(type(value), "an object")
+
+
+def _row_problem(row) -> str | None:
+    """What is wrong with one parsed JSON row that datasets refuses: it is not an object. (A column whose rows hold
+    different kinds of value datasets 5 reads as JSON; such rows are dropped later, each with its rule.)"""
+    if not isinstance(row, dict):
+        return f'a row must be a JSON object like {{"instruction": …, "output": …}}, got {_json_kind(row)}: fix or remove that line'
+    return None
+
+
+def _first_bad_json(path: Path, json_lines: bool) -> str | None:
+    with open(path, "rb") as f:
+        if not json_lines:  # one JSON document: an array of rows (or an object of columns, which datasets reads too)
+            try:
+                doc = json.loads(f.read().decode("utf-8"), object_pairs_hook=_no_duplicates)
+            except _DuplicateKey as e:
+                return f'has the key "{e}" twice in one object: keep one'
+            except ValueError as e:
+                return f"is not valid JSON ({str(e).split(':')[0]}): fix it, or write one object per line (JSON lines)"
+            for i, row in enumerate(doc if isinstance(doc, list) else []):
+                if problem := _row_problem(row):
+                    return f"row {i + 1} of the array: {problem.replace('that line', 'that row')}"
+            return None
+        for number, raw in enumerate(f, 1):
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line, object_pairs_hook=_no_duplicates)
+            except _DuplicateKey as e:
+                return f'line {number}: key "{e}" appears twice: keep one'
+            except ValueError as e:
+                reason = str(e).split(":")[0]
+                return f"line {number} is not valid JSON ({reason}): fix or remove that line (JSON lines: one object per line)"
+            if problem := _row_problem(row):
+                return f"line {number}: {problem}"
+    return None
+
+
+def _first_bad_csv(path: Path) -> str | None:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return None
+        if len(set(header)) != len(header):
+            twice = next(h for h in header if header.count(h) > 1)
+            return f'line 1: column "{twice}" appears twice in the header: rename one'
+        for row in reader:
+            if row and len(row) != len(header):
+                return (
+                    f"line {reader.line_num} has {len(row)} fields, the header has {len(header)}: quote a value that holds a comma "
+                    '("Paris, France"), or fix that line'
+                )
+    return None
+
+
+def _first_bad_parquet(path: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    first = None
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except Exception as e:
+            return f"({file.name}) is not a readable parquet file ({(str(e).splitlines() or [''])[0][:100]}): write it again"
+        if first is None:
+            first = (file, schema)
+            continue
+        for field in schema:
+            other = first[1].field(field.name) if field.name in first[1].names else None
+            if other is not None and other.type != field.type:
+                return (
+                    f'({file.name}): column "{field.name}" is {field.type} there but {other.type} in {first[0].name}: '
+                    "give the column one type in every file"
+                )
+    return None
+
+
 def _first_bad_line(path: Path) -> str | None:
-    """After a failed load: the first line that is not UTF-8 (any text format) or not JSON (.json/.jsonl
-    holding JSON lines), said as what is wrong and the fix. Reads line by line: bounded memory."""
-    kind = EXTENSIONS.get(path.suffix.lower())
+    """After a failed load: the first line that is not UTF-8 (any text format), not JSON, not an object or with a key
+    twice (.json/.jsonl), with the wrong number of fields (.csv), or the
+    parquet file or column that does not fit the others, said as what is wrong and the fix. Line by line: bounded memory."""
+    kind = "parquet" if path.is_dir() else EXTENSIONS.get(path.suffix.lower())
+    if kind == "parquet":
+        return _first_bad_parquet(path)
     if kind not in ("json", "csv", "text"):
         return None
     with open(path, "rb") as f:
         head = f.read(1).lstrip()
         f.seek(0)
-        json_lines = kind == "json" and head not in (b"[", b"{") or path.suffix.lower() == ".jsonl"
+        json_lines = kind == "json" and head != b"[" or path.suffix.lower() == ".jsonl"
+        if json_lines and head == b"{" and path.suffix.lower() == ".json":
+            try:  # a .json file that opens with an object: JSON lines when its first line is a whole object
+                json.loads(f.readline())
+            except ValueError:
+                json_lines = False
+            f.seek(0)
         for number, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 return f"line {number} has bytes that are not UTF-8 (byte {e.start + 1} of the line): save the file as UTF-8"
-            if json_lines and line.strip():
-                try:
-                    json.loads(line)
-                except ValueError as e:
-                    reason = str(e).split(":")[0]
-                    return f"line {number} is not valid JSON ({reason}): fix or remove that line (JSON lines: one object per line)"
+    if kind == "json":
+        return _first_bad_json(path, json_lines)
+    if kind == "csv":
+        return _first_bad_csv(path)
     return None
 
 

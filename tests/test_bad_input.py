@@ -49,6 +49,10 @@ def world(tmp_path_factory, tiny_model_dir):
     opt = damaged / "checkpoints" / "step-0000002" / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:100])
     (root / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n{"instruction": "e\n')
+    good = '{"instruction": "Capital of Peru?", "output": "Lima"}\n'
+    (root / "list-row.jsonl").write_text(good * 32 + '["Paris", "France"]\n' + good)
+    (root / "dup-key.jsonl").write_text('{"instruction": "Capital?", "output": "Old", "output": "City"}\n' + good * 3)
+    (root / "ragged.csv").write_text("instruction,output\n" + "Capital of Peru?,Lima\n" * 3 + "Capital of France?,Paris, France\n")
     (root / "latin1.jsonl").write_bytes(
         '{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "d"}\n'.encode("latin-1")
     )
@@ -444,6 +448,27 @@ CASES = [
         "finetune",
         lambda w: [w["recipe"]("evalbroken", data={"eval_path": str(w["root"] / "broken.jsonl")})],
         ["broken.jsonl' line 3", "not valid JSON"],
+        None,
+    ),
+    (
+        "data-row-is-a-list",
+        "finetune",
+        lambda w: [w["recipe"]("listrow", data={"path": str(w["root"] / "list-row.jsonl")})],
+        ["list-row.jsonl' line 33", "a row must be a JSON object", "got a list"],
+        None,
+    ),
+    (
+        "data-key-twice",
+        "finetune",
+        lambda w: [w["recipe"]("dupkey", data={"path": str(w["root"] / "dup-key.jsonl")})],
+        ["dup-key.jsonl' line 1", 'key "output" appears twice'],
+        None,
+    ),
+    (
+        "data-csv-ragged-row",
+        "finetune",
+        lambda w: [w["recipe"]("ragged", data={"path": str(w["root"] / "ragged.csv")})],
+        ["ragged.csv' line 5 has 3 fields, the header has 2", "quote a value"],
         None,
     ),
     (

@@ -300,6 +300,30 @@ def test_a_broken_json_line_and_non_utf8_bytes_are_named_by_line(tmp_path):
         load_rows(str(tmp_path / "latin1.jsonl"))
 
 
+def test_rows_datasets_cannot_read_are_named_with_what_is_wrong(tmp_path):
+    """A row that is not an object, a key twice, a CSV row with a field too many, parquet
+    files whose column types differ: the first bad line (or file) and the fix, not datasets' generation error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = '{"instruction": "Capital of Peru?", "output": "Lima"}\n'
+    cases = {
+        "list.jsonl": (good * 3 + '["Paris", "France"]\n', r"line 4: a row must be a JSON object like .*got a list"),
+        "dup.jsonl": ('{"instruction": "a", "output": "Old", "output": "City"}\n', r'line 1: key "output" appears twice'),
+        "array.json": (f"[{good.strip()}, 5]", r"row 2 of the array: a row must be a JSON object .*got a number"),
+        "ragged.csv": ("instruction,output\na,b\nc,d,e\n", r"line 3 has 3 fields, the header has 2"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(HfgpuError, match=f"data file '.*{name}' {message}"):
+            load_rows(str(tmp_path / name))
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"instruction": ["a"], "output": ["x"]}), tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.table({"instruction": ["a"], "output": [[1]]}), tmp_path / "pq" / "b.parquet")
+    with pytest.raises(HfgpuError, match=r"\(b.parquet\): column \"output\" is list<.*> there but string in a.parquet"):
+        load_rows(str(tmp_path / "pq"))
+
+
 @pytest.mark.slow
 def test_a_huge_single_row_is_cut_before_tokenizing(tmp_path):
     """A 40 MB row at max_seq_len 64: tokenizing adds almost nothing to the process's peak memory
