@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from hfgpu.errors import HfgpuError
+from hfgpu.errors import HfgpuError, write_failure
 
 PREFIX = "step-"
 
@@ -124,11 +124,14 @@ def newest_good(folder: Path, say=print) -> Path | None:
     return None
 
 
-def _write_failed(e: BaseException) -> bool:
-    # torch.save on a full disk raises RuntimeError ("PytorchStreamWriter failed writing file …"),
-    # safetensors a SafetensorError; both mean the bytes did not reach the disk
-    text = str(e).lower()
-    return isinstance(e, OSError) or any(w in text for w in ("write", "space", "quota", "i/o error", "errno"))
+def _checkpoint_bytes(model, optimizer, previous: list[Path]) -> int:
+    """What a checkpoint takes on disk: the last one's size when there is one (exact), else the trainable tensors
+    and the optimizer's state tensors."""
+    if previous:
+        return sum(f.stat().st_size for f in previous[-1].iterdir() if f.is_file())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    return trainable + state
 
 
 def save(folder: Path, step: int, accelerator, model, optimizer, scheduler, counters: dict, keep_last: int) -> Path:
@@ -162,15 +165,17 @@ def save(folder: Path, step: int, accelerator, model, optimizer, scheduler, coun
             for old in complete_checkpoints(folder)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     except Exception as e:  # disk full, quota, permissions: the previous checkpoint is untouched
-        if not _write_failed(e):
-            raise
         shutil.rmtree(tmp, ignore_errors=True)
         previous = complete_checkpoints(folder)
-        kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
-        reason = getattr(e, "strerror", None) or ((str(e).strip().splitlines() or [type(e).__name__])[0][:120])
-        raise HfgpuError(
-            f"could not write checkpoint step {step} to {folder} ({reason}): free disk space or lower train.keep_last; {kept}"
-        ) from None
+        kept = (
+            f"the previous checkpoint {previous[-1].name} is intact (lower train.keep_last to keep fewer; resume=auto continues from it)"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        error = write_failure(e, folder, f"checkpoint step {step}", _checkpoint_bytes(model, optimizer, previous), kept)
+        if error is None:
+            raise
+        raise error from None
     accelerator.wait_for_everyone()
     return final
 

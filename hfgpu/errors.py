@@ -6,10 +6,13 @@ and exits with `exit_code` (2 for bad input), never with a traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -28,6 +31,40 @@ class DoesNotFit(HfgpuError):
         super().__init__(message)
         self.closest = closest  # the Plan with the smallest peak, `fits == False`
         self.alternatives = alternatives or []
+
+
+# a failed write as torch and safetensors report it: torch.save on a full disk raises RuntimeError ("PytorchStreamWriter
+# failed writing file …", or "[enforce fail at inline_container.cc:672] . unexpected pos 23616 vs 23508" when the
+# zip writer's position no longer matches what reached the disk), safetensors a SafetensorError
+_WRITE_WORDS = ("inline_container", "pytorchstreamwriter", "failed writing", "write", "no space", "quota", "i/o error", "errno")
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def write_failure(e: BaseException, folder: Path, what: str, needed: int | None, after: str) -> HfgpuError | None:
+    """The one-line error for `e` raised while writing `what` into `folder`, or None when `e` is not a failed write.
+    A full disk (ENOSPC, EDQUOT, or a serialization error while the disk holds less than the write needs) says so
+    with the free and needed space; another OSError (permissions, a read-only disk) its reason. `after`: what is
+    still intact and how to go on."""
+    text = str(e).lower()
+    if isinstance(e, HfgpuError) or not (isinstance(e, OSError) or any(w in text for w in _WRITE_WORDS)):
+        return None
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        free = None
+    room = needed is None or free is None or free < needed * 1.1 + 2**20  # a margin: the needed size is the payload only
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "no space" in text or (not isinstance(e, OSError) and room)
+    if full:
+        space = f"{_mib(free)} free" if free is not None else "no space left"
+        space += f", about {_mib(needed)} needed" if needed else ""
+        return HfgpuError(
+            f"could not write {what} to {folder}: the disk is full ({space}): free space there or choose another folder; {after}"
+        )
+    reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    return HfgpuError(f"could not write {what} to {folder} ({reason}): fix the folder or choose another; {after}")
 
 
 def _optional_kernel_notice(record: logging.LogRecord) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from hfgpu.errors import HfgpuError
+from hfgpu.errors import HfgpuError, write_failure
 from hfgpu.gguf_rope import rope_metadata
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -422,17 +422,32 @@ def _laid_out_key(f, key: str, heads: int | None):
     return _laid_out(f.get_tensor(key), heads)
 
 
+BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}  # ggml's blocks: 32 weights + a scale
+
+
 @contextmanager
-def _replacing(out: Path):
+def _replacing(out: Path, needed: int | None = None):
     """A temporary path beside `out` to write; `out` (new, or an existing file) is replaced only once the new file
-    is whole, and the temporary one is removed whatever happens."""
+    is whole, and the temporary one is removed whatever happens. A failed write (a full disk) is one line naming the
+    folder and the `needed` bytes."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
+    existed = out.exists()
     try:
         yield tmp
         tmp.replace(out)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        error = write_failure(e, out.parent, out.name, needed, f"{out} is unchanged" if existed else "nothing was written")
+        if error is None:
+            raise
+        raise error from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _gguf_bytes(model, quant: str) -> int:
+    return int(sum(p.numel() for p in model.parameters()) * BYTES_PER_WEIGHT[quant])
 
 
 def _loaded(run):
@@ -465,7 +480,7 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwr
     model, tokenizer = _loaded(run)
     if run.is_adapter:
         model = model.merge_and_unload()
-    with _replacing(out) as tmp:
+    with _replacing(out, _gguf_bytes(model, quant)) as tmp:
         result = write_gguf(model, tokenizer, tmp, quant, name=Path(run.path).name, say=lambda *a: None)
     say(f"exported {run.path} → {out} ({quant}, {result.tensors} tensors, {out.stat().st_size / 2**20:.1f} MiB)")
     return Exported(path=out, quant=quant, tensors=result.tensors, bytes=out.stat().st_size)
@@ -510,7 +525,7 @@ def export_base(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
         )
     model, tokenizer = _loaded(run)
     model = model.unload()  # peft's adapter layers removed, the base's weights as they were
-    with _replacing(out) as tmp:
+    with _replacing(out, _gguf_bytes(model, quant)) as tmp:
         result = write_gguf(model, tokenizer, tmp, quant, name=Path(run.base_model).name, say=lambda *a: None)
     size = out.stat().st_size
     say(f"exported the base of {run.path} ({run.base_model}) → {out} ({quant}, {result.tensors} tensors, {size / 2**20:.1f} MiB)")

@@ -300,6 +300,32 @@ def record_base(out: Path, model: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def save_final(out: Path, write_outputs, trained, adapter: bool) -> None:
+    """The trained adapter (or model), the tokenizer and the run's records into the run folder. A failed write (a full
+    disk) removes the weights and final_metrics.json it wrote, so the folder is not taken for a finished run, and
+    says how to go on: the checkpoints stay."""
+    from hfgpu.checkpoint import complete_checkpoints
+    from hfgpu.errors import write_failure
+
+    try:
+        write_outputs()
+    except Exception as e:
+        weights = ("adapter_model.safetensors", "adapter_config.json") if adapter else ("model.safetensors", "config.json")
+        for name in (*weights, "final_metrics.json", "README.md"):  # README.md: peft's template, written first
+            (out / name).unlink(missing_ok=True)
+        ckpts = complete_checkpoints(out / "checkpoints")
+        after = (
+            f"checkpoint {ckpts[-1].name} is intact: free space, then run the same command with resume=auto"
+            if ckpts
+            else "no checkpoint was kept (train.save_every): free space, then run again"
+        )
+        needed = sum(p.numel() * p.element_size() for p in trained.parameters() if p.requires_grad or not adapter)
+        error = write_failure(e, out, f"the trained {'adapter' if adapter else 'model'}", needed, after)
+        if error is None:
+            raise
+        raise error from None
+
+
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # report_to → importable packages
 
 
@@ -496,19 +522,23 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     metrics = result.metrics
     if main:
         trained = accelerator.unwrap_model(result.model)
-        trained.save_pretrained(out)
-        if p.lora:
-            record_base(out, recipe.model)
-        tokenizer.save_pretrained(out)
-        from hfgpu.plots import plot_losses
 
-        plot_losses(out / "metrics.jsonl", out / "loss.png")
-        (out / "final_metrics.json").write_text(json.dumps({"before": result.initial_metrics, "after": metrics}, indent=2))
-        if result.answers:
-            write_answers(out / "eval_answers.jsonl", data, result.answers, speak)
-        from hfgpu.hub import Run, model_card
+        def write_outputs() -> None:
+            trained.save_pretrained(out)
+            if p.lora:
+                record_base(out, recipe.model)
+            tokenizer.save_pretrained(out)
+            from hfgpu.plots import plot_losses
 
-        model_card(Run(out)).save(out / "README.md")  # hfgpu's card in place of peft's empty template
+            plot_losses(out / "metrics.jsonl", out / "loss.png")
+            if result.answers:
+                write_answers(out / "eval_answers.jsonl", data, result.answers, speak)
+            (out / "final_metrics.json").write_text(json.dumps({"before": result.initial_metrics, "after": metrics}, indent=2))
+            from hfgpu.hub import Run, model_card
+
+            model_card(Run(out)).save(out / "README.md")  # hfgpu's card in place of peft's empty template
+
+        save_final(out, write_outputs, trained, p.lora is not None)
     if recipe.hub.repo_id and main:
         from hfgpu.hub import push
 

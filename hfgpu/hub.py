@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hfgpu.errors import HfgpuError
+from hfgpu.errors import HfgpuError, write_failure
 from hfgpu.knobs import OBJECTIVE_PAPERS, PREFERENCE_DEFAULTS, REFERENCE_OBJECTIVES, Knobs, batch_unit
 from hfgpu.units import gib
 
@@ -475,9 +475,23 @@ def merge(run_dir: str | Path, out: str | Path, overwrite: bool = False, say=pri
     dtype = DTYPES[run.plan.knobs.precision]
     model, tokenizer = run.load(dtype=dtype)  # the base loads unquantized: QLoRA merges into 16-bit weights
     merged = model.merge_and_unload()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    before = {f.name for f in out.iterdir()}
+    try:
+        merged.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    except Exception as e:  # a full disk: what this merge wrote goes, the run is untouched
+        for f in out.iterdir():
+            if f.name not in before and f.is_file():
+                f.unlink()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        needed = sum(p.numel() * p.element_size() for p in merged.parameters())
+        error = write_failure(e, out, "the merged model", needed, f"the run {run.path} is untouched")
+        if error is None:
+            raise
+        raise error from None
     say(f"merged {run.path} into {run.base_model} → {out}/ ({dtype})")
     return out
 
