@@ -423,6 +423,12 @@ def push(
     if merged and not run.is_adapter:
         raise HfgpuError(f"{str(run_dir)!r} is a full fine-tune: it has no adapter to merge; push it without --merged")
     token = require_token()
+    from hfgpu import online
+
+    if endpoint is None and not online.hub_reachable():
+        host = online.endpoint().split("://")[-1]
+        why = "HF_HUB_OFFLINE is set: unset it" if online.offline_asked() else f"the Hub ({host}) cannot be reached: connect"
+        raise HfgpuError(f"push to {repo_id}: {why}, then run the same command again; {run.path} is unchanged")
     if run.is_adapter and not merged:
         base_id = run.hub_base(base_model_id)
     else:  # a whole model needs no base to load; the card names it where known
