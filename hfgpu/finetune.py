@@ -112,6 +112,11 @@ def check_output_dir(recipe: Recipe) -> Path:
     present = [f for f in RUN_FILES if (out / f).exists()]
     if not present:
         return out
+    if not is_run_folder(out):
+        raise HfgpuError(
+            f"output_dir {str(out)!r} holds files that are not an hfgpu run ({', '.join(present[:3])}): hfgpu writes into a new "
+            "or empty folder, or replaces its own run (overwrite=true); choose another output_dir, or move those files"
+        )
     if recipe.overwrite:
         return out  # cleared by the main process once data and model are ready
     if recipe.resume != "never":
@@ -176,8 +181,22 @@ class RunLock:
         self.fd = None
 
 
+def is_run_folder(out: Path) -> bool:
+    """Whether `out` holds an hfgpu run (finished or not): the records written before its first step, plan.json as
+    hfgpu writes it and resolved_recipe.yaml. Only such a folder is replaced by overwrite=true or continued by resume."""
+    try:
+        plan = json.loads((out / "plan.json").read_text())
+    except (OSError, ValueError):
+        return False
+    hfgpu_plan = isinstance(plan, dict) and {"gpu", "memory", "strategy", "micro_batch_size"} <= set(plan)
+    return hfgpu_plan and (out / "resolved_recipe.yaml").is_file()
+
+
 def _clear(out: Path) -> None:
-    for name in RUN_FILES:
+    """An earlier run's files (a run folder only: check_output_dir refused any other); anything else stays."""
+    from hfgpu.hub import TOKENIZER_FILES
+
+    for name in (*RUN_FILES, *TOKENIZER_FILES, "README.md", "eval_answers.jsonl"):
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)

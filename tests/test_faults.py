@@ -288,3 +288,27 @@ def test_a_run_from_a_local_folder_loads_with_plain_peft_and_no_other_argument(t
     snap.mkdir(parents=True)
     assert recorded_base(str(snap)) == "Qwen/Qwen2.5-0.5B"
     assert recorded_base("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+
+
+def test_overwrite_replaces_an_hfgpu_run_and_refuses_any_other_folder(tiny_model_dir, tmp_path):
+    """overwrite=true (and resume) act on a folder that holds an hfgpu run only; a folder that merely has files named
+    like a run's (another tool's adapter, a model folder) is refused in one line with nothing touched, and files that
+    are not the run's survive a replaced run."""
+    foreign = tmp_path / "peft-adapter"
+    foreign.mkdir()
+    (foreign / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (foreign / "adapter_model.safetensors").write_bytes(b"theirs")
+    before = _snapshot(foreign)
+    for over in ({"overwrite": True}, {"resume": "auto"}, {}):
+        with pytest.raises(HfgpuError, match=r"holds files that are not an hfgpu run \(adapter_config.json, adapter_model.safetensors\)"):
+            _train(tiny_model_dir, foreign, **over)
+        assert _snapshot(foreign) == before
+
+    out = tmp_path / "run"
+    _train(tiny_model_dir, out, train={"max_steps": 2})
+    (out / "notes.txt").write_text("mine")
+    (out / "tokenizer.model").write_bytes(b"a stale sentencepiece file of an earlier run")
+    _train(tiny_model_dir, out, overwrite=True, train={"max_steps": 3, "save_every": None})
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "tokenizer.model").exists() and not (out / "checkpoints").exists()
+    assert json.loads((out / "final_metrics.json").read_text())["after"]["steps"] == 3
