@@ -182,9 +182,25 @@ def _cache_write(path: Path, value) -> None:
         pass
 
 
+def _gguf_type(text: str) -> str | None:
+    """The file's general.type ("model", "adapter", …), from its header; None when it has none or cannot be read."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(Path(text).expanduser()), "r").fields.get("general.type")
+        return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception:  # not a GGUF file, or the gguf package missing: transformers' reader says what is wrong
+        return None
+
+
 def _read_gguf_config(text: str) -> dict:
     from transformers import AutoConfig
 
+    if _gguf_type(text) == "adapter":  # transformers would read it as a made-up default model of that architecture
+        raise HfgpuError(
+            f"{text!r} is a LoRA adapter (GGUF), not a model: plan or train on its base model (llama.cpp applies the adapter "
+            "with llama-cli -m BASE.gguf --lora ADAPTER.gguf)"
+        )
     folder, extra = gguf_source(text)
     try:
         config = AutoConfig.from_pretrained(folder, **extra)

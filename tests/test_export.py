@@ -489,3 +489,14 @@ def test_a_file_that_is_not_a_readable_gguf_model_is_one_line(tmp_path, capsys):
     assert hfgpu_main(["plan", str(bad), "--gpu", "4090"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"hfgpu: error: cannot read the GGUF file {str(bad)!r} as a model") and "original model's folder" in err
+
+
+def test_an_adapter_gguf_is_not_taken_for_a_model(lora_run, tmp_path, capsys):
+    """A gguf-lora file read as a model gave a made-up 6.6 B Llama (transformers' defaults): refused by its general.type."""
+    adapter = export_adapter(lora_run, tmp_path / "adapter-f16.gguf", say=lambda *a: None).path
+    assert hfgpu_main(["plan", str(adapter), "--gpu", "4090"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a LoRA adapter (GGUF), not a model" in err[0] and "--lora" in err[0]
+    with pytest.raises(HfgpuError, match="is a LoRA adapter"):
+        finetune(validate_recipe(recipe_dict(str(adapter), tmp_path / "never")), say=lambda *a, **k: None)
+    assert not (tmp_path / "never").exists()
