@@ -92,14 +92,23 @@ class ModelSpec:
 
 @lru_cache(maxsize=1)
 def catalog_ids() -> dict[str, str]:
-    """Offline catalog: lower-cased repo id (and bare model name) → file name in resources/configs/."""
+    """Offline catalog: lower-cased repo id (and bare model name) → file name in resources/configs/. A bare name
+    without its release suffix names the model too when only one entry starts so: Llama-2-13b (-hf),
+    TinyLlama-1.1B (-Chat-v1.0), Phi-3-mini-4k (-instruct), Mixtral-8x7B (-v0.1); `Llama-2` (two sizes) does not."""
     folder = PACKAGE.joinpath("resources/configs")
     ids: dict[str, str] = {}
-    for entry in folder.iterdir():
+    shorter: dict[str, set[str]] = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
             repo_id = entry.name[: -len(".json")].replace("__", "/")
             ids[repo_id.lower()] = entry.name
             ids.setdefault(repo_id.split("/")[-1].lower(), entry.name)
+            parts = repo_id.split("/")[-1].lower().split("-")
+            for n in range(2, len(parts)):  # at least two parts: "llama" or "qwen2.5" alone names nothing
+                shorter.setdefault("-".join(parts[:n]), set()).add(entry.name)
+    for name, files in shorter.items():
+        if len(files) == 1:
+            ids.setdefault(name, next(iter(files)))
     return ids
 
 

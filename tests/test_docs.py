@@ -181,3 +181,21 @@ def test_loss_png_of_a_short_run_shows_its_points(tmp_path, monkeypatch):
     )
     real_close(captured["fig"])
     assert (tmp_path / "loss.png").stat().st_size > 5000
+
+
+def test_every_model_name_the_readme_lists_plans_as_printed():
+    """The README's catalog sentence ("Llama-3.1-8B, Llama-3.2-1B/3B, …") names models a user types bare: each one
+    (X-1B/3B read as X-1B and X-3B) is found in the offline catalog, with no network."""
+    from hfgpu.models import load_config
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    listed = re.search(r"The offline catalog plans with no network and no token: (.+?) \(bare names", text).group(1)
+    names = []
+    for item in re.split(r", | and ", re.sub(r"\s*\(`[^`]+`\)", "", listed)):
+        head, *sizes = item.strip().split("/")
+        names.append(head)
+        stem = head.rsplit("-", 1)[0]
+        names += [f"{stem}-{size}" for size in sizes]
+    assert len(names) >= 20 and "Llama-2-13b" in names and "Qwen2.5-7B" in names, names
+    for name in names:
+        assert load_config(name)[1] == "catalog", name
