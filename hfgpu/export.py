@@ -164,7 +164,7 @@ def _convert(array, kind):
     return gguf.quants.quantize(array, kind)
 
 
-def _tokenizer_metadata(writer, tokenizer, config) -> None:
+def _tokenizer_metadata(writer, tokenizer, config, chat_template: str | None) -> None:
     """The vocabulary as llama.cpp reads it: byte-level BPE as its "gpt2" tokenizer (Llama-3, Qwen, SmolLM2), BPE
     with byte fallback over "▁"-spaced text (the sentencepiece vocabularies of Llama-2, Mistral, Gemma, Phi-3) as its
     "llama" tokenizer; then the special ids, whether BOS/EOS are added, and the chat template."""
@@ -228,8 +228,8 @@ def _tokenizer_metadata(writer, tokenizer, config) -> None:
     ids = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(bool(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]))
     writer.add_add_eos_token(bool(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]))
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+    if chat_template:
+        writer.add_chat_template(chat_template)
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -275,9 +275,11 @@ def _write_tensors(writer, plan) -> int:
     return total
 
 
-def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "model", say=print) -> Exported:
+def write_gguf(
+    model, tokenizer, out: Path, quant: str = "q8_0", name: str = "model", say=print, chat_template: str | None = "tokenizer"
+) -> Exported:
     """`model` (a transformers causal LM of a supported architecture, in any float dtype) and its tokenizer to one
-    GGUF file, tensor by tensor."""
+    GGUF file, tensor by tensor. `chat_template`: the one the file carries (default: the tokenizer's; None: none)."""
     import gguf
 
     check_quant(quant)
@@ -306,7 +308,9 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "q8_0", name: str = "mo
     file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[quant]  # llama_ftype
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer_metadata(writer, tokenizer, config)
+    _tokenizer_metadata(
+        writer, tokenizer, config, getattr(tokenizer, "chat_template", None) if chat_template == "tokenizer" else chat_template
+    )
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan = list(extra)  # (gguf name, GGML type, shape, a function giving the tensor as llama.cpp lays it out)
@@ -480,8 +484,14 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwr
     model, tokenizer = _loaded(run)
     if run.is_adapter:
         model = model.merge_and_unload()
+    from hfgpu.ollama import gguf_chat_template, prompt_format
+
+    try:  # the chat template llama.cpp's chat mode will use: the prompt format the run trained with
+        template = gguf_chat_template(tokenizer, prompt_format(run.recipe.data))
+    except HfgpuError:  # several formats: the tokenizer's, as it was
+        template = "tokenizer"
     with _replacing(out, _gguf_bytes(model, quant)) as tmp:
-        result = write_gguf(model, tokenizer, tmp, quant, name=Path(run.path).name, say=lambda *a: None)
+        result = write_gguf(model, tokenizer, tmp, quant, name=Path(run.path).name, say=lambda *a: None, chat_template=template)
     say(f"exported {run.path} → {out} ({quant}, {result.tensors} tensors, {out.stat().st_size / 2**20:.1f} MiB)")
     return Exported(path=out, quant=quant, tensors=result.tensors, bytes=out.stat().st_size)
 
@@ -576,9 +586,9 @@ def export_to(
         run = Run(run_dir)
         from transformers import AutoTokenizer
 
-        from hfgpu.ollama import ollama_modelfile
+        from hfgpu.ollama import ollama_modelfile, prompt_format
 
-        text = ollama_modelfile(AutoTokenizer.from_pretrained(run.path), out.name)  # refused before anything is written
+        text = ollama_modelfile(AutoTokenizer.from_pretrained(run.path), out.name, prompt_format(run.recipe.data))  # before writing
         if out.parent.resolve() != folder.resolve():
             raise HfgpuError(f"--out {str(out)!r} with --ollama: the GGUF file goes in the Ollama folder; leave --out out")
     result = export_run(run_dir, out, quant, overwrite, say)

@@ -1,10 +1,12 @@
-"""The Ollama Modelfile of an exported run (`hfgpu export RUN --ollama DIR`): FROM the GGUF file, the run's chat
-template as Ollama's Go TEMPLATE (derived by rendering the Jinja template and checked against it), its default
-system prompt as SYSTEM, the stop tokens and greedy decoding."""
+"""The Ollama Modelfile of an exported run (`hfgpu export RUN --ollama DIR`): FROM the GGUF file, the prompt format
+the run was trained with as Ollama's Go TEMPLATE — the chat template (derived by rendering the Jinja template and
+checked against it) for chat data, the Alpaca prompt for Alpaca rows, the raw text for text, prompt/completion and
+preference rows — its default system prompt as SYSTEM, the stop tokens and greedy decoding."""
 
 from __future__ import annotations
 
 from hfgpu.errors import HfgpuError
+from hfgpu.render import ALPACA, ALPACA_JINJA
 
 _MARK = "\x00{}\x00"  # a sentinel no chat template prints
 
@@ -79,11 +81,52 @@ def _renders_empty(tokenizer) -> bool:
         return False
 
 
-def ollama_modelfile(tokenizer, gguf_name: str) -> str:
-    """A Modelfile: FROM the exported file, the chat template as Ollama's TEMPLATE (and its default system prompt as
-    SYSTEM), the stop tokens (EOS and the template's end-of-turn special tokens) and the run's generation defaults
-    (greedy, as hfgpu's eval and generate decode)."""
-    template, system = ollama_template(tokenizer)
+# a run trained on raw text (text, prompt/completion, preference rows) sees its prompt as it is, its answer closed by EOS
+RAW_JINJA = (
+    "{% for message in messages %}{{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def prompt_format(data) -> str:
+    """How a run's prompts were rendered in training (as `hfgpu generate` renders them): "chat" (the chat template),
+    "alpaca" or "raw"; a mixture of datasets in different formats is refused, since one Modelfile has one template."""
+    formats = {m.format or data.format for m in data.mix} if data.mix else {data.format}
+    kinds = {"chat" if f == "chat" else "alpaca" if f == "alpaca" else "raw" for f in formats}
+    if len(kinds) > 1:
+        raise HfgpuError(
+            f"--ollama: the run trained on several prompt formats ({', '.join(sorted(formats))}), and a Modelfile has one "
+            "TEMPLATE: export with --out only and write the TEMPLATE by hand"
+        )
+    return kinds.pop()
+
+
+def gguf_chat_template(tokenizer, fmt: str) -> str | None:
+    """The chat template a GGUF file of the run carries (llama.cpp's chat mode reads it): the run's prompt format."""
+    if fmt == "chat":
+        return getattr(tokenizer, "chat_template", None)
+    return ALPACA_JINJA if fmt == "alpaca" else RAW_JINJA
+
+
+def _plain_template(tokenizer, before: str) -> str:
+    """Ollama's TEMPLATE for a run trained on single prompts: each user message after `before` (the Alpaca prompt, or
+    nothing), each earlier answer closed by EOS, as ALPACA_JINJA / RAW_JINJA render them."""
+    esc = lambda s: s.replace("{{", "{{ `{{` }}")  # noqa: E731
+    head, _, tail = before.partition("{instruction}")
+    eos = esc(tokenizer.eos_token or "")
+    return (
+        f'{{{{ range .Messages }}}}{{{{ if eq .Role "user" }}}}{esc(head)}{{{{ .Content }}}}{esc(tail)}'
+        f'{{{{ else if eq .Role "assistant" }}}}{{{{ .Content }}}}{eos}{{{{ end }}}}{{{{ end }}}}'
+    )
+
+
+def ollama_modelfile(tokenizer, gguf_name: str, fmt: str = "chat") -> str:
+    """A Modelfile: FROM the exported file, the run's prompt format (`fmt`, from prompt_format) as Ollama's TEMPLATE
+    (and a chat template's default system prompt as SYSTEM), the stop tokens (EOS and the template's end-of-turn
+    special tokens) and the run's generation defaults (greedy, as hfgpu's eval and generate decode)."""
+    if fmt == "chat":
+        template, system = ollama_template(tokenizer)
+    else:
+        template, system = _plain_template(tokenizer, ALPACA if fmt == "alpaca" else "{instruction}"), None
     stops = []
     for t in [tokenizer.eos_token] + [t for t in tokenizer.all_special_tokens if t in template]:
         if t and t not in stops and t != tokenizer.bos_token:

@@ -12,6 +12,13 @@ ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+# the Alpaca prompt as a chat template, for a GGUF file of a run trained on Alpaca rows (llama.cpp's chat mode reads
+# the file's template and adds BOS itself): one instruction per turn, the answer closed by EOS as training closed it
+ALPACA_JINJA = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    + ALPACA.replace("{instruction}", "{{ message['content'] }}")
+    + "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
 ALPACA_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"

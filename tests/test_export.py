@@ -238,8 +238,42 @@ def test_the_ollama_modelfile_template_reproduces_the_chat_template(lora_run, tm
     assert system is None and "SYSTEM" not in text
     assert '{{ if eq .Role "system" }}<|system|>\n{{ .Content }}</s>\n' in template
     assert template.endswith("{{ end }}{{ end }}<|assistant|>\n")
+
+
+def test_the_ollama_export_prompts_in_the_format_the_run_trained_with(lora_run, tiny_model_dir, tmp_path):
+    """lora_run trained on Alpaca rows: its Modelfile TEMPLATE and its GGUF's chat template are the Alpaca prompt
+    training rendered (not the tokenizer's chat template, which it never saw); a chat run's are its chat template."""
+    import jinja2
+    from transformers import AutoTokenizer
+
+    from hfgpu.render import ALPACA
+
     assert hfgpu_main(["export", str(lora_run), "--ollama", str(tmp_path / "ollama")]) == 0
-    assert (tmp_path / "ollama" / "Modelfile").read_text() == text and (tmp_path / "ollama" / "model-q8_0.gguf").is_file()
+    modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
+    head, tail = ALPACA.split("{instruction}")
+    assert f'TEMPLATE """{{{{ range .Messages }}}}{{{{ if eq .Role "user" }}}}{head}{{{{ .Content }}}}{tail}' in modelfile
+    assert "<|user|>" not in modelfile and 'PARAMETER stop "</s>"' in modelfile
+    template = _read_back_template(tmp_path / "ollama" / "model-q8_0.gguf")
+    rendered = jinja2.Template(template).render(messages=[{"role": "user", "content": "Capital of Peru?"}], eos_token="</s>")
+    assert rendered == ALPACA.format(instruction="Capital of Peru?")  # the prompt training rendered for that row
+
+    chat = tmp_path / "chat-run"
+    rows = [{"messages": [{"role": "user", "content": f"Capital {i}?"}, {"role": "assistant", "content": "Lima"}]} for i in range(8)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = recipe_dict(tiny_model_dir, chat, data={"path": str(data), "eval_path": None, "format": "chat"}, train={"max_steps": 1})
+    finetune(validate_recipe(recipe), say=lambda *a, **k: None)
+    assert hfgpu_main(["export", str(chat), "--ollama", str(tmp_path / "ollama-chat")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(chat)
+    assert (tmp_path / "ollama-chat" / "Modelfile").read_text() == ollama_modelfile(tokenizer, "model-q8_0.gguf")
+    assert _read_back_template(tmp_path / "ollama-chat" / "model-q8_0.gguf") == tokenizer.chat_template
+
+
+def _read_back_template(path) -> str:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path), "r").fields["tokenizer.chat_template"]
+    return bytes(field.parts[field.data[0]]).decode()
 
 
 SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's: a system block of its own when the conversation has none
