@@ -369,13 +369,24 @@ def _resume(accelerator, model, optimizer, scheduler, cfg: LoopConfig, ckpt_dir:
 
 
 def _check_finite(loss: float, grad_norm: float | None, step: int, cfg: LoopConfig, scaled: bool) -> None:
+    """A non-finite loss or gradient norm stops the run, with one command that starts it again at a sane rate. Not a
+    resume: the scheduler's state restores the old rate, and the last checkpoints' weights and Adam moments may
+    already hold the blow-up (resumed at 2e-4 from a step whose loss was still fine, the demo diverged again)."""
     bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm) and not scaled)
     if bad:
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        from hfgpu.recipe import TrainConfig
+
+        usual = TrainConfig.model_fields["learning_rate"].default  # hfgpu's default: a rate far above it is the likely cause
+        now = f"train.learning_rate (now {cfg.learning_rate:g})"
+        rate, why = (cfg.learning_rate / 10, f"a tenth of {now}") if cfg.learning_rate / 10 <= usual else (usual, f"{now} is far above it")
+        lower = f"train.learning_rate={rate:g}"
+        advice = (
+            f"start again with a lower rate: run the same command with overwrite=true {lower} ({why}), or set train.max_grad_norm "
+            f"(now {cfg.max_grad_norm})"
+        )
         raise HfgpuError(
-            f"training diverged at step {step}: {what} is not finite; no step was taken with it and no final model "
-            f"was written: lower train.learning_rate (now {cfg.learning_rate:g}) or set train.max_grad_norm (now {cfg.max_grad_norm}), "
-            "then resume=auto from the last checkpoint or start again"
+            f"training diverged at step {step}: {what} is not finite; no step was taken with it and no final model was written: {advice}"
         )
 
 

@@ -218,6 +218,11 @@ def test_divergence_stops_at_the_first_non_finite_loss_and_writes_no_final_model
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept[-1] == f"step-{step - 1:07d}"  # the last good step, never the diverged one
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoints" / kept[-1] / "trainable.safetensors")).values())
+    # the advice is one command that works (not a resume: the checkpoints hold the run's rate and may hold the blow-up)
+    assert "run the same command with overwrite=true train.learning_rate=0.0002" in line and "resume=auto" not in line
+    again = _run(recipe, "overwrite=true", "train.learning_rate=0.0002")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "final_metrics.json").read_text())["after"]["steps"] == 8
 
 
 def test_a_full_disk_in_torch_save_is_the_same_clean_error(tiny_model_dir, tmp_path, monkeypatch):
