@@ -6,6 +6,7 @@ and exits with `exit_code` (2 for bad input), never with a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -72,18 +73,40 @@ def _optional_kernel_notice(record: logging.LogRecord) -> bool:
     return not (text.startswith("Failed to load CPU gemm_4bit_forward") or "'kernels-community/quantization-bitsandbytes'" in text)
 
 
-def run_command(body: Callable[[], int], interrupted: str = "hfgpu: interrupted") -> int:
-    """Run a command-line entry point: a user error is one line on stderr and its exit code, never a traceback.
-    Libraries' FutureWarnings (deprecations the user cannot act on) are hidden unless HFGPU_WARNINGS=1, and so is
-    bitsandbytes' import-time notice that its optional CPU kernel (from the Hub, via the `kernels` package) could
-    not be loaded, and `kernels`' note on that lookup offline: on an AVX512-BF16 CPU they print on every command,
-    and bitsandbytes' own fallback computes the same op."""
-    if os.environ.get("HFGPU_WARNINGS") != "1":
+_NOTICE_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")  # the second: its offline lookup's note
+
+
+@contextlib.contextmanager
+def library_notices_hidden():
+    """Within: libraries' FutureWarnings (deprecations the user cannot act on) are hidden, and so are bitsandbytes'
+    import-time notice that its optional CPU kernel (from the Hub, via the `kernels` package) could not be loaded,
+    `kernels`' note on that lookup offline (on an AVX512-BF16 CPU they print on every command, and bitsandbytes' own
+    fallback computes the same op), and peft's "Could not find a config file in … will assume that the vocabulary
+    was not modified" when a base has no config.json beside it (a GGUF file's folder: hfgpu never resizes the
+    vocabulary). HFGPU_WARNINGS=1 shows them all. The command line and the Python API (`hfgpu.finetune`, a run's
+    `load`) both run inside it; the filters are removed on the way out."""
+    if os.environ.get("HFGPU_WARNINGS") == "1":
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _NOTICE_LOGGERS]
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_optional_kernel_notice)
-        logging.getLogger("kernels._internals.hf_hub").addFilter(_optional_kernel_notice)  # its offline lookup's note
+        warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary was not modified")
+        for logger in loggers:
+            logger.addFilter(_optional_kernel_notice)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(_optional_kernel_notice)
+
+
+def run_command(body: Callable[[], int], interrupted: str = "hfgpu: interrupted") -> int:
+    """Run a command-line entry point: a user error is one line on stderr and its exit code, never a traceback;
+    libraries' notices a user cannot act on are hidden (library_notices_hidden)."""
     try:
-        return body()
+        with library_notices_hidden():
+            return body()
     except HfgpuError as e:
         print(f"hfgpu: {'does not fit' if isinstance(e, DoesNotFit) else 'error'}: {e}", file=sys.stderr)
         return e.exit_code

@@ -409,7 +409,10 @@ def finetune(recipe: Recipe, say=print) -> RunResult:
         lock.acquire()
     failed = True
     try:
-        result = _finetune(recipe, out, start, say)
+        from hfgpu.errors import library_notices_hidden
+
+        with library_notices_hidden():  # the command line's rules in Python too
+            result = _finetune(recipe, out, start, say)
         failed = False
         return result
     finally:

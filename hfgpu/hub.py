@@ -172,6 +172,12 @@ class Run:
 
     def load(self, dtype=None):
         """(model, tokenizer): the base with the adapter applied (or the full model), for inference."""
+        from hfgpu.errors import library_notices_hidden
+
+        with library_notices_hidden():
+            return self._load(dtype)
+
+    def _load(self, dtype=None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -221,3 +221,27 @@ def test_bitsandbytes_optional_cpu_kernel_notice_is_hidden_and_other_library_war
     caplog.clear()
     cpu_ops.logger.warning("Failed to load CPU gemm_4bit_forward: shown outside hfgpu's commands")
     assert len(caplog.records) == 1
+
+
+@pytest.mark.slow
+def test_the_python_api_hides_the_same_library_notices_as_the_command_line(tmp_path):
+    """hfgpu.finetune(...) with gradient checkpointing: transformers' FutureWarning (peft calls the deprecated name)
+    is hidden as on the command line, and shown with HFGPU_WARNINGS=1; the filters do not outlive the call."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, limit
+
+    code = (
+        "import warnings, hfgpu\n"
+        f"r = hfgpu.load_recipe('recipes/demo_cpu.yaml', ['output_dir={tmp_path / 'run'}', 'train.max_steps=2', 'overwrite=true', "
+        "'gradient_checkpointing=true', 'eval.metrics=[]'])\n"
+        "hfgpu.finetune(r, say=lambda *a, **k: None)\n"
+        "warnings.warn('the caller own FutureWarning', FutureWarning)\n"
+    )
+    for shown in ("0", "1"):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HFGPU_WARNINGS": shown}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=limit(300))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert ("is_gradient_checkpointing` is deprecated" in r.stderr) == (shown == "1"), r.stderr[-2000:]
+        assert "the caller own FutureWarning" in r.stderr  # the user's own warnings, after the call, are theirs
