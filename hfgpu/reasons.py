@@ -106,18 +106,16 @@ def reasons(c: Problem, found: Found, accum: int) -> dict[str, str]:
         r["micro_batch_size"] = (
             f"{kn.micro_batch_size}: "
             + (
-                f"the fastest of the {found.roomy} plans that fit with room, by the throughput model (within "
-                f"{SPEED_RESOLUTION:.0%}, the one with fewer savers)"
+                f"the fastest of the {found.roomy} plans that fit with room, by the throughput model (within its "
+                f"{SPEED_RESOLUTION:.0%} resolution, the one with fewer time-costing savers and the larger micro-batch)"
                 if found.roomy
                 else "of the plans that fit only tightly, the one with the most room"
             )
             + f" ({gib(mem.activations + mem.logits)} of activations and logits)"
         )
         if found.runner_up is not None and found.speeds[0] > 0:
-            r["micro_batch_size"] += f"; the runner-up, {_difference(kn, found.runner_up)}, is estimated " + (
-                f"{1 - found.speeds[1] / found.speeds[0]:.1%} slower"
-                if found.speeds[1] < found.speeds[0]
-                else f"{found.speeds[1] / found.speeds[0] - 1:.1%} faster (not enough to add a saver)"
+            r["micro_batch_size"] += f"; the runner-up, {_difference(kn, found.runner_up)}, is estimated " + _runner_up(
+                kn, found.runner_up, found.speeds[1] / found.speeds[0]
             )
         doubled = c.breakdown(replace(kn, micro_batch_size=2 * kn.micro_batch_size))
         if 2 * kn.micro_batch_size <= math.ceil(c.base.global_batch_size / card.count) and doubled.fits:
@@ -230,17 +228,36 @@ def _relative_speed(ratio: float) -> str:
     return f"{ratio - 1:.1%} faster, less than the {SPEED_RESOLUTION:.0%} it takes to add a saver"
 
 
+SAVER_LABELS = (
+    ("gradient_checkpointing", "checkpointing"),
+    ("chunked_loss", "the chunked loss"),
+    ("activation_offloading", "offloading"),
+    ("tiled_mlp", "the tiled MLP"),
+)
+
+
+def _runner_up(chosen: memory.Setup, other: memory.Setup, ratio: float) -> str:
+    """How much faster or slower the runner-up is estimated, and, when it is not slower, why the chosen plan was kept:
+    in words that agree with the choice (the chunked loss costs no time and is kept for its room; otherwise the
+    runner-up would add a saver or a smaller micro-batch for less than the model's resolution)."""
+    if ratio < 1 - 5e-4:
+        return f"{1 - ratio:.1%} slower"
+    pace = "as fast" if ratio < 1 + 5e-4 else f"{ratio - 1:.1%} faster"
+    if chosen.chunked_loss and not other.chunked_loss:
+        return f"{pace}: the chunked loss costs no time and leaves more room, so it stays on"
+    resolution = f"within the throughput model's {SPEED_RESOLUTION:.0%} resolution"
+    added = [label for name, label in SAVER_LABELS if getattr(other, name) and not getattr(chosen, name)]
+    if other.micro_batch_size < chosen.micro_batch_size:
+        added.append("a smaller micro-batch")
+    return f"{pace}, {resolution}: not enough to take on " + (" and ".join(added) if added else "the change")
+
+
 def _difference(chosen: memory.Setup, other: memory.Setup) -> str:
     """How `other` differs from the chosen setup, in a few words: "micro-batch 2 without the chunked loss"."""
     words = []
     if other.micro_batch_size != chosen.micro_batch_size:
         words.append(f"micro-batch {other.micro_batch_size}")
-    for name, label in (
-        ("gradient_checkpointing", "checkpointing"),
-        ("chunked_loss", "the chunked loss"),
-        ("activation_offloading", "offloading"),
-        ("tiled_mlp", "the tiled MLP"),
-    ):
+    for name, label in SAVER_LABELS:
         if getattr(other, name) != getattr(chosen, name):
             words.append(("with " if getattr(other, name) else "without ") + label)
     return " ".join(words) or "the same knobs"

@@ -369,3 +369,26 @@ def test_a_larger_micro_batch_is_estimated_faster():
     p = hfgpu.plan("meta-llama/Llama-3.1-8B", "RTX 4090", strategy="qlora", seq_len=512, micro_batch_size=1)
     one, four = (tokens_per_second(p.spec, p.gpu, p.setup().replace(micro_batch_size=mb)) for mb in (1, 4))
     assert four > one * 1.02  # launches and QLoRA's dequantization are paid per micro-batch, not per token
+
+
+def test_the_runner_up_sentence_agrees_with_the_choice():
+    """When the runner-up is estimated as fast or faster, the reason says why the chosen plan was kept in words that
+    match it: "the chunked loss … stays on" only when the chosen plan has it and the runner-up does not; otherwise
+    what the runner-up would have added. (It said "the one with fewer savers … not enough to add a saver" of a plan
+    that had the extra saver.)"""
+    import hfgpu
+
+    seen = set()
+    for model in ("EleutherAI/pythia-160m", "Qwen/Qwen2.5-1.5B", "HuggingFaceTB/SmolLM2-135M", "meta-llama/Llama-3.2-1B"):
+        for card in ("GTX 1080", "RTX 3060 12GB", "RTX 4090"):
+            p = hfgpu.plan(model, card)
+            reason = p.reasons["micro_batch_size"]
+            assert "not enough to add a saver" not in reason and "the one with fewer savers)" not in reason
+            if "so it stays on" in reason:
+                assert p.chunked_loss and "without the chunked loss" in reason
+                seen.add("chunked")
+            if "not enough to take on" in reason:
+                taken = reason.split("not enough to take on ")[1].split(";")[0]
+                assert taken != "the change", reason
+                seen.add("other")
+    assert seen == {"chunked", "other"}  # both kinds occur on these cards
