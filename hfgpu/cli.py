@@ -219,6 +219,11 @@ def _png(path: str) -> str:
     return path
 
 
+def _wrote(path: str, json_out: bool) -> None:
+    """Where --plot wrote its picture (on stderr under --json, whose stdout is the JSON alone)."""
+    print(f"wrote {path}", file=sys.stderr if json_out else sys.stdout)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from hfgpu.planner import DoesNotFit, plan_knobs
 
@@ -238,6 +243,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(d, indent=2))
     else:
         _print_plan(result, alternatives)
+    if args.plot:
+        _wrote(args.plot, args.json)
     return 0 if result.fits else 3
 
 
@@ -296,6 +303,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         plot_fit(spec.name, rows, _png(args.plot), args.tokens)
     if args.json:
         print(json.dumps({"model": spec.name, "tokens": args.tokens, "budget_usd": args.budget, "gpus": rows}, indent=2))
+        if args.plot:
+            _wrote(args.plot, True)
         return 0
     from rich.table import Table
 
@@ -323,6 +332,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             ", ".join(marks),
         )
     _console().print(t)
+    if args.plot:
+        _wrote(args.plot, False)
     return 0
 
 

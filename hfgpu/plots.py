@@ -44,9 +44,14 @@ def plot_plan(p, path: str | Path) -> Path:
     ax.set_xticks([])
     ax.set_ylabel("GiB")
     ax.set_ylim(0, max(bottom, card) * 1.12)
-    verdict = "fits" if p.fits else "does NOT fit"
+    from hfgpu.report import VERDICT_COLOURS, VERDICTS
+
+    room = f", {gib(p.memory.margin, 2)} to spare" if p.fits else ""
     ax.set_title(
-        f"{p.model}: {p.strategy}, micro-batch {p.micro_batch_size} × {p.grad_accum_steps}, seq {p.seq_len} — {verdict}", fontsize=9
+        f"{p.model}: {p.strategy}, micro-batch {p.micro_batch_size} × {p.grad_accum_steps}, seq {p.seq_len}\n"
+        f"{VERDICTS[p.fit]} — {gib(m['total'], 2)} of {gib(m['budget'], 2)}{room}",
+        fontsize=9,
+        color=VERDICT_COLOURS[p.fit],
     )
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -62,18 +67,24 @@ def plot_fit(model: str, rows: list[dict], path: str | Path, tokens: float) -> P
     for i, r in enumerate(rows):
         y = len(rows) - 1 - i
         ax.barh(y, r["vram_gb"], color="#eeeeee", edgecolor="#999999", height=0.8)
-        if r["best_strategy"]:
-            ax.barh(y, r["best_peak_gib"], color=STRATEGY_COLOURS[r["best_strategy"]], height=0.5)
+        tight = bool(r["best_strategy"]) and r["tight"][r["best_strategy"]]
+        if r["best_strategy"]:  # a tight fit is hatched and says so: within the model's error of the budget
+            colour = STRATEGY_COLOURS[r["best_strategy"]]
+            edge = "#333333" if tight else colour
+            ax.barh(y, r["best_peak_gib"], color=colour, height=0.5, hatch="////" if tight else None, edgecolor=edge)
         price = f"${r['launch_price_usd']:,.0f}" if r["launch_price_usd"] else "–"
         hours = f"{r['hours_estimate']:.1f} h" if r["hours_estimate"] else "–"
-        ax.text(r["vram_gb"] + 0.3, y, f"{price} · {hours}" if r["best_strategy"] else f"{price} · does not fit", va="center", fontsize=7)
+        label = f"{price} · {hours}" + (" · TIGHT" if tight else "") if r["best_strategy"] else f"{price} · does not fit"
+        ax.text(r["vram_gb"] + 0.3, y, label, va="center", fontsize=7, color="#b26a00" if tight else "black")
     ax.set_yticks(range(len(rows)), [r["gpu"].replace("GeForce ", "") for r in reversed(rows)], fontsize=7)
     ax.set_xlabel("GB (grey: the card; colour: peak of the best strategy that fits)")
     ax.set_title(f"{model}: which card fits, at what price, in how many hours for {tokens:,.0f} tokens (estimates)", fontsize=9)
     from matplotlib.patches import Patch
 
     # explicit swatches: empty bars make legend entries in the default colour, whatever colour they were given
-    ax.legend(handles=[Patch(color=STRATEGY_COLOURS[s], label=s) for s in ("full", "lora", "qlora")], loc="lower right", fontsize=8)
+    swatches = [Patch(color=STRATEGY_COLOURS[s], label=s) for s in ("full", "lora", "qlora")]
+    swatches.append(Patch(facecolor="white", edgecolor="#333333", hatch="////", label="tight (check with --verify)"))
+    ax.legend(handles=swatches, loc="upper right", fontsize=8)
     ax.set_xlim(0, max(r["vram_gb"] for r in rows) * 1.35)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -95,8 +106,10 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
         _plot_rewards(axes[1], rows)
     if train:  # a short run logs a few points: draw them, a line through one point is invisible
         ax.plot(*zip(*train), "." if len(train) < 30 else "", linestyle="-", label="train loss")
-    if evals:
+    if len(evals) > 2:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    elif evals:  # before and after training only: two measurements, not a curve between them
+        ax.plot(*zip(*evals), "o", linestyle="none", label="eval loss (before / after training)" if len(evals) == 2 else "eval loss")
     if not train:
         ax.text(
             0.5,

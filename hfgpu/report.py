@@ -72,16 +72,20 @@ def verify_rows(p: "Plan") -> list[tuple[str, str, str]]:
     ]
 
 
+VERDICTS = {  # Plan.fit → the words the header, the JSON's readers and the pictures show
+    "fits": "FITS",
+    "tight": "FITS (TIGHT)",
+    "verified": "FITS (VERIFIED)",
+    "rejected": "FITS ON PAPER, THE SIMULATED STEP DOES NOT",
+    "does not fit": "DOES NOT FIT",
+}
+VERDICT_COLOURS = {"fits": "#2e7d32", "verified": "#2e7d32", "tight": "#b26a00", "rejected": "#c62828", "does not fit": "#c62828"}
+
+
 def plan_header(p: "Plan") -> str:
     cc = p.gpu.compute_capability
     ccs = "cc unknown" if cc is None else f"cc {cc[0]}.{cc[1]}"
-    verdict = {
-        "fits": "FITS",
-        "tight": "FITS (TIGHT)",
-        "verified": "FITS (VERIFIED)",
-        "rejected": "FITS ON PAPER, THE SIMULATED STEP DOES NOT",
-        "does not fit": "DOES NOT FIT",
-    }[p.fit]
+    verdict = VERDICTS[p.fit]
     room = f", {gib(p.memory.margin, 2)} to spare" if p.fits else ""
     return (
         f"{p.model} on {p.gpu.display_name} ({p.gpu.vram_gb:g} GB, {ccs}): {verdict} — "

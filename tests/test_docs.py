@@ -148,12 +148,46 @@ def test_the_fit_picture_legend_shows_each_strategys_colour(tmp_path, monkeypatc
     captured = {}
     real_close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: captured.setdefault("fig", fig))
-    rows = [dict(gpu="GeForce RTX 4090", vram_gb=24, best_strategy="lora", best_peak_gib=20.0, launch_price_usd=1599, hours_estimate=1.0)]
+    row = dict(vram_gb=24, best_strategy="lora", best_peak_gib=20.0, launch_price_usd=1599, hours_estimate=1.0)
+    rows = [
+        dict(row, gpu="GeForce RTX 4090", tight={"lora": False}),
+        dict(row, gpu="GeForce RTX 3090", tight={"lora": True}, best_peak_gib=22.5),  # a tight fit is drawn as one
+    ]
     plot_fit("m", rows, tmp_path / "fit.png", 1e6)
-    legend = captured["fig"].axes[0].get_legend()
+    ax = captured["fig"].axes[0]
+    legend = ax.get_legend()
     shown = {t.get_text(): matplotlib.colors.to_hex(h.get_facecolor()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
-    assert shown == {s: STRATEGY_COLOURS[s] for s in ("full", "lora", "qlora")}
+    assert shown == {**{s: STRATEGY_COLOURS[s] for s in ("full", "lora", "qlora")}, "tight (check with --verify)": "#ffffff"}
+    bars = [b for b in ax.patches if b.get_height() == 0.5]  # the peaks (the cards are 0.8 high)
+    assert [b.get_hatch() for b in bars] == [None, "////"]
+    assert [t.get_text() for t in ax.texts] == ["$1,599 · 1.0 h", "$1,599 · 1.0 h · TIGHT"]
     real_close(captured["fig"])
+
+
+def test_the_plan_picture_shows_the_verdict_the_text_shows(tmp_path, monkeypatch, capsys):
+    """plan.png's title says FITS (TIGHT) for a tight plan (it said "fits"), in the header's words and colour; --plot
+    says where it wrote the file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import hfgpu
+    from hfgpu.cli import main
+    from hfgpu.plots import plot_plan
+
+    captured = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: captured.append(fig))
+    for model, card, verdict in (("Qwen/Qwen2.5-7B", "GTX 1080", "FITS (TIGHT)"), ("Qwen/Qwen2.5-7B", "RTX 4090", "FITS —")):
+        p = hfgpu.plan(model, card)
+        assert p.fit == ("tight" if "TIGHT" in verdict else "fits")
+        plot_plan(p, tmp_path / "plan.png")
+        assert verdict in captured[-1].axes[0].get_title()
+    assert main(["plan", "Qwen/Qwen2.5-7B", "--gpu", "GTX 1080", "--plot", str(tmp_path / "p.png")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {tmp_path / 'p.png'}"
+    for fig in captured:
+        real_close(fig)
 
 
 def test_loss_png_of_a_short_run_shows_its_points(tmp_path, monkeypatch):
@@ -176,9 +210,10 @@ def test_loss_png_of_a_short_run_shows_its_points(tmp_path, monkeypatch):
     )
     plot_losses(metrics, tmp_path / "loss.png")
     lines = captured["fig"].axes[0].get_lines()
-    assert [ln.get_label() for ln in lines] == ["train loss", "eval loss"] and all(
+    assert [ln.get_label() for ln in lines] == ["train loss", "eval loss (before / after training)"] and all(
         ln.get_marker() not in ("", "None", None) for ln in lines
     )
+    assert lines[1].get_linestyle() == "None"  # two measurements, not a curve drawn between them
     real_close(captured["fig"])
     assert (tmp_path / "loss.png").stat().st_size > 5000
 
