@@ -323,8 +323,23 @@ def _round_up(x: float) -> float:
     return float(np.ceil(x * 200 + 1e-9) / 200)
 
 
+def _tested(versions: dict, modes: dict) -> dict:
+    """The major.minor versions of transformers and peft under which a refit gave these very coefficients (the plan
+    warns outside them, hfgpu.memory.version_drift): the committed range plus this one when the modes came out the
+    same, else this one alone."""
+    committed = memory.activation_coefficients()
+    same = committed.get("modes") == modes
+    tested = {}
+    for name in ("transformers", "peft"):
+        mine = ".".join(versions[name].split(".")[:2])
+        earlier = committed.get("measured", {}).get("tested", {}).get(name, []) if same else []
+        tested[name] = sorted(set(earlier) | {mine}, key=lambda v: tuple(int(x) for x in v.split(".")))
+    return tested
+
+
 def _write(table: dict, partial: bool) -> None:
     versions = {p: metadata.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")}
+    kept = {k: v for k, v in memory.activation_coefficients().get("measured", {}).items() if k.endswith("_note")}
     doc = {
         "about": "Bytes per token of activations and logits, fitted by benchmarks/memory_cpu.py --refit to tensor peaks "
         "of training steps simulated on fake tensors (hfgpu.simulate: real transformers + peft modules, equal to real CPU "
@@ -333,6 +348,8 @@ def _write(table: dict, partial: bool) -> None:
             "date": datetime.date.today().isoformat(),
             "device": "cpu (fake tensors)",
             "versions": versions,
+            "tested": _tested(versions, table.get("modes", {})),
+            **kept,  # notes written by hand (why known_error holds what it holds, where the tested range comes from)
             "grid": len(GRID),
             "shapes": "2-3 layers, hidden 1024-4096, vocab 32000-151936, seq 256-1024",
             "partial": partial,

@@ -299,12 +299,14 @@ def known_error(s: Setup) -> float:
 
 @lru_cache(maxsize=1)
 def version_drift() -> str | None:
-    """A warning when the installed transformers or peft differ (major.minor) from the versions the
-    activation coefficients were fitted on: their modules decide what a step keeps for backward.
-    Reads package metadata only (no import)."""
+    """A warning when the installed transformers or peft (major.minor) are outside the versions the activation
+    coefficients were checked on: fitted on `measured.versions`, and refitted to the same coefficients under each
+    major.minor of `measured.tested` (their modules decide what a step keeps for backward). Reads package metadata
+    only (no import)."""
     from importlib import metadata
 
-    fitted = activation_coefficients().get("measured", {}).get("versions", {})
+    measured = activation_coefficients().get("measured", {})
+    fitted, tested = measured.get("versions", {}), measured.get("tested", {})
     drift = []
     for name in ("transformers", "peft"):
         want = fitted.get(name)
@@ -312,8 +314,10 @@ def version_drift() -> str | None:
             have = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-        if want and have.split(".")[:2] != want.split(".")[:2]:
-            drift.append(f"{name} {have} (fitted on {want})")
+        good = set(tested.get(name, [])) | ({".".join(want.split(".")[:2])} if want else set())
+        if want and ".".join(have.split(".")[:2]) not in good:
+            checked = f"fitted on {want}" + (f"; same coefficients under {', '.join(sorted(good))}" if len(good) > 1 else "")
+            drift.append(f"{name} {have} ({checked})")
     if not drift:
         return None
     return f"the memory model was fitted on other library versions than this machine's: {', '.join(drift)}; check the plan with --verify"

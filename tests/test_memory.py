@@ -192,3 +192,23 @@ def test_transient_and_peak_phase_mean_what_they_say():
     )
     assert memory.breakdown(big, long, 24 * 2**30).peak_phase == "recompute"  # the chunked loss is small; one layer's recompute is not
     assert memory.breakdown(big, dataclasses.replace(long, chunked_loss=False, seq_len=1024), 24 * 2**30).peak_phase == "loss"
+
+
+def test_versions_in_the_tested_range_do_not_warn(monkeypatch):
+    """peft 0.22 (what `pip install -e .` brings today) refits to the same coefficients as 0.21: no warning on every
+    plan; a major.minor outside the recorded range still warns, naming the range."""
+    from importlib import metadata
+
+    from hfgpu import memory
+
+    tested = memory.activation_coefficients()["measured"]["tested"]
+    assert "0.22" in tested["peft"] and "5.25" in tested["transformers"]
+    real = metadata.version
+    for peft, warns in (("0.22.0", False), ("0.21.9", False), ("0.23.0", True)):
+        monkeypatch.setattr(metadata, "version", lambda name, v=peft: v if name == "peft" else real(name))
+        memory.version_drift.cache_clear()
+        drift = memory.version_drift()
+        assert (drift is not None) == warns, (peft, drift)
+        if warns:
+            assert f"peft {peft} (fitted on" in drift and "same coefficients under 0.21, 0.22" in drift
+    memory.version_drift.cache_clear()
