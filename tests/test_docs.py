@@ -234,3 +234,64 @@ def test_every_model_name_the_readme_lists_plans_as_printed():
     assert len(names) >= 20 and "Llama-2-13b" in names and "Qwen2.5-7B" in names, names
     for name in names:
         assert load_config(name)[1] == "catalog", name
+
+
+def test_the_readme_longest_sequence_table_is_what_the_planner_plans():
+    """README's "longest sequence Llama-3.1-8B QLoRA fits" table: each card's length is the longest multiple of 128
+    whose plan fits (it had drifted: 8,448 where 8,576 fits)."""
+    import hfgpu
+    from hfgpu.errors import DoesNotFit
+
+    def fits(card: str, n: int) -> bool:
+        try:
+            return hfgpu.plan("meta-llama/Llama-3.1-8B", card, strategy="qlora", micro_batch_size=1, seq_len=n).fits
+        except DoesNotFit:
+            return False
+
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (RTX [\w ]+?), (\d+) GB \| ([\d,]+) tokens", text, flags=re.M)
+    assert len(rows) == 4, rows
+    variants = {"RTX 3060": "RTX 3060 12GB", "RTX 4060 Ti": "RTX 4060 Ti 16GB"}  # the memory the row names
+    for name, gb, shown in rows:
+        card = variants.get(name, name)
+        assert hfgpu.get_gpu(card).vram_gb == int(gb), card
+        lo, hi = 128, 131072
+        if fits(card, hi):
+            lo = hi
+        while hi - lo > 128:
+            mid = (lo + hi) // 2 // 128 * 128
+            lo, hi = (mid, hi) if fits(card, mid) else (lo, mid)
+        assert int(shown.replace(",", "")) == lo, (card, shown, lo)
+
+
+def test_the_header_reading_a_plan_shows_is_the_one_hfgpu_prints():
+    """docs/reading-a-plan.md quotes a plan's header: it is what `hfgpu plan` prints for that model and card today
+    (it showed 9.2 GiB where the tool printed 9.47)."""
+    import hfgpu
+    from hfgpu.report import plan_header
+
+    quoted = re.search(r"^`(Qwen/Qwen2.5-1.5B on GeForce RTX 3060 12GB .+)`$", (ROOT / "docs" / "reading-a-plan.md").read_text(), re.M)
+    assert quoted, "the header example is gone from docs/reading-a-plan.md"
+    assert quoted.group(1) == plan_header(hfgpu.plan("Qwen/Qwen2.5-1.5B", "RTX 3060 12GB"))
+
+
+def test_the_demo_times_and_output_the_readme_quotes_are_the_recorded_run():
+    """The SmolLM2 demo's closing line in the README is the one benchmarks/results_smollm2_demo.txt recorded (the
+    figures shown are that run's, the rest elided), and its minutes agree wherever they are given (the README, the
+    Makefile): they said 4 min, about 5 minutes and 254 s."""
+    recorded = next(ln for ln in (ROOT / "benchmarks" / "results_smollm2_demo.txt").read_text().splitlines() if ln.startswith("done in"))
+    seconds = int(re.match(r"done in (\d+) s", recorded).group(1))
+    for readme in ("README.md", "README.zh-CN.md"):
+        lines = [ln.strip() for ln in (ROOT / readme).read_text().splitlines()]
+        quoted = next(ln for ln in lines if ln.startswith("done in") and "16 steps" in ln)
+        head, tail = quoted.split(", …, ")
+        assert recorded.startswith(head) and recorded.endswith(tail), (readme, quoted)
+    minutes = round(seconds / 60)
+    readme = (ROOT / "README.md").read_text()
+    assert f"fine-tuned on CPU, about {minutes} minutes" in readme and f"the demo's training: {seconds} s" in readme
+    assert f"on CPU (~{minutes} minutes)" in (ROOT / "Makefile").read_text()
+
+
+def test_the_readme_recipe_table_lists_every_shipped_recipe():
+    listed = set(re.findall(r"^\| `([\w]+\.yaml)` \|", (ROOT / "README.md").read_text(), flags=re.M))
+    assert listed == {p.name for p in (ROOT / "recipes").glob("*.yaml")}

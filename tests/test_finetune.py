@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,15 @@ def test_demo_recipe_learns_the_task(tmp_path):
     assert len(rows) == 30 and rows[0]["question"] == "Tell me the capital of France." and rows[0]["reference"] == "Paris"
     assert all(r["before"] is not None for r in rows)
     assert sum(r["after"].strip().lower() == r["reference"].lower() for r in rows) / 30 == res.metrics["eval_exact_match"]
+    # the line the README (and its Chinese page) quotes is this run's, to the digits it prints
+    for readme in ("README.md", "README.zh-CN.md"):
+        quoted = re.search(
+            r"240 steps; before → after training: eval_loss ([\d.]+) → ([\d.]+), …, eval_exact_match ([\d.]+) → ([\d.]+)\n",
+            (ROOT / readme).read_text(),
+        )
+        m, i = res.metrics, res.initial_metrics
+        printed = (i["eval_loss"], m["eval_loss"], i["eval_exact_match"], m["eval_exact_match"])
+        assert quoted.groups() == tuple(f"{v:.4g}" for v in printed), readme
 
 
 def test_full_fine_tuning_saves_a_model(tiny_model_dir, tmp_path):
