@@ -183,13 +183,23 @@ class RunLock:
 
 def is_run_folder(out: Path) -> bool:
     """Whether `out` holds an hfgpu run (finished or not): the records written before its first step, plan.json as
-    hfgpu writes it and resolved_recipe.yaml. Only such a folder is replaced by overwrite=true or continued by resume."""
+    hfgpu writes it and resolved_recipe.yaml, or hfgpu checkpoints. Only such a folder is replaced by overwrite=true
+    or continued by resume."""
     try:
         plan = json.loads((out / "plan.json").read_text())
+        hfgpu_plan = isinstance(plan, dict) and {"gpu", "memory", "strategy", "micro_batch_size"} <= set(plan)
+        if hfgpu_plan and (out / "resolved_recipe.yaml").is_file():
+            return True
     except (OSError, ValueError):
-        return False
-    hfgpu_plan = isinstance(plan, dict) and {"gpu", "memory", "strategy", "micro_batch_size"} <= set(plan)
-    return hfgpu_plan and (out / "resolved_recipe.yaml").is_file()
+        pass
+    # or hfgpu checkpoints alone (copied to another machine to resume there): a state.json with its file table
+    for state in (out / "checkpoints").glob("step-*/state.json"):
+        try:
+            if {"files", "fingerprint"} <= set(json.loads(state.read_text())):
+                return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
 
 
 def _clear(out: Path) -> None:

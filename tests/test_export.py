@@ -74,7 +74,11 @@ def test_f16_export_of_a_lora_run_reads_back_with_the_merged_models_logits_and_t
         assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
         a, b = _logits(merged, tokenizer, text), _logits(model, tok, text)
         assert ((a - b).norm() / a.norm()).item() < 1e-3
-    assert tok.apply_chat_template(CHAT, tokenize=False) == tokenizer.apply_chat_template(CHAT, tokenize=False)
+    # lora_run trained on Alpaca rows: the file's chat template is the Alpaca prompt it saw, not the tokenizer's
+    from hfgpu.render import ALPACA_JINJA
+
+    assert tok.chat_template == ALPACA_JINJA
+    assert tok.apply_chat_template(CHAT, tokenize=False) == tokenizer.apply_chat_template(CHAT, tokenize=False, chat_template=ALPACA_JINJA)
     assert (tok.bos_token_id, tok.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
