@@ -45,6 +45,18 @@ COEFFICIENTS = {
     "headroom": 0.05,
 }
 
+
+@lru_cache(maxsize=1)
+def cuda_measured() -> dict:
+    """hfgpu/resources/cuda_measured.json: the allowances and constants a GPU check measured (written by
+    scripts/apply_gpu_results.py from `make gpu-check`'s results, with their provenance); {} until one has run."""
+    path = PACKAGE.joinpath("resources/cuda_measured.json")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# measured values replace the allowances above, key by key (cuda_context_bytes, fragmentation)
+COEFFICIENTS.update({k: v for k, v in cuda_measured().get("memory", {}).items() if k in COEFFICIENTS})
+
 CHUNK_BYTES = 128 * 1024**2  # chunked loss: one slice's fp32 logits at most (hfgpu.loss)
 
 

@@ -94,8 +94,12 @@ def plot_fit(model: str, rows: list[dict], path: str | Path, tokens: float) -> P
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
     """loss.png: the training loss per step and the eval loss per evaluation, from metrics.jsonl; a preference run's
-    reward accuracy and margin (train and eval) beside them."""
-    plt = _plt()
+    reward accuracy and margin (train and eval) beside them. Without matplotlib (a bare GPU image running
+    scripts/gpu_check.sh; a normal install has it) the picture is skipped: metrics.jsonl holds the numbers."""
+    try:
+        plt = _plt()
+    except ImportError:
+        return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]

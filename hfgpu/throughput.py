@@ -28,6 +28,10 @@ PCIE_BYTES_PER_S = 12e9
 #   dtype in every pass, and a 16-bit base under fp32 compute is cast per use (GTX 10): the stored bytes read
 #   and the compute-dtype copy written, at the card's memory bandwidth (a separate kernel: not overlapped).
 LAUNCH_SECONDS_PER_LAYER_PASS = 0.5e-3
+# what a GPU check measured replaces these estimates (hfgpu/resources/cuda_measured.json, scripts/apply_gpu_results.py)
+_measured = memory.cuda_measured().get("throughput", {})
+UTILIZATION.update({k: v for k, v in _measured.get("utilization", {}).items() if k in UTILIZATION})
+LAUNCH_SECONDS_PER_LAYER_PASS = _measured.get("launch_seconds_per_layer_pass", LAUNCH_SECONDS_PER_LAYER_PASS)
 
 
 def tokens_per_second(spec: ModelSpec, gpu: GPU, setup: memory.Setup) -> float | None:

@@ -18,7 +18,7 @@ from conftest import recipe_dict, tiny_llama  # noqa: E402
 ON_CPU = os.environ.get("HFGPU_GPU_TESTS_ON_CPU") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() and not ON_CPU, reason="needs a CUDA GPU")]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("HFGPU_RESULTS_DIR") or ROOT / "benchmarks" / "results")  # scripts/gpu_check.sh sets it
 
 
 def _record(name: str, values: dict) -> None:
