@@ -20,8 +20,9 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+from hfgpu import objectives
 from hfgpu.errors import HfgpuError, run_command
-from hfgpu.knobs import KNOB_NAMES, RECIPE, REFERENCE_OBJECTIVES, Knobs, batch_unit, recipe_key
+from hfgpu.knobs import KNOB_NAMES, RECIPE, Knobs, batch_unit, recipe_key
 from hfgpu.recipe import Recipe, get_key, load_recipe, resolve_path, set_key
 
 RUN_FILES = (
@@ -243,7 +244,7 @@ def run_fingerprint(ran: Recipe, p, data_hash: str) -> dict:
     record["grad_accum_steps"] = p.grad_accum_steps
     if p.knobs.strategy != "full" and p.knobs.frozen_dtype != p.knobs.precision:  # a 16-bit base under fp32 compute
         record["frozen_dtype"] = p.knobs.frozen_dtype  # (absent otherwise: checkpoints written before it stay resumable)
-    if p.knobs.objective != "sft":  # (absent for sft: checkpoints written before objectives existed stay resumable)
+    if objectives.objective(p.knobs.objective).preference:  # (absent for sft: older checkpoints stay resumable)
         record["objective"] = p.knobs.objective
         record["preference"] = flat["preference"]
     record["data"] = data_hash
@@ -503,7 +504,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     s = data.stats
     from hfgpu.data import describe_drops
 
-    noun = "examples" if p.knobs.objective == "sft" else batch_unit(p.knobs.objective)
+    noun = batch_unit(p.knobs.objective) if objectives.objective(p.knobs.objective).preference else "examples"
     speak(
         f"data: {s['examples']} {noun}, {s['too_long']} longer than {p.seq_len} tokens ({recipe.data.too_long}), {s['dropped']} dropped"
         + (f" ({describe_drops(s['drop_reasons'])})" if s["dropped"] else "")
@@ -546,7 +547,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
             accelerator.init_trackers(out.name, config=tracker_hparams(json.loads(json.dumps(p.to_dict()))))
 
     data_hash = tokenized_fingerprint(data.train)
-    if p.knobs.objective in REFERENCE_OBJECTIVES and not p.lora:
+    if objectives.objective(p.knobs.objective).reference and not p.lora:
         reference_columns(accelerator, model, data, p, recipe, tokenizer.pad_token_id, data_hash, out, speak)  # load_tokenizer set it
     loop = LoopConfig.from_plan(p, recipe, fingerprint=run_fingerprint(ran, p, data_hash))
     result = train_loop(accelerator, model, tokenizer, data, loop, out, say=speak, on_ready=write_records)

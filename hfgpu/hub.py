@@ -17,8 +17,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hfgpu import objectives
 from hfgpu.errors import HfgpuError, write_failure
-from hfgpu.knobs import OBJECTIVE_PAPERS, PREFERENCE_DEFAULTS, REFERENCE_OBJECTIVES, Knobs, batch_unit
+from hfgpu.knobs import Knobs, batch_unit
 from hfgpu.units import gib
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -240,7 +241,7 @@ def model_card(run: Run, repo_id: str | None = None, merged: bool = False, gguf:
         tags=["hfgpu", strategy]
         + ([family] if family else [])
         + (["merged"] if merged else [])
-        + ([k.objective] if k.objective != "sft" else [])
+        + ([k.objective] if objectives.objective(k.objective).preference else [])
         + (["gguf"] if gguf else []),
         datasets=datasets,
         pipeline_tag="text-generation",
@@ -268,7 +269,7 @@ def model_card(run: Run, repo_id: str | None = None, merged: bool = False, gguf:
         if not merged
         else f"The LoRA adapter of a {strategy} fine-tune of {shown_base}, merged into the base weights (saved as safetensors)."
     )
-    if k.objective != "sft":
+    if objectives.objective(k.objective).preference:
         what += f" {_objective_line(k.objective)}"
     text = (
         f"""---
@@ -310,7 +311,7 @@ def model_card(run: Run, repo_id: str | None = None, merged: bool = False, gguf:
             if adapter or merged
             else ""
         )
-        + (f"| preference | {_preference_line(k.objective, recipe.preference)} |\n" if k.objective != "sft" else "")
+        + (f"| preference | {_preference_line(k.objective, recipe.preference)} |\n" if objectives.objective(k.objective).preference else "")
         + f"""
 ## Results
 
@@ -344,20 +345,23 @@ ollama run hf.co/{repo_id}:{quant.upper()}
 """
 
 
-def _objective_line(objective: str) -> str:
-    data = "completions labelled desirable or not" if objective == "kto" else "prompt/chosen/rejected pairs"
-    reference = "against the base as the reference" if objective in REFERENCE_OBJECTIVES else "with no reference model"
+def _objective_line(name: str) -> str:
+    o = objectives.objective(name)
+    reference = "against the base as the reference" if o.reference else "with no reference model"
     return (
-        f"Trained with {OBJECTIVE_PAPERS[objective]} on {data}, {reference}. Its metrics: eval_rewards/accuracy is how "
+        f"Trained with {o.paper} on {o.trained_on}, {reference}. Its metrics: eval_rewards/accuracy is how "
         "often the model prefers the chosen (desirable) response more than the reference does, eval_rewards/margin the "
         "mean reward gap."
     )
 
 
-def _preference_line(objective: str, pref) -> str:
-    beta = pref.beta if pref.beta is not None else PREFERENCE_DEFAULTS[objective]["beta"]
-    extra = {"simpo": f", γ/β={pref.gamma_ratio}", "kto": f", λ_D={pref.desirable_weight}, λ_U={pref.undesirable_weight}"}
-    return f"{objective}, β={beta}{extra.get(objective, '')}"
+def _preference_line(name: str, pref) -> str:
+    """ "dpo, β=0.1": the objective's hyper-parameters as the run used them (β null in a recipe: the paper's)."""
+    values = []
+    for h in objectives.objective(name).hyper:
+        value = getattr(pref, h.name)
+        values.append(f"{h.symbol}={h.default if value is None else value}")
+    return ", ".join([name, *values])
 
 
 # --- push ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from hfgpu import objectives
 from hfgpu._fuzzy import did_you_mean
 from hfgpu.errors import HfgpuError
 from hfgpu.gpus import GPU
@@ -32,34 +33,21 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 DISTRIBUTED = ("none", "ddp", "fsdp", "zero2", "zero3")
-OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "kto")
-PREFERENCE_OBJECTIVES = OBJECTIVES[1:]  # trained on preferences, not next tokens (hfgpu.preference)
-PAIR_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")  # on prompt/chosen/rejected pairs; kto on unpaired, labelled completions
-REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # compared with a frozen reference model
-# the papers' hyper-parameters (recipe section `preference`): DPO, Rafailov et al. 2023; IPO, Azar et al. 2023 (TRL's
-# default β); SimPO, Meng et al. 2024 (β 2.0, γ/β 0.5); ORPO, Hong et al. 2024 (λ 0.1); KTO, Ethayarajh et al. 2024
+# the objectives (hfgpu.objectives: one record each); these views are what the knob's choices and older callers read
+OBJECTIVES = objectives.names()
+PREFERENCE_OBJECTIVES = tuple(n for n in OBJECTIVES if objectives.objective(n).preference)  # not next tokens (hfgpu.preference)
+PAIR_OBJECTIVES = tuple(n for n in OBJECTIVES if objectives.objective(n).pairs)  # prompt/chosen/rejected pairs
+REFERENCE_OBJECTIVES = tuple(n for n in OBJECTIVES if objectives.objective(n).reference)  # compared with a frozen reference
 CPU_4BIT_BLOCK = 32  # bitsandbytes' CPU 4-bit weight packing: output rows in blocks of 32 (functional._convert_weight_packed_for_cpu)
-OBJECTIVE_PAPERS = {
-    "dpo": "DPO (Rafailov et al. 2023)",
-    "ipo": "IPO (Azar et al. 2023)",
-    "simpo": "SimPO (Meng et al. 2024)",
-    "orpo": "ORPO (Hong et al. 2024)",
-    "kto": "KTO (Ethayarajh et al. 2024)",
-}
+OBJECTIVE_PAPERS = {n: objectives.objective(n).paper for n in PREFERENCE_OBJECTIVES}
 
 
 def batch_unit(objective: str) -> str:
     """What the global batch counts: sequences (sft), pairs, or KTO's labelled completions."""
-    return "sequences" if objective == "sft" else "labelled completions" if objective == "kto" else "pairs"
+    return objectives.objective(objective).unit
 
 
-PREFERENCE_DEFAULTS = {
-    "dpo": {"beta": 0.1},
-    "ipo": {"beta": 0.1},
-    "simpo": {"beta": 2.0, "gamma_ratio": 0.5},
-    "orpo": {"beta": 0.1},
-    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
-}
+PREFERENCE_DEFAULTS = {n: objectives.objective(n).defaults for n in PREFERENCE_OBJECTIVES}
 
 
 def _knob(
@@ -424,7 +412,7 @@ def validate(spec: ModelSpec, gpu: GPU, k: Knobs, n: Surface = PYTHON) -> list[s
                 f"{what} on CPU: bitsandbytes' CPU 4-bit kernel needs every quantized layer's output size divisible by "
                 f"{CPU_4BIT_BLOCK}, and {spec.name}'s {', '.join(odd[:3])} are not: use {use('strategy', 'lora')} on CPU, or a GPU"
             )
-    if k.objective in PREFERENCE_OBJECTIVES:
+    if objectives.objective(k.objective).preference:
         obj = use("objective", k.objective)
         if not plain_logits(spec.config):
             errs.append(

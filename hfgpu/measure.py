@@ -54,7 +54,7 @@ def forward_backward(
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones_like(ids)}
         if goal.needs_reference and not hasattr(model, "disable_adapter"):  # full fine-tuning: precomputed
             batch["ref_logps"] = torch.zeros(ids.shape[:2])
-        if goal.name == "kto":
+        if goal.record.loss == "unpaired":  # labelled completions
             batch["label"] = torch.ones(ids.shape[0], dtype=torch.bool)
     return step_forward_backward(
         model,

@@ -23,8 +23,9 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from hfgpu import objectives
 from hfgpu._package import PACKAGE
-from hfgpu.knobs import KNOB_FIELDS, PAIR_OBJECTIVES, Knobs
+from hfgpu.knobs import KNOB_FIELDS, Knobs
 from hfgpu.models import ModelSpec
 from hfgpu.units import GIB
 
@@ -163,7 +164,7 @@ class Setup(Knobs):
 def sequences_per_example(s: Setup) -> int:
     """Sequences one example puts through the forward with gradients: 2 for a preference pair (both sides in one
     batch), else 1 (KTO's mismatched KL sequence runs without gradients, before it)."""
-    return 2 if s.objective in PAIR_OBJECTIVES else 1
+    return objectives.objective(s.objective).sequences_per_example
 
 
 def step_tokens(s: Setup) -> int:

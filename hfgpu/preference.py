@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hfgpu.knobs import PAIR_OBJECTIVES, PREFERENCE_DEFAULTS, PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES
+from hfgpu import objectives
 from hfgpu.loss import final_hidden_states
 from hfgpu.patches import sliced_linear, sliced_linear_grad
 from hfgpu.preference_data import collate_pairs, flat_pairs
@@ -42,13 +42,18 @@ class Objective:
     undesirable_weight: float = 1.0  # KTO: λ_U
 
     @property
+    def record(self) -> objectives.Objective:
+        """What the objective is (hfgpu.objectives): its data, reference, loss."""
+        return objectives.objective(self.name)
+
+    @property
     def preference(self) -> bool:
         """Trained on preference examples (pairs, or KTO's labelled completions), each (2, tokens) in a batch."""
-        return self.name in PREFERENCE_OBJECTIVES
+        return self.record.preference
 
     @property
     def needs_reference(self) -> bool:
-        return self.name in REFERENCE_OBJECTIVES
+        return self.record.reference
 
 
 class _SlicedTokenLogps(torch.autograd.Function):
@@ -189,32 +194,38 @@ def preference_loss(
     - orpo:  NLL of the chosen response (per token) − β · log σ(log odds_c − log odds_r),
              log odds = log p − log(1 − p), p = exp(π/|y|)                     rewards β · π/|y|
     """
-    if objective not in PAIR_OBJECTIVES:
-        raise ValueError(f"objective {objective!r} is not one of {', '.join(PAIR_OBJECTIVES)}")
-    beta = PREFERENCE_DEFAULTS[objective]["beta"] if beta is None else beta
+    if objective not in PAIR_LOSSES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(PAIR_LOSSES)}")
+    record = objectives.objective(objective)
+    beta = record.defaults["beta"] if beta is None else beta
     if beta <= 0:
         raise ValueError(f"beta={beta} must be > 0")
     chosen, rejected = logps.chunk(2)
     len_c, len_r = lengths.clamp(min=1).chunk(2)
-    if objective in REFERENCE_OBJECTIVES:
+    if record.reference:
         if ref_logps is None:
             raise ValueError(f"{objective} needs the reference model's log-probs")
         ref_c, ref_r = ref_logps.chunk(2)
-        ratio_c, ratio_r = chosen - ref_c, rejected - ref_r
-        rewards_c, rewards_r = beta * ratio_c.detach(), beta * ratio_r.detach()
-        if objective == "dpo":
-            losses = -F.logsigmoid(beta * (ratio_c - ratio_r))
-        else:
-            losses = (ratio_c / len_c - ratio_r / len_r - 1 / (2 * beta)) ** 2
+        # against the reference: the policy's log-ratios, rewards β · (π − ref)
+        side_c, side_r = chosen - ref_c, rejected - ref_r
     else:
-        avg_c, avg_r = chosen / len_c, rejected / len_r
-        rewards_c, rewards_r = beta * avg_c.detach(), beta * avg_r.detach()
-        if objective == "simpo":
-            losses = -F.logsigmoid(beta * (avg_c - avg_r) - gamma_ratio * beta)
-        else:  # orpo
-            log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
-            losses = -avg_c - beta * F.logsigmoid(log_odds)
+        # no reference: length-normalised log-probs, rewards β · π/|y|
+        side_c, side_r = chosen / len_c, rejected / len_r
+    rewards_c, rewards_r = beta * side_c.detach(), beta * side_r.detach()
+    losses = PAIR_LOSSES[objective](side_c, side_r, len_c, len_r, beta, gamma_ratio)
     return PreferenceStats(loss=losses.mean(), sums=_pair_sums(rewards_c, rewards_r), rewards_chosen=rewards_c, rewards_rejected=rewards_r)
+
+
+# each pair objective's per-pair losses from its two sides (the log-ratios against the reference, or the
+# length-normalised log-probs without one: preference_loss), the response lengths, β and SimPO's γ/β
+PAIR_LOSSES = {
+    "dpo": lambda c, r, len_c, len_r, beta, g: -F.logsigmoid(beta * (c - r)),
+    "ipo": lambda c, r, len_c, len_r, beta, g: (c / len_c - r / len_r - 1 / (2 * beta)) ** 2,
+    "simpo": lambda c, r, len_c, len_r, beta, g: -F.logsigmoid(beta * (c - r) - g * beta),
+    "orpo": lambda c, r, len_c, len_r, beta, g: (
+        -c - beta * F.logsigmoid((c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r))))
+    ),
+}
 
 
 def kto_loss(
@@ -235,7 +246,7 @@ def kto_loss(
     from the policy's and the reference's summed completion log-probs (n), the labels (n, true: desirable) and the
     KL baseline z₀ (detached, ≥ 0). Masks, not index selection: shapes never depend on the labels (the step is
     simulated on fake tensors)."""
-    beta = PREFERENCE_DEFAULTS["kto"]["beta"] if beta is None else beta
+    beta = objectives.objective("kto").defaults["beta"] if beta is None else beta
     if beta <= 0:
         raise ValueError(f"beta={beta} must be > 0")
     ratio = logps - ref_logps
@@ -262,7 +273,7 @@ def pair_loss(
     peak). KTO's KL baseline comes in the batch (`kl`, set for a whole optimizer step by kto_window_kl) or from the
     batch itself (evaluation)."""
     flat = flat_pairs(batch)
-    if objective.name == "kto":
+    if objective.record.loss == "unpaired":
         return _kto_batch_loss(model, batch, flat, objective, chunk_size, dtype, weight)
     ref = None
     if objective.needs_reference:

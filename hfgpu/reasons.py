@@ -7,14 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from hfgpu import memory
+from hfgpu import memory, objectives
 from hfgpu.gpus import GPU
 from hfgpu.knobs import (
     ALL_LINEAR,
     NO_SDPA_MODEL_TYPES,
-    OBJECTIVE_PAPERS,
     PASCAL_TORCH,
-    REFERENCE_OBJECTIVES,
     RMSNORM_BY_MODEL_TYPE,
     auto_frozen_dtype,
     auto_precision,
@@ -54,7 +52,7 @@ def reasons(c: Problem, found: Found, accum: int) -> dict[str, str]:
     def least(*key) -> str:
         return f"at least {gib(rejected[key])}" if key in rejected else "more"
 
-    if kn.objective != "sft":
+    if objectives.objective(kn.objective).preference:
         r["objective"] = _objective_reason(kn)
     if k.strategy != "auto":
         r["strategy"] = fixed
@@ -197,19 +195,9 @@ def reasons(c: Problem, found: Found, accum: int) -> dict[str, str]:
 
 def _objective_reason(kn: memory.Setup) -> str:
     """What the preference objective costs: two sequences per example in one forward, and DPO/IPO's reference."""
-    if kn.objective == "kto":
-        text = (
-            f"{OBJECTIVE_PAPERS['kto']}: each example is a prompt and one completion labelled desirable or not; its KL "
-            "baseline comes from mismatched prompt/completion sequences run without gradients; log-probabilities by "
-            "slices of tokens"
-        )
-    else:
-        text = (
-            f"{OBJECTIVE_PAPERS[kn.objective]}: each example is a prompt with a chosen and a rejected response, both in "
-            f"one forward (micro-batch {kn.micro_batch_size} = {memory.step_tokens(kn) // kn.seq_len} sequences of seq_len), "
-            "log-probabilities by slices of tokens"
-        )
-    if kn.objective not in REFERENCE_OBJECTIVES:
+    o = objectives.objective(kn.objective)
+    text = o.reason.format(paper=o.paper, micro_batch=kn.micro_batch_size, sequences=memory.step_tokens(kn) // kn.seq_len)
+    if not o.reference:
         return text + "; no reference model"
     where = (
         "precomputed in one no-grad pass before training (full fine-tuning keeps no frozen copy)"

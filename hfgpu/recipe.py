@@ -244,11 +244,13 @@ class _Recipe(_Strict):
 
     @model_validator(mode="after")
     def _objective_and_format(self) -> "_Recipe":
+        from hfgpu.objectives import REGISTRY
+
         objective = getattr(self, "objective", "sft")
-        pairs = objective != "sft"
+        record = REGISTRY[objective]
+        pairs = record.preference
         fmt = self.data.format
-        wanted = "unpaired" if objective == "kto" else "preference"
-        shape = "prompt/completion/label rows" if objective == "kto" else "prompt/chosen/rejected pairs"
+        wanted, shape = record.data_format, record.rows
         if pairs and "format" not in self.data.model_fields_set:
             self.data.format = wanted  # what a preference objective trains on
         elif pairs and fmt != wanted:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hfgpu import objectives
 from hfgpu.gpus import GPU, catalog
-from hfgpu.knobs import KNOB_NAMES, PREFERENCE_DEFAULTS, RECIPE, batch_unit, knob_field, recipe_key
+from hfgpu.knobs import KNOB_NAMES, RECIPE, batch_unit, knob_field, recipe_key
 from hfgpu.planner import Plan, plan_or_closest
 from hfgpu.throughput import checkpointing_cost
 from hfgpu.units import GIB, gib
@@ -96,22 +97,8 @@ def _kv(key: str, value, comment: str, width: int = 34) -> str:
 
 
 def preference_lines(objective: str) -> list[str]:
-    """The recipe's `preference` section for an objective: the papers' values, a comment on each."""
-    d = PREFERENCE_DEFAULTS[objective]
-    beta = {
-        "dpo": "β (DPO paper): how far the policy may move from the reference; lower moves further",
-        "ipo": "β (IPO, τ in the paper): the regularisation; the target margin is 1/(2β)",
-        "simpo": "β (SimPO paper): the scale of the length-normalised reward",
-        "orpo": "λ (ORPO paper): the weight of the odds-ratio term beside the chosen answers' NLL",
-        "kto": "β (KTO paper): how far the policy may move from the reference",
-    }[objective]
-    lines = [_kv("  beta", d["beta"], beta)]
-    if objective == "simpo":
-        lines.append(_kv("  gamma_ratio", d["gamma_ratio"], "γ/β (SimPO paper): the target reward margin as a share of β"))
-    if objective == "kto":
-        lines.append(_kv("  desirable_weight", d["desirable_weight"], "λ_D (KTO paper): keep λ_D·n_D / λ_U·n_U in [1, 4/3]"))
-        lines.append(_kv("  undesirable_weight", d["undesirable_weight"], "λ_U (KTO paper)"))
-    return lines
+    """The recipe's `preference` section for an objective: the papers' values, a comment on each (hfgpu.objectives)."""
+    return [_kv(f"  {h.name}", h.default, h.comment) for h in objectives.objective(objective).hyper]
 
 
 def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_dir: str | None = None, title: str | None = None) -> str:
@@ -121,7 +108,7 @@ def recipe_yaml(p: Plan, data: DataChoice, path: str = "my_recipe.yaml", output_
     card = f"{g.display_name} ({g.vram_gb:g} GB, {g.architecture}" + (f", cc {cc[0]}.{cc[1]})" if cc else ")")
     short = p.model.split("/")[-1]
     objective = p.knobs.objective
-    tuned = objective != "sft"
+    tuned = objectives.objective(objective).preference
     out = output_dir or f"outputs/{short.lower()}-{p.strategy}" + (f"-{objective}" if tuned else "")
     # preference tuning moves a tuned model a little: rates ~40× below SFT's (alignment-handbook's DPO recipes)
     lr = (5e-7 if p.strategy == "full" else 5e-6) if tuned else (2e-5 if p.strategy == "full" else 2e-4)

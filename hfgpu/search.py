@@ -9,13 +9,12 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
-from hfgpu import memory
+from hfgpu import memory, objectives
 from hfgpu.corrections import correction_for
 from hfgpu.errors import HfgpuError
 from hfgpu.gpus import GPU, get_gpu
 from hfgpu.knobs import (
     ALL_LINEAR,
-    PREFERENCE_OBJECTIVES,
     STRATEGIES,
     Knobs,
     Surface,
@@ -91,11 +90,12 @@ def _saver_rules(c: Problem) -> tuple[dict[str, tuple[bool, ...]], dict[str, str
     if needs and f.gradient_checkpointing == "auto":
         allowed["gradient_checkpointing"] = (True,)
         rule["gradient_checkpointing"] = f"on: {' and '.join(needs)} (fixed) needs it"
-    if f.objective in PREFERENCE_OBJECTIVES and f.chunked_loss == "auto":
+    preference = objectives.objective(f.objective).preference
+    if preference and f.chunked_loss == "auto":
         allowed["chunked_loss"] = (True,)
         rule["chunked_loss"] = f"on: objective {f.objective} computes its log-probabilities by slices of tokens (always)"
     blockers = {
-        "chunked_loss": chunked_loss_blocker(spec, c.base.distributed) if f.objective not in PREFERENCE_OBJECTIVES else None,
+        "chunked_loss": chunked_loss_blocker(spec, c.base.distributed) if not preference else None,
         "tiled_mlp": tiled_mlp_blocker(spec),
         "activation_offloading": "no GPU" if gpu.is_cpu else None,
     }

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hfgpu import memory
+from hfgpu import memory, objectives
 from hfgpu.measure import tracked_step
 from hfgpu.modeling import DTYPES, ModelSettings, apply_settings
 
@@ -123,7 +123,11 @@ def simulate(config: dict, s: memory.Setup, spec=None, plain_path: bool = False)
             make_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer) if s.optimizer == "adamw_torch" else None
         )
         # a preference batch holds each example's two sequences (a pair's, or a KTO completion and its KL sequence)
-        shape = (s.micro_batch_size, 2, s.seq_len) if s.objective != "sft" else (s.micro_batch_size, s.seq_len)
+        shape = (
+            (s.micro_batch_size, 2, s.seq_len)
+            if objectives.objective(s.objective).batch_sequences == 2
+            else (s.micro_batch_size, s.seq_len)
+        )
         ids = torch.randint(0, cfg.vocab_size, shape)
         chunk = memory.loss_chunk_tokens(cfg.vocab_size) if s.chunked_loss else None
         step = tracked_step(

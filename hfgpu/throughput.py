@@ -4,9 +4,9 @@ time costs of the memory savers. An estimate, labelled as such wherever it is sh
 
 from __future__ import annotations
 
-from hfgpu import memory
+from hfgpu import memory, objectives
 from hfgpu.gpus import GPU
-from hfgpu.knobs import REFERENCE_OBJECTIVES, planning_cc
+from hfgpu.knobs import planning_cc
 from hfgpu.models import ModelSpec
 
 # Share of peak FLOPS a run reaches: an estimate (MFU of transformers + peft loops on consumer cards
@@ -80,7 +80,7 @@ def reference_passes(setup: memory.Setup) -> float:
     """No-grad forwards per forward with gradients. DPO/IPO's reference: one per example (each step with LoRA/QLoRA,
     where it is the base with the adapters disabled; once before training in full fine-tuning, the same for one
     epoch). KTO: the reference on the completion and on its KL sequence, and the policy on the KL sequence."""
-    return {"kto": 3.0}.get(setup.objective, 1.0 if setup.objective in REFERENCE_OBJECTIVES else 0.0)
+    return objectives.objective(setup.objective).reference_passes
 
 
 def _passes(strategy: str) -> float:

@@ -257,7 +257,7 @@ def window_backward(
     if world > 1:
         tokens = accelerator.reduce(tokens, reduction="sum")
     tokens = torch.clamp(tokens, min=1).float()
-    if cfg.objective.name == "kto":  # the KL baseline of the whole step, as one full batch computes it
+    if cfg.objective.record.loss == "unpaired":  # the KL baseline of the whole step, as one full batch computes it
         reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
         window = kto_window_kl(model, window, cfg.loss_chunk or PAIR_CHUNK, cfg.loss_dtype, lm_head, reduce)
     pieces = [p for b in window for p in _split(b, split)]
