@@ -235,7 +235,9 @@ def load_config(model: Any) -> tuple[str, str, dict]:
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
         shown = repr(model) if len(repr(model)) <= 80 else repr(model)[:77] + "..."
         raise HfgpuError(f"model {shown} is not a model: pass a Hub repo id, a folder with config.json, a PretrainedConfig or config dict")
-    text = str(model).strip()
+    from hfgpu._package import resolve_path
+
+    text = resolve_path(str(model).strip())  # hfgpu:… and package:… name files inside installed packages
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

