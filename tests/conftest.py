@@ -285,3 +285,15 @@ def pytest_collection_modifyitems(config, items):
     # The longest test first: under xdist's --dist loadfile a file goes whole to one worker, and the
     # documented-commands run (~5 minutes) scheduled last left the other core idle at the end.
     items.sort(key=lambda item: 0 if item.path.name == "test_docs.py" else 1)
+
+
+def train_demo(out, *overrides: str):
+    """The tiny demo recipe trained into `out` in a subprocess (offline), with `overrides`; returns `out`."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "hfgpu.finetune", "recipes/demo_cpu.yaml", f"output_dir={out}", *overrides]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=limit(300))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out

@@ -69,17 +69,9 @@ def test_the_final_save_on_a_full_disk_leaves_no_half_finished_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    r = subprocess.run(
-        [sys.executable, *TRAIN[:4], "train.epochs=1", f"output_dir={out}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=limit(300),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
+    from conftest import train_demo
+
+    return train_demo(tmp_path_factory.mktemp("runs") / "run", *TRAIN[4:], "train.epochs=1")
 
 
 @pytest.mark.parametrize(

@@ -64,18 +64,9 @@ def test_plan_of_a_hub_model_offline_is_one_line_at_once(tmp_path):
 @pytest.fixture(scope="module")
 def hub_base_run(tmp_path_factory):
     """A finished run whose records name a Hub base (as a run on a Hub model records it)."""
-    from conftest import DEMO
+    from conftest import DEMO, train_demo
 
-    out = tmp_path_factory.mktemp("runs") / "run"
-    r = subprocess.run(
-        [sys.executable, "-m", "hfgpu.finetune", "recipes/demo_cpu.yaml", f"output_dir={out}", "train.max_steps=1", "eval.metrics=[]"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=limit(300),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    out = train_demo(tmp_path_factory.mktemp("runs") / "run", "train.max_steps=1", "eval.metrics=[]")
     recipe = (out / "resolved_recipe.yaml").read_text().replace(str(DEMO / "model"), "some-org/base-7b")
     (out / "resolved_recipe.yaml").write_text(recipe)
     config = json.loads((out / "adapter_config.json").read_text())
