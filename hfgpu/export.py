@@ -465,7 +465,7 @@ def _loaded(run):
 
 
 def _lora_run(run_dir, fmt: str, instead: str):
-    from hfgpu.hub import Run
+    from hfgpu.run import Run
 
     run = Run(run_dir)
     if not run.is_adapter:
@@ -475,7 +475,7 @@ def _lora_run(run_dir, fmt: str, instead: str):
 
 def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwrite: bool = False, say=print) -> Exported:
     """A finished run (its LoRA merged into the 16-bit base, or its full model) to a GGUF file."""
-    from hfgpu.hub import Run
+    from hfgpu.run import Run
 
     check_quant(quant)
     out = Path(out)
@@ -560,7 +560,7 @@ def export_to(
     `ollama`, a Modelfile beside it; says how to run it. `format="gguf-lora"`: the adapter alone
     (RUN/adapter-QUANT.gguf), for llama.cpp's --lora; `format="gguf-base"`: the base it applies to
     (RUN/base-QUANT.gguf)."""
-    from hfgpu.hub import Run
+    from hfgpu.run import Run
 
     if format not in FORMATS:
         raise HfgpuError(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 import types
@@ -24,20 +23,7 @@ from hfgpu import objectives
 from hfgpu.errors import HfgpuError, run_command
 from hfgpu.knobs import KNOB_NAMES, RECIPE, Knobs, batch_unit, recipe_key
 from hfgpu.recipe import Recipe, get_key, load_recipe, resolve_path, set_key
-
-RUN_FILES = (
-    "resolved_recipe.yaml",
-    "plan.json",
-    "metrics.jsonl",
-    "loss.png",
-    "final_metrics.json",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "model.safetensors",
-    "config.json",
-    "reference_logps.json",
-    "checkpoints",
-)
+from hfgpu.run import RUN_FILES, RunLock, check_output_dir, clear_run, is_run_folder  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -98,121 +84,6 @@ def resolved(recipe: Recipe, p) -> Recipe:
         v = getattr(p.knobs, name)
         set_key(r, recipe_key(name), list(v) if isinstance(v, tuple) else v)
     return r
-
-
-def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to overwrite an earlier run unless resume or overwrite is asked; nothing is touched when refusing."""
-    out = Path(recipe.output_dir)
-    if out.exists() and not out.is_dir():
-        raise HfgpuError(f"output_dir {str(out)!r} is a file: choose a folder, e.g. output_dir=outputs/run")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise HfgpuError(f"output_dir {str(out)!r} is inside {str(parent)!r}, which is a file: choose a folder elsewhere")
-            break
-    present = [f for f in RUN_FILES if (out / f).exists()]
-    if not present:
-        return out
-    if not is_run_folder(out):
-        raise HfgpuError(
-            f"output_dir {str(out)!r} holds files that are not an hfgpu run ({', '.join(present[:3])}): hfgpu writes into a new "
-            "or empty folder, or replaces its own run (overwrite=true); choose another output_dir, or move those files"
-        )
-    if recipe.overwrite:
-        return out  # cleared by the main process once data and model are ready
-    if recipe.resume != "never":
-        if (out / "checkpoints").is_dir() or not (out / "final_metrics.json").exists():
-            return out  # a checkpoint to resume, or a run stopped before its first one (it starts again)
-        raise HfgpuError(
-            f"output_dir {str(out)!r} holds a finished run with no checkpoint to resume: set overwrite=true to replace it, or "
-            f"choose another output_dir"
-        )
-    raise HfgpuError(
-        f"output_dir {str(out)!r} already holds a run ({', '.join(present[:3])}): set resume=auto to continue it, "
-        f"overwrite=true to replace it, or choose another output_dir"
-    )
-
-
-class RunLock:
-    """An advisory lock on output_dir for the run's lifetime (main process): a second run on the same
-    folder is refused with the holder's pid. Released by the OS when the process ends, even on kill -9.
-    Taking it also proves the folder is writable before anything is loaded."""
-
-    NAME = ".hfgpu.lock"
-
-    def __init__(self, out: Path):
-        self.out, self.fd, self.created = out, None, False
-
-    def acquire(self) -> "RunLock":
-        import errno
-        import fcntl
-
-        try:
-            self.created = not self.out.exists()
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.out / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:
-            raise HfgpuError(f"output_dir {str(self.out)!r} is not writable: fix its permissions or choose another output_dir") from None
-        except OSError as e:
-            raise HfgpuError(f"output_dir {str(self.out)!r} cannot be used ({e.strerror or e}): choose another output_dir") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            self.fd = None
-            raise HfgpuError(
-                f"output_dir {str(self.out)!r} is in use by another hfgpu run (pid {holder}): wait for it to finish, stop it, "
-                f"or choose another output_dir"
-            ) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-        return self
-
-    def release(self, failed: bool = False) -> None:
-        if self.fd is None:
-            return
-        lock = self.out / self.NAME
-        if failed and self.created and [p.name for p in self.out.iterdir()] == [self.NAME]:
-            lock.unlink(missing_ok=True)  # a run that failed before writing anything leaves no folder behind
-            self.out.rmdir()
-        os.close(self.fd)
-        self.fd = None
-
-
-def is_run_folder(out: Path) -> bool:
-    """Whether `out` holds an hfgpu run (finished or not): the records written before its first step, plan.json as
-    hfgpu writes it and resolved_recipe.yaml, or hfgpu checkpoints. Only such a folder is replaced by overwrite=true
-    or continued by resume."""
-    try:
-        plan = json.loads((out / "plan.json").read_text())
-        hfgpu_plan = isinstance(plan, dict) and {"gpu", "memory", "strategy", "micro_batch_size"} <= set(plan)
-        if hfgpu_plan and (out / "resolved_recipe.yaml").is_file():
-            return True
-    except (OSError, ValueError):
-        pass
-    # or hfgpu checkpoints alone (copied to another machine to resume there): a state.json with its file table
-    for state in (out / "checkpoints").glob("step-*/state.json"):
-        try:
-            if {"files", "fingerprint"} <= set(json.loads(state.read_text())):
-                return True
-        except (OSError, ValueError, TypeError):
-            continue
-    return False
-
-
-def _clear(out: Path) -> None:
-    """An earlier run's files (a run folder only: check_output_dir refused any other); anything else stays."""
-    from hfgpu.hub import TOKENIZER_FILES
-
-    for name in (*RUN_FILES, *TOKENIZER_FILES, "README.md", "eval_answers.jsonl"):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 # what a checkpoint must match to be resumed: the values that change what is computed. Not the
@@ -324,7 +195,7 @@ def reference_columns(accelerator, model, data, p, recipe: Recipe, pad_id: int, 
 def record_base(out: Path, model: str) -> None:
     path = out / "adapter_config.json"
     config = json.loads(path.read_text())
-    from hfgpu.hub import recorded_base
+    from hfgpu.run import recorded_base
 
     config["base_model_name_or_path"] = recorded_base(model)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -458,7 +329,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     check_data_paths(recipe)
     p = plan_for(recipe)
     if recipe.hub.repo_id and p.lora:  # the pushed adapter must name a base a download can find
-        from hfgpu.hub import hub_base_of
+        from hfgpu.run import hub_base_of
 
         hub_base_of(recipe.model, recipe.hub.base_model_id, where="the recipe's model")
 
@@ -535,7 +406,7 @@ def _finetune(recipe: Recipe, out: Path, start: float, say) -> RunResult:
     model = prepare_model(model_path, settings, seed=recipe.train.seed, trust_remote_code=recipe.trust_remote_code)
     # data and model are ready: only now is an earlier run replaced
     if main and recipe.overwrite and recipe.resume == "never":
-        _clear(out)
+        clear_run(out)
     accelerator.wait_for_everyone()
     ran = resolved(recipe, p)
 

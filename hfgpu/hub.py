@@ -14,190 +14,23 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from hfgpu import objectives
 from hfgpu.errors import HfgpuError, write_failure
-from hfgpu.knobs import Knobs, batch_unit
-from hfgpu.units import gib
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MODEL_FILES = ("config.json", "model.safetensors")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "generation_config.json",
+from hfgpu.knobs import batch_unit
+from hfgpu.run import (  # noqa: F401  (the run folder's definitions, re-exported for older imports)
+    ADAPTER_FILES,
+    MODEL_FILES,
+    REPO_ID,
+    TOKENIZER_FILES,
+    Run,
+    RunPlan,
+    hub_base_of,
+    hub_id_of,
+    recorded_base,
 )
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-
-# --- runs ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """A run's plan.json, typed: the resolved knobs, the card, the planned memory and parameter counts."""
-
-    knobs: Knobs
-    card: str
-    cards: int
-    vram_gb: float
-    peak_bytes: int
-    budget_bytes: int
-    params_total: int
-    params_trainable: int
-
-    @classmethod
-    def read(cls, path: Path) -> "RunPlan":
-        from hfgpu.planner import Plan
-
-        try:
-            d = json.loads(path.read_text())
-            return cls(
-                knobs=Plan.knobs_of(d),
-                card=d["gpu"]["name"],
-                cards=d["gpu"].get("count", 1),
-                vram_gb=d["gpu"]["vram_gb"],
-                peak_bytes=d["memory"]["total"],
-                budget_bytes=d["memory"]["budget"],
-                params_total=d["params_total"],
-                params_trainable=d["params_trainable"],
-            )
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise HfgpuError(
-                f"{str(path)!r} is not a plan.json hfgpu wrote (damaged or from another tool): re-run training, or restore the file"
-            ) from None
-
-
-def hub_id_of(model: str) -> str | None:
-    """The Hub repo `model` came from, when that is known locally: typed as owner/name (and not a local path), or a
-    file or folder inside the Hub cache (…/models--OWNER--NAME/snapshots/REV/…); else None."""
-    from hfgpu.recipe import resolve_path
-
-    local = Path(resolve_path(model)).expanduser()
-    if not local.exists():
-        return model if REPO_ID.match(model) else None
-    for i, part in enumerate(local.resolve().parts):
-        if part.startswith("models--") and local.resolve().parts[i + 1 : i + 2] == ("snapshots",):
-            return part[len("models--") :].replace("--", "/")
-    return None
-
-
-def recorded_base(model: str) -> str:
-    """What adapter_config.json records as the base, so that plain peft loads the run folder with no other argument
-    (`AutoPeftModelForCausalLM.from_pretrained(run_dir)`): the Hub id when the model came from the Hub, else the base's
-    absolute path, as peft itself records a local base. A GGUF file's base is its folder: transformers reads the file
-    from there given `gguf_file=NAME`, which the run's README.md shows."""
-    from hfgpu.recipe import resolve_path
-
-    hub_id = hub_id_of(model)
-    if hub_id:
-        return hub_id
-    local = Path(resolve_path(model)).expanduser().resolve()
-    return str(local.parent if local.suffix.lower() == ".gguf" else local)
-
-
-def hub_base_of(model: str, base_model_id: str | None = None, where: str = "the base") -> str:
-    """The Hub id a pushed adapter names as its base: `base_model_id` when given, else the Hub repo the base came
-    from (owner/name as typed, or the Hub cache folder it was read from). A base known only as a local folder or
-    file is refused: a downloaded adapter could not find it."""
-    if base_model_id is not None:
-        if not REPO_ID.match(base_model_id):
-            raise HfgpuError(
-                f"--base-model-id {base_model_id!r} is not a Hub id (owner/name), e.g. --base-model-id HuggingFaceTB/SmolLM2-135M-Instruct"
-            )
-        return base_model_id
-    found = hub_id_of(model)
-    if found is None:
-        kind = "file" if str(model).lower().endswith(".gguf") else "folder"
-        raise HfgpuError(
-            f"{where} is the local {kind} {model!r}, which a downloaded adapter cannot find: name its Hub repo with "
-            "--base-model-id OWNER/NAME (hub.base_model_id in a recipe), e.g. the repo it was downloaded from; nothing was uploaded"
-        )
-    return found
-
-
-class Run:
-    """A finished hfgpu run folder: its plan, resolved recipe, metrics and weights."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise HfgpuError(f"{str(path)!r} is not a folder: pass the output_dir of a finished hfgpu run")
-        missing = [f for f in ("plan.json", "resolved_recipe.yaml", "final_metrics.json") if not (self.path / f).is_file()]
-        self.is_adapter = all((self.path / f).is_file() for f in ADAPTER_FILES)
-        self.is_full = all((self.path / f).is_file() for f in MODEL_FILES)
-        if missing or not (self.is_adapter or self.is_full):
-            what = ", ".join(missing + ([] if (self.is_adapter or self.is_full) else ["adapter_model.safetensors or model.safetensors"]))
-            raise HfgpuError(f"{str(path)!r} is not a finished hfgpu run (missing {what}): let training finish, or pass its output_dir")
-        from hfgpu.recipe import load_recipe
-
-        self.plan = RunPlan.read(self.path / "plan.json")
-        self.recipe = load_recipe(self.path / "resolved_recipe.yaml")
-        try:
-            self.metrics: dict = json.loads(
-                (self.path / "final_metrics.json").read_text()
-            )  # {"before": {…}, "after": {…}}: free-form metric names
-        except json.JSONDecodeError:
-            raise HfgpuError(f"{str(self.path / 'final_metrics.json')!r} is not valid JSON: re-run training, or restore the file") from None
-
-    @property
-    def base_model(self) -> str:
-        """The base as adapter_config.json names it (a Hub id, or a local folder's absolute path)."""
-        if self.is_adapter:
-            return json.loads((self.path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return self.recipe.model
-
-    @property
-    def base_model_path(self) -> str:
-        """Where to load the base from: the local folder the run trained on when it is still there
-        (resolved_recipe.yaml keeps its full path), else the adapter's recorded base."""
-        from hfgpu.recipe import resolve_path
-
-        local = Path(resolve_path(self.recipe.model)).expanduser()
-        return str(local) if local.is_dir() or (local.is_file() and local.suffix == ".gguf") else self.base_model
-
-    @property
-    def gguf_file(self) -> str | None:
-        """The GGUF file's name when the run trained on one (transformers loads it with `gguf_file=`)."""
-        from hfgpu.models import gguf_source
-
-        return gguf_source(self.recipe.model)[1].get("gguf_file")
-
-    def hub_base(self, base_model_id: str | None = None) -> str:
-        return hub_base_of(self.recipe.model, base_model_id, where=f"the base of {str(self.path)!r}")
-
-    def load(self, dtype=None):
-        """(model, tokenizer): the base with the adapter applied (or the full model), for inference."""
-        from hfgpu.errors import library_notices_hidden
-
-        with library_notices_hidden():
-            return self._load(dtype)
-
-    def _load(self, dtype=None):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.path)
-        dtype = dtype or (torch.float32 if self.plan.knobs.precision == "fp32" or not torch.cuda.is_available() else torch.bfloat16)
-        if self.is_full:
-            return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype), tokenizer
-        from peft import PeftModel
-
-        from hfgpu.modeling import from_pretrained
-
-        try:
-            base = from_pretrained(self.base_model_path, dtype=dtype)  # a GGUF base dequantizes again, as training loaded it
-        except OSError as e:
-            raise HfgpuError(
-                f"cannot load the base model {self.base_model_path!r} ({str(e).splitlines()[0][:120]}): make it available locally or online"
-            ) from None
-        return PeftModel.from_pretrained(base, self.path), tokenizer
-
+from hfgpu.units import gib
 
 # --- model card ---------------------------------------------------------------------------------------
 

@@ -73,8 +73,8 @@ def _tokenize_responses(kept: list[tuple[int, dict]], prompt: str, response: str
     """(row index, row) → each row's prompt + response tokenized as hfgpu's prompt_completion format does (plain rows:
     prompt with BOS, response + EOS) or, when the rows hold chat messages, with the chat template (the response's
     assistant turns learned up to their end-of-turn token). data.tokenize_batch's columns (input_ids, labels, …)."""
-    from hfgpu.data import tokenize_batch
     from hfgpu.errors import HfgpuError
+    from hfgpu.tokenizing import tokenize_batch
 
     chat = any(_is_messages(r.get(name)) for _, r in kept[:1] for name in (prompt, response))
     if chat and not (template or getattr(tokenizer, "chat_template", None)):
@@ -103,7 +103,7 @@ def tokenize_pairs(
     response. Plain rows are tokenized as hfgpu's prompt_completion format is (prompt with BOS, response + EOS: the
     masks TRL's DPOTrainer computes); conversational rows with the chat template, the response's assistant turns
     learned up to their end-of-turn token, as the chat format's are. Returns (pairs, {rule: [1-based rows]} dropped)."""
-    from hfgpu.data import IGNORE
+    from hfgpu.tokenizing import IGNORE
 
     cols = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **(columns or {})}
     rows = [dict(r) for r in rows]
@@ -167,8 +167,8 @@ def tokenize_unpaired(
     prompt with the completion of the example before it (the first takes the last's), TRL's mismatched pairs with the
     whole data set as one batch, fixed, so that a full fine-tune can precompute their reference log-probs. Plain and
     conversational rows are tokenized as tokenize_pairs does. Returns (examples, {rule: [1-based rows]} dropped)."""
-    from hfgpu.data import IGNORE
     from hfgpu.errors import HfgpuError
+    from hfgpu.tokenizing import IGNORE
 
     cols = {"prompt": "prompt", "completion": "completion", "label": "label", **(columns or {})}
     rows = [dict(r) for r in rows]
@@ -258,9 +258,9 @@ def prepare_pairs(cfg, tokenizer, max_len: int):
     they are most of the data."""
     import datasets
 
-    from hfgpu.data import Prepared, describe_drops, load_chat_template, train_and_eval_rows
     from hfgpu.errors import HfgpuError
     from hfgpu.sources import check_columns
+    from hfgpu.tokenizing import Prepared, describe_drops, load_chat_template, train_and_eval_rows
 
     train_rows, eval_rows, extra = train_and_eval_rows(cfg)
     template = load_chat_template(cfg.chat_template)

@@ -100,3 +100,41 @@ def test_a_toy_pair_objective_is_one_record_and_its_loss(tiny_model_dir, tmp_pat
     assert out["steps"] == 1 and "eval_rewards/accuracy" in out["metrics"]
     card = (tmp_path / "hinge" / "README.md").read_text()
     assert "a hinge on the log-ratio margin" in card and "| preference | hinge, β=0.5 |" in card
+
+
+def _imports(path) -> set[str]:
+    """The hfgpu modules a module imports anywhere (inside functions too), but not under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for t in ast.walk(tree) if isinstance(t, ast.If) and "TYPE_CHECKING" in ast.unparse(t.test) for n in ast.walk(t)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "hfgpu":
+            found |= {f"hfgpu.{a.name}" for a in node.names} if node.module == "hfgpu" else {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("hfgpu.")}
+    return found
+
+
+def test_no_import_cycle_among_hfgpu_modules():
+    """Arrows point one way (export ⇄ hub opened by hfgpu.run, data ⇄ preference_data by hfgpu.tokenizing)."""
+    modules = {f"hfgpu.{p.stem}": p for p in (ROOT / "hfgpu").glob("*.py")}
+    graph = {m: {d for d in _imports(p) if d in modules and d != m} for m, p in modules.items()}
+    seen, stack, cycles = set(), [], []
+
+    def visit(m):
+        if m in stack:
+            cycles.append(stack[stack.index(m) :] + [m])
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        stack.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        stack.pop()
+
+    for m in sorted(graph):
+        visit(m)
+    assert not cycles, [" → ".join(c) for c in cycles]
