@@ -56,8 +56,11 @@ def write_failure(e: BaseException, folder: Path, what: str, needed: int | None,
         free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
     except OSError:
         free = None
-    room = needed is None or free is None or free < needed * 1.1 + 2**20  # a margin: the needed size is the payload only
-    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "no space" in text or (not isinstance(e, OSError) and room)
+    short = needed is None or free is None or free < needed * 1.1 + 2**20  # a margin: the needed size is the payload only
+    if isinstance(e, OSError):
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT) or "no space" in text
+    else:  # torch's or safetensors' serialization error: full when the disk holds less than the write
+        full = "no space" in text or short
     if full:
         space = f"{_mib(free)} free" if free is not None else "no space left"
         space += f", about {_mib(needed)} needed" if needed else ""

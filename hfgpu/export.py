@@ -276,10 +276,10 @@ def _write_tensors(writer, plan) -> int:
 
 
 def write_gguf(
-    model, tokenizer, out: Path, quant: str = "q8_0", name: str = "model", say=print, chat_template: str | None = "tokenizer"
+    model, tokenizer, out: Path, quant: str = "q8_0", name: str = "model", say=print, chat_template: str | None = None
 ) -> Exported:
     """`model` (a transformers causal LM of a supported architecture, in any float dtype) and its tokenizer to one
-    GGUF file, tensor by tensor. `chat_template`: the one the file carries (default: the tokenizer's; None: none)."""
+    GGUF file, tensor by tensor. `chat_template`: the one the file carries (None: the tokenizer's)."""
     import gguf
 
     check_quant(quant)
@@ -308,9 +308,7 @@ def write_gguf(
     file_type = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[quant]  # llama_ftype
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer_metadata(
-        writer, tokenizer, config, getattr(tokenizer, "chat_template", None) if chat_template == "tokenizer" else chat_template
-    )
+    _tokenizer_metadata(writer, tokenizer, config, chat_template or getattr(tokenizer, "chat_template", None))
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan = list(extra)  # (gguf name, GGML type, shape, a function giving the tensor as llama.cpp lays it out)
@@ -489,7 +487,7 @@ def export_run(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwr
     try:  # the chat template llama.cpp's chat mode will use: the prompt format the run trained with
         template = gguf_chat_template(tokenizer, prompt_format(run.recipe.data))
     except HfgpuError:  # several formats: the tokenizer's, as it was
-        template = "tokenizer"
+        template = None
     with _replacing(out, _gguf_bytes(model, quant)) as tmp:
         result = write_gguf(model, tokenizer, tmp, quant, name=Path(run.path).name, say=lambda *a: None, chat_template=template)
     say(f"exported {run.path} → {out} ({quant}, {result.tensors} tensors, {out.stat().st_size / 2**20:.1f} MiB)")

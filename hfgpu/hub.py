@@ -59,10 +59,12 @@ def model_card(run: Run, repo_id: str | None = None, merged: bool = False, gguf:
     from huggingface_hub import ModelCard, ModelCardData
 
     plan, recipe, k = run.plan, run.recipe, run.plan.knobs
-    base_id = base_id or hub_id_of(recipe.model)
+    found = hub_id_of(recipe.model)
+    base_id = base_id or found
     base = base_id or run.base_model
     where = repo_id or str(run.path.resolve())
-    gguf_file = run.gguf_file if base_id is None or base_id == hub_id_of(recipe.model) else None
+    gguf_file = run.gguf_file if base_id in (None, found) else None  # a GGUF base named by another repo needs none
+    tuned = objectives.objective(k.objective).preference
     strategy = k.strategy
     family = base_id.split("/")[-1].split("-")[0].lower() if base_id else None  # a local folder's name says nothing
     paths = [recipe.data.path] if recipe.data.path else [m.path for m in recipe.data.mix or []]
@@ -74,7 +76,7 @@ def model_card(run: Run, repo_id: str | None = None, merged: bool = False, gguf:
         tags=["hfgpu", strategy]
         + ([family] if family else [])
         + (["merged"] if merged else [])
-        + ([k.objective] if objectives.objective(k.objective).preference else [])
+        + ([k.objective] if tuned else [])
         + (["gguf"] if gguf else []),
         datasets=datasets,
         pipeline_tag="text-generation",
@@ -102,7 +104,7 @@ def model_card(run: Run, repo_id: str | None = None, merged: bool = False, gguf:
         if not merged
         else f"The LoRA adapter of a {strategy} fine-tune of {shown_base}, merged into the base weights (saved as safetensors)."
     )
-    if objectives.objective(k.objective).preference:
+    if tuned:
         what += f" {_objective_line(k.objective)}"
     text = (
         f"""---
@@ -144,7 +146,7 @@ def model_card(run: Run, repo_id: str | None = None, merged: bool = False, gguf:
             if adapter or merged
             else ""
         )
-        + (f"| preference | {_preference_line(k.objective, recipe.preference)} |\n" if objectives.objective(k.objective).preference else "")
+        + (f"| preference | {_preference_line(k.objective, recipe.preference)} |\n" if tuned else "")
         + f"""
 ## Results
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from hfgpu import online
 from hfgpu.knobs import RMSNORM_BY_MODEL_TYPE
 from hfgpu.patches import lean_rmsnorm, tile_mlps, upcast_per_use
 
@@ -203,10 +203,7 @@ def from_pretrained(path: str, **kwargs):
     from hfgpu.models import gguf_source, load_config, pretrained_config
 
     folder, extra = gguf_source(path)
-    if not Path(folder).exists():
-        from hfgpu.online import hub_reachable
-
-        hub_reachable()  # a Hub id: without network, the local cache alone, at once (no retries)
+    online.probe_unless_local(folder)
     if extra and "config" not in kwargs:
         kwargs["config"] = pretrained_config(load_config(path)[2])
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs, **extra)
@@ -227,10 +224,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     try:
         folder, extra = gguf_source(path)
-        if not Path(folder).exists():
-            from hfgpu.online import hub_reachable
-
-            hub_reachable()
+        online.probe_unless_local(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise HfgpuError(

@@ -132,15 +132,15 @@ def _read_json(path: Path) -> dict:
 
 
 def _hub_config(repo_id: str) -> dict:
-    from hfgpu.online import hub_reachable, offline_asked, unreachable_reason
+    from hfgpu.online import cut_off, unreachable_reason
 
-    reachable = hub_reachable()  # one short attempt: without network, the cache alone, at once (no retries)
+    no_network = cut_off()  # one short attempt: without network, the cache alone, at once (no retries)
     try:
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(repo_id, "config.json")
     except Exception as e:  # offline, gated, missing, network: all end the same way for the user
-        reason = type(e).__name__ if reachable or offline_asked() else unreachable_reason()
+        reason = unreachable_reason() if no_network else type(e).__name__
         raise HfgpuError(
             f"model {repo_id!r} is not in hfgpu's offline catalog and its config.json could not be fetched ({reason}): "
             f"download it (`hf download {repo_id} config.json --local-dir ./{repo_id.split('/')[-1]}`) and pass that folder"

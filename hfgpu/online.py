@@ -64,6 +64,21 @@ def hub_reachable() -> bool:
     return _reachable[url]
 
 
+def cut_off() -> bool:
+    """True when the Hub cannot be reached and the user did not ask for offline mode (probing once): a failed Hub
+    request then means "no network", which hfgpu's errors say instead of the library's exception."""
+    return not hub_reachable() and not offline_asked()
+
+
+def probe_unless_local(path: str) -> None:
+    """Before a from_pretrained of `path`: when it is not a local folder or file it names the Hub, and the probe runs
+    first (without network the libraries then read the cache alone, at once, with no retries)."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        hub_reachable()
+
+
 def _go_offline() -> None:
     _switched.append(True)
     os.environ["HF_HUB_OFFLINE"] = "1"  # read at import by huggingface_hub and datasets

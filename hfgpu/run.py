@@ -81,8 +81,9 @@ def hub_id_of(model: str) -> str | None:
     local = Path(resolve_path(model)).expanduser()
     if not local.exists():
         return model if REPO_ID.match(model) else None
-    for i, part in enumerate(local.resolve().parts):
-        if part.startswith("models--") and local.resolve().parts[i + 1 : i + 2] == ("snapshots",):
+    parts = local.resolve().parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and parts[i + 1 : i + 2] == ("snapshots",):
             return part[len("models--") :].replace("--", "/")
     return None
 

@@ -87,15 +87,15 @@ def load_rows(path: str, split: str = "train", key: str = "data.split"):
         elif local.is_dir():
             ds = datasets.load_dataset(str(local), split=split)
         elif looks_like_hub_id(path):
-            from hfgpu.online import hub_reachable, offline_asked, unreachable_reason
+            from hfgpu.online import cut_off, unreachable_reason
 
-            if not hub_reachable() and not offline_asked():
-                try:
-                    ds = datasets.load_dataset(path, split=split)  # offline now: the local cache, or a quick failure
-                except Exception:
-                    raise HfgpuError(f"could not load data {path!r}: {unreachable_reason()}: connect, or use a local file") from None
-            else:
+            no_network = cut_off()  # then offline: the local cache, or a quick failure
+            try:
                 ds = datasets.load_dataset(path, split=split)
+            except Exception:
+                if not no_network:
+                    raise
+                raise HfgpuError(f"could not load data {path!r}: {unreachable_reason()}: connect, or use a local file") from None
         else:
             raise HfgpuError(f"data file {path!r} not found: check data.path (a local file, folder, or a Hub dataset id owner/name)")
     except HfgpuError:
