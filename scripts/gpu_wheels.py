@@ -42,26 +42,30 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure() -> list[str]:
-    """name==version of every distribution ROOTS and EXTRA need here (markers for this platform, no extras), SKIP out."""
+def closure(names=(*ROOTS, *EXTRA), skip=frozenset(SKIP), missing_ok: bool = False) -> dict[str, str]:
+    """name → version of every installed distribution `names` need here (markers for this platform, no extras), the
+    `skip` ones (and CUDA's nvidia-* wheels) and what only they need left out. A name not installed stops the script,
+    unless `missing_ok` (an optional requirement)."""
     from packaging.requirements import Requirement
 
     seen: dict[str, str] = {}
-    stack = [*ROOTS, *EXTRA]
+    stack = list(names)
     while stack:
         name = _norm(stack.pop())
-        if name in seen or name in SKIP or name.startswith("nvidia-"):
+        if name in seen or name in skip or name.startswith("nvidia-"):
             continue
         try:
             dist = md.distribution(name)
         except md.PackageNotFoundError:
+            if missing_ok:
+                continue
             raise SystemExit(f"{name} is not installed here: run `make install` first (the wheels are this environment's versions)")
         seen[name] = dist.version
         for text in dist.requires or []:
             req = Requirement(text)
             if req.marker is None or req.marker.evaluate({"extra": ""}):
                 stack.append(req.name)
-    return [f"{n}=={v}" for n, v in sorted(seen.items())]
+    return dict(sorted(seen.items()))
 
 
 def download(pins: list[str], out: Path) -> None:
@@ -112,7 +116,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(OUT), help="where the wheels go (default .gpu-wheels/, ignored by git)")
     parser.add_argument("--from-installed", action="store_true", help="repack this environment's installed packages (no download)")
     args = parser.parse_args()
-    pins = closure()
+    pins = [f"{n}=={v}" for n, v in closure().items()]
     if args.list:
         print("\n".join(pins))
         return 0

@@ -18,30 +18,16 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, limit
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from gpu_wheels import closure  # noqa: E402  (the script's own closure: what the image lacks is what it ships)
+
 IMAGE = ("torch", "numpy", "pandas", "pyarrow")  # what the GPU image has besides what the wheels bring
-
-
-def _closure(names):
-    from packaging.requirements import Requirement
-
-    seen, stack = set(), list(names)
-    while stack:
-        name = re.sub(r"[-_.]+", "-", stack.pop()).lower()
-        if name in seen:
-            continue
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            continue
-        seen.add(name)
-        stack += [r.name for r in map(Requirement, dist.requires or []) if r.marker is None or r.marker.evaluate({"extra": ""})]
-    return seen
 
 
 def _image(folder: Path) -> Path:
     """A site-packages of links to torch and its own dependencies (their modules and dist-info), nothing else."""
     folder.mkdir()
-    for name in _closure(IMAGE):
+    for name in closure(IMAGE, skip=frozenset(), missing_ok=True):
         dist = md.distribution(name)
         base = Path(dist.locate_file(""))
         for top in {f.parts[0] for f in dist.files or [] if ".." not in f.parts}:
